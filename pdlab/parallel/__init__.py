@@ -1,0 +1,1 @@
+"""Parallelism strategies, one file per family. See README.md beside this file."""

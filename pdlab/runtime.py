@@ -1,0 +1,42 @@
+"""What code running on a rank can ask: its rank, the world size, and ``log`` for metrics.
+
+Inside a pdlab rank process, ``log`` streams a record to the kernel. Anywhere else (a plain
+``torchrun`` script, a single process) records go to ``local_records`` instead, so the same
+training code runs with or without the notebook.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+# Set by pdlab.worker to forward records to the kernel; None outside a pdlab rank.
+_sink: Callable[[dict[str, Any]], None] | None = None
+local_records: list[dict[str, Any]] = []
+
+
+def rank() -> int:
+    """This process's global rank (0 when no process group is up)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """Number of ranks in the default process group (1 when none is up)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def log(**metrics: Any) -> None:
+    """Stream a metrics record (stamped with ``rank`` and ``time``) to the kernel."""
+    record = {"rank": rank(), "time": time.time(), **metrics}
+    if _sink is None:
+        local_records.append(record)
+    else:
+        _sink(record)
