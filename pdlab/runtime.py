@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 # Set by pdlab.worker to forward records to the kernel; None outside a pdlab rank.
 _sink: Callable[[dict[str, Any]], None] | None = None
+_device: torch.device | None = None  # set by pdlab.worker
 local_records: list[dict[str, Any]] = []
 
 
@@ -31,6 +33,15 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def device() -> torch.device:
+    """The device this rank computes on: its GPU when the cluster gave it one, else the CPU."""
+    if _device is not None:
+        return _device
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def log(**metrics: Any) -> None:
