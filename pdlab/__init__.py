@@ -1,0 +1,33 @@
+"""pdlab: learn distributed training by running it, one notebook cell away.
+
+    import pdlab
+    cluster = pdlab.Cluster(world_size=4)   # 4 rank processes in one process group
+    cluster.run(fn)                         # fn on every rank; results ordered by rank
+    cluster.shutdown()
+
+Inside a rank: ``pdlab.rank()``, ``pdlab.world_size()``, ``pdlab.device()`` and
+``pdlab.log(**metrics)``. In IPython: ``%load_ext pdlab``, then ``%pdlab start 4`` and
+``%%ranks``.
+"""
+
+from pdlab.cluster import CallTimeout, Cluster, ClusterStatus, RankError
+from pdlab.runtime import device, log, rank, world_size
+
+__all__ = [
+    "CallTimeout",
+    "Cluster",
+    "ClusterStatus",
+    "RankError",
+    "device",
+    "load_ipython_extension",
+    "log",
+    "rank",
+    "world_size",
+]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext pdlab``: registers ``%pdlab`` and ``%%ranks``."""
+    from pdlab.magics import register
+
+    register(ipython)

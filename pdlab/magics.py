@@ -1,0 +1,79 @@
+"""IPython magics: ``%pdlab start|status|restart|stop`` and the ``%%ranks`` cell magic."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from pdlab import cluster as cluster_module
+from pdlab.cluster import Cluster
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="%pdlab", add_help=False, exit_on_error=False)
+    parser.add_argument("command", choices=("start", "status", "restart", "stop"))
+    parser.add_argument("world_size", nargs="?", type=int, default=2)
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--device", default=None)
+    return parser
+
+
+def parse_ranks(spec: str) -> list[int] | None:
+    """``"0,2"`` -> ``[0, 2]``; ``"1-3"`` -> ``[1, 2, 3]``; empty -> all ranks (None)."""
+    spec = spec.strip()
+    if not spec:
+        return None
+    ranks: list[int] = []
+    try:
+        for part in spec.split(","):
+            first, _, last = part.partition("-")
+            ranks.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(
+            f"can't read ranks {spec!r}: write e.g. %%ranks 0,2 or %%ranks 1-3"
+        ) from None
+    return ranks
+
+
+@magics_class
+class PdlabMagics(Magics):
+    @line_magic
+    def pdlab(self, line: str) -> None:
+        """%pdlab start N [--backend B --device D] | status | restart | stop"""
+        try:
+            args = _parser().parse_args(shlex.split(line))
+        except (argparse.ArgumentError, SystemExit):
+            print(
+                "usage: %pdlab start N [--backend gloo|nccl] [--device cpu|cuda] | status | restart | stop"
+            )
+            return
+        if args.command == "start":
+            if cluster_module._current is not None:
+                cluster_module._current.shutdown()
+            Cluster(args.world_size, backend=args.backend, device=args.device)
+            print(cluster_module.current().status())
+        elif args.command == "status":
+            print(cluster_module.current().status())
+        elif args.command == "restart":
+            cluster_module.current().restart()
+            print(cluster_module.current().status())
+        elif cluster_module._current is not None:
+            cluster_module._current.shutdown()
+            print("pdlab cluster stopped")
+
+    @cell_magic
+    def ranks(self, line: str, cell: str) -> None:
+        """%%ranks [0,2]: run the cell on those ranks (all by default), each in its own namespace."""
+        targets = parse_ranks(line)
+        cluster = cluster_module.current()
+        results = cluster.exec(cell, ranks=targets)
+        shown = targets if targets is not None else range(cluster.world_size)
+        for rank, value in zip(sorted(set(shown)), results, strict=True):
+            if value is not None:
+                print(f"[rank {rank}] Out: {value!r}")
+
+
+def register(ipython) -> None:
+    ipython.register_magics(PdlabMagics)

@@ -1,0 +1,229 @@
+"""A rank process: joins the process group, then runs what the kernel sends until told to stop.
+
+Started by ``pdlab.Cluster`` as ``python -m pdlab.worker --connect 127.0.0.1:PORT`` (never
+forked: the kernel has threads), or by torchrun on another host to attach to a kernel's
+cluster. The connection to the kernel is authenticated (HMAC challenge with the cluster's
+token, from ``PDLAB_TOKEN``) before anything is unpickled on either side.
+
+Threads here, and why:
+- main: runs calls one at a time (user code expects the main thread: signals, CUDA init).
+- reader: takes messages from the kernel; turns ``interrupt`` into a SIGINT on the main
+  thread and exits the process at once on ``abort`` or when the kernel goes away.
+- output pump: fd 1 and 2 are pipes read here, so native output (gloo, NCCL, C extensions)
+  reaches the kernel too, prefixed by rank, in order with the call's result.
+- watchdog: exits when the parent kernel dies, even before the connection exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import ctypes
+import linecache
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Client, Connection
+from typing import Any
+
+import cloudpickle
+
+HEARTBEAT_S = 0.5
+_FLUSH_MARK = b"\x00pdlab-flush\x00"
+
+
+class Channel:
+    """The authenticated connection to the kernel; ``send`` is safe from any thread."""
+
+    def __init__(self, address: tuple[str, int], token: bytes):
+        self.conn: Connection = Client(address, authkey=token)
+        self._lock = threading.Lock()
+
+    def send(self, *message: Any) -> None:
+        data = cloudpickle.dumps(message)
+        with self._lock:
+            self.conn.send_bytes(data)
+
+
+class OutputPump:
+    """Moves everything written to fd 1 and 2 to the kernel, one thread per stream."""
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self._flushed = {1: threading.Event(), 2: threading.Event()}
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            threading.Thread(target=self._pump, args=(read_end, fd, name), daemon=True).start()
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+    def _pump(self, read_end: int, fd: int, name: str) -> None:
+        # Chunks go as they come; the kernel joins them into lines per rank and stream.
+        while chunk := os.read(read_end, 65536):
+            text = chunk.replace(_FLUSH_MARK, b"")
+            if text:
+                self.channel.send("out", name, text.decode(errors="replace"))
+            if len(text) != len(chunk):
+                self._flushed[fd].set()
+
+    def flush(self) -> None:
+        """Return once all output written so far has been sent (so it precedes the result)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, event in self._flushed.items():
+            event.clear()
+            os.write(fd, _FLUSH_MARK)
+            event.wait(5)
+
+
+def _set_parent_death_signal(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL us when the kernel dies (the watchdog covers other systems)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(HEARTBEAT_S)
+    os._exit(1)
+
+
+def _init_process_group(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pdlab import runtime
+
+    torch.set_num_threads(args.threads)
+    timeout = timedelta(seconds=args.timeout)
+    if args.device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", args.rank))
+        runtime._device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(runtime._device)
+    else:
+        runtime._device = torch.device("cpu")
+    if args.store:  # one machine: a private FileStore, so nothing listens for rendezvous
+        store = dist.FileStore(args.store, args.world_size)
+        dist.init_process_group(
+            args.backend, store=store, rank=args.rank, world_size=args.world_size, timeout=timeout
+        )
+    else:  # started by torchrun: its env:// rendezvous
+        dist.init_process_group(args.backend, timeout=timeout)
+    if args.backend == "nccl":
+        dist.barrier(device_ids=[runtime._device.index])
+    else:
+        dist.barrier()
+
+
+def _run_source(source: str, namespace: dict, call_id: int) -> Any:
+    """Run a cell's code like IPython: the value of a final expression is returned."""
+    filename = f"<pdlab-cell-{call_id}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    tree = ast.parse(source, filename)
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    exec(compile(tree, filename, "exec"), namespace)
+    if last is not None:
+        return eval(compile(ast.Expression(last.value), filename, "eval"), namespace)
+    return None
+
+
+def _serve(channel: Channel, pump: OutputPump, rank: int) -> None:
+    import pdlab
+
+    pdlab.runtime._sink = lambda record: channel.send("metrics", record)
+    namespace: dict[str, Any] = {"__name__": "__pdlab__"}
+    exec("import torch, torch.distributed as dist, pdlab", namespace)
+    calls: queue.Queue = queue.Queue()
+    main_thread = threading.main_thread().ident
+
+    def read() -> None:
+        try:
+            while True:
+                message = cloudpickle.loads(channel.conn.recv_bytes())
+                if message[0] == "interrupt":
+                    signal.pthread_kill(main_thread, signal.SIGINT)
+                elif message[0] == "abort":
+                    os._exit(1)
+                else:
+                    calls.put(message)
+        except (EOFError, OSError):
+            os._exit(1)  # the kernel is gone: nothing left to serve
+
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        try:
+            kind, call_id, payload = calls.get()
+        except KeyboardInterrupt:  # an interrupt that arrived between calls
+            continue
+        if kind == "shutdown":
+            return
+        try:
+            if kind == "exec":
+                value = _run_source(payload, namespace, call_id)
+            else:
+                fn, args, kwargs = cloudpickle.loads(payload)
+                value = fn(*args, **kwargs)
+            try:
+                result = cloudpickle.dumps(value)
+            except Exception as exc:
+                raise TypeError(f"the return value can't be pickled back to the kernel: {exc}") from exc
+            pump.flush()
+            channel.send("result", call_id, result)
+        except BaseException as exc:  # KeyboardInterrupt too: report, stay alive
+            text = "".join(traceback.format_exception(exc))
+            pump.flush()
+            channel.send("error", call_id, type(exc).__name__, text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pdlab.worker", description=__doc__)
+    parser.add_argument("--connect", required=True, help="HOST:PORT of the kernel's cluster")
+    parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    parser.add_argument("--backend", default=os.environ.get("PDLAB_BACKEND", "gloo"))
+    parser.add_argument("--device", default=os.environ.get("PDLAB_DEVICE", "cpu"))
+    parser.add_argument("--store", help="FileStore path (one machine); torchrun's env:// if unset")
+    parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout, s")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--parent-pid", type=int, help="exit when this process dies")
+    args = parser.parse_args(argv)
+
+    if args.parent_pid:
+        _set_parent_death_signal(args.parent_pid)
+        threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
+    token = os.environ.pop("PDLAB_TOKEN", "").encode()
+    if not token:
+        sys.exit(
+            "pdlab.worker: set PDLAB_TOKEN to the cluster's token (see Cluster.attach_command)"
+        )
+    host, _, port = args.connect.rpartition(":")
+    channel = Channel((host, int(port)), token)
+    channel.send("hello", args.rank, os.getpid(), os.uname().nodename)
+    pump = OutputPump(channel)
+    try:
+        _init_process_group(args)
+    except BaseException as exc:
+        pump.flush()
+        channel.send("failed", "".join(traceback.format_exception(exc)))
+        raise SystemExit(1) from exc
+    channel.send("ready", args.rank)
+    _serve(channel, pump, args.rank)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
