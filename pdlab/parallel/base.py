@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from pdlab.models import build_model
 
 STRATEGIES = ("single", "dp", "ps", "tp", "pp-gpipe", "pp-1f1b", "zero1", "zero3", "dp-tp", "dp-pp")
 IMPLS = ("scratch", "torch")
@@ -61,7 +64,8 @@ class Mesh:
 
     @classmethod
     def create(cls, layout: Layout, device: torch.device) -> Mesh:
-        if layout.world_size == 1 and not dist.is_initialized():
+        # One rank needs no groups, even inside a bigger world (``single`` on a cluster's rank 0).
+        if layout.world_size == 1:
             return cls(layout, device)
         mesh = init_device_mesh(
             device.type, (layout.dp, layout.pp, layout.tp), mesh_dim_names=("dp", "pp", "tp")
@@ -92,3 +96,20 @@ class StepOutput:
     loss: float | None
     samples: int
     timeline: list[dict] = field(default_factory=list)
+
+
+def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``params`` (plain: no momentum, no weight decay)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    raise ValueError(
+        f"unknown optimizer {config.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"
+    )
+
+
+def meta_model(config: TrainConfig) -> nn.Sequential:
+    """``config``'s model as shapes only (meta device): for formulas; the global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return build_model(config.model, config.seed)

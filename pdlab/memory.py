@@ -1,0 +1,55 @@
+"""Memory a rank holds: its parameters, gradients and optimizer state, and its peak.
+
+Counted from the tensors themselves, so a sharded strategy shows its savings: a DTensor
+counts its local shard only, and a rank without an optimizer (a parameter-server worker)
+holds no optimizer state. ZeRO's arithmetic (Rajbhandari et al. 2020, arXiv 1910.02054):
+with Adam in fp32, parameters, gradients and the two moments take 4 + 4 + 8 bytes a weight.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` occupies on this rank (a DTensor's local shard)."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of the optimizer's state tensors (Adam's moments and step counters)."""
+    if optimizer is None:
+        return 0
+    return sum(
+        tensor_bytes(v)
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocated CUDA memory on a GPU, else resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def measure(
+    module: nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device
+) -> dict[str, int]:
+    """``param_bytes``, ``grad_bytes``, ``optimizer_bytes`` and ``peak_bytes`` of this rank."""
+    params = list(module.parameters())
+    return {
+        "param_bytes": sum(tensor_bytes(p) for p in params),
+        "grad_bytes": sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
+        "optimizer_bytes": optimizer_bytes(optimizer),
+        "peak_bytes": peak_bytes(device),
+    }

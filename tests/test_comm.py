@@ -1,0 +1,76 @@
+"""pdlab.comm: the meter sees every op a rank issues and sizes it by the nccl-tests conventions."""
+
+from __future__ import annotations
+
+import pytest
+
+import pdlab
+from pdlab.comm import CommEvent, bus_bytes, event, totals
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with pdlab.Cluster(2) as c:
+        yield c
+
+
+def test_bus_bytes_follow_nccl_tests():
+    s = 1024
+    assert bus_bytes("all_reduce", s, 4) == 2 * 3 / 4 * s
+    assert bus_bytes("all_gather", s, 4) == bus_bytes("reduce_scatter", s, 4) == 3 / 4 * s
+    assert bus_bytes("broadcast", s, 4) == bus_bytes("send", s, 4) == s
+    assert bus_bytes("recv", s, 4) == 0
+    with pytest.raises(ValueError, match="unknown comm op"):
+        bus_bytes("allreduce", s, 2)
+
+
+def test_totals_sum_by_op_and_group_and_skip_recv():
+    events = [event("all_reduce", 8, "dp", 2), event("all_reduce", 4, "dp", 2)]
+    events += [event("send", 4, "pp", 2), CommEvent("recv", "pp", 2, 0, 0.0)]
+    assert totals(events) == {("all_reduce", "dp"): (12, 12.0), ("send", "pp"): (4, 4.0)}
+
+
+def _issue_every_kind() -> list[tuple]:
+    """On each rank: one op of every kind inside a meter; events as plain tuples."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from pdlab.comm import CommMeter, name_group, record, unmetered
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    pair = dist.new_group([0, 1])
+    name_group(pair, "pair")
+    mesh = init_device_mesh("cpu", (n,), mesh_dim_names=("tp",))
+    sharded = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])  # outside: not counted
+    t = torch.ones(16)  # 64 bytes
+    with CommMeter() as meter:
+        dist.all_reduce(t)
+        dist.broadcast(t, src=0, group=pair)
+        dist.all_gather_into_tensor(torch.empty(16 * n), t)
+        dist.reduce_scatter_tensor(torch.empty(16 // n), t)
+        if rank == 0:
+            dist.send(t, dst=1)
+            dist.isend(t, dst=1).wait()
+        elif rank == 1:
+            dist.recv(t, src=0)
+            dist.irecv(t, src=0).wait()
+        sharded.redistribute(mesh, [Replicate()]).to_local()  # DTensor: a functional all-gather
+        record("all_reduce", 100, pair)
+        with unmetered():
+            dist.all_reduce(t, group=pair)  # counted by hand just above
+    return [(e.op, e.group, e.group_size, e.payload_bytes, e.bus_bytes) for e in meter.events]
+
+
+def test_meter_sees_eager_p2p_and_functional_ops(cluster):
+    rank0, rank1 = cluster.run(_issue_every_kind)
+    common = [
+        ("all_reduce", "world", 2, 64, 64.0),
+        ("broadcast", "pair", 2, 64, 64.0),
+        ("all_gather", "world", 2, 128, 64.0),  # payload: the gathered output
+        ("reduce_scatter", "world", 2, 64, 32.0),  # payload: the full input
+    ]
+    tail = [("all_gather", "world", 2, 128, 64.0), ("all_reduce", "pair", 2, 100, 100.0)]
+    assert rank0 == [*common, ("send", "world", 2, 64, 64.0), ("send", "world", 2, 64, 64.0), *tail]
+    assert rank1 == [*common, ("recv", "world", 2, 0, 0.0), ("recv", "world", 2, 0, 0.0), *tail]
