@@ -20,6 +20,8 @@ mixed-precision count is 2 + 2 + 12). ZeRO partitions that state over the ranks 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,9 +30,11 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from pdlab.comm import CommEvent, event
-from pdlab.models import loss_fn
-from pdlab.parallel.base import Layout, Mesh, StepOutput, TrainConfig, build_optimizer, meta_model
+from pdlab import comm
+from pdlab.comm import CommEvent
+from pdlab.parallel.base import Layout, Mesh, TrainConfig, build_optimizer, meta_model
+from pdlab.parallel.data import DDP, _flat
+from pdlab.parallel.single import Single
 
 
 def padded(numel: int, n: int) -> int:
@@ -38,120 +42,110 @@ def padded(numel: int, n: int) -> int:
     return -(-numel // n) * n
 
 
-def _step(module: nn.Module, optimizer: torch.optim.Optimizer, x, y) -> StepOutput:
-    """Forward, backward and step, for strategies whose communication hides in module/optimizer."""
-    optimizer.zero_grad()
-    loss = loss_fn(module(x), y)
-    loss.backward()
-    optimizer.step()
-    return StepOutput(loss.item(), len(x))
+def _per_rank(ops: list[tuple[str, int]], layout: Layout) -> list[CommEvent]:
+    """``(op, float32 elements)`` issued by every rank of the dp group, as events of all ranks."""
+    return [comm.event(op, 4 * numel, "dp", layout.dp) for op, numel in ops] * layout.world_size
 
 
-# --- ZeRO-1 (P_os) from scratch -----------------------------------------------------------
+# --- ZeRO-1 (P_os) ------------------------------------------------------------------------
 
 
-def flatten_params(params: list[nn.Parameter], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move ``params`` and their gradients into two flat buffers padded to a multiple of ``n``.
+class Zero1(Single):
+    """ZeRO stage 1, P_os, from scratch: full parameters and gradients, sharded optimizer.
 
-    Each parameter becomes a view of the flat parameter buffer and its ``.grad`` a view of the
-    flat gradient buffer (backward accumulates into it in place), so one collective on a buffer
-    moves every tensor at once, and rank r's shard is the slice ``[r*S/n, (r+1)*S/n)``.
-    """
-    sizes = [p.numel() for p in params]
-    total = sum(sizes)
-    flat_param = params[0].new_zeros(padded(total, n))
-    flat_grad = torch.zeros_like(flat_param)
-    views = zip(
-        params, flat_param[:total].split(sizes), flat_grad[:total].split(sizes), strict=True
-    )
-    for p, pv, gv in views:
-        pv.copy_(p.detach().flatten())
-        p.data, p.grad = pv.view_as(p), gv.view_as(p)
-    return flat_param, flat_grad
-
-
-class Zero1:
-    """ZeRO stage 1, P_os: full parameters and gradients everywhere, optimizer state sharded.
-
-    One step: backward fills the flat gradient; reduce-scatter (AVG) gives rank r the mean
-    gradient of the slice it owns; the optimizer steps that slice only (its Adam moments are
-    1/N_d of DP's); an all-gather writes every rank's updated slice back into the parameters.
+    The parameters become views of one flat buffer, padded so it splits into N_d equal
+    shards; rank r owns shard r and its optimizer holds only that shard (1/N_d of DP's Adam
+    moments). After backward: reduce-scatter (mean) the flat gradient so rank r receives its
+    shard's, step the shard, and all-gather the shards straight back into the parameters.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, mesh: Mesh):
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(model, config, mesh)
         self.group = mesh.group("dp")
-        n, r = dist.get_world_size(self.group), dist.get_rank(self.group)
-        self.module = model.to(mesh.device)
-        self.flat_param, self.flat_grad = flatten_params(list(self.module.parameters()), n)
-        shard = self.flat_param.numel() // n
+        n, r = self.group.size(), self.group.rank()
+        self.params = list(self.model.parameters())
+        sizes = [p.numel() for p in self.params]
+        self.flat_param = self.params[0].new_zeros(padded(sum(sizes), n))
+        self.padding = len(self.flat_param) - sum(sizes)
+        for p, view in zip(self.params, self.flat_param[: sum(sizes)].split(sizes), strict=True):
+            view.copy_(p.detach().flatten())
+            p.data = view.view_as(p)
+        shard = len(self.flat_param) // n
         # A Parameter made from a view shares its storage: stepping it updates the model.
         self.owned = nn.Parameter(self.flat_param[r * shard : (r + 1) * shard])
-        self.owned.grad = torch.zeros_like(self.owned)
+        self.owned.grad = torch.zeros_like(self.owned)  # the mean gradient of the owned shard
         self.optimizer = build_optimizer([self.owned], config)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        self.flat_grad.zero_()
-        loss = loss_fn(self.module(x), y)
-        loss.backward()
-        dist.reduce_scatter_single(
-            self.owned.grad, self.flat_grad, op=dist.ReduceOp.AVG, group=self.group
-        )
+    def update(self) -> None:
+        grads = nn.functional.pad(_flat([p.grad for p in self.params]), (0, self.padding))
+        dist.reduce_scatter_single(self.owned.grad, grads, op=dist.ReduceOp.AVG, group=self.group)
         self.optimizer.step()
-        # In place: the input is this rank's own slice of the output (as FSDP2 does too).
+        # In place: the input is this rank's own slice of the output (NCCL and gloo allow it).
         dist.all_gather_single(self.flat_param, self.owned.detach(), group=self.group)
-        return StepOutput(loss.item(), len(x))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+    @staticmethod
+    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+        """Reduce-scatter and all-gather of the padded flat size S: DP's all-reduce, in halves."""
+        s = padded(sum(p.numel() for p in meta_model(config).parameters()), layout.dp)
+        return _per_rank([("reduce_scatter", s), ("all_gather", s)], layout)
 
 
-class Zero1Torch:
+def zero_partition(numels: list[int], n: int) -> list[int]:
+    """Elements per rank as ``ZeroRedundancyOptimizer`` partitions tensors of ``numels``:
+    largest tensor first, each to the least-loaded rank (ties: the lowest rank)."""
+    loads = [0] * n
+    for numel in sorted(numels, reverse=True):
+        loads[loads.index(min(loads))] += numel
+    return loads
+
+
+class Zero1Torch(DDP):
     """P_os with PyTorch: DDP all-reduces the gradients, ``ZeroRedundancyOptimizer`` shards Adam.
 
-    Unlike the scratch version it partitions whole tensors (greedily, largest first, to the
-    least-loaded rank) rather than a flat buffer, and after the step each rank *broadcasts*
-    its partition (one flat bucket per rank with ``parameters_as_bucket_view``).
+    Unlike the scratch version it partitions whole tensors (``zero_partition``), not a flat
+    buffer, and after its step each rank *broadcasts* its partition (one flat bucket per rank
+    with ``parameters_as_bucket_view``). Its moments live in ``optimizer.optim``, the local
+    optimizer over this rank's partition.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, mesh: Mesh):
-        group = mesh.group("dp")
-        self.module = model.to(mesh.device)
-        self.ddp = nn.parallel.DistributedDataParallel(self.module, process_group=group)
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(model, config, mesh)
         self.optimizer = ZeroRedundancyOptimizer(
-            self.module.parameters(),
-            # It builds the local optimizer over this rank's partition from the constructor.
+            self.model.parameters(),
             optimizer_class=lambda params: build_optimizer(params, config),
-            process_group=group,
+            process_group=mesh.group("dp"),
             parameters_as_bucket_view=True,
         )
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        return _step(self.ddp, self.optimizer, x, y)
+    @staticmethod
+    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+        numels = [p.numel() for p in meta_model(config).parameters()]
+        broadcasts = _per_rank(
+            [("broadcast", s) for s in zero_partition(numels, layout.dp)], layout
+        )
+        return DDP.expected_comm(config, layout) + broadcasts
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
-
-# --- ZeRO-3 (P_os+g+p) from scratch -------------------------------------------------------
+# --- ZeRO-3 (P_os+g+p) --------------------------------------------------------------------
 
 
 class _GatherParams(torch.autograd.Function):
     """Shard -> full flat parameters by all-gather; its backward reduce-scatters the gradient.
 
-    The pair is ZeRO-3's data-parallel gradient sync: the mean gradient of the full unit
-    arrives at each rank already cut to the shard it owns.
+    The pair is ZeRO-3's data-parallel gradient sync: the mean gradient of the whole unit
+    arrives at each rank already cut down to the shard it owns.
     """
 
     @staticmethod
     def forward(ctx, shard: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        full = shard.new_empty(shard.numel() * dist.get_world_size(group))
+        full = shard.new_empty(shard.numel() * group.size())
         dist.all_gather_single(full, shard, group=group)
         return full
 
     @staticmethod
     def backward(ctx, grad_full: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad_full.new_empty(grad_full.numel() // dist.get_world_size(ctx.group))
+        grad = grad_full.new_empty(grad_full.numel() // ctx.group.size())
         dist.reduce_scatter_single(
             grad, grad_full.contiguous(), op=dist.ReduceOp.AVG, group=ctx.group
         )
@@ -161,23 +155,22 @@ class _GatherParams(torch.autograd.Function):
 class ShardedUnit(nn.Module):
     """One unit whose parameters live only as this rank's 1/N_d shard of their flat buffer.
 
-    Forward gathers the full parameters, runs the unit with them and drops them. The gather
-    and the unit run under activation checkpointing, so nothing of the full parameters is kept
-    for backward: backward re-runs gather + unit (the second all-gather) before computing
+    Forward gathers the full parameters, runs the unit with them and drops them. Gather and
+    unit run under activation checkpointing, so nothing of the full parameters is kept for
+    backward: backward re-runs gather + unit (the second all-gather) before computing the
     gradients. The price is one extra forward of the unit; FSDP avoids it by hooking the
     gather into backward directly.
     """
 
     def __init__(self, unit: nn.Module, group: dist.ProcessGroup):
         super().__init__()
-        n, r = dist.get_world_size(group), dist.get_rank(group)
         self.group = group
         named = dict(unit.named_parameters())
         self.shapes = {name: p.shape for name, p in named.items()}
         flat = torch.cat([p.detach().flatten() for p in named.values()])
-        self.numel = flat.numel()
-        flat = nn.functional.pad(flat, (0, padded(self.numel, n) - self.numel))
-        self.shard = nn.Parameter(flat.chunk(n)[r].clone())
+        self.numel = len(flat)
+        flat = nn.functional.pad(flat, (0, padded(self.numel, group.size()) - self.numel))
+        self.shard = nn.Parameter(flat.chunk(group.size())[group.rank()].clone())
         for name in named:  # the unit keeps its code, not its weights
             owner, _, attr = name.rpartition(".")
             delattr(unit.get_submodule(owner), attr)
@@ -196,8 +189,19 @@ class ShardedUnit(nn.Module):
         return {name: t.view(s) for (name, s), t in zip(self.shapes.items(), pieces, strict=True)}
 
 
-class Zero3:
-    """ZeRO stage 3, P_os+g+p: each unit of the model becomes a ``ShardedUnit``.
+def _gather_comm(
+    config: TrainConfig, layout: Layout, unit_numel: Callable[[nn.Module], int]
+) -> list[CommEvent]:
+    """Per unit: all-gather (forward), all-gather (backward), reduce-scatter (gradient)."""
+    ops = []
+    for unit in meta_model(config):
+        s = unit_numel(unit)
+        ops += [("all_gather", s), ("all_gather", s), ("reduce_scatter", s)]
+    return _per_rank(ops, layout)
+
+
+class Zero3(Single):
+    """ZeRO stage 3, P_os+g+p, from scratch: each unit of the model becomes a ``ShardedUnit``.
 
     Parameters, gradients and optimizer states are all 1/N_d per rank (plus padding); a unit
     is whole only while it computes.
@@ -205,86 +209,57 @@ class Zero3:
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         group = mesh.group("dp")
-        self.module = nn.Sequential(*(ShardedUnit(u, group) for u in model.to(mesh.device)))
-        self.optimizer = build_optimizer(self.module.parameters(), config)
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        return _step(self.module, self.optimizer, x, y)
+        units = (ShardedUnit(u, group) for u in model.to(mesh.device))
+        super().__init__(nn.Sequential(*units), config, mesh)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
         with torch.no_grad():
-            for i, unit in enumerate(self.module):
+            for i, unit in enumerate(self.model):
                 params = unit.unflatten(_GatherParams.apply(unit.shard, unit.group))
-                state |= {f"{i}.{name}": t.clone() for name, t in params.items()}
+                state |= {f"{i}.{name}": t.cpu().clone() for name, t in params.items()}
         return state
 
-
-class Zero3Torch:
-    """P_os+g+p with PyTorch: FSDP2 ``fully_shard`` on each unit, then on the root.
-
-    FSDP2 shards every parameter on dim 0 as a DTensor (padding each to a multiple of N_d
-    rows), all-gathers a unit's parameters as one flat buffer before its forward and again
-    before its backward, and reduce-scatters the unit's gradients the same way.
-    """
-
-    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
-        dp_mesh = mesh.device_mesh["dp"]
-        self.module = model.to(mesh.device)
-        for unit in self.module:
-            fully_shard(unit, mesh=dp_mesh)
-        fully_shard(self.module, mesh=dp_mesh)
-        self.optimizer = build_optimizer(self.module.parameters(), config)
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        return _step(self.module, self.optimizer, x, y)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.full_tensor() for k, v in self.module.state_dict().items()}
-
-
-# --- communication per step ---------------------------------------------------------------
-
-
-def zero_partition(numels: list[int], n: int) -> list[int]:
-    """Elements per rank as ``ZeroRedundancyOptimizer`` partitions tensors of ``numels``.
-
-    Largest tensor first, each to the least-loaded rank (ties: the lowest rank).
-    """
-    loads = [0] * n
-    for numel in sorted(numels, reverse=True):
-        loads[loads.index(min(loads))] += numel
-    return loads
+    @staticmethod
+    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+        """S_u = the unit's flat size, padded to a multiple of N_d."""
+        return _gather_comm(
+            config,
+            layout,
+            lambda unit: padded(sum(p.numel() for p in unit.parameters()), layout.dp),
+        )
 
 
 def fsdp_numel(shape: torch.Size, n: int) -> int:
     """Elements FSDP2 all-gathers for one parameter: dim 0 padded to a multiple of ``n``."""
-    return padded(shape[0], n) * shape[1:].numel() if shape else n
+    return padded(shape[0], n) * shape[1:].numel()
 
 
-def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
-    """One step's collectives on every rank of the ``dp`` group (float32: 4 bytes/element).
+class Zero3Torch(Single):
+    """P_os+g+p with PyTorch: FSDP2 ``fully_shard`` on each unit, then on the root.
 
-    With S the model's flat size padded to a multiple of N_d, and S_u one unit's:
-
-    - ``zero1`` scratch: reduce-scatter S, all-gather S (DP's all-reduce, in its two halves);
-    - ``zero1`` torch: DDP's all-reduce of the unpadded size, then each rank broadcasts its
-      partition (``zero_partition``);
-    - ``zero3``: per unit, all-gather S_u (forward), all-gather S_u (backward),
-      reduce-scatter S_u; torch pads each parameter's rows (``fsdp_numel``), not the unit.
+    FSDP2 shards every parameter on dim 0 as a DTensor (padding its rows to a multiple of
+    N_d), all-gathers a unit's shards as one flat buffer before its forward and again before
+    its backward, and reduce-scatters the unit's gradients the same way. The root holds no
+    parameters of its own, so it adds no collective.
     """
-    n, model = layout.dp, meta_model(config)
-    numels = [p.numel() for p in model.parameters()]
-    if config.strategy == "zero1" and config.impl == "scratch":
-        ops = [("reduce_scatter", padded(sum(numels), n)), ("all_gather", padded(sum(numels), n))]
-    elif config.strategy == "zero1":
-        ops = [("all_reduce", sum(numels))] + [("broadcast", s) for s in zero_partition(numels, n)]
-    else:
-        ops = []
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        dp_mesh = mesh.device_mesh["dp"]
+        model.to(mesh.device)
         for unit in model:
-            if config.impl == "scratch":
-                size = padded(sum(p.numel() for p in unit.parameters()), n)
-            else:
-                size = sum(fsdp_numel(p.shape, n) for p in unit.parameters())
-            ops += [("all_gather", size), ("all_gather", size), ("reduce_scatter", size)]
-    return [event(op, 4 * numel, "dp", n) for op, numel in ops] * n
+            fully_shard(unit, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+        super().__init__(model, config, mesh)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.full_tensor().cpu() for k, v in self.model.state_dict().items()}
+
+    @staticmethod
+    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+        """S_u = the sum of the unit's parameters, each padded by rows (``fsdp_numel``)."""
+        return _gather_comm(
+            config,
+            layout,
+            lambda unit: sum(fsdp_numel(p.shape, layout.dp) for p in unit.parameters()),
+        )
