@@ -22,6 +22,7 @@ import queue
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any
 
 import cloudpickle
@@ -182,7 +183,7 @@ class _Processes:
 
     def __init__(self) -> None:
         self.ranks: list[RankInfo] = []
-        self.listener: Listener | None = None
+        self.listener: socket.socket | None = None
         self.tmpdir: str | None = None
 
     def close(self, polite: bool = True) -> None:
@@ -203,6 +204,8 @@ class _Processes:
             if r.conn is not None:
                 r.conn.close()
         if self.listener is not None:
+            with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+                self.listener.shutdown(socket.SHUT_RDWR)
             self.listener.close()
             self.listener = None
         if self.tmpdir is not None:
@@ -247,7 +250,7 @@ class Cluster:
         self.world_size = world_size
         self.timeout = timeout
         self.attach = attach
-        self.host, self.port = host, port
+        self.host, self.requested_port, self.port = host, port, port
         self.threads = threads or max(1, (os.cpu_count() or 1) // world_size)
         self.metrics: list[dict[str, Any]] = []
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
@@ -268,13 +271,13 @@ class Cluster:
         procs = self._procs
         procs.ranks = [RankInfo(r) for r in range(self.world_size)]
         try:
-            procs.listener = Listener((self.host, self.port), authkey=self._token)
+            procs.listener = socket.create_server((self.host, self.requested_port))
         except OSError as exc:
             raise ValueError(
-                f"can't listen on {self.host}:{self.port} ({exc.strerror}): the port is busy "
+                f"can't listen on {self.host}:{self.requested_port} ({exc.strerror}): the port is busy "
                 "or the address is not this machine's. Pass port=0 to pick a free port."
             ) from exc
-        self.port = procs.listener.address[1]
+        self.port = procs.listener.getsockname()[1]
         threading.Thread(target=self._accept, args=(procs.listener,), daemon=True).start()
         self.state = "starting"
         _current = self
@@ -326,25 +329,32 @@ class Cluster:
                 start_new_session=True,
             )
 
-    def _accept(self, listener: Listener) -> None:
-        """Accept authenticated rank connections; anything else is dropped unread."""
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                conn = listener.accept()
+                sock, _ = listener.accept()
             except OSError:  # listener closed: the cluster is shutting down
                 return
-            except Exception:  # failed authentication (AuthenticationError, EOFError)
-                continue
-            try:
-                kind, rank, pid, host = cloudpickle.loads(conn.recv_bytes())
-                info = self._procs.ranks[rank]
-                if kind != "hello" or info.conn is not None:
-                    raise ValueError(kind)
-            except Exception:
-                conn.close()
-                continue
-            info.conn, info.pid, info.host = conn, pid, host
-            threading.Thread(target=self._read, args=(rank, conn), daemon=True).start()
+            threading.Thread(target=self._handshake, args=(sock,), daemon=True).start()
+
+    def _handshake(self, sock: socket.socket) -> None:
+        """Mutual HMAC challenge first; a peer that fails it is dropped with nothing unpickled.
+
+        Each handshake has its own thread, so a peer that never answers blocks only itself.
+        """
+        conn = Connection(sock.detach())
+        try:
+            deliver_challenge(conn, self._token)
+            answer_challenge(conn, self._token)
+            kind, rank, pid, host = cloudpickle.loads(conn.recv_bytes())
+            info = self._procs.ranks[rank]
+            if kind != "hello" or info.conn is not None:
+                raise ValueError(f"unexpected {kind!r} from rank {rank}")
+        except Exception:
+            conn.close()
+            return
+        info.conn, info.pid, info.host = conn, pid, host
+        self._read(rank, conn)
 
     def _read(self, rank: int, conn: Connection) -> None:
         events = self._events

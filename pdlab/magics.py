@@ -39,6 +39,11 @@ def parse_ranks(spec: str) -> list[int] | None:
 
 @magics_class
 class PdlabMagics(Magics):
+    """``%pdlab`` manages the cluster it started (or the current one); ``%%ranks`` runs on
+    the most recently started cluster, whichever way it was created."""
+
+    started: Cluster | None = None
+
     @line_magic
     def pdlab(self, line: str) -> None:
         """%pdlab start N [--backend B --device D] | status | restart | stop"""
@@ -50,17 +55,20 @@ class PdlabMagics(Magics):
             )
             return
         if args.command == "start":
-            if cluster_module._current is not None:
-                cluster_module._current.shutdown()
-            Cluster(args.world_size, backend=args.backend, device=args.device)
-            print(cluster_module.current().status())
-        elif args.command == "status":
-            print(cluster_module.current().status())
+            if self.started is not None:
+                self.started.shutdown()
+            self.started = Cluster(args.world_size, backend=args.backend, device=args.device)
+            print(self.started.status())
+            return
+        cluster = self.started or cluster_module.current()
+        if args.command == "status":
+            print(cluster.status())
         elif args.command == "restart":
-            cluster_module.current().restart()
-            print(cluster_module.current().status())
-        elif cluster_module._current is not None:
-            cluster_module._current.shutdown()
+            cluster.restart()
+            print(cluster.status())
+        else:
+            cluster.shutdown()
+            self.started = None
             print("pdlab cluster stopped")
 
     @cell_magic

@@ -1,0 +1,50 @@
+"""Shared fixtures. Every test module ends with no rank process left behind."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live process below ``pid`` (from /proc: no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # a zombie has exited already
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def worker_pids(pid: int) -> list[int]:
+    """Rank processes (``python -m pdlab.worker``) below ``pid``."""
+    pids = []
+    for child in descendants(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"pdlab.worker" in cmdline:
+            pids.append(child)
+    return pids
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leaked_ranks():
+    """Fail a test module that leaves rank processes running after its fixtures close."""
+    yield
+    deadline = time.monotonic() + 5
+    while (left := worker_pids(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"rank processes leaked: {left}"

@@ -1,0 +1,376 @@
+"""The core: a persistent process group driven from the kernel, and how it fails."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import pdlab
+from pdlab.cluster import choose_backend
+
+from .conftest import worker_pids
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with pdlab.Cluster(2) as c:
+        yield c
+
+
+def pids_of(cluster: pdlab.Cluster) -> list[int]:
+    return cluster.run(os.getpid)
+
+
+def all_reduce_rank_sum() -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.ones(3) * (pdlab.rank() + 1)
+    dist.all_reduce(t)
+    print("sum is", t.tolist())
+    return t.sum().item()
+
+
+def test_run_returns_results_by_rank_and_streams_prefixed_output(cluster, capfd):
+    assert cluster.run(all_reduce_rank_sum) == [9.0, 9.0]
+    out = capfd.readouterr().out
+    assert "[rank 0] sum is [3.0, 3.0, 3.0]" in out
+    assert "[rank 1] sum is [3.0, 3.0, 3.0]" in out
+
+
+def test_warm_calls_reuse_the_same_processes(cluster):
+    first = pids_of(cluster)
+    assert pids_of(cluster) == first
+    assert len(set(first)) == 2 and os.getpid() not in first
+
+
+def test_closures_args_kwargs_and_rank_subsets(cluster):
+    offset = 100
+
+    def add(x, *, y):
+        return offset + x + y + pdlab.rank()
+
+    assert cluster.run(add, 1, y=2) == [103, 104]
+    assert cluster.run(add, 1, y=2, ranks=[1]) == [104]
+    with pytest.raises(ValueError, match="ranks 0..1"):
+        cluster.run(add, 1, y=2, ranks=[5])
+
+
+def test_stderr_is_streamed_with_rank_prefix(cluster, capfd):
+    cluster.run(lambda: print("careful", file=sys.stderr))
+    assert "[rank 1] careful" in capfd.readouterr().err
+
+
+def test_metrics_are_collected_and_pushed_to_subscribers(cluster):
+    seen = []
+    unsubscribe = cluster.subscribe(seen.append)
+    cluster.run(lambda: pdlab.log(step=1, loss=0.5 * pdlab.rank()))
+    unsubscribe()
+    assert sorted(r["rank"] for r in seen) == [0, 1]
+    assert {r["loss"] for r in seen} == {0.0, 0.5}
+    assert all("time" in r for r in seen)
+    assert seen[-1] in cluster.metrics
+
+
+def test_error_without_a_stuck_peer_keeps_the_cluster(cluster):
+    before = pids_of(cluster)
+
+    def fail_on_one():
+        if pdlab.rank() == 1:
+            raise ValueError("bad value on one rank")
+        return "fine"
+
+    with pytest.raises(pdlab.RankError) as info:
+        cluster.run(fail_on_one)
+    assert info.value.rank == 1
+    assert "ValueError: bad value on one rank" in str(info.value)
+    assert "fail_on_one" in str(info.value)  # the remote traceback
+    assert pids_of(cluster) == before
+
+
+def test_error_while_peers_wait_in_a_collective_names_the_raising_rank(cluster):
+    def raise_before_all_reduce():
+        import torch
+        import torch.distributed as dist
+
+        if pdlab.rank() == 0:
+            raise RuntimeError("rank 0 gave up")
+        dist.all_reduce(torch.ones(1))  # rank 1 waits here for rank 0, forever
+
+    start = time.monotonic()
+    with pytest.raises(pdlab.RankError) as info:
+        cluster.run(raise_before_all_reduce)
+    assert time.monotonic() - start < 10
+    assert info.value.rank == 0
+    assert "rank 0 gave up" in str(info.value)
+    assert "still running" in str(info.value)
+    assert "broken" in str(cluster.status())
+    # Usable again, by itself, with fresh ranks.
+    assert cluster.run(all_reduce_rank_sum) == [9.0, 9.0]
+
+
+def test_sigkilled_rank_is_reported_not_hung(cluster):
+    victim = pids_of(cluster)[1]
+
+    def wait_in_collective():
+        import torch
+        import torch.distributed as dist
+
+        dist.all_reduce(torch.ones(1))
+
+    def kill_soon():
+        time.sleep(1)
+        os.kill(victim, signal.SIGKILL)
+
+    threading.Thread(target=kill_soon).start()
+    start = time.monotonic()
+    with pytest.raises(pdlab.RankError, match="rank 1 died: it was killed by SIGKILL"):
+        cluster.run(lambda: time.sleep(30) if pdlab.rank() == 1 else wait_in_collective())
+    assert time.monotonic() - start < 10
+    assert cluster.run(pdlab.rank) == [0, 1]
+
+
+def test_timeout_names_the_ranks_still_running(cluster):
+    with pytest.raises(pdlab.CallTimeout) as info:
+        cluster.run(lambda: time.sleep(20) if pdlab.rank() == 1 else None, timeout=1)
+    assert info.value.ranks == [1]
+    assert "ranks [1]" in str(info.value)
+    assert cluster.run(pdlab.rank) == [0, 1]
+
+
+def test_interrupt_reaches_the_ranks(cluster):
+    before = pids_of(cluster)
+
+    def sleep_until_interrupted():
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            pdlab.log(interrupted=True)
+            raise
+
+    main = threading.main_thread().ident
+    timer = threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cluster.run(sleep_until_interrupted)
+    assert time.monotonic() - start < 10
+    interrupted = [r["rank"] for r in cluster.metrics if r.get("interrupted")]
+    assert sorted(interrupted) == [0, 1]
+    assert pids_of(cluster) == before  # they finished; nothing was killed
+
+
+def test_unpicklable_function_is_refused_before_sending(cluster):
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="can't send 'uses_lock' to the ranks"):
+
+        def uses_lock():
+            return lock.locked()
+
+        cluster.run(uses_lock)
+
+
+def test_cell_code_runs_in_persistent_per_rank_namespaces(cluster):
+    assert cluster.exec("x = pdlab.rank() * 10\nx") == [0, 10]
+    assert cluster.exec("x + 1", ranks=[1]) == [11]
+    with pytest.raises(pdlab.RankError, match="NameError"):
+        cluster.exec("undefined_name")
+
+
+def test_magics_start_run_cells_and_stop(capfd):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "pdlab")
+    ip.run_line_magic("pdlab", "start 2")
+    try:
+        ip.run_cell_magic("ranks", "", "y = dist.get_rank() + 5\ny")
+        ip.run_cell_magic("ranks", "1", "y * 2")
+        ip.run_line_magic("pdlab", "status")
+    finally:
+        ip.run_line_magic("pdlab", "stop")
+    out = capfd.readouterr().out
+    assert "[rank 0] Out: 5" in out and "[rank 1] Out: 6" in out
+    assert "[rank 1] Out: 12" in out and "[rank 0] Out: 10" not in out
+    assert "backend=gloo, device=cpu" in out
+    assert "pdlab cluster stopped" in out
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    """Local addresses of the TCP sockets in LISTEN state that ``pids`` hold open."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(fields[1])
+    return found
+
+
+def is_loopback(hex_address: str) -> bool:
+    host = hex_address.split(":")[0]
+    if len(host) == 8:  # IPv4, little-endian
+        return bytes.fromhex(host)[::-1][0] == 127
+    return host == "0" * 24 + "01000000"  # ::1
+
+
+def test_nothing_listens_beyond_loopback(cluster):
+    pids = [os.getpid(), *pids_of(cluster)]
+    cluster.run(all_reduce_rank_sum)  # gloo's transport is up
+    addresses = listening_addresses(pids)
+    assert addresses, "expected the control channel and gloo to listen somewhere"
+    assert all(is_loopback(a) for a in addresses), addresses
+
+
+def test_unauthenticated_peers_are_refused(cluster):
+    from multiprocessing.connection import AuthenticationError, Client
+
+    with pytest.raises(AuthenticationError):
+        Client(("127.0.0.1", cluster.port), authkey=b"wrong token")
+    with socket.create_connection(("127.0.0.1", cluster.port)) as raw:
+        raw.sendall(b"\x00\x00\x00\x05hello")  # not the challenge's answer
+    assert cluster.run(pdlab.rank) == [0, 1]
+
+
+def test_shutdown_leaves_no_process_port_or_temp_file():
+    c = pdlab.Cluster(2)
+    pids = pids_of(c)
+    port, tmpdir = c.port, c._procs.tmpdir
+    assert tmpdir and Path(tmpdir).exists()
+    c.shutdown()
+    c.shutdown()  # twice is fine
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)
+    assert not Path(tmpdir).exists()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)
+    with pytest.raises(RuntimeError, match="shut down: call .restart"):
+        c.run(pdlab.rank)
+
+
+def test_ranks_exit_when_the_kernel_is_sigkilled(tmp_path):
+    script = tmp_path / "kernel.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, time, pdlab
+            c = pdlab.Cluster(2)
+            print(*c.run(os.getpid), flush=True)
+            time.sleep(600)
+            """
+        )
+    )
+    kernel = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        ranks = [int(p) for p in kernel.stdout.readline().split()]
+        assert len(ranks) == 2
+    finally:
+        kernel.kill()
+        kernel.wait()
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{p}").exists() for p in ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [p for p in ranks if Path(f"/proc/{p}").exists()]
+    assert not alive, f"ranks {alive} outlived their kernel"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"world_size": 0}, "world_size must be a whole number >= 1"),
+        ({"world_size": 2, "backend": "mpi"}, "unknown backend 'mpi'"),
+        ({"world_size": 2, "device": "tpu"}, "unknown device 'tpu'"),
+        ({"world_size": 2, "backend": "nccl", "device": "cpu"}, "use backend='gloo'"),
+    ],
+)
+def test_bad_arguments_fail_before_any_process_starts(kwargs, message):
+    before = worker_pids(os.getpid())
+    with pytest.raises(ValueError, match=message):
+        pdlab.Cluster(**kwargs)
+    assert worker_pids(os.getpid()) == before
+
+
+def test_busy_port_is_named():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ValueError, match=f"127.0.0.1:{port}.*port=0"):
+            pdlab.Cluster(2, port=port)
+
+
+def test_rank_dying_while_starting_shows_its_output(tmp_path, monkeypatch):
+    broken = tmp_path / "torch"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('this torch is broken on purpose')")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="died while starting(.|\n)*broken on purpose"):
+        pdlab.Cluster(2, device="cpu")
+
+
+def test_backend_choice():
+    assert choose_backend(4, None, None, gpus=0) == ("gloo", "cpu", None)
+    assert choose_backend(2, None, None, gpus=2)[:2] == ("nccl", "cuda")
+    backend, device, note = choose_backend(4, None, None, gpus=1)
+    assert (backend, device) == ("gloo", "cuda") and "share 1 GPU" in note
+    with pytest.raises(ValueError, match="NCCL needs one GPU per rank.*backend='gloo'"):
+        choose_backend(4, "nccl", None, gpus=1)
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        choose_backend(2, None, "cuda", gpus=0)
+
+
+def test_torchrun_nodes_attach_to_the_kernels_cluster():
+    c = pdlab.Cluster(2, attach=True)
+    master_port = free_port()
+    env = {**os.environ, "PDLAB_TOKEN": c._token.decode()}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node-rank={node}",
+                "--nproc-per-node=1",
+                "--master-addr=127.0.0.1",
+                f"--master-port={master_port}",
+                "-m",
+                "pdlab.worker",
+                f"--connect=127.0.0.1:{c.port}",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for node in range(2)
+    ]
+    try:
+        assert c.run(all_reduce_rank_sum) == [9.0, 9.0]
+        assert c.status().ranks[1].alive
+    finally:
+        c.shutdown()
+        codes = [n.wait(30) for n in nodes]
+    assert codes == [0, 0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
