@@ -1,0 +1,43 @@
+"""``single``: plain one-process training, the baseline every strategy must match step for step.
+
+The step is split where the strategies differ: ``update`` turns this rank's gradients into
+new parameters. Data parallelism (``data.py``) only overrides that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdlab.comm import CommEvent
+from pdlab.models import loss_fn
+from pdlab.parallel.base import Layout, Mesh, StepOutput, TrainConfig, build_optimizer
+
+
+class Single:
+    """The whole model and optimizer in one process; no communication."""
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        self.model = model.to(mesh.device)  # unwrapped, with the single-process names
+        self.module: nn.Module = self.model  # what runs forward (wrappers replace it)
+        self.optimizer: torch.optim.Optimizer | None = build_optimizer(
+            self.model.parameters(), config
+        )
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        self.model.zero_grad(set_to_none=True)
+        loss = loss_fn(self.module(x), y)
+        loss.backward()
+        self.update()
+        return StepOutput(loss.item(), len(x))
+
+    def update(self) -> None:
+        """Apply this rank's gradients: here, an optimizer step."""
+        self.optimizer.step()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    @staticmethod
+    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+        return []

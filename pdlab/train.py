@@ -1,0 +1,319 @@
+"""Training on ranks: one loop for every strategy, with its communication and memory measured.
+
+From a notebook (the ranks are the processes of a ``pdlab.Cluster``)::
+
+    with pdlab.Cluster(2) as cluster:
+        result = pdlab.train(cluster, strategy="dp", impl="scratch", model="mlp", steps=20)
+    result.steps   # per step: loss, samples/s, comm and bus bytes, measured and expected
+    result.ranks   # per step and rank: loss, step time, bytes by op and group, memory
+    result.comm    # every communication op every rank issued
+
+From a shell: ``python -m pdlab run --strategy dp --world-size 2``. Under plain torchrun,
+call ``run_on_rank(TrainConfig(...))`` on every rank.
+
+``single`` needs no cluster: without one it runs in this process; with one it runs on rank
+0 alone (the other ranks idle), so its timings come from the same kind of process, with the
+same CPU threads, as the parallel runs it is compared with.
+
+Each strategy class lives in ``pdlab/parallel/`` (see README.md there) and is registered in
+``IMPLEMENTATIONS`` below with one line. If its module defines ``check(config, layout)``,
+``validate`` calls it, so its errors surface before any rank starts work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import pandas as pd
+import torch
+
+from pdlab import memory, runtime
+from pdlab.comm import CommEvent, CommMeter, name_group
+from pdlab.data import load_dataset
+from pdlab.models import MODELS, build_model
+from pdlab.parallel.base import IMPLS, OPTIMIZERS, STRATEGIES, Layout, Mesh, TrainConfig
+
+# (strategy, impl) -> "module:Class". A new strategy is one line here.
+IMPLEMENTATIONS: dict[tuple[str, str], str] = {
+    ("single", "scratch"): "pdlab.parallel.single:Single",
+    ("single", "torch"): "pdlab.parallel.single:Single",
+    ("dp", "scratch"): "pdlab.parallel.data:DataParallel",
+    ("dp", "torch"): "pdlab.parallel.data:DDP",
+    ("ps", "scratch"): "pdlab.parallel.data:ParameterServer",
+    ("zero1", "scratch"): "pdlab.parallel.sharded:Zero1",
+    ("zero1", "torch"): "pdlab.parallel.sharded:Zero1Torch",
+    ("zero3", "scratch"): "pdlab.parallel.sharded:Zero3",
+    ("zero3", "torch"): "pdlab.parallel.sharded:Zero3Torch",
+    ("pp-gpipe", "scratch"): "pdlab.parallel.pipeline:Pipeline",
+    ("pp-gpipe", "torch"): "pdlab.parallel.pipeline:Pipeline",
+    ("pp-1f1b", "scratch"): "pdlab.parallel.pipeline:Pipeline",
+    ("pp-1f1b", "torch"): "pdlab.parallel.pipeline:Pipeline",
+}
+HYBRID = ("dp-tp", "dp-pp")
+
+
+def layout_for(strategy: str, world_size: int) -> Layout:
+    """The rank grid a strategy uses on ``world_size`` ranks (hybrids: dp=2 by the rest)."""
+    if strategy == "single":
+        return Layout()
+    if strategy == "tp":
+        return Layout(tp=world_size)
+    if strategy.startswith("pp-"):
+        return Layout(pp=world_size)
+    if strategy == "dp-tp":
+        return Layout(dp=2, tp=world_size // 2)
+    if strategy == "dp-pp":
+        return Layout(dp=2, pp=world_size // 2)
+    return Layout(dp=world_size)  # dp, ps, zero1, zero3
+
+
+def _choose(what: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise ValueError (NotImplementedError for a strategy not built yet) saying what to change."""
+    _choose("strategy", config.strategy, STRATEGIES)
+    _choose("impl", config.impl, IMPLS)
+    _choose("model", config.model, MODELS)
+    _choose("optimizer", config.optimizer, OPTIMIZERS)
+    if config.strategy == "ps" and config.impl == "torch":
+        raise ValueError(
+            "PyTorch has no parameter-server API: use impl='scratch' for 'ps' "
+            "(DDP is strategy='dp', impl='torch')"
+        )
+    for name in ("steps", "batch_size", "micro_batches"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {getattr(config, name)!r}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr!r}")
+    world = config.world_size
+    if config.strategy != "single" and world < 2:
+        raise ValueError(
+            f"strategy {config.strategy!r} needs at least 2 ranks, got world_size {world}: "
+            "run it on a pdlab.Cluster(2) or bigger"
+        )
+    if config.strategy in HYBRID and (world < 4 or world % 2):
+        raise ValueError(
+            f"strategy {config.strategy!r} is a 2 x {world // 2} grid and needs an even "
+            f"world_size >= 4, got {world}: use pdlab.Cluster(4)"
+        )
+    layout = layout_for(config.strategy, world)
+    if config.batch_size % layout.dp:
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split over {layout.dp} data-parallel "
+            f"ranks: use a multiple of {layout.dp}, e.g. {-(-config.batch_size // layout.dp) * layout.dp}"
+        )
+    module = importlib.import_module(_target(config)[0])
+    if hasattr(module, "check"):
+        module.check(config, layout)
+
+
+def _target(config: TrainConfig) -> tuple[str, str]:
+    key = (config.strategy, config.impl)
+    if key not in IMPLEMENTATIONS:
+        done = ", ".join(f"{s}/{i}" for s, i in IMPLEMENTATIONS)
+        raise NotImplementedError(
+            f"strategy {config.strategy!r} with impl {config.impl!r} is not implemented yet "
+            f"(available: {done})"
+        )
+    module, cls = IMPLEMENTATIONS[key].split(":")
+    return module, cls
+
+
+def strategy_class(config: TrainConfig) -> type:
+    """The class implementing ``config.strategy`` with ``config.impl``."""
+    module, cls = _target(config)
+    return getattr(importlib.import_module(module), cls)
+
+
+def expected_comm(config: TrainConfig) -> list[CommEvent]:
+    """The analytic communication of one step, over all ranks."""
+    return strategy_class(config).expected_comm(
+        config, layout_for(config.strategy, config.world_size)
+    )
+
+
+# ---- on every rank -----------------------------------------------------------------------
+
+_meshes: dict[tuple[Layout, torch.device], Mesh] = {}  # groups are made once per process
+
+
+def _mesh(layout: Layout, device: torch.device) -> Mesh:
+    if (layout, device) not in _meshes:
+        mesh = Mesh.create(layout, device)
+        for dim in ("dp", "pp", "tp"):
+            if getattr(layout, dim) > 1:
+                name_group(mesh.group(dim), dim)
+        _meshes[layout, device] = mesh
+    return _meshes[layout, device]
+
+
+def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]:
+    """Train ``config`` on this rank; every rank of the group calls it (one process: single).
+
+    Logs one ``pdlab.log`` record a step (loss, samples, step_time, comm events, memory,
+    timeline) and returns them, this rank's final memory, and (rank 0, ``full_state``) the
+    full trained parameters under the single-process names.
+    """
+    validate(config)
+    layout = layout_for(config.strategy, config.world_size)
+    if layout.world_size > 1 and runtime.world_size() != layout.world_size:
+        raise ValueError(
+            f"config.world_size is {config.world_size} but this process group has "
+            f"{runtime.world_size()} ranks"
+        )
+    device = runtime.device()
+    mesh = _mesh(layout, device)
+    data = load_dataset(config.model, config.seed)
+    strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
+    records = []
+    for step in range(config.steps):
+        x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
+        start = time.perf_counter()
+        with CommMeter() as meter:
+            out = strategy.train_step(x.to(device), y.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the step is done when the GPU is
+        record = {
+            "strategy": config.strategy,
+            "impl": config.impl,
+            "step": step,
+            "loss": out.loss,
+            "samples": out.samples,
+            "step_time": time.perf_counter() - start,
+            "comm": [asdict(e) for e in meter.events],
+            "memory": memory.measure(strategy.module, strategy.optimizer, device),
+            "timeline": out.timeline,
+        }
+        runtime.log(**record)
+        records.append(record)
+    state = strategy.full_state_dict() if full_state else None  # a collective: all ranks
+    return {
+        "rank": mesh.rank,
+        "records": records,
+        "memory": memory.measure(strategy.module, strategy.optimizer, device),
+        "state_dict": state if mesh.rank == 0 else None,
+    }
+
+
+# ---- in the kernel -----------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """A finished run as tables (see ``pdlab.train``)."""
+
+    config: TrainConfig
+    steps: pd.DataFrame  # one row a step: loss, samples_per_s, comm/bus bytes (and expected)
+    ranks: pd.DataFrame  # one row a step and rank
+    comm: pd.DataFrame  # one row a communication op
+    memory: pd.DataFrame  # one row a rank, after the last step
+    expected_comm: list[CommEvent]
+    state_dict: dict[str, torch.Tensor] | None  # rank 0's full parameters, if asked for
+    final_loss: float
+    max_rank_param_bytes: int
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"TrainResult({c.strategy}/{c.impl}, {c.model}, world_size={c.world_size}, "
+            f"steps={c.steps}, final_loss={self.final_loss:.4f}, "
+            f"comm_bytes/step={self.steps.comm_bytes.mean():.0f})"
+        )
+
+
+def _results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent]) -> TrainResult:
+    rows, ops = [], []
+    for out in outputs:
+        for rec in out["records"]:
+            where = {"step": rec["step"], "rank": out["rank"]}
+            ops += [{**where, **e} for e in rec["comm"]]
+            row = {**where, **{k: rec[k] for k in ("loss", "samples", "step_time")}}
+            row["samples_per_s"] = rec["samples"] / rec["step_time"]
+            row["comm_bytes"] = sum(e["payload_bytes"] for e in rec["comm"])
+            row["bus_bytes"] = sum(e["bus_bytes"] for e in rec["comm"])
+            row["comm_seconds"] = sum(e["seconds"] for e in rec["comm"])
+            for e in rec["comm"]:
+                key = f"{e['op']}@{e['group']}"
+                row[key] = row.get(key, 0) + e["payload_bytes"]
+            rows.append(row | rec["memory"])
+    ranks = pd.DataFrame(rows).fillna({c: 0 for c in rows[0] if "@" in c})
+    comm = pd.DataFrame(ops, columns=["step", "rank", *(f.name for f in fields(CommEvent))])
+
+    def aggregate(g: pd.DataFrame) -> pd.Series:
+        reported = g[g.loss.notna()]
+        step_time = g.step_time.max()
+        return pd.Series(
+            {
+                "loss": (reported.loss * reported.samples).sum() / reported.samples.sum(),
+                "step_time": step_time,
+                "samples_per_s": config.batch_size / step_time,
+                "comm_bytes": g.comm_bytes.sum(),
+                "bus_bytes": g.bus_bytes.sum(),
+                "expected_comm_bytes": sum(e.payload_bytes for e in expected),
+                "expected_bus_bytes": sum(e.bus_bytes for e in expected),
+            }
+        )
+
+    steps = ranks.groupby("step")[ranks.columns.drop("step")].apply(aggregate).reset_index()
+    mem = pd.DataFrame([{"rank": out["rank"], **out["memory"]} for out in outputs])
+    return TrainResult(
+        config,
+        steps,
+        ranks,
+        comm,
+        mem,
+        expected,
+        outputs[0]["state_dict"],
+        float(steps.loss.iloc[-1]),
+        int(mem.param_bytes.max()),
+    )
+
+
+def train(
+    cluster: Any = None,
+    *,
+    strategy: str = "single",
+    impl: str = "scratch",
+    model: str = "mlp",
+    steps: int = 20,
+    batch_size: int = 32,
+    micro_batches: int = 1,
+    lr: float = 0.01,
+    seed: int = 0,
+    optimizer: str = "adam",
+    full_state: bool = False,
+    timeout: float | None = None,
+) -> TrainResult:
+    """Train with ``strategy`` on every rank of ``cluster`` (a ``pdlab.Cluster``).
+
+    The config is validated here, before any rank does work. ``single`` runs without a
+    cluster (in this process) or on a cluster's rank 0. ``full_state=True`` also returns the
+    trained parameters (``result.state_dict``) to compare with another run.
+    """
+    world = cluster.world_size if cluster is not None and strategy != "single" else 1
+    config = TrainConfig(
+        strategy=strategy,
+        impl=impl,
+        model=model,
+        steps=steps,
+        batch_size=batch_size,
+        micro_batches=micro_batches,
+        lr=lr,
+        optimizer=optimizer,
+        seed=seed,
+        world_size=world,
+    )
+    validate(config)
+    expected = expected_comm(config)
+    if cluster is None:
+        outputs = [run_on_rank(config, full_state)]
+    else:
+        ranks = [0] if strategy == "single" else None
+        outputs = cluster.run(run_on_rank, config, full_state, ranks=ranks, timeout=timeout)
+    return _results(config, outputs, expected)
