@@ -104,18 +104,22 @@ class Zero1Torch(DDP):
 
     Unlike the scratch version it partitions whole tensors (``zero_partition``), not a flat
     buffer, and after its step each rank *broadcasts* its partition (one flat bucket per rank
-    with ``parameters_as_bucket_view``). Its moments live in ``optimizer.optim``, the local
-    optimizer over this rank's partition.
+    with ``parameters_as_bucket_view``). ``optimizer`` is its local optimizer over this rank's
+    partition: the state this rank holds, which memory accounting and checkpoints read.
     """
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(model, config, mesh)
-        self.optimizer = ZeroRedundancyOptimizer(
+        self.zero = ZeroRedundancyOptimizer(
             self.model.parameters(),
             optimizer_class=lambda params: build_optimizer(params, config),
             process_group=mesh.group("dp"),
             parameters_as_bucket_view=True,
         )
+        self.optimizer = self.zero.optim
+
+    def update(self) -> None:
+        self.zero.step()  # steps this rank's partition, then every rank broadcasts its own
 
     @staticmethod
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
