@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pdlab import memory, runtime
+from pdlab import checkpoint, memory, runtime
 from pdlab.comm import CommEvent, CommMeter, name_group
 from pdlab.data import load_dataset
 from pdlab.models import MODELS, build_model
@@ -51,6 +51,11 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("pp-gpipe", "torch"): "pdlab.parallel.pipeline:Pipeline",
     ("pp-1f1b", "scratch"): "pdlab.parallel.pipeline:Pipeline",
     ("pp-1f1b", "torch"): "pdlab.parallel.pipeline:Pipeline",
+    ("tp", "scratch"): "pdlab.parallel.tensor:TensorParallel",
+    ("tp", "torch"): "pdlab.parallel.tensor:DTensorParallel",
+    ("dp-tp", "scratch"): "pdlab.parallel.hybrid:DataTensorParallel",
+    ("dp-tp", "torch"): "pdlab.parallel.hybrid:DataDTensorParallel",
+    ("dp-pp", "scratch"): "pdlab.parallel.hybrid:DataPipelineParallel",
 }
 HYBRID = ("dp-tp", "dp-pp")
 
@@ -89,6 +94,8 @@ def validate(config: TrainConfig) -> None:
     for name in ("steps", "batch_size", "micro_batches"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {getattr(config, name)!r}")
+    if (config.checkpoint_every or config.resume) and not config.checkpoint_dir:
+        raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
     if not config.lr > 0:
         raise ValueError(f"lr must be > 0, got {config.lr!r}")
     world = config.world_size
@@ -171,8 +178,9 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     mesh = _mesh(layout, device)
     data = load_dataset(config.model, config.seed)
     strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
+    first = checkpoint.load(strategy, config.checkpoint_dir) if config.resume else 0
     records = []
-    for step in range(config.steps):
+    for step in range(first, config.steps):
         x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
         start = time.perf_counter()
         with CommMeter() as meter:
@@ -192,6 +200,8 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
         }
         runtime.log(**record)
         records.append(record)
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            checkpoint.save(strategy, config.checkpoint_dir, step + 1)
     state = strategy.full_state_dict() if full_state else None  # a collective: all ranks
     return {
         "rank": mesh.rank,
@@ -287,6 +297,9 @@ def train(
     lr: float = 0.01,
     seed: int = 0,
     optimizer: str = "adam",
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
     full_state: bool = False,
     timeout: float | None = None,
 ) -> TrainResult:
@@ -308,6 +321,9 @@ def train(
         optimizer=optimizer,
         seed=seed,
         world_size=world,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
     )
     validate(config)
     expected = expected_comm(config)

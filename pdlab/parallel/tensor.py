@@ -42,9 +42,10 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from pdlab.comm import CommEvent, event, name_group
-from pdlab.models import Attention, Block, Dense, loss_fn
-from pdlab.parallel.base import Layout, Mesh, StepOutput, TrainConfig, build_optimizer, meta_model
+from pdlab.comm import CommEvent, event
+from pdlab.models import Attention, Block, Dense
+from pdlab.parallel.base import Layout, Mesh, TrainConfig, meta_model
+from pdlab.parallel.single import Single
 
 # ---------------------------------------------------------------- f and g (scratch)
 
@@ -222,31 +223,22 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
-# ---------------------------------------------------------------- the strategy
+# ---------------------------------------------------------------- the strategies
 
 
-class TensorParallel:
-    """``tp``: every rank of a TP group holds ``1/tp`` of each region's weights (same data)."""
+class TensorParallel(Single):
+    """``tp`` from scratch: each rank of a tp group holds ``1/tp`` of every region's weights
+    and computes on the same data; the only communication is ``f`` and ``g``."""
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         _check(model, config.model, mesh.layout.tp)
         self.mesh = mesh
-        name_group(mesh.group("tp"), "tp")  # at tp = world size it is the world group
-        shard = shard_scratch if config.impl == "scratch" else shard_torch
-        self.module = shard(model.to(mesh.device), mesh)
-        self.optimizer = build_optimizer(self.module.parameters(), config)
+        super().__init__(self.shard(model.to(mesh.device), mesh), config, mesh)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        x, y = x.to(self.mesh.device), y.to(self.mesh.device)
-        loss = loss_fn(self.module(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.sync_gradients()
-        self.optimizer.step()
-        return StepOutput(loss.item(), len(x))
+    def shard(self, model: nn.Sequential, mesh: Mesh) -> nn.Sequential:
+        return shard_scratch(model, mesh)
 
-    def sync_gradients(self) -> None:
-        """TP alone needs none (see the module docstring); ``dp-tp`` all-reduces over dp here."""
+    expected_comm = staticmethod(expected_comm)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter whole, under the single-process names (gathers the shards)."""
@@ -258,7 +250,14 @@ class TensorParallel:
         owner, _, attr = name.rpartition(".")
         dim = getattr(self.module.get_submodule(owner), "shard_dims", {}).get(attr)
         if dim is None:
-            return p.detach()
+            return p.detach().clone()
         parts = [torch.empty_like(p) for _ in range(self.mesh.layout.tp)]
         dist.all_gather(parts, p.detach().contiguous(), group=self.mesh.group("tp"))
         return torch.cat(parts, dim)
+
+
+class DTensorParallel(TensorParallel):
+    """``tp`` with PyTorch: the same regions given to DTensor's ``parallelize_module``."""
+
+    def shard(self, model: nn.Sequential, mesh: Mesh) -> nn.Sequential:
+        return shard_torch(model, mesh)

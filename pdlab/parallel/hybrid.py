@@ -1,0 +1,118 @@
+"""Hybrid parallelism: data parallelism across replicas of a model-parallel group (§6.3 of
+the article; Narayanan et al. 2021, arXiv 2104.04473, §2.3 "PTD-P").
+
+The ranks are the grid ``arange(world).view(dp, pp, tp)`` (``base.Layout``). Each row of
+the grid is one model replica, split by tensor parallelism (``dp-tp``: ``tensor.py`` on the
+``tp`` group) or by pipeline stages (``dp-pp``: ``pipeline.py`` on the ``pp`` group). The
+ranks of a column hold the *same* part of the model and compute on different data shards,
+so after backward they average that part's gradient over the ``dp`` group (``data.py``) and
+take identical optimizer steps, as one process would on the whole batch.
+
+Each rank all-reduces only its part: ``1/tp`` (or one stage) of the model's gradient, so
+data parallelism's traffic per rank shrinks by the model-parallel degree, while the
+model-parallel traffic (TP's activations, PP's boundaries) stays inside each replica.
+
+- scratch: the model-parallel strategy, whose ``update`` runs ``data.allreduce_gradients``
+  over ``dp`` before the optimizer step.
+- torch, ``dp-tp``: DTensor TP on the ``tp`` sub-mesh, then FSDP2's ``replicate`` (DDP
+  rebuilt on FSDP2) on the ``dp`` sub-mesh. Classic ``DistributedDataParallel`` does not
+  take DTensor parameters; ``replicate`` does, and all-reduces their gradients (the local
+  shards) at the end of backward, all of the model's in one op instead of ``data.py``'s
+  buckets (``comm.totals`` per op and group are the same).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
+
+from pdlab.comm import CommEvent, event
+from pdlab.models import stage
+from pdlab.parallel import pipeline, tensor
+from pdlab.parallel.base import Layout, Mesh, TrainConfig, meta_model
+from pdlab.parallel.data import BUCKET_BYTES, allreduce_gradients, buckets
+from pdlab.parallel.pipeline import Pipeline
+from pdlab.parallel.tensor import DTensorParallel, TensorParallel
+
+# A Dense model's last layer is row-parallel, and DTensor hands back its output as a view of
+# the local tensor; nothing modifies it in place, so FSDP2's warning about views is moot.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def _pipeline_config(config: TrainConfig) -> TrainConfig:
+    """``config`` as the pipeline inside each replica sees it: GPipe, which runs with any
+    number of micro-batches in both impls (torch's 1F1B needs at least ``pp``)."""
+    return replace(config, strategy="pp-gpipe")
+
+
+def check(config: TrainConfig, layout: Layout) -> None:
+    """Raise ValueError, naming the fix, if the model-parallel half cannot split ``config``."""
+    if config.strategy == "dp-tp":
+        tensor.check(config, layout)
+    else:
+        pipeline.check(_pipeline_config(config), layout)
+
+
+def gradient_allreduce(
+    config: TrainConfig, layout: Layout, params_of: Callable[[int], list[torch.Tensor]]
+) -> list[CommEvent]:
+    """``allreduce_gradients`` over ``dp`` on every rank; rank ``r`` holds ``params_of(r)``."""
+    return [
+        event("all_reduce", sum(p.nbytes for p in bucket), "dp", layout.dp)
+        for rank in range(layout.world_size)
+        for bucket in buckets(params_of(rank), BUCKET_BYTES)
+    ]
+
+
+class _AverageOverDP:
+    """``update``: average this rank's gradients over its ``dp`` group, then step."""
+
+    def update(self) -> None:
+        allreduce_gradients(list(self.module.parameters()), self.mesh.group("dp"))
+        self.optimizer.step()
+
+
+class DataTensorParallel(_AverageOverDP, TensorParallel):
+    """``dp-tp`` from scratch: Megatron TP inside each replica, gradient shards averaged over dp."""
+
+    @staticmethod
+    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+        """TP's f/g all-reduces on a ``B/dp`` shard, plus each rank's ``1/tp`` of the gradient."""
+        shard = tensor.shard_scratch(meta_model(config), Mesh(layout, torch.device("meta")))
+        params = list(shard.parameters())  # every tp rank's shards have the same sizes
+        return tensor.expected_comm(config, layout) + gradient_allreduce(
+            config, layout, lambda _: params
+        )
+
+
+class DataDTensorParallel(DTensorParallel):
+    """``dp-tp`` with PyTorch: DTensor TP on the ``tp`` sub-mesh, ``replicate`` over ``dp``."""
+
+    def shard(self, model: nn.Sequential, mesh: Mesh) -> nn.Sequential:
+        return replicate(super().shard(model, mesh), mesh=mesh.device_mesh["dp"])
+
+    expected_comm = DataTensorParallel.expected_comm
+
+
+class DataPipelineParallel(_AverageOverDP, Pipeline):
+    """``dp-pp`` from scratch: a GPipe pipeline inside each replica, each stage averaged over dp."""
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(model, _pipeline_config(config), mesh)
+
+    @staticmethod
+    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+        """The pipeline's sends on a ``B/dp`` shard, plus each rank's stage gradient."""
+        model = meta_model(config)
+        stages = [
+            list(stage(model, start, stop).parameters())
+            for start, stop in pipeline.partition(model, layout.pp)
+        ]
+        return pipeline.expected_comm(_pipeline_config(config), layout) + gradient_allreduce(
+            config, layout, lambda rank: stages[layout.coords(rank)[1]]
+        )
