@@ -30,6 +30,9 @@ class TrainConfig:
     optimizer: str = "adam"
     seed: int = 0
     world_size: int = 1
+    checkpoint_dir: str | None = None  # where pdlab.checkpoint saves and resumes (all ranks)
+    checkpoint_every: int = 0  # save after every this many steps (0: never)
+    resume: bool = False  # start from the newest complete checkpoint in checkpoint_dir
 
 
 @dataclass(frozen=True)
