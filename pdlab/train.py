@@ -56,6 +56,7 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("dp-tp", "scratch"): "pdlab.parallel.hybrid:DataTensorParallel",
     ("dp-tp", "torch"): "pdlab.parallel.hybrid:DataDTensorParallel",
     ("dp-pp", "scratch"): "pdlab.parallel.hybrid:DataPipelineParallel",
+    ("dp-pp", "torch"): "pdlab.parallel.hybrid:DataPipelineTorch",
 }
 HYBRID = ("dp-tp", "dp-pp")
 
@@ -252,7 +253,8 @@ def _results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent]
                 key = f"{e['op']}@{e['group']}"
                 row[key] = row.get(key, 0) + e["payload_bytes"]
             rows.append(row | rec["memory"])
-    ranks = pd.DataFrame(rows).fillna({c: 0 for c in rows[0] if "@" in c})
+    ranks = pd.DataFrame(rows)
+    ranks = ranks.fillna({c: 0 for c in ranks.columns if "@" in c})
     comm = pd.DataFrame(ops, columns=["step", "rank", *(f.name for f in fields(CommEvent))])
 
     def aggregate(g: pd.DataFrame) -> pd.Series:

@@ -14,11 +14,13 @@ model-parallel traffic (TP's activations, PP's boundaries) stays inside each rep
 
 - scratch: the model-parallel strategy, whose ``update`` runs ``data.allreduce_gradients``
   over ``dp`` before the optimizer step.
-- torch, ``dp-tp``: DTensor TP on the ``tp`` sub-mesh, then FSDP2's ``replicate`` (DDP
-  rebuilt on FSDP2) on the ``dp`` sub-mesh. Classic ``DistributedDataParallel`` does not
-  take DTensor parameters; ``replicate`` does, and all-reduces their gradients (the local
-  shards) at the end of backward, all of the model's in one op instead of ``data.py``'s
-  buckets (``comm.totals`` per op and group are the same).
+- torch: the model-parallel strategy's torch impl, with FSDP2's ``replicate`` (DDP rebuilt
+  on FSDP2) on the ``dp`` sub-mesh. Classic ``DistributedDataParallel`` does not take the
+  DTensor parameters TP makes; ``replicate`` does, and all-reduces the gradients (the local
+  shards) at the end of backward: all of a rank's in one op instead of ``data.py``'s
+  buckets, the same bytes per op and group (what ``comm.totals`` compares).
+
+Each replica's pipeline runs GPipe (``pp-gpipe``); ``micro_batches`` applies as in ``pp-*``.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 
 from pdlab.comm import CommEvent, event
 from pdlab.models import stage
 from pdlab.parallel import pipeline, tensor
-from pdlab.parallel.base import Layout, Mesh, TrainConfig, meta_model
+from pdlab.parallel.base import Layout, Mesh, TrainConfig, build_optimizer, meta_model
 from pdlab.parallel.data import BUCKET_BYTES, allreduce_gradients, buckets
 from pdlab.parallel.pipeline import Pipeline
 from pdlab.parallel.tensor import DTensorParallel, TensorParallel
@@ -59,7 +62,7 @@ def check(config: TrainConfig, layout: Layout) -> None:
 
 
 def gradient_allreduce(
-    config: TrainConfig, layout: Layout, params_of: Callable[[int], list[torch.Tensor]]
+    layout: Layout, params_of: Callable[[int], list[torch.Tensor]]
 ) -> list[CommEvent]:
     """``allreduce_gradients`` over ``dp`` on every rank; rank ``r`` holds ``params_of(r)``."""
     return [
@@ -85,9 +88,7 @@ class DataTensorParallel(_AverageOverDP, TensorParallel):
         """TP's f/g all-reduces on a ``B/dp`` shard, plus each rank's ``1/tp`` of the gradient."""
         shard = tensor.shard_scratch(meta_model(config), Mesh(layout, torch.device("meta")))
         params = list(shard.parameters())  # every tp rank's shards have the same sizes
-        return tensor.expected_comm(config, layout) + gradient_allreduce(
-            config, layout, lambda _: params
-        )
+        return tensor.expected_comm(config, layout) + gradient_allreduce(layout, lambda _: params)
 
 
 class DataDTensorParallel(DTensorParallel):
@@ -114,5 +115,26 @@ class DataPipelineParallel(_AverageOverDP, Pipeline):
             for start, stop in pipeline.partition(model, layout.pp)
         ]
         return pipeline.expected_comm(_pipeline_config(config), layout) + gradient_allreduce(
-            config, layout, lambda rank: stages[layout.coords(rank)[1]]
+            layout, lambda rank: stages[layout.coords(rank)[1]]
         )
+
+
+class DataPipelineTorch(DataPipelineParallel):
+    """``dp-pp`` with PyTorch: ``torch.distributed.pipelining`` inside each replica and
+    ``replicate`` over ``dp`` on each stage. The schedule sees an FSDP module and lets it
+    reduce only in the last micro-batch's backward: one all-reduce per stage per step."""
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(model, config, mesh)
+        replicate(self.module, mesh=mesh.device_mesh["dp"])
+        # replicate() swaps the parameters for DTensors (replicated over dp): optimize those.
+        self.optimizer = build_optimizer(self.module.parameters(), config)
+
+    update = Pipeline.update  # replicate() averaged the gradients during backward
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The stages' parameters, gathered over ``pp`` (each DTensor's local tensor is whole)."""
+        local = {k: v.to_local().cpu() for k, v in self.module.state_dict().items()}
+        parts: list[dict | None] = [None] * self.p
+        dist.all_gather_object(parts, local, group=self.group)
+        return {k: v for part in parts for k, v in part.items()}
