@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 from pdlab.models import MODELS
 from pdlab.parallel.base import IMPLS, OPTIMIZERS, STRATEGIES, TrainConfig
 from pdlab.train import TrainResult, train, validate
 
+RUN_FLAGS = (
+    "strategy", "impl", "model", "steps", "batch_size", "micro_batches", "lr", "seed", "optimizer"
+)  # fmt: skip
 STEP_COLUMNS = [
     "step",
     "loss",
@@ -63,7 +66,7 @@ def summary(result: TrainResult) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    kwargs = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "world_size"}
+    kwargs = {name: getattr(args, name) for name in RUN_FLAGS}
     world = 1 if args.strategy == "single" else args.world_size
     try:
         validate(TrainConfig(**kwargs, world_size=world))  # before starting any rank

@@ -97,7 +97,7 @@ def group_label(pg: dist.ProcessGroup | None) -> str:
     pg = pg or dist.group.WORLD
     if pg.group_name in _group_names:
         return _group_names[pg.group_name]
-    if pg is dist.group.WORLD:
+    if pg.group_name == dist.group.WORLD.group_name:  # wrappers of one group need not be `is`
         return "world"
     # DeviceMesh describes its groups as "mesh_<dim>".
     return pg.group_desc.removeprefix("mesh_") if pg.group_desc else pg.group_name

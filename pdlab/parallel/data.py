@@ -164,10 +164,12 @@ class ParameterServer(Single):
         self.is_server = self.group.rank() == 0
         if not self.is_server:
             self.optimizer = None  # workers keep no optimizer state
+        # Gloo's send/recv take CPU tensors only (ranks sharing a GPU use gloo): go via host.
+        self.wire = torch.device("cpu") if dist.get_backend(self.group) == "gloo" else mesh.device
 
     def update(self) -> None:
         params = list(self.model.parameters())
-        grads = _flat([p.grad for p in params])
+        grads = _flat([p.grad for p in params]).to(self.wire)
         workers = range(1, self.group.size())
         if self.is_server:
             pushed = torch.empty_like(grads)
@@ -176,7 +178,7 @@ class ParameterServer(Single):
                 grads += pushed
             _unflat_into([p.grad for p in params], grads / self.group.size())
             self.optimizer.step()
-            new_params = _flat([p.detach() for p in params])
+            new_params = _flat([p.detach() for p in params]).to(self.wire)
             for dst in workers:
                 dist.send(new_params, group=self.group, group_dst=dst)
         else:
