@@ -44,9 +44,12 @@ def run_and_die_at(config, step: int):
         runtime.log = report
 
 
-@pytest.mark.parametrize(("strategy", "impl"), [("tp", "torch"), ("zero3", "torch")])
+@pytest.mark.parametrize(
+    ("strategy", "impl"), [("tp", "torch"), ("zero3", "torch"), ("zero1", "torch")]
+)
 def test_dp_checkpoint_resumes_under_another_sharding(cluster2, tmp_path, strategy, impl):
-    """DDP saves replicated tensors; DTensor TP and FSDP2 load just their shards of them."""
+    """DDP saves replicated tensors; DTensor TP and FSDP2 load just their shards of them, and
+    ZeroRedundancyOptimizer's local optimizer the moments of its own partition."""
     uninterrupted = train(cluster2, strategy="dp", impl="torch", steps=STEPS)
     train(cluster2, strategy="dp", impl="torch", steps=EVERY, checkpoint_dir=str(tmp_path), checkpoint_every=EVERY)  # fmt: skip
     resumed = train(cluster2, strategy=strategy, impl=impl, steps=STEPS, checkpoint_dir=str(tmp_path), resume=True)  # fmt: skip
@@ -68,3 +71,10 @@ def test_a_killed_rank_resumes_from_its_last_checkpoint(cluster2, tmp_path):
     assert resumed.steps.step.tolist() == list(range(10, STEPS))
     # Nothing lost: the same losses, bit for bit, as if the rank had never died.
     assert losses_from(resumed, 10).tolist() == losses_from(uninterrupted, 10).tolist()
+
+
+def test_plain_tensor_shards_are_refused_not_half_saved(cluster2, tmp_path):
+    """ZeRO-3 from scratch keeps a different ``shard`` per rank under one name."""
+    with pytest.raises(pdlab.RankError, match="DCP would save one rank's copy"):
+        train(cluster2, strategy="zero3", steps=1, checkpoint_dir=str(tmp_path), checkpoint_every=1)
+    assert list(tmp_path.iterdir()) == []
