@@ -439,10 +439,11 @@ class Cluster:
     def attach_command(self, nnodes: int = 2, nproc_per_node: int | None = None) -> str:
         """The torchrun command that starts this cluster's ranks on other hosts."""
         per_node = nproc_per_node or max(1, self.world_size // nnodes)
+        host = socket.getfqdn() if self.host in ("0.0.0.0", "::", "") else self.host
         return (
             f"PDLAB_TOKEN={self._token.decode()} torchrun --nnodes {nnodes} "
             f"--nproc-per-node {per_node} --rdzv-backend c10d --rdzv-endpoint HOST0:29400 "
-            f"-m pdlab.worker --connect {self.host}:{self.port} "
+            f"-m pdlab.worker --connect {host}:{self.port} "
             f"--backend {self.backend} --device {self.device}"
         )
 
