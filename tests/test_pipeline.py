@@ -132,8 +132,7 @@ def test_mlp_pp2_matches_single(cluster, strategy, impl, micro_batches):
     _assert_matches_single(cluster, strategy, impl, micro_batches)
 
 
-@pytest.mark.parametrize("strategy", ["pp-gpipe", "pp-1f1b"])
-@pytest.mark.parametrize("impl", ["scratch", "torch"])
+@pytest.mark.parametrize(("strategy", "impl"), [("pp-gpipe", "scratch"), ("pp-1f1b", "torch")])
 def test_gpt_pp2_matches_single(cluster, strategy, impl):
     # SGD, not Adam: the attention key bias has a gradient that is exactly zero in exact
     # arithmetic (softmax ignores a shift of every score), and Adam's g/sqrt(v) turns its

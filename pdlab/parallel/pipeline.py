@@ -250,6 +250,10 @@ class Pipeline:
         self.p, self.s, self.m = mesh.layout.pp, mesh.pp_rank, config.micro_batches
         self.is_first, self.is_last = self.s == 0, self.s == self.p - 1
         self.group = mesh.group("pp")
+        # gloo moves host memory only (a CUDA pointer fails in writev: "Bad address"), so on
+        # gloo with GPU ranks (one GPU shared by all ranks) the scratch sends go via the CPU.
+        on_gloo = self.group is not None and dist.get_backend(self.group) == "gloo"
+        self._wire = torch.device("cpu") if on_gloo else mesh.device
         start, stop = partition(model, self.p)[self.s]
         self.module = models.stage(model, start, stop).to(mesh.device)
         self.optimizer = build_optimizer(self.module.parameters(), config)
@@ -260,6 +264,11 @@ class Pipeline:
         self._in = outs[start - 1] if start else x
         self._out = outs[stop - 1]
         if config.impl == "torch":
+            if self._wire != mesh.device:
+                raise ValueError(
+                    "torch.distributed.pipelining sends CUDA tensors point to point, which gloo "
+                    "cannot: run it with one GPU per rank (NCCL), or use impl='scratch'"
+                )
             stage = _TimedStage(
                 self.timeline,
                 self.module,
@@ -316,7 +325,7 @@ class Pipeline:
                         losses.append(models.loss_fn(out, ys[i]))
                         out = losses[-1] / self.m  # mean over micro-batches = full-batch loss
                 if not self.is_last:
-                    sends.append(dist.isend(out.detach(), group=self.group, group_dst=self.s + 1))
+                    sends.append(self._isend(out.detach(), self.s + 1))
                 inputs[i], outputs[i] = h, out
             else:
                 grad = None if self.is_last else self._recv(self._out, self.s + 1)
@@ -324,15 +333,20 @@ class Pipeline:
                     torch.autograd.backward(outputs.pop(i), grad)
                 h = inputs.pop(i)
                 if not self.is_first:
-                    sends.append(dist.isend(h.grad, group=self.group, group_dst=self.s - 1))
+                    sends.append(self._isend(h.grad, self.s - 1))
         for work in sends:
             work.wait()
         return [loss.detach() for loss in losses]
 
+    def _isend(self, t: torch.Tensor, peer: int) -> dist.Work:
+        """Start sending ``t`` to stage ``peer``; the Work keeps the sent copy alive."""
+        return dist.isend(t.to(self._wire), group=self.group, group_dst=peer)
+
     def _recv(self, like: torch.Tensor, peer: int) -> torch.Tensor:
-        buf = self._empty(like)
+        """Receive a tensor shaped like ``like`` from stage ``peer``, on this rank's device."""
+        buf = torch.empty(like.shape, dtype=like.dtype, device=self._wire)
         dist.recv(buf, group=self.group, group_src=peer)
-        return buf
+        return buf.to(self.mesh.device)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """All stages' parameters under the single-process names, on every rank of the pipeline."""
