@@ -488,6 +488,14 @@ class Cluster:
         """
         return self._call("exec", source, ranks, None)
 
+    def interrupt(self) -> None:
+        """Raise KeyboardInterrupt in the code every rank is running (as the ■ button does).
+
+        Safe from any thread: a dashboard's Stop button calls it while ``run`` waits.
+        """
+        for r in self._procs.ranks:
+            self._send(r.rank, "interrupt")
+
     def _ensure_running(self) -> None:
         if self.state == "stopped":
             raise RuntimeError(
@@ -523,8 +531,7 @@ class Cluster:
         try:
             results = waiter.wait()
         except KeyboardInterrupt:
-            for r in waiter.pending:
-                self._send(r, "interrupt")
+            self.interrupt()
             waiter.finish_within(GRACE_S * 3)
             self._reset_if(waiter.pending, "interrupted while ranks were running")
             raise

@@ -374,3 +374,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_interrupt_from_another_thread_stops_a_running_call(cluster):
+    before = pids_of(cluster)
+    threading.Timer(1.0, cluster.interrupt).start()
+    start = time.monotonic()
+    with pytest.raises(pdlab.RankError, match="KeyboardInterrupt"):
+        cluster.run(time.sleep, 60)
+    assert time.monotonic() - start < 10
+    assert pids_of(cluster) == before
