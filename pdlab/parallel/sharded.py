@@ -78,10 +78,10 @@ class Zero1(Single):
 
     def update(self) -> None:
         grads = nn.functional.pad(_flat([p.grad for p in self.params]), (0, self.padding))
-        dist.reduce_scatter_single(self.owned.grad, grads, op=dist.ReduceOp.AVG, group=self.group)
+        dist.reduce_scatter_tensor(self.owned.grad, grads, op=dist.ReduceOp.AVG, group=self.group)
         self.optimizer.step()
         # In place: the input is this rank's own slice of the output (NCCL and gloo allow it).
-        dist.all_gather_single(self.flat_param, self.owned.detach(), group=self.group)
+        dist.all_gather_into_tensor(self.flat_param, self.owned.detach(), group=self.group)
 
     @staticmethod
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
@@ -144,13 +144,13 @@ class _GatherParams(torch.autograd.Function):
     def forward(ctx, shard: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
         full = shard.new_empty(shard.numel() * group.size())
-        dist.all_gather_single(full, shard, group=group)
+        dist.all_gather_into_tensor(full, shard, group=group)
         return full
 
     @staticmethod
     def backward(ctx, grad_full: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad_full.new_empty(grad_full.numel() // ctx.group.size())
-        dist.reduce_scatter_single(
+        dist.reduce_scatter_tensor(
             grad, grad_full.contiguous(), op=dist.ReduceOp.AVG, group=ctx.group
         )
         return grad, None
