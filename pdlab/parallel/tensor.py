@@ -44,7 +44,7 @@ from torch.distributed.tensor.parallel import (
 
 from pdlab.comm import CommEvent, event
 from pdlab.models import Attention, Block, Dense
-from pdlab.parallel.base import Layout, Mesh, TrainConfig, meta_model
+from pdlab.parallel.base import Layout, Mesh, TrainConfig, build_optimizer, meta_model
 from pdlab.parallel.single import Single
 
 # ---------------------------------------------------------------- f and g (scratch)
@@ -258,6 +258,14 @@ class TensorParallel(Single):
 
 class DTensorParallel(TensorParallel):
     """``tp`` with PyTorch: the same regions given to DTensor's ``parallelize_module``."""
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(model, config, mesh)
+        # On CUDA an optimizer updates each param group with one foreach kernel, which cannot
+        # mix DTensors (the shards) with plain tensors (the replicated parameters).
+        params = list(self.module.parameters())
+        groups = [[p for p in params if isinstance(p, DTensor) is kind] for kind in (True, False)]
+        self.optimizer = build_optimizer([{"params": g} for g in groups if g], config)
 
     def shard(self, model: nn.Sequential, mesh: Mesh) -> nn.Sequential:
         return shard_torch(model, mesh)
