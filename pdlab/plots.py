@@ -1,0 +1,178 @@
+"""Plotly figures of training runs: small pure functions, one question each.
+
+Runs are ``pdlab.train`` results (``TrainResult``); several overlay as one trace each::
+
+    runs = [pdlab.train(cluster, strategy=s, model="gpt") for s in ("dp", "zero3")]
+    plots.loss(runs)              # loss vs step, one line per run
+    plots.comm(runs[1])           # bytes per step by op, measured beside the formula
+    plots.timeline(cluster.metrics)   # the last pipeline step, F/B per rank
+
+Every function returns a ``go.Figure``; ``go.FigureWidget(fig)`` makes it live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Union
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from pdlab.parallel.pipeline import analytic_bubble, bubble_fraction
+from pdlab.train import TrainResult
+
+Runs = Union[Mapping[str, TrainResult], Iterable[TrainResult]]  # noqa: UP007 (py3.10 alias)
+
+HEIGHT = 300
+PHASE_COLORS = {"F": "#4C78A8", "B": "#F58518"}
+MEMORY_PARTS = {
+    "param_bytes": "parameters",
+    "grad_bytes": "gradients",
+    "optimizer_bytes": "optimizer state",
+}
+
+
+def run_name(result: TrainResult) -> str:
+    """A short label: ``dp/scratch gpt w2``."""
+    c = result.config
+    return f"{c.strategy}/{c.impl} {c.model} w{c.world_size}"
+
+
+def _named(runs: Runs) -> dict[str, TrainResult]:
+    if isinstance(runs, Mapping):
+        return dict(runs)
+    named: dict[str, TrainResult] = {}
+    for i, result in enumerate(runs, 1):
+        name = run_name(result)
+        named[f"{name} ({i})" if name in named else name] = result
+    return named
+
+
+def _figure(title: str, xaxis: str, yaxis: str, **layout: Any) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(
+        title=title,
+        xaxis_title=xaxis,
+        yaxis_title=yaxis,
+        height=HEIGHT,
+        margin={"l": 60, "r": 20, "t": 40, "b": 40},
+        **layout,
+    )
+    return fig
+
+
+def _per_step(runs: Runs, column: str, title: str, yaxis: str) -> go.Figure:
+    fig = _figure(title, "step", yaxis)
+    for name, result in _named(runs).items():
+        steps = result.steps
+        fig.add_scatter(x=steps.step, y=steps[column], name=name, mode="lines+markers")
+    return fig
+
+
+def loss(runs: Runs) -> go.Figure:
+    """Training loss vs step, one trace per run (same seed and data: strategies overlay)."""
+    return _per_step(runs, "loss", "Loss", "loss")
+
+
+def throughput(runs: Runs) -> go.Figure:
+    """Samples per second vs step (global batch / slowest rank's step time), one trace a run."""
+    return _per_step(runs, "samples_per_s", "Throughput", "samples/s")
+
+
+def comm_table(result: TrainResult) -> pd.DataFrame:
+    """Bytes per step by ``op@group``, over all ranks: measured (mean over steps) and expected."""
+    steps = max(1, result.steps.step.nunique())
+    ops = result.comm.assign(key=result.comm.op + "@" + result.comm.group)
+    measured = ops.groupby("key").payload_bytes.sum() / steps
+    expected = pd.Series(
+        [e.payload_bytes for e in result.expected_comm],
+        index=[f"{e.op}@{e.group}" for e in result.expected_comm],
+        dtype=float,
+    )
+    table = pd.DataFrame({"measured": measured, "expected": expected.groupby(level=0).sum()})
+    return table.fillna(0.0).rename_axis("op")
+
+
+def comm(result: TrainResult) -> go.Figure:
+    """Communication bytes per step by op, measured beside the analytic ``expected_comm``."""
+    table = comm_table(result)
+    fig = _figure(f"Communication per step — {run_name(result)}", "op@group", "bytes/step")
+    fig.update_layout(barmode="group")
+    fig.add_bar(x=table.index, y=table.measured, name="measured")
+    fig.add_bar(x=table.index, y=table.expected, name="expected", marker_pattern_shape="/")
+    return fig
+
+
+def memory(result: TrainResult) -> go.Figure:
+    """Bytes each rank holds after the last step: parameters, gradients, optimizer state."""
+    mem = result.memory.sort_values("rank")
+    fig = _figure(f"Memory per rank — {run_name(result)}", "rank", "bytes", barmode="stack")
+    for column, label in MEMORY_PARTS.items():
+        fig.add_bar(x=mem["rank"].astype(str), y=mem[column], name=label)
+    return fig
+
+
+def timeline_records(records: Sequence[dict], step: int | None = None) -> list[dict]:
+    """Each rank's latest record with a pipeline timeline (of ``step``, if given)."""
+    latest: dict[int, dict] = {}
+    for rec in records:
+        if rec.get("timeline") and (step is None or rec["step"] == step):
+            latest[rec["rank"]] = rec
+    if step is None and latest:  # ranks may be a step apart while a run streams
+        last = min(rec["step"] for rec in latest.values())
+        return timeline_records(records, last)
+    return [latest[r] for r in sorted(latest)]
+
+
+def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
+    """A pipeline step as a Gantt chart: each rank's forward (F) and backward (B) micro-batches.
+
+    ``records`` are ``pdlab.log`` records (``cluster.metrics``); the latest step every rank
+    reported is drawn unless ``step`` is given. The title compares the measured bubble (idle
+    share of the stages) with GPipe's ``(p-1)/(m+p-1)`` for ``p`` stages and ``m`` micro-batches.
+    """
+    chosen = timeline_records(records, step)
+    fig = _figure("Pipeline timeline", "ms since the step began", "", barmode="overlay")
+    if not chosen:
+        fig.update_layout(title="Pipeline timeline — run a pipeline strategy (pp-*, dp-pp)")
+        return fig
+    events = [{**e, "rank": rec["rank"]} for rec in chosen for e in rec["timeline"]]
+    t0 = min(e["start"] for e in events)
+    for phase, color in PHASE_COLORS.items():
+        mine = [e for e in events if e["phase"] == phase]
+        fig.add_bar(
+            orientation="h",
+            y=[f"rank {e['rank']} · stage {e['stage']}" for e in mine],
+            base=[(e["start"] - t0) * 1e3 for e in mine],
+            x=[(e["end"] - e["start"]) * 1e3 for e in mine],
+            text=[f"{phase}{e['mb']}" for e in mine],
+            name="forward" if phase == "F" else "backward",
+            marker_color=color,
+        )
+    p = len({e["stage"] for e in events})
+    m = len({e["mb"] for e in events})
+    fig.update_layout(
+        title=f"Pipeline step {chosen[0]['step']}: bubble {bubble_fraction(events):.0%} measured, "
+        f"(p-1)/(m+p-1) = {analytic_bubble(p, m):.0%} for p={p}, m={m}",
+        yaxis_autorange="reversed",
+    )
+    return fig
+
+
+def compare(runs: Runs) -> pd.DataFrame:
+    """One row a run: final loss, median samples/s, comm bytes/step (measured, expected), memory."""
+    rows = []
+    for name, result in _named(runs).items():
+        steps, mem = result.steps, result.memory
+        rows.append(
+            {
+                "run": name,
+                "steps": len(steps),
+                "final_loss": result.final_loss,
+                "samples_per_s": steps.samples_per_s.median(),  # the first step warms up
+                "comm_bytes_per_step": steps.comm_bytes.mean(),
+                "expected_comm_bytes": steps.expected_comm_bytes.iloc[-1] if len(steps) else 0,
+                "max_rank_state_bytes": int(mem[list(MEMORY_PARTS)].sum(axis=1).max()),
+            }
+        )
+    return pd.DataFrame(rows).set_index("run")
