@@ -83,10 +83,8 @@ class ColumnParallelLinear(nn.Module):
     """``Y_i = X A_i``: this rank's block of ``A``'s columns (rows of ``nn.Linear.weight``,
     which stores ``Aᵀ``) and of the bias."""
 
-    shard_dims: ClassVar[dict[str, int]] = {
-        "weight": 0,
-        "bias": 0,
-    }  # how full_state_dict puts the blocks back
+    # The dimension each parameter is split along: how full_state_dict puts it back together.
+    shard_dims: ClassVar[dict[str, int]] = {"weight": 0, "bias": 0}
 
     def __init__(self, linear: nn.Linear, tp_rank: int, tp: int):
         super().__init__()
