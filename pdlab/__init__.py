@@ -13,15 +13,21 @@ Inside a rank: ``pdlab.rank()``, ``pdlab.world_size()``, ``pdlab.device()`` and
 from pdlab.cluster import CallTimeout, Cluster, ClusterStatus, RankError
 from pdlab.runtime import device, log, rank, world_size
 
+# After this import ``pdlab.train`` is the function (the module stays ``sys.modules["pdlab.train"]``).
+from pdlab.train import TrainResult, expected_comm, train
+
 __all__ = [
     "CallTimeout",
     "Cluster",
     "ClusterStatus",
     "RankError",
+    "TrainResult",
     "device",
+    "expected_comm",
     "load_ipython_extension",
     "log",
     "rank",
+    "train",
     "world_size",
 ]
 
