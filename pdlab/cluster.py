@@ -438,14 +438,50 @@ class Cluster:
 
     def attach_command(self, nnodes: int = 2, nproc_per_node: int | None = None) -> str:
         """The torchrun command that starts this cluster's ranks on other hosts."""
-        per_node = nproc_per_node or max(1, self.world_size // nnodes)
         host = socket.getfqdn() if self.host in ("0.0.0.0", "::", "") else self.host
-        return (
-            f"PDLAB_TOKEN={self._token.decode()} torchrun --nnodes {nnodes} "
-            f"--nproc-per-node {per_node} --rdzv-backend c10d --rdzv-endpoint HOST0:29400 "
-            f"-m pdlab.worker --connect {host}:{self.port} "
-            f"--backend {self.backend} --device {self.device}"
-        )
+        args = self._torchrun_args(nnodes, nproc_per_node, "HOST0:29400", host)
+        return f"PDLAB_TOKEN={self._token.decode()} torchrun " + " ".join(args)
+
+    def _torchrun_args(
+        self, nnodes: int, nproc_per_node: int | None, rendezvous: str, host: str
+    ) -> list[str]:
+        per_node = nproc_per_node or max(1, self.world_size // nnodes)
+        return [
+            f"--nnodes={nnodes}",
+            f"--nproc-per-node={per_node}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rendezvous}",
+            "-m",
+            "pdlab.worker",
+            f"--connect={host}:{self.port}",
+            f"--backend={self.backend}",
+            f"--device={self.device}",
+        ]
+
+    def launch_local_nodes(self, nnodes: int = 2) -> list[subprocess.Popen]:
+        """Start ``nnodes`` torchrun "nodes" on this machine that attach to this cluster.
+
+        A rehearsal of a multi-host run over loopback: the same command as
+        ``attach_command``, with torchrun's rendezvous on a free local port.
+        """
+        if not self.attach:
+            raise RuntimeError("launch_local_nodes needs a Cluster(..., attach=True)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            rendezvous = f"127.0.0.1:{s.getsockname()[1]}"
+        args = self._torchrun_args(nnodes, None, rendezvous, "127.0.0.1")
+        env = {**os.environ, "PDLAB_TOKEN": self._token.decode()}
+        return [
+            _spawner.submit(
+                subprocess.Popen,
+                [sys.executable, "-m", "torch.distributed.run", *args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ).result()
+            for _ in range(nnodes)
+        ]
 
     def status(self) -> ClusterStatus:
         """Backend, device, state and every rank's process, as a printable table."""

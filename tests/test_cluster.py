@@ -338,29 +338,8 @@ def test_backend_choice():
 
 def test_torchrun_nodes_attach_to_the_kernels_cluster():
     c = pdlab.Cluster(2, attach=True)
-    master_port = free_port()
-    env = {**os.environ, "PDLAB_TOKEN": c._token.decode()}
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--node-rank={node}",
-                "--nproc-per-node=1",
-                "--master-addr=127.0.0.1",
-                f"--master-port={master_port}",
-                "-m",
-                "pdlab.worker",
-                f"--connect=127.0.0.1:{c.port}",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for node in range(2)
-    ]
+    assert "torchrun --nnodes=2 --nproc-per-node=1" in c.attach_command()
+    nodes = c.launch_local_nodes(2)
     try:
         assert c.run(all_reduce_rank_sum) == [9.0, 9.0]
         assert c.status().ranks[1].alive
@@ -368,19 +347,3 @@ def test_torchrun_nodes_attach_to_the_kernels_cluster():
         c.shutdown()
         codes = [n.wait(30) for n in nodes]
     assert codes == [0, 0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_interrupt_from_another_thread_stops_a_running_call(cluster):
-    before = pids_of(cluster)
-    threading.Timer(1.0, cluster.interrupt).start()
-    start = time.monotonic()
-    with pytest.raises(pdlab.RankError, match="KeyboardInterrupt"):
-        cluster.run(time.sleep, 60)
-    assert time.monotonic() - start < 10
-    assert pids_of(cluster) == before
