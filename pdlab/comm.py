@@ -93,11 +93,12 @@ def name_group(pg: dist.ProcessGroup, name: str) -> None:
 
 
 def group_label(pg: dist.ProcessGroup | None) -> str:
-    """The name ops on ``pg`` are reported under: registered, else "world" or the mesh dim."""
+    """The name ops on ``pg`` are reported under: registered, else "world" (all ranks) or
+    the DeviceMesh dim."""
     pg = pg or dist.group.WORLD
     if pg.group_name in _group_names:
         return _group_names[pg.group_name]
-    if pg.group_name == dist.group.WORLD.group_name:  # wrappers of one group need not be `is`
+    if pg.size() == dist.get_world_size():  # WORLD, or a copy (torch 2.11's 1-D DeviceMesh)
         return "world"
     # DeviceMesh describes its groups as "mesh_<dim>".
     return pg.group_desc.removeprefix("mesh_") if pg.group_desc else pg.group_name

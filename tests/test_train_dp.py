@@ -35,14 +35,16 @@ def baseline():
 
 
 def assert_parity(result, baseline) -> None:
-    """Same loss every step and same final parameters as one process, to float32 rounding."""
+    """Same loss every step and same final parameters as one process, up to float32 rounding."""
     torch.testing.assert_close(
         torch.tensor(result.steps.loss.values), torch.tensor(baseline.steps.loss.values),
         rtol=1e-5, atol=1e-6,
     )  # fmt: skip
     assert result.state_dict.keys() == baseline.state_dict.keys()
+    # Adam divides by sqrt(v): where a gradient is near 0, rounding differences in the
+    # reduction order move a weight by up to ~1e-5 over 20 steps (seen on CUDA).
     for name, p in baseline.state_dict.items():
-        torch.testing.assert_close(result.state_dict[name], p, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(result.state_dict[name], p, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def measured_per_step(result) -> list[dict]:
