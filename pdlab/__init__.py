@@ -20,6 +20,7 @@ __all__ = [
     "CallTimeout",
     "Cluster",
     "ClusterStatus",
+    "Dashboard",
     "RankError",
     "TrainResult",
     "device",
@@ -30,6 +31,15 @@ __all__ = [
     "train",
     "world_size",
 ]
+
+
+def __getattr__(name: str):
+    """``pdlab.Dashboard`` on first use: ``import pdlab`` stays free of plotly and ipywidgets."""
+    if name == "Dashboard":
+        from pdlab.dashboard import Dashboard
+
+        return Dashboard
+    raise AttributeError(f"module 'pdlab' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython) -> None:

@@ -13,15 +13,16 @@ Every function returns a ``go.Figure``; ``go.FigureWidget(fig)`` makes it live.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
+from pdlab.parallel.base import TrainConfig
 from pdlab.parallel.pipeline import analytic_bubble, bubble_fraction
 from pdlab.train import TrainResult
 
-Runs = Union[Mapping[str, TrainResult], Iterable[TrainResult]]  # noqa: UP007 (py3.10 alias)
+Runs = Mapping[str, TrainResult] | Iterable[TrainResult]  # named runs, or names made up
 
 HEIGHT = 300
 PHASE_COLORS = {"F": "#4C78A8", "B": "#F58518"}
@@ -32,10 +33,9 @@ MEMORY_PARTS = {
 }
 
 
-def run_name(result: TrainResult) -> str:
-    """A short label: ``dp/scratch gpt w2``."""
-    c = result.config
-    return f"{c.strategy}/{c.impl} {c.model} w{c.world_size}"
+def run_name(config: TrainConfig) -> str:
+    """A short label for a run: ``dp/scratch gpt w2``."""
+    return f"{config.strategy}/{config.impl} {config.model} w{config.world_size}"
 
 
 def _named(runs: Runs) -> dict[str, TrainResult]:
@@ -43,7 +43,7 @@ def _named(runs: Runs) -> dict[str, TrainResult]:
         return dict(runs)
     named: dict[str, TrainResult] = {}
     for i, result in enumerate(runs, 1):
-        name = run_name(result)
+        name = run_name(result.config)
         named[f"{name} ({i})" if name in named else name] = result
     return named
 
@@ -96,7 +96,7 @@ def comm_table(result: TrainResult) -> pd.DataFrame:
 def comm(result: TrainResult) -> go.Figure:
     """Communication bytes per step by op, measured beside the analytic ``expected_comm``."""
     table = comm_table(result)
-    fig = _figure(f"Communication per step — {run_name(result)}", "op@group", "bytes/step")
+    fig = _figure(f"Communication per step — {run_name(result.config)}", "op@group", "bytes/step")
     fig.update_layout(barmode="group")
     fig.add_bar(x=table.index, y=table.measured, name="measured")
     fig.add_bar(x=table.index, y=table.expected, name="expected", marker_pattern_shape="/")
@@ -106,7 +106,7 @@ def comm(result: TrainResult) -> go.Figure:
 def memory(result: TrainResult) -> go.Figure:
     """Bytes each rank holds after the last step: parameters, gradients, optimizer state."""
     mem = result.memory.sort_values("rank")
-    fig = _figure(f"Memory per rank — {run_name(result)}", "rank", "bytes", barmode="stack")
+    fig = _figure(f"Memory per rank — {run_name(result.config)}", "rank", "bytes", barmode="stack")
     for column, label in MEMORY_PARTS.items():
         fig.add_bar(x=mem["rank"].astype(str), y=mem[column], name=label)
     return fig

@@ -1,0 +1,384 @@
+"""A live strategy dashboard: pick a strategy, press Start, watch the ranks train.
+
+    dashboard = pdlab.Dashboard(cluster)
+    dashboard                                    # controls and live plots
+    dashboard.start(strategy="zero3", steps=30)  # or press Start: returns at once
+    dashboard.wait()                             # the run's TrainResult
+    dashboard.table()                            # every run so far, one row each
+
+Training runs in a background thread, so the kernel stays free. The ranks' ``pdlab.log``
+records arrive through ``cluster.subscribe``; the plots are redrawn from them at most every
+``refresh_s`` seconds, in a thread of their own, so drawing never holds a rank up. Stop calls
+``cluster.interrupt()``: every rank gets a KeyboardInterrupt, and the steps done so far stay
+on the plots. A world size other than the cluster's starts a new cluster of that size
+(``dashboard.cluster``) and shuts the old one down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+
+from pdlab import plots
+from pdlab.cluster import Cluster
+from pdlab.comm import CommEvent
+from pdlab.models import MODELS
+from pdlab.parallel.base import IMPLS, TrainConfig
+from pdlab.train import TrainResult, _results, expected_comm, train, validate
+
+# The strategy menu: value -> label. "fsdp" is ZeRO-3 with PyTorch's FSDP2 (see FIXED_IMPL).
+STRATEGIES = {
+    "single": "single process (baseline)",
+    "dp": "data",
+    "ps": "parameter server",
+    "tp": "tensor",
+    "pp-gpipe": "pipeline GPipe",
+    "pp-1f1b": "pipeline 1F1B",
+    "zero1": "ZeRO-1",
+    "zero3": "ZeRO-3",
+    "fsdp": "FSDP (= ZeRO-3 torch)",
+    "dp-tp": "hybrid DP×TP",
+    "dp-pp": "hybrid DP×PP",
+}
+FIXED_IMPL = {"fsdp": ("zero3", "torch")}
+STOP_RETRY_S = 1.0  # an interrupt that lands between two calls is dropped: send it again
+PLOTS = ("loss", "throughput", "comm", "memory", "timeline")
+
+
+@dataclass
+class Run:
+    """One run started from the dashboard: its records as they stream in, then its result."""
+
+    name: str
+    config: TrainConfig
+    world_size: int  # the cluster's (``single`` uses rank 0 of it)
+    expected: list[CommEvent]
+    # Appended by the cluster's reader threads, copied by the painter: both single
+    # operations under the GIL, so no lock is needed.
+    records: list[dict] = field(default_factory=list)
+    status: str = "starting"  # then running, and done, stopped or failed
+    result: TrainResult | None = None
+    error: BaseException | None = None
+    stop_requested: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [0] if self.config.strategy == "single" else list(range(self.world_size))
+
+    def steps_done(self) -> int:
+        """Steps every rank has reported."""
+        records = list(self.records)
+        return min(sum(rec["rank"] == r for rec in records) for r in self.ranks)
+
+    def snapshot(self) -> TrainResult | None:
+        """The result so far, over the steps every rank has reported (None before the first)."""
+        if self.result is not None:
+            return self.result
+        records = list(self.records)
+        by_rank = {r: [rec for rec in records if rec["rank"] == r] for r in self.ranks}
+        done = min(len(recs) for recs in by_rank.values())
+        if done == 0:
+            return None
+        outputs = [
+            {
+                "rank": r,
+                "records": recs[:done],
+                "memory": recs[done - 1]["memory"],
+                "state_dict": None,
+            }
+            for r, recs in by_rank.items()
+        ]
+        return _results(self.config, outputs, self.expected)
+
+
+def _show(widget: go.FigureWidget, fig: go.Figure) -> None:
+    """Copy ``fig``'s traces and layout into a live ``widget``, as one message to the browser.
+
+    Traces change in place when the same ones are there. The template is left out: the
+    widget has the same one, and re-validating it would cost most of a second each time.
+    """
+    layout = fig.layout.to_plotly_json()
+    layout.pop("template", None)
+    with widget.batch_update():
+        if [t.name for t in widget.data] == [t.name for t in fig.data]:
+            for old, new in zip(widget.data, fig.data, strict=True):
+                old.update(new.to_plotly_json())
+        else:
+            widget.data = ()
+            widget.add_traces(list(fig.data))
+        widget.layout.update(layout)
+
+
+class Dashboard:
+    """Controls to train any strategy on ``cluster``, and plots that update while it runs."""
+
+    def __init__(self, cluster: Cluster | None = None, refresh_s: float = 0.5):
+        self.cluster = cluster
+        self.refresh_s = refresh_s
+        self.runs: list[Run] = []
+        self._live: Run | None = None
+        self._thread: threading.Thread | None = None
+        self._unsubscribe = cluster.subscribe(self._on_record) if cluster else None
+        self._build_widgets(cluster.world_size if cluster else 2)
+
+    # ----- widgets ---------------------------------------------------------------------------
+
+    def _build_widgets(self, world_size: int) -> None:
+        short = {"style": {"description_width": "initial"}}
+        self.controls: dict[str, widgets.ValueWidget] = {
+            "strategy": widgets.Dropdown(
+                options=[(label, key) for key, label in STRATEGIES.items()],
+                value="dp",
+                description="strategy",
+            ),
+            "impl": widgets.ToggleButtons(options=IMPLS, description="impl", **short),
+            "world_size": widgets.Dropdown(
+                options=sorted({1, 2, 4, 8, world_size}), value=world_size, description="ranks"
+            ),
+            "model": widgets.Dropdown(options=MODELS, value="gpt", description="model"),
+            "batch_size": widgets.BoundedIntText(16, min=1, max=4096, description="batch"),
+            "micro_batches": widgets.BoundedIntText(
+                2, min=1, max=256, description="micro-batches", **short
+            ),
+            "lr": widgets.BoundedFloatText(0.01, min=1e-6, max=10.0, step=0.001, description="lr"),
+            "steps": widgets.BoundedIntText(20, min=1, max=100_000, description="steps"),
+        }
+        self.controls["strategy"].observe(self._on_strategy, "value")
+        self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
+        self.stop_button = widgets.Button(
+            description="Stop", button_style="danger", icon="stop", disabled=True
+        )
+        self.start_button.on_click(lambda _: self._on_start())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.progress = widgets.IntProgress(0, min=0, max=1, description="step 0")
+        self.message = widgets.HTML()
+        self.figures = {name: go.FigureWidget() for name in PLOTS}
+        for name, fig in self.figures.items():
+            fig.update_layout(title=name, height=plots.HEIGHT)
+        half = widgets.Layout(width="50%")
+        c = list(self.controls.values())
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox(c[:4]),
+                widgets.HBox(c[4:]),
+                widgets.HBox([self.start_button, self.stop_button, self.progress]),
+                self.message,
+                widgets.HBox([widgets.Box([self.figures[n]], layout=half) for n in PLOTS[:2]]),
+                widgets.HBox([widgets.Box([self.figures[n]], layout=half) for n in PLOTS[2:4]]),
+                self.figures["timeline"],
+            ]
+        )
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict | None:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _on_strategy(self, change: dict) -> None:
+        fixed = FIXED_IMPL.get(change["new"])
+        if fixed:
+            self.controls["impl"].value = fixed[1]
+        self.controls["impl"].disabled = fixed is not None
+
+    def _say(self, text: str, error: bool = False) -> None:
+        first, _, rest = html.escape(text).partition("\n")
+        style = "color:#b00020" if error else ""
+        details = f"<details><summary>details</summary><pre>{rest}</pre></details>" if rest else ""
+        self.message.value = f"<div style='{style}'><b>{first}</b>{details}</div>"
+
+    # ----- runs ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while a run (or the cluster it needs) is starting or training."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def config(self) -> TrainConfig:
+        """The run the controls describe now."""
+        v = {name: w.value for name, w in self.controls.items()}
+        strategy, impl = FIXED_IMPL.get(v["strategy"], (v["strategy"], v["impl"]))
+        return TrainConfig(
+            strategy=strategy,
+            impl=impl,
+            model=v["model"],
+            steps=v["steps"],
+            batch_size=v["batch_size"],
+            micro_batches=v["micro_batches"],
+            lr=v["lr"],
+            world_size=1 if strategy == "single" else v["world_size"],
+        )
+
+    def start(self, **settings: Any) -> Run:
+        """Start a run in the background and return at once.
+
+        ``settings`` set controls first: ``strategy`` (a key of ``STRATEGIES``), ``impl``,
+        ``world_size``, ``model``, ``batch_size``, ``micro_batches``, ``lr``, ``steps``. A bad
+        combination raises ValueError, also shown in the dashboard; nothing starts then.
+        """
+        if self.running:
+            raise RuntimeError("a run is in progress: call stop() or wait() first")
+        unknown = set(settings) - set(self.controls)
+        if unknown:
+            raise TypeError(f"unknown setting(s) {sorted(unknown)}: use {list(self.controls)}")
+        for name, value in settings.items():
+            self.controls[name].value = value
+        try:
+            config = self.config()
+            validate(config)
+            expected = expected_comm(config)
+        except (ValueError, NotImplementedError) as exc:
+            self._say(str(exc), error=True)
+            raise
+        name = f"#{len(self.runs) + 1} {plots.run_name(config)}"
+        run = Run(name, config, self.controls["world_size"].value, expected)
+        self.runs.append(run)
+        self._live = run
+        self._set_running(True, config.steps)
+        self._say(f"{run.name}: starting")
+        self._thread = threading.Thread(target=self._train, args=(run,), daemon=True)
+        self._thread.start()
+        return run
+
+    def _on_start(self) -> None:
+        # The button has no caller to raise to: start() has shown the error already.
+        with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
+            self.start()
+
+    def stop(self) -> None:
+        """Stop the run: every rank gets a KeyboardInterrupt; the steps done so far are kept."""
+        run, thread = self._live, self._thread
+        if run is None or thread is None:
+            return
+        run.stop_requested = True
+        self._say(f"{run.name}: stopping")
+        threading.Thread(target=self._interrupt_until_done, args=(thread,), daemon=True).start()
+
+    def _interrupt_until_done(self, thread: threading.Thread) -> None:
+        while thread.is_alive():
+            if self.cluster is not None:
+                self.cluster.interrupt()
+            thread.join(STOP_RETRY_S)
+
+    def wait(self, timeout: float | None = None) -> TrainResult | None:
+        """Block until the current run ends; its result (partial if stopped), or its error raised."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the run is still going after {timeout} s")
+        if not self.runs:
+            return None
+        run = self.runs[-1]
+        if run.error is not None:
+            raise run.error
+        return run.result
+
+    def table(self) -> Any:
+        """Every run with results so far, one row each (a ``pandas.DataFrame``)."""
+        return plots.compare({r.name: r.result for r in self.runs if r.result is not None})
+
+    def close(self) -> None:
+        """Stop any run, stop listening to the cluster and remove the widgets (not the cluster)."""
+        self.stop()
+        if self._thread is not None:
+            self._thread.join()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self.widget.close()
+
+    # ----- the background threads ------------------------------------------------------------
+
+    def _train(self, run: Run) -> None:
+        done = threading.Event()
+        painter = threading.Thread(target=self._paint_until, args=(run, done), daemon=True)
+        try:
+            cluster = self._cluster_of_size(run.world_size)
+            if not run.stop_requested:
+                run.status = "running"
+                painter.start()
+                kwargs = asdict(run.config)
+                del kwargs["world_size"]  # train takes it from the cluster
+                run.result = train(cluster, **kwargs)
+        except Exception as exc:  # shown in the dashboard, raised again by wait()
+            if not run.stop_requested:
+                run.error = exc
+        finally:
+            done.set()
+            if painter.is_alive():
+                painter.join()
+            self._finish(run)
+
+    def _cluster_of_size(self, world_size: int) -> Cluster:
+        """The cluster to train on: the current one, or a new one when the size changed."""
+        cluster = self.cluster
+        if cluster is not None and cluster.world_size == world_size and cluster.state != "stopped":
+            return cluster
+        if cluster is not None:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+            cluster.shutdown()
+        self._say(f"starting a cluster of {world_size} rank(s)")
+        self.cluster = Cluster(world_size)
+        self._unsubscribe = self.cluster.subscribe(self._on_record)
+        return self.cluster
+
+    def _on_record(self, record: dict) -> None:
+        run = self._live
+        config = run.config if run is not None else None
+        if (
+            config is not None
+            and record.get("strategy") == config.strategy
+            and record.get("impl") == config.impl
+            and "step" in record
+        ):
+            run.records.append(record)
+
+    def _paint_until(self, run: Run, done: threading.Event) -> None:
+        painted = 0
+        while not done.wait(self.refresh_s):
+            if len(run.records) != painted:  # new records since the last drawing
+                painted = len(run.records)
+                self._paint(run)
+
+    def _paint(self, run: Run) -> None:
+        steps = run.steps_done()
+        self.progress.value = steps
+        self.progress.description = f"step {steps}"
+        current = run.snapshot()
+        if current is None:
+            return
+        results = {r.name: current if r is run else r.result for r in self.runs}
+        named = {name: result for name, result in results.items() if result is not None}
+        _show(self.figures["loss"], plots.loss(named))
+        _show(self.figures["throughput"], plots.throughput(named))
+        _show(self.figures["comm"], plots.comm(current))
+        _show(self.figures["memory"], plots.memory(current))
+        _show(self.figures["timeline"], plots.timeline(run.records))
+
+    def _finish(self, run: Run) -> None:
+        if run.result is None:
+            run.result = run.snapshot()  # stopped or failed: keep the steps done
+        run.status = "failed" if run.error else "stopped" if run.stop_requested else "done"
+        self._paint(run)
+        seconds = time.monotonic() - run.started
+        if run.error is not None:
+            self._say(f"{run.name} failed: {run.error}", error=True)
+        else:
+            loss = f", loss {run.result.final_loss:.4f}" if run.result is not None else ""
+            self._say(
+                f"{run.name} {run.status} after {run.steps_done()} step(s){loss}, {seconds:.1f} s"
+            )
+        self._live = None
+        self._set_running(False, run.config.steps)
+
+    def _set_running(self, running: bool, steps: int) -> None:
+        self.start_button.disabled = running
+        self.stop_button.disabled = not running
+        if running:
+            self.progress.max, self.progress.value = steps, 0
+            self.progress.description = "step 0"
