@@ -583,9 +583,9 @@ class Cluster:
             raise ValueError(f"no rank(s) {bad}: this cluster has ranks 0..{self.world_size - 1}")
         return sorted(set(ranks))
 
-    def _reset_if(self, pending: set[int], reason: str) -> None:
-        """Stop every rank when some never finished: the group is no longer in step."""
-        if not pending:
+    def _reset_if(self, out_of_step: bool | set[int], reason: str) -> None:
+        """Stop every rank when the group is out of step (ranks still running, or lost)."""
+        if not out_of_step:
             return
         for r in self._procs.ranks:
             self._send(r.rank, "abort")
@@ -608,6 +608,10 @@ class Cluster:
                 self._print(rank, stream, rest + "\n")
 
 
+# What a rank reports when a peer it was talking to vanished: a consequence, never the cause.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
 class _CallWaiter:
     """Collects one call's results, output and failures from the event queue."""
 
@@ -615,7 +619,7 @@ class _CallWaiter:
         self.cluster, self.call_id = cluster, call_id
         self.pending = set(ranks)
         self.results: dict[int, Any] = {}
-        self.failure: tuple[int, str] | None = None
+        self.failures: list[tuple[int, int, str]] = []  # (rank, how telling, message)
         self.deadline = None if timeout is None else time.monotonic() + timeout
 
     def _take(self, block_s: float) -> None:
@@ -628,13 +632,16 @@ class _CallWaiter:
         elif kind == "exit" and rank in self.pending:
             reason = self.cluster._procs.ranks[rank].exit_reason()
             self.pending.discard(rank)
-            self.failure = self.failure or (rank, f"rank {rank} died: {reason}")
+            self.failures.append((rank, 0, f"rank {rank} died: {reason}"))
         elif kind in ("result", "error") and rest[0] == self.call_id:
             self.pending.discard(rank)
             if kind == "result":
                 self.results[rank] = cloudpickle.loads(rest[1])
-            elif self.failure is None:
-                self.failure = (rank, f"rank {rank} raised {rest[1]}:\n{rest[2]}")
+            else:
+                consequence = any(s in rest[2] for s in _PEER_LOST)
+                self.failures.append(
+                    (rank, 1 + consequence, f"rank {rank} raised {rest[1]}:\n{rest[2]}")
+                )
 
     def finish_within(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -642,22 +649,29 @@ class _CallWaiter:
             self._take(0.05)
 
     def wait(self) -> dict[int, Any]:
-        while self.pending and self.failure is None:
+        while self.pending and not self.failures:
             if self.deadline is not None and time.monotonic() > self.deadline:
                 return self._timed_out()
             self._take(0.05)
-        if self.failure is not None:
-            self.finish_within(GRACE_S)
-            rank, message = self.failure
-            if self.pending:
-                message += (
-                    f"\nrank(s) {sorted(self.pending)} were still running (likely waiting for "
-                    f"rank {rank} in a collective) and were stopped; the cluster restarts on "
-                    "the next run (or call .restart())."
-                )
-            self.cluster._reset_if(self.pending, f"rank {rank} failed")
-            raise RankError(rank, message)
-        return self.results
+        if not self.failures:
+            return self.results
+        # Peers of a dead rank often report first ("connection reset"); wait for the whole
+        # story, then blame a death over an exception over a lost connection.
+        self.finish_within(GRACE_S)
+        rank, _, message = min(self.failures, key=lambda f: f[1])
+        others = [f"rank {r}: {m.splitlines()[-1]}" for r, _, m in self.failures if r != rank]
+        if others:
+            message += "\nThen, as a consequence:\n  " + "\n  ".join(others)
+        if self.pending:
+            message += (
+                f"\nrank(s) {sorted(self.pending)} were still running (likely waiting for "
+                f"rank {rank} in a collective) and were stopped; the cluster restarts on "
+                "the next run (or call .restart())."
+            )
+        # A death or a lost connection leaves the group unusable even when no rank is running.
+        lost = any(how != 1 for _, how, _ in self.failures)
+        self.cluster._reset_if(self.pending or lost, f"rank {rank} failed")
+        raise RankError(rank, message)
 
     def _timed_out(self) -> dict[int, Any]:
         running = sorted(self.pending)
