@@ -16,6 +16,15 @@ RUNS = {
         {"world_size": 2},
         ["all 2 ranks agree: sum = 9", "[rank 1] after all_reduce: [3.0, 3.0, 3.0]"],
     ),
+    "06_hybrid_and_beyond": (
+        {"world_size": 4, "steps": 5},
+        [
+            "measured bytes == predicted: True",
+            "parity with one process: max |Δloss| = ",
+            "rank 1 (torchrun node 1)",
+            "torchrun exit codes: [0, 0]",
+        ],
+    ),
 }
 
 
