@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +48,7 @@ class Dense(nn.Module):
 def mlp(widths: tuple[int, ...]) -> nn.Sequential:
     """Dense layers ``widths[0] -> ... -> widths[-1]``, ReLU between them."""
     last = len(widths) - 2
-    return nn.Sequential(
-        *(Dense(a, b, relu=i < last) for i, (a, b) in enumerate(zip(widths, widths[1:])))
-    )
+    return nn.Sequential(*(Dense(a, b, relu=i < last) for i, (a, b) in enumerate(pairwise(widths))))
 
 
 class Embedding(nn.Module):

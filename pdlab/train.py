@@ -184,7 +184,7 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     for step in range(first, config.steps):
         x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
         start = time.perf_counter()
-        with CommMeter() as meter:
+        with CommMeter(dispatch=not strategy.counts_own_comm) as meter:
             out = strategy.train_step(x.to(device), y.to(device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the step is done when the GPU is

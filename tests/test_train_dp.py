@@ -68,11 +68,8 @@ def test_parity_and_exact_comm_at_world_2(cluster2, baseline, strategy, impl):
         if strategy == "dp"
         else {("send", "dp"): (2 * s, 2 * s)}
     )
+    # DDP's hook counts every bucket it all-reduces, so every step matches exactly.
     for step, measured in enumerate(measured_per_step(result)):
-        if impl == "torch" and step == 1:
-            # DDP rebuilds its buckets after the first backward and broadcasts their layout.
-            assert {k[0] for k in measured.keys() - expected.keys()} == {"broadcast"}
-            measured = {k: v for k, v in measured.items() if k in expected}
         assert measured == expected, f"step {step}"
 
 

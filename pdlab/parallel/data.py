@@ -135,7 +135,14 @@ def _counted_allreduce_hook(group, bucket):
 
 
 class DDP(Single):
-    """``dp`` with PyTorch: ``DistributedDataParallel`` all-reduces buckets during backward."""
+    """``dp`` with PyTorch: ``DistributedDataParallel`` all-reduces buckets during backward.
+
+    Its comm hook records every bucket, so it runs without the per-op meter (the step time
+    then matches plain DDP; see benchmarks/overhead.py). What the hook can't see: DDP's
+    one-off broadcast of its rebuilt bucket layout after the first backward (40 bytes).
+    """
+
+    counts_own_comm = True
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(model, config, mesh)

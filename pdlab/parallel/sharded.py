@@ -108,6 +108,8 @@ class Zero1Torch(DDP):
     partition: the state this rank holds, which memory accounting and checkpoints read.
     """
 
+    counts_own_comm = False  # the optimizer's broadcasts are not in DDP's hook
+
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(model, config, mesh)
         self.zero = ZeroRedundancyOptimizer(

@@ -17,6 +17,10 @@ from pdlab.parallel.base import Layout, Mesh, StepOutput, TrainConfig, build_opt
 class Single:
     """The whole model and optimizer in one process; no communication."""
 
+    # True when the strategy records every byte it sends itself (comm.record), so the
+    # training loop can leave the per-op dispatch meter off.
+    counts_own_comm = False
+
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         self.model = model.to(mesh.device)  # unwrapped, with the single-process names
         self.module: nn.Module = self.model  # what runs forward (wrappers replace it)
