@@ -51,6 +51,12 @@ def report(
     return passed
 
 
+def _exception_line(message: str) -> str:
+    """The failing rank's ``Type: message`` line from a ``RankError`` (peers' notes dropped)."""
+    own = message.split("\nThen, as a consequence:")[0].split("\nrank(s) ")[0]
+    return own.strip().splitlines()[-1]
+
+
 def _run(cluster: Cluster, name: str, rank_fn: Callable, *args: Any) -> list | None:
     """``rank_fn(*args)`` on every rank; on an error or a hang, print a FAIL and return None."""
     try:
@@ -66,7 +72,7 @@ def _run(cluster: Cluster, name: str, rank_fn: Callable, *args: Any) -> list | N
             "on every rank, in the same order, with tensors of the same shape",
         )
     except RankError as err:
-        last = str(err).strip().splitlines()[-1]
+        last = _exception_line(str(err))
         if last.startswith("NotImplementedError"):
             report(
                 name,

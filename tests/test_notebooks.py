@@ -16,6 +16,18 @@ RUNS = {
         {"world_size": 2},
         ["all 2 ranks agree: sum = 9", "[rank 1] after all_reduce: [3.0, 3.0, 3.0]"],
     ),
+    "01_data_parallel": (
+        {"world_size": 2, "steps": 10, "use_solutions": True, "article_epochs": 2},
+        [
+            "PASS gradient all-reduce",
+            "worked example matches one process: True",
+            "parity with one process: max |Δloss| = ",
+            "within 1e-5: True",
+            "measured bytes == predicted: True",
+            "ranks end with identical weights: True",
+            "ps and ring: measured bytes == predicted: True",
+        ],
+    ),
     "06_hybrid_and_beyond": (
         {"world_size": 4, "steps": 5},
         [
