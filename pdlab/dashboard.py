@@ -25,6 +25,7 @@ from typing import Any
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from pdlab import plots
 from pdlab.cluster import Cluster
@@ -49,7 +50,10 @@ STRATEGIES = {
 }
 FIXED_IMPL = {"fsdp": ("zero3", "torch")}
 STOP_RETRY_S = 1.0  # an interrupt that lands between two calls is dropped: send it again
-PLOTS = ("loss", "throughput", "comm", "memory", "timeline")
+# The plots as (row, col) of one figure: a FigureWidget carries its own copy of plotly.js
+# (5 MB) to the browser and into the saved notebook, so the dashboard has just one.
+GRID = {"loss": (1, 1), "throughput": (1, 2), "comm": (2, 1), "memory": (2, 2), "timeline": (3, 1)}
+QUIET = {"throughput"}  # same runs and colors as the loss plot: its legend is enough
 
 
 @dataclass
@@ -117,6 +121,37 @@ def _show(widget: go.FigureWidget, fig: go.Figure) -> None:
         widget.layout.update(layout)
 
 
+def _combine(figures: dict[str, go.Figure]) -> go.Figure:
+    """``figures`` (from ``pdlab.plots``) as the subplots of one figure, each with its legend."""
+    grid = make_subplots(
+        rows=3,
+        cols=2,
+        specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
+        subplot_titles=[figures[name].layout.title.text for name in GRID],
+        vertical_spacing=0.09,
+        horizontal_spacing=0.08,
+    )
+    for i, (name, (row, col)) in enumerate(GRID.items(), 1):
+        fig, axes = figures[name], grid.get_subplot(row, col)
+        legend = "legend" if i == 1 else f"legend{i}"
+        grid.add_traces(list(fig.data), rows=row, cols=col)
+        for trace in grid.data[len(grid.data) - len(fig.data) :]:
+            trace.update(legend=legend, showlegend=name not in QUIET)
+        axes.xaxis.title.text = fig.layout.xaxis.title.text
+        axes.yaxis.update(
+            title_text=fig.layout.yaxis.title.text, autorange=fig.layout.yaxis.autorange
+        )
+        grid.layout[legend] = {
+            "x": axes.xaxis.domain[1],
+            "y": axes.yaxis.domain[1],
+            "xanchor": "right",
+            "yanchor": "top",
+            "bgcolor": "rgba(255,255,255,0.6)",
+        }
+    grid.update_layout(height=3 * plots.HEIGHT, barmode="overlay", margin={"t": 40, "b": 40})
+    return grid
+
+
 class Dashboard:
     """Controls to train any strategy on ``cluster``, and plots that update while it runs."""
 
@@ -160,10 +195,14 @@ class Dashboard:
         self.stop_button.on_click(lambda _: self.stop())
         self.progress = widgets.IntProgress(0, min=0, max=1, description="step 0")
         self.message = widgets.HTML()
-        self.figures = {name: go.FigureWidget() for name in PLOTS}
-        for name, fig in self.figures.items():
-            fig.update_layout(title=name, height=plots.HEIGHT)
-        half = widgets.Layout(width="50%")
+        before_any_run = {
+            "loss": plots.loss({}),
+            "throughput": plots.throughput({}),
+            "comm": go.Figure(layout_title_text="Communication per step"),
+            "memory": go.Figure(layout_title_text="Memory per rank"),
+            "timeline": plots.timeline([]),
+        }
+        self.figure = go.FigureWidget(_combine(before_any_run))
         c = list(self.controls.values())
         self.widget = widgets.VBox(
             [
@@ -171,9 +210,7 @@ class Dashboard:
                 widgets.HBox(c[4:]),
                 widgets.HBox([self.start_button, self.stop_button, self.progress]),
                 self.message,
-                widgets.HBox([widgets.Box([self.figures[n]], layout=half) for n in PLOTS[:2]]),
-                widgets.HBox([widgets.Box([self.figures[n]], layout=half) for n in PLOTS[2:4]]),
-                self.figures["timeline"],
+                self.figure,
             ]
         )
 
@@ -339,11 +376,14 @@ class Dashboard:
             run.records.append(record)
 
     def _paint_until(self, run: Run, done: threading.Event) -> None:
-        painted = 0
-        while not done.wait(self.refresh_s):
+        painted, wait_s = 0, self.refresh_s
+        while not done.wait(wait_s):
             if len(run.records) != painted:  # new records since the last drawing
                 painted = len(run.records)
+                began = time.monotonic()
                 self._paint(run)
+                # Drawing shares the CPU with the ranks: keep it under a fifth of one core.
+                wait_s = max(self.refresh_s, 4 * (time.monotonic() - began))
 
     def _paint(self, run: Run) -> None:
         steps = run.steps_done()
@@ -354,11 +394,14 @@ class Dashboard:
             return
         results = {r.name: current if r is run else r.result for r in self.runs}
         named = {name: result for name, result in results.items() if result is not None}
-        _show(self.figures["loss"], plots.loss(named))
-        _show(self.figures["throughput"], plots.throughput(named))
-        _show(self.figures["comm"], plots.comm(current))
-        _show(self.figures["memory"], plots.memory(current))
-        _show(self.figures["timeline"], plots.timeline(run.records))
+        figures = {
+            "loss": plots.loss(named),
+            "throughput": plots.throughput(named),
+            "comm": plots.comm(current),
+            "memory": plots.memory(current),
+            "timeline": plots.timeline(run.records),
+        }
+        _show(self.figure, _combine(figures))
 
     def _finish(self, run: Run) -> None:
         if run.result is None:

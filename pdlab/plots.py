@@ -7,7 +7,9 @@ Runs are ``pdlab.train`` results (``TrainResult``); several overlay as one trace
     plots.comm(runs[1])           # bytes per step by op, measured beside the formula
     plots.timeline(cluster.metrics)   # the last pipeline step, F/B per rank
 
-Every function returns a ``go.Figure``; ``go.FigureWidget(fig)`` makes it live.
+Every function returns a ``go.Figure``; ``go.FigureWidget(fig)`` makes it live. Bars are
+placed and stacked explicitly (``offset``, ``base``), not by the figure-wide ``barmode``, so
+the figures also combine as subplots of one figure (what the dashboard shows).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 
 from pdlab.parallel.base import TrainConfig
@@ -25,6 +28,7 @@ from pdlab.train import TrainResult
 Runs = Mapping[str, TrainResult] | Iterable[TrainResult]  # named runs, or names made up
 
 HEIGHT = 300
+RUN_COLORS = px.colors.qualitative.Plotly  # run i has the same color on every plot
 PHASE_COLORS = {"F": "#4C78A8", "B": "#F58518"}
 MEMORY_PARTS = {
     "param_bytes": "parameters",
@@ -56,6 +60,7 @@ def _figure(title: str, xaxis: str, yaxis: str, **layout: Any) -> go.Figure:
         yaxis_title=yaxis,
         height=HEIGHT,
         margin={"l": 60, "r": 20, "t": 40, "b": 40},
+        barmode="overlay",
         **layout,
     )
     return fig
@@ -63,9 +68,12 @@ def _figure(title: str, xaxis: str, yaxis: str, **layout: Any) -> go.Figure:
 
 def _per_step(runs: Runs, column: str, title: str, yaxis: str) -> go.Figure:
     fig = _figure(title, "step", yaxis)
-    for name, result in _named(runs).items():
+    for i, (name, result) in enumerate(_named(runs).items()):
         steps = result.steps
-        fig.add_scatter(x=steps.step, y=steps[column], name=name, mode="lines+markers")
+        color = RUN_COLORS[i % len(RUN_COLORS)]
+        fig.add_scatter(
+            x=steps.step, y=steps[column], name=name, mode="lines+markers", line_color=color
+        )
     return fig
 
 
@@ -97,18 +105,26 @@ def comm(result: TrainResult) -> go.Figure:
     """Communication bytes per step by op, measured beside the analytic ``expected_comm``."""
     table = comm_table(result)
     fig = _figure(f"Communication per step — {run_name(result.config)}", "op@group", "bytes/step")
-    fig.update_layout(barmode="group")
-    fig.add_bar(x=table.index, y=table.measured, name="measured")
-    fig.add_bar(x=table.index, y=table.expected, name="expected", marker_pattern_shape="/")
+    fig.add_bar(x=table.index, y=table.measured, name="measured", offset=-0.4, width=0.4)
+    fig.add_bar(
+        x=table.index,
+        y=table.expected,
+        name="expected",
+        offset=0,
+        width=0.4,
+        marker_pattern_shape="/",
+    )
     return fig
 
 
 def memory(result: TrainResult) -> go.Figure:
     """Bytes each rank holds after the last step: parameters, gradients, optimizer state."""
     mem = result.memory.sort_values("rank")
-    fig = _figure(f"Memory per rank — {run_name(result.config)}", "rank", "bytes", barmode="stack")
+    fig = _figure(f"Memory per rank — {run_name(result.config)}", "rank", "bytes")
+    base = 0
     for column, label in MEMORY_PARTS.items():
-        fig.add_bar(x=mem["rank"].astype(str), y=mem[column], name=label)
+        fig.add_bar(x=mem["rank"].astype(str), y=mem[column], base=base, name=label)
+        base = base + mem[column].to_numpy()
     return fig
 
 
@@ -132,7 +148,7 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
     share of the stages) with GPipe's ``(p-1)/(m+p-1)`` for ``p`` stages and ``m`` micro-batches.
     """
     chosen = timeline_records(records, step)
-    fig = _figure("Pipeline timeline", "ms since the step began", "", barmode="overlay")
+    fig = _figure("Pipeline timeline", "ms since the step began", "")
     if not chosen:
         fig.update_layout(title="Pipeline timeline — run a pipeline strategy (pp-*, dp-pp)")
         return fig
@@ -160,7 +176,7 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
 
 
 def compare(runs: Runs) -> pd.DataFrame:
-    """One row a run: final loss, median samples/s, comm bytes/step (measured, expected), memory."""
+    """One row a run: final loss, median samples/s, bytes/step (payload, bus, expected), memory."""
     rows = []
     for name, result in _named(runs).items():
         steps, mem = result.steps, result.memory
@@ -171,6 +187,7 @@ def compare(runs: Runs) -> pd.DataFrame:
                 "final_loss": result.final_loss,
                 "samples_per_s": steps.samples_per_s.median(),  # the first step warms up
                 "comm_bytes_per_step": steps.comm_bytes.mean(),
+                "bus_bytes_per_step": steps.bus_bytes.mean(),
                 "expected_comm_bytes": steps.expected_comm_bytes.iloc[-1] if len(steps) else 0,
                 "max_rank_state_bytes": int(mem[list(MEMORY_PARTS)].sum(axis=1).max()),
             }

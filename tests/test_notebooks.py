@@ -16,6 +16,10 @@ RUNS = {
         {"world_size": 2},
         ["all 2 ranks agree: sum = 9", "[rank 1] after all_reduce: [3.0, 3.0, 3.0]"],
     ),
+    "05_strategy_explorer": (
+        {"world_size": 2, "steps": 5},
+        ["3 strategies, largest loss difference", "not started: the batch", "status: stopped"],
+    ),
     "01_data_parallel": (
         {"world_size": 2, "steps": 10, "use_solutions": True, "article_epochs": 2},
         [

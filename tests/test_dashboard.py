@@ -1,0 +1,147 @@
+"""The dashboard without a browser: runs in the background, stop, errors, cluster reuse; plots."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pdlab
+from pdlab import plots
+from pdlab.train import train
+
+SMALL = {"model": "mlp", "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with pdlab.Cluster(2) as c:
+        yield c
+
+
+@pytest.fixture
+def dashboard(cluster):
+    d = pdlab.Dashboard(cluster, refresh_s=0.05)
+    yield d
+    d.close()
+
+
+def loss_traces(d) -> dict[str, int]:
+    """Run name -> points on the dashboard's loss plot."""
+    return {t.name: len(t.x) for t in d.figure.data if t.xaxis == "x"}
+
+
+def wait_for(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_import_pdlab_stays_free_of_plotting():
+    code = "import sys, pdlab; print('plotly' in sys.modules, 'ipywidgets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_start_returns_at_once_and_wait_gives_the_result(dashboard):
+    dashboard.start(strategy="dp", steps=20, **SMALL)
+    assert dashboard.running and dashboard.start_button.disabled
+    result = dashboard.wait(timeout=120)
+    assert len(result.steps) == 20 and math.isfinite(result.final_loss)
+    assert dashboard.progress.value == 20 and not dashboard.running
+    assert "#1 dp/scratch mlp w2 done after 20 step(s)" in dashboard.message.value
+    assert loss_traces(dashboard) == {"#1 dp/scratch mlp w2": 20}
+
+
+def test_each_run_adds_a_trace_and_a_table_row(dashboard):
+    for strategy in ("dp", "zero1"):
+        dashboard.start(strategy=strategy, steps=3, **SMALL)
+        dashboard.wait(timeout=120)
+    assert loss_traces(dashboard) == {"#1 dp/scratch mlp w2": 3, "#2 zero1/scratch mlp w2": 3}
+    table = dashboard.table()
+    assert list(table.index) == list(loss_traces(dashboard))
+    assert table.final_loss.iloc[0] == pytest.approx(table.final_loss.iloc[1], abs=1e-5)
+    comm = [t for t in dashboard.figure.data if t.xaxis == "x3"]
+    measured, expected = (list(t.y) for t in comm)
+    assert measured == expected  # zero1's bytes per op, measured = formula
+
+
+def test_stop_mid_run_keeps_the_steps_done(dashboard, cluster):
+    dashboard.start(strategy="dp", steps=100_000, **SMALL)
+    wait_for(lambda: dashboard.progress.value >= 3)
+    dashboard.stop()
+    partial = dashboard.wait(timeout=60)
+    assert 3 <= len(partial.steps) < 100_000
+    assert dashboard.runs[-1].status == "stopped" and "stopped after" in dashboard.message.value
+    # The cluster carries on (restarting by itself if a rank was stuck in a collective).
+    dashboard.start(strategy="dp", steps=2, **SMALL)
+    assert len(dashboard.wait(timeout=120).steps) == 2
+    assert dashboard.cluster is cluster
+
+
+def test_a_bad_choice_is_shown_and_nothing_starts(dashboard, cluster):
+    with pytest.raises(ValueError, match="cannot split"):
+        dashboard.start(strategy="tp", model="article", world_size=4)
+    assert "cannot split the width" in dashboard.message.value
+    assert not dashboard.runs and not dashboard.running
+    assert dashboard.cluster is cluster and cluster.run(pdlab.rank) == [0, 1]
+
+
+def test_fsdp_is_zero3_with_torch():
+    d = pdlab.Dashboard()
+    d.controls["strategy"].value = "fsdp"
+    assert d.controls["impl"].disabled
+    config = d.config()
+    assert (config.strategy, config.impl) == ("zero3", "torch")
+    d.controls["strategy"].value = "dp"
+    assert not d.controls["impl"].disabled
+
+
+def test_world_size_restarts_the_cluster_and_keeps_it_otherwise():
+    first = pdlab.Cluster(2)
+    d = pdlab.Dashboard(first, refresh_s=0.05)
+    try:
+        d.start(strategy="single", world_size=1, steps=2, **SMALL)
+        d.wait(timeout=120)
+        one_rank = d.cluster
+        assert one_rank.world_size == 1 and first.state == "stopped"
+        d.start(strategy="single", steps=2, **SMALL)
+        d.wait(timeout=120)
+        assert d.cluster is one_rank
+    finally:
+        d.close()
+        d.cluster.shutdown()
+        first.shutdown()
+
+
+# ----- plots, from a run in this process -------------------------------------------------
+
+
+def test_plots_overlay_runs_and_compare():
+    runs = [train(strategy="single", optimizer=o, steps=4, **SMALL) for o in ("sgd", "adam")]
+    fig = plots.loss(runs)
+    assert [t.name for t in fig.data] == ["single/scratch mlp w1", "single/scratch mlp w1 (2)"]
+    assert [len(t.y) for t in fig.data] == [4, 4]
+    memory = plots.memory(runs[1])
+    assert [t.name for t in memory.data] == ["parameters", "gradients", "optimizer state"]
+    assert memory.data[2].base[0] == memory.data[0].y[0] + memory.data[1].y[0]  # stacked
+    assert list(plots.compare(runs).steps) == [4, 4]
+
+
+def test_timeline_reports_the_bubble():
+    def rec(rank, events):
+        fields = ("stage", "mb", "phase", "start", "end")
+        return {"rank": rank, "step": 0, "timeline": [dict(zip(fields, e)) for e in events]}  # noqa: B905
+
+    # p=2 stages, m=2 micro-batches, unit-time F and B: GPipe's schedule, bubble 1/3.
+    records = [
+        rec(0, [(0, 0, "F", 0, 1), (0, 1, "F", 1, 2), (0, 1, "B", 4, 5), (0, 0, "B", 5, 6)]),
+        rec(1, [(1, 0, "F", 1, 2), (1, 1, "F", 2, 3), (1, 1, "B", 3, 4), (1, 0, "B", 4, 5)]),
+    ]
+    fig = plots.timeline(records)
+    assert "bubble 33% measured, (p-1)/(m+p-1) = 33% for p=2, m=2" in fig.layout.title.text
+    assert [t.name for t in fig.data] == ["forward", "backward"]
