@@ -25,11 +25,20 @@ RUNS = {
         [
             "PASS gradient all-reduce",
             "worked example matches one process: True",
-            "parity with one process: max |Δloss| = ",
-            "within 1e-5: True",
-            "measured bytes == predicted: True",
+            "DDP: parity with one process (within 1e-5): True",
+            "DDP: measured bytes == predicted: True",
             "ranks end with identical weights: True",
             "ps and ring: measured bytes == predicted: True",
+        ],
+    ),
+    "02_tensor_parallel": (
+        {"world_size": 2, "steps": 5, "use_solutions": True},
+        [
+            "PASS column-parallel linear",
+            "scratch TP: parity with one process (within 1e-5): True",
+            "scratch TP: measured bytes == predicted: True",
+            "DTensor TP: parity with one process (within 1e-5): True",
+            "DTensor TP: measured bytes == predicted: True",
         ],
     ),
     "06_hybrid_and_beyond": (
