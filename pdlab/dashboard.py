@@ -53,7 +53,8 @@ STOP_RETRY_S = 1.0  # an interrupt that lands between two calls is dropped: send
 # The plots as (row, col) of one figure: a FigureWidget carries its own copy of plotly.js
 # (5 MB) to the browser and into the saved notebook, so the dashboard has just one.
 GRID = {"loss": (1, 1), "throughput": (1, 2), "comm": (2, 1), "memory": (2, 2), "timeline": (3, 1)}
-QUIET = {"throughput"}  # same runs and colors as the loss plot: its legend is enough
+WIDTH = 960  # JupyterLab's output area, with the file browser open
+QUIET = {"loss"}  # same runs and colors as the throughput plot: its legend is enough
 
 
 @dataclass
@@ -129,7 +130,7 @@ def _combine(figures: dict[str, go.Figure]) -> go.Figure:
         specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
         subplot_titles=[figures[name].layout.title.text for name in GRID],
         vertical_spacing=0.09,
-        horizontal_spacing=0.08,
+        horizontal_spacing=0.16,  # room for the left plots' legends
     )
     for i, (name, (row, col)) in enumerate(GRID.items(), 1):
         fig, axes = figures[name], grid.get_subplot(row, col)
@@ -142,13 +143,15 @@ def _combine(figures: dict[str, go.Figure]) -> go.Figure:
             title_text=fig.layout.yaxis.title.text, autorange=fig.layout.yaxis.autorange
         )
         grid.layout[legend] = {
-            "x": axes.xaxis.domain[1],
+            "x": axes.xaxis.domain[1] + 0.01,
             "y": axes.yaxis.domain[1],
-            "xanchor": "right",
             "yanchor": "top",
-            "bgcolor": "rgba(255,255,255,0.6)",
         }
-    grid.update_layout(height=3 * plots.HEIGHT, barmode="overlay", margin={"t": 40, "b": 40})
+    grid.update_annotations(font_size=13)  # the subplot titles
+    # A fixed size: the notebook's output area gives a widget no width to fill.
+    grid.update_layout(
+        width=WIDTH, height=3 * plots.HEIGHT, barmode="overlay", margin={"t": 40, "b": 40, "r": 180}
+    )
     return grid
 
 
@@ -167,21 +170,24 @@ class Dashboard:
     # ----- widgets ---------------------------------------------------------------------------
 
     def _build_widgets(self, world_size: int) -> None:
-        short = {"style": {"description_width": "initial"}}
         self.controls: dict[str, widgets.ValueWidget] = {
             "strategy": widgets.Dropdown(
                 options=[(label, key) for key, label in STRATEGIES.items()],
                 value="dp",
                 description="strategy",
             ),
-            "impl": widgets.ToggleButtons(options=IMPLS, description="impl", **short),
+            "impl": widgets.Dropdown(options=IMPLS, description="impl"),
             "world_size": widgets.Dropdown(
                 options=sorted({1, 2, 4, 8, world_size}), value=world_size, description="ranks"
             ),
             "model": widgets.Dropdown(options=MODELS, value="gpt", description="model"),
             "batch_size": widgets.BoundedIntText(16, min=1, max=4096, description="batch"),
             "micro_batches": widgets.BoundedIntText(
-                2, min=1, max=256, description="micro-batches", **short
+                2,
+                min=1,
+                max=256,
+                description="micro-batches",
+                style={"description_width": "initial"},
             ),
             "lr": widgets.BoundedFloatText(0.01, min=1e-6, max=10.0, step=0.001, description="lr"),
             "steps": widgets.BoundedIntText(20, min=1, max=100_000, description="steps"),
