@@ -41,6 +41,18 @@ RUNS = {
             "DTensor TP: measured bytes == predicted: True",
         ],
     ),
+    "03_pipeline_parallel": (
+        {"world_size": 2, "steps": 2, "micro_batches": 4, "use_solutions": True},
+        [
+            "PASS GPipe step",
+            *(
+                f"{s}: parity with one process (within 1e-5): True"
+                for s in ("naive", "GPipe", "1F1B")
+            ),
+            *(f"{s}: measured bytes == predicted: True" for s in ("naive", "GPipe", "1F1B")),
+            "micro-batches held (peak)",
+        ],
+    ),
     "06_hybrid_and_beyond": (
         {"world_size": 4, "steps": 5},
         [
