@@ -53,6 +53,17 @@ RUNS = {
             "micro-batches held (peak)",
         ],
     ),
+    "04_sharded": (
+        {"world_size": 2, "steps": 3, "use_solutions": True},
+        [
+            "PASS ZeRO-1 update",
+            *(
+                f"{s}: parity with one process (within 1e-5): True"
+                for s in ("DP", "ZeRO-1", "ZeRO-1 (ZeroRedundancyOptimizer)", "ZeRO-3", "FSDP2")
+            ),
+            "measured bytes == predicted: True",
+        ],
+    ),
     "06_hybrid_and_beyond": (
         {"world_size": 4, "steps": 5},
         [
