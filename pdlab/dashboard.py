@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ipywidgets as widgets
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -35,7 +36,7 @@ from pdlab.parallel.base import IMPLS, TrainConfig
 from pdlab.train import TrainResult, _results, expected_comm, train, validate
 
 # The strategy menu: value -> label. "fsdp" is ZeRO-3 with PyTorch's FSDP2 (see FIXED_IMPL).
-STRATEGIES = {
+STRATEGY_MENU = {
     "single": "single process (baseline)",
     "dp": "data",
     "ps": "parameter server",
@@ -172,7 +173,7 @@ class Dashboard:
     def _build_widgets(self, world_size: int) -> None:
         self.controls: dict[str, widgets.ValueWidget] = {
             "strategy": widgets.Dropdown(
-                options=[(label, key) for key, label in STRATEGIES.items()],
+                options=[(label, key) for key, label in STRATEGY_MENU.items()],
                 value="dp",
                 description="strategy",
             ),
@@ -260,7 +261,7 @@ class Dashboard:
     def start(self, **settings: Any) -> Run:
         """Start a run in the background and return at once.
 
-        ``settings`` set controls first: ``strategy`` (a key of ``STRATEGIES``), ``impl``,
+        ``settings`` set controls first: ``strategy`` (a key of ``STRATEGY_MENU``), ``impl``,
         ``world_size``, ``model``, ``batch_size``, ``micro_batches``, ``lr``, ``steps``. A bad
         combination raises ValueError, also shown in the dashboard; nothing starts then.
         """
@@ -282,7 +283,9 @@ class Dashboard:
         run = Run(name, config, self.controls["world_size"].value, expected)
         self.runs.append(run)
         self._live = run
-        self._set_running(True, config.steps)
+        self.progress.max, self.progress.value = config.steps, 0
+        self.progress.description = "step 0"
+        self._set_buttons(running=True)
         self._say(f"{run.name}: starting")
         self._thread = threading.Thread(target=self._train, args=(run,), daemon=True)
         self._thread.start()
@@ -321,7 +324,7 @@ class Dashboard:
             raise run.error
         return run.result
 
-    def table(self) -> Any:
+    def table(self) -> pd.DataFrame:
         """Every run with results so far, one row each (a ``pandas.DataFrame``)."""
         return plots.compare({r.name: r.result for r in self.runs if r.result is not None})
 
@@ -423,11 +426,8 @@ class Dashboard:
                 f"{run.name} {run.status} after {run.steps_done()} step(s){loss}, {seconds:.1f} s"
             )
         self._live = None
-        self._set_running(False, run.config.steps)
+        self._set_buttons(running=False)
 
-    def _set_running(self, running: bool, steps: int) -> None:
+    def _set_buttons(self, running: bool) -> None:
         self.start_button.disabled = running
         self.stop_button.disabled = not running
-        if running:
-            self.progress.max, self.progress.value = steps, 0
-            self.progress.description = "step 0"
