@@ -52,9 +52,15 @@ def report(
 
 
 def _exception_line(message: str) -> str:
-    """The failing rank's ``Type: message`` line from a ``RankError`` (peers' notes dropped)."""
-    own = message.split("\nThen, as a consequence:")[0].split("\nrank(s) ")[0]
-    return own.strip().splitlines()[-1]
+    """The failing rank's ``Type: message`` line from a ``RankError``.
+
+    Its message opens with "rank R raised Type:" and the rank's traceback, which ends with
+    that line unindented; notes about other ranks come after, indented.
+    """
+    first, *rest = message.splitlines()
+    kind = first.partition(" raised ")[2].rstrip(":")
+    found = [line for line in rest if kind and kind in line and not line[:1].isspace()]
+    return found[0] if found else first
 
 
 def _run(cluster: Cluster, name: str, rank_fn: Callable, *args: Any) -> list | None:
