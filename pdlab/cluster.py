@@ -661,7 +661,7 @@ class _CallWaiter:
         rank, _, message = min(self.failures, key=lambda f: f[1])
         others = [f"rank {r}: {m.splitlines()[-1]}" for r, _, m in self.failures if r != rank]
         if others:
-            message += "\nThen, as a consequence:\n  " + "\n  ".join(others)
+            message += "\nThe other failures of this call:\n  " + "\n  ".join(others)
         if self.pending:
             message += (
                 f"\nrank(s) {sorted(self.pending)} were still running (likely waiting for "

@@ -40,7 +40,9 @@ def device() -> torch.device:
     if _device is not None:
         return _device
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        )
     return torch.device("cpu")
 
 

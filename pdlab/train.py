@@ -153,12 +153,14 @@ _meshes: dict[tuple[Layout, torch.device], Mesh] = {}  # groups are made once pe
 
 def _mesh(layout: Layout, device: torch.device) -> Mesh:
     if (layout, device) not in _meshes:
-        mesh = Mesh.create(layout, device)
-        for dim in ("dp", "pp", "tp"):
-            if getattr(layout, dim) > 1:
-                name_group(mesh.group(dim), dim)
-        _meshes[layout, device] = mesh
-    return _meshes[layout, device]
+        _meshes[layout, device] = Mesh.create(layout, device)
+    mesh = _meshes[layout, device]
+    # Named on every run, not once: a dim that spans all ranks is the world group itself,
+    # "dp" in one run and "pp" in the next.
+    for dim in ("dp", "pp", "tp"):
+        if getattr(layout, dim) > 1:
+            name_group(mesh.group(dim), dim)
+    return mesh
 
 
 def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]:

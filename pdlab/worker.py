@@ -178,7 +178,9 @@ def _serve(channel: Channel, pump: OutputPump, rank: int) -> None:
             try:
                 result = cloudpickle.dumps(value)
             except Exception as exc:
-                raise TypeError(f"the return value can't be pickled back to the kernel: {exc}") from exc
+                raise TypeError(
+                    f"the return value can't be pickled back to the kernel: {exc}"
+                ) from exc
             pump.flush()
             channel.send("result", call_id, result)
         except BaseException as exc:  # KeyboardInterrupt too: report, stay alive

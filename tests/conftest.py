@@ -42,9 +42,38 @@ def worker_pids(pid: int) -> list[int]:
 
 @pytest.fixture(autouse=True, scope="module")
 def no_leaked_ranks():
-    """Fail a test module that leaves rank processes running after its fixtures close."""
+    """Fail a test module that leaves rank processes running (beyond the session clusters)."""
     yield
+
+    def leaked() -> list[int]:
+        shared = {r.pid for c in _session_clusters for r in c._procs.ranks}
+        return [p for p in worker_pids(os.getpid()) if p not in shared]
+
     deadline = time.monotonic() + 5
-    while (left := worker_pids(os.getpid())) and time.monotonic() < deadline:
+    while (left := leaked()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"rank processes leaked: {left}"
+
+
+# One cluster of each size for the whole session: a rank start costs seconds, and tests that
+# break a cluster leave it to restart itself on its next run.
+_session_clusters: list = []
+
+
+def _session_cluster(world_size: int):
+    import pdlab
+
+    with pdlab.Cluster(world_size) as cluster:
+        _session_clusters.append(cluster)
+        yield cluster
+        _session_clusters.remove(cluster)
+
+
+@pytest.fixture(scope="session")
+def cluster2():
+    yield from _session_cluster(2)
+
+
+@pytest.fixture(scope="session")
+def cluster4():
+    yield from _session_cluster(4)

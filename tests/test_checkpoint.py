@@ -12,12 +12,6 @@ from pdlab.train import train
 STEPS, EVERY = 20, 10
 
 
-@pytest.fixture(scope="module")
-def cluster2():
-    with pdlab.Cluster(2) as c:
-        yield c
-
-
 def losses_from(result, step: int) -> torch.Tensor:
     return torch.tensor(result.steps.loss[result.steps.step >= step].values)
 

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import pdlab
 from pdlab.comm import CommEvent, bus_bytes, event, totals
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with pdlab.Cluster(2) as c:
-        yield c
 
 
 def test_bus_bytes_follow_nccl_tests():
@@ -63,8 +56,8 @@ def _issue_every_kind() -> list[tuple]:
     return [(e.op, e.group, e.group_size, e.payload_bytes, e.bus_bytes) for e in meter.events]
 
 
-def test_meter_sees_eager_p2p_and_functional_ops(cluster):
-    rank0, rank1 = cluster.run(_issue_every_kind)
+def test_meter_sees_eager_p2p_and_functional_ops(cluster2):
+    rank0, rank1 = cluster2.run(_issue_every_kind)
     common = [
         ("all_reduce", "world", 2, 64, 64.0),
         ("broadcast", "pair", 2, 64, 64.0),

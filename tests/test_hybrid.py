@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-import pdlab
 from pdlab.comm import totals
 from pdlab.parallel.base import TrainConfig
 from pdlab.train import expected_comm, train, validate
-from tests.test_train_dp import assert_parity, measured_per_step
+from tests.helpers import assert_parity, measured_per_step
 
 # SGD: see tests/test_tensor.py for why parity is checked with it.
 PARITY = {"steps": 20, "optimizer": "sgd", "lr": 0.1, "full_state": True}
 MLP_GRAD_BYTES = 34828
-
-
-@pytest.fixture(scope="module")
-def cluster4():
-    with pdlab.Cluster(4) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

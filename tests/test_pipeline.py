@@ -5,26 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pdlab
 from pdlab.comm import totals
 from pdlab.models import build_model
 from pdlab.parallel import pipeline
 from pdlab.parallel.base import Layout, TrainConfig
 from pdlab.train import expected_comm, run_on_rank, train, validate
 
-CALL_TIMEOUT = 180  # a hung pipeline fails the test and the cluster stops its ranks
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with pdlab.Cluster(2, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def cluster4():
-    with pdlab.Cluster(4, timeout=60) as c:
-        yield c
+CALL_TIMEOUT = 180  # a hung pipeline fails the test and the cluster2 stops its ranks
 
 
 # ---- no ranks needed ---------------------------------------------------------------------
@@ -88,12 +75,12 @@ def test_invalid_configs_say_what_to_change(changes, message):
 # ---- on ranks ----------------------------------------------------------------------------
 
 
-def _assert_matches_single(cluster, strategy: str, impl: str, micro_batches: int, **run) -> None:
+def _assert_matches_single(cluster2, strategy: str, impl: str, micro_batches: int, **run) -> None:
     """Per-step loss and final parameters equal one process's; comm equals the formula."""
     run = {"model": "mlp", "steps": 20, "full_state": True, **run}
     ref = train(None, strategy="single", **run)
     got = train(
-        cluster,
+        cluster2,
         strategy=strategy,
         impl=impl,
         micro_batches=micro_batches,
@@ -128,16 +115,16 @@ PARITY_MLP = [
 
 
 @pytest.mark.parametrize(("strategy", "impl", "micro_batches"), PARITY_MLP)
-def test_mlp_pp2_matches_single(cluster, strategy, impl, micro_batches):
-    _assert_matches_single(cluster, strategy, impl, micro_batches)
+def test_mlp_pp2_matches_single(cluster2, strategy, impl, micro_batches):
+    _assert_matches_single(cluster2, strategy, impl, micro_batches)
 
 
 @pytest.mark.parametrize(("strategy", "impl"), [("pp-gpipe", "scratch"), ("pp-1f1b", "torch")])
-def test_gpt_pp2_matches_single(cluster, strategy, impl):
+def test_gpt_pp2_matches_single(cluster2, strategy, impl):
     # SGD, not Adam: the attention key bias has a gradient that is exactly zero in exact
     # arithmetic (softmax ignores a shift of every score), and Adam's g/sqrt(v) turns its
     # float32 rounding noise into full-size steps that differ between any two summation orders.
-    _assert_matches_single(cluster, strategy, impl, 4, model="gpt", optimizer="sgd", batch_size=16)
+    _assert_matches_single(cluster2, strategy, impl, 4, model="gpt", optimizer="sgd", batch_size=16)
 
 
 @pytest.mark.parametrize("impl", ["scratch", "torch"])
@@ -145,18 +132,18 @@ def test_mlp_pp4_matches_single(cluster4, impl):
     _assert_matches_single(cluster4, "pp-1f1b", impl, 4)
 
 
-def _timelines(cluster, **kwargs) -> list[list[dict]]:
+def _timelines(cluster2, **kwargs) -> list[list[dict]]:
     """Each rank's last-step timeline."""
-    config = TrainConfig(model="mlp", steps=2, world_size=cluster.world_size, **kwargs)
-    outs = cluster.run(run_on_rank, config, timeout=CALL_TIMEOUT)
+    config = TrainConfig(model="mlp", steps=2, world_size=cluster2.world_size, **kwargs)
+    outs = cluster2.run(run_on_rank, config, timeout=CALL_TIMEOUT)
     return [out["records"][-1]["timeline"] for out in outs]
 
 
 @pytest.mark.parametrize("impl", ["scratch", "torch"])
 @pytest.mark.parametrize("strategy", ["pp-gpipe", "pp-1f1b"])
-def test_timeline_follows_the_schedule_and_bounds_held_activations(cluster, strategy, impl):
+def test_timeline_follows_the_schedule_and_bounds_held_activations(cluster2, strategy, impl):
     m, p = 4, 2
-    for s, events in enumerate(_timelines(cluster, strategy=strategy, impl=impl, micro_batches=m)):
+    for s, events in enumerate(_timelines(cluster2, strategy=strategy, impl=impl, micro_batches=m)):
         assert [(e["phase"], e["mb"]) for e in events] == pipeline.SCHEDULES[strategy](m, p, s)
         assert all(e["stage"] == s and e["start"] <= e["end"] for e in events)
         # GPipe holds every micro-batch's activations before the first backward; 1F1B p-s.
@@ -164,9 +151,9 @@ def test_timeline_follows_the_schedule_and_bounds_held_activations(cluster, stra
         assert max(e["held_bytes"] for e in events) > 0 and events[-1]["held"] == 0
 
 
-def test_naive_pipeline_bubble_is_at_least_the_formula(cluster):
+def test_naive_pipeline_bubble_is_at_least_the_formula(cluster2):
     # With one micro-batch the stages run strictly one after another: idle >= (p-1)/p.
-    timelines = _timelines(cluster, strategy="pp-gpipe", micro_batches=1)
+    timelines = _timelines(cluster2, strategy="pp-gpipe", micro_batches=1)
     events = [e for timeline in timelines for e in timeline]
     assert pipeline.bubble_fraction(events) >= pipeline.analytic_bubble(p=2, m=1)
 

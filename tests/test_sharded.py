@@ -7,8 +7,7 @@ import pytest
 import pdlab
 from pdlab.comm import totals
 from pdlab.train import train
-
-from .test_train_dp import assert_parity, measured_per_step
+from tests.helpers import assert_parity, measured_per_step
 
 STEPS = 20
 P = 34828  # the mlp's parameter bytes: 8707 float32 (odd, so N = 2 pads one element)
@@ -41,12 +40,6 @@ MEMORY_AT_2 = {
     # DTensor shards: rank 1 holds one row of the 3-row head, rank 0 two.
     ("zero3", "torch"): [(4 * 4386, 4 * 4386, 8 * 4386 + 32), (4 * 4321, 4 * 4321, 8 * 4321 + 32)],
 }
-
-
-@pytest.fixture(scope="module")
-def cluster2():
-    with pdlab.Cluster(2) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

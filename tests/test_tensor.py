@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pdlab
 from pdlab.comm import totals
 from pdlab.parallel.base import TrainConfig
 from pdlab.train import expected_comm, train, validate
-from tests.test_train_dp import assert_parity, measured_per_step
+from tests.helpers import assert_parity, measured_per_step
 
 STEPS = 20
 # SGD for parity: its update is linear in the gradient, so the TP and single runs stay within
@@ -17,18 +16,6 @@ STEPS = 20
 # zero in exact arithmetic (the attention's k bias: softmax ignores a per-query constant)
 # into full-size steps; see test_adam_on_shards.
 PARITY = {"steps": STEPS, "optimizer": "sgd", "lr": 0.1, "full_state": True}
-
-
-@pytest.fixture(scope="module")
-def cluster2():
-    with pdlab.Cluster(2) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def cluster4():
-    with pdlab.Cluster(4) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -7,52 +7,18 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-import pdlab
-from pdlab.comm import CommEvent, totals
+from pdlab.comm import totals
 from pdlab.parallel.base import TrainConfig
 from pdlab.train import IMPLEMENTATIONS, train, validate
+from tests.helpers import assert_parity, measured_per_step
 
 STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def cluster2():
-    with pdlab.Cluster(2) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def cluster4():
-    with pdlab.Cluster(4) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def baseline():
     return train(strategy="single", model="mlp", steps=STEPS, full_state=True)
-
-
-def assert_parity(result, baseline) -> None:
-    """Same loss every step and same final parameters as one process, up to float32 rounding."""
-    torch.testing.assert_close(
-        torch.tensor(result.steps.loss.values), torch.tensor(baseline.steps.loss.values),
-        rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
-    assert result.state_dict.keys() == baseline.state_dict.keys()
-    # Adam divides by sqrt(v): where a gradient is near 0, rounding differences in the
-    # reduction order move a weight by up to ~1e-5 over 20 steps (seen on CUDA).
-    for name, p in baseline.state_dict.items():
-        torch.testing.assert_close(result.state_dict[name], p, rtol=1e-5, atol=1e-5, msg=name)
-
-
-def measured_per_step(result) -> list[dict]:
-    """``comm.totals`` of each step's events, over all ranks."""
-    return [
-        totals(CommEvent(**e.drop(["step", "rank"]).to_dict()) for _, e in g.iterrows())
-        for _, g in result.comm.groupby("step")
-    ]
 
 
 @pytest.mark.parametrize(

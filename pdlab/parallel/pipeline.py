@@ -243,6 +243,7 @@ class Pipeline:
     """
 
     expected_comm = staticmethod(expected_comm)
+    counts_own_comm = False  # the meter sees its sends and receives
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         check(config, mesh.layout)
