@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: lab test lint handouts bench
+.PHONY: lab test lint chromium handouts bench
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,8 +17,18 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# The browser test drives Debian's Chromium (Playwright's own browser download can't work
+# offline). Installed here when we are root; elsewhere that test says how to get it.
+chromium:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: lint chromium
 	$(VENV)/bin/pytest
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/startup.py
+	$(PY) benchmarks/overhead.py --table
+
+handouts: $(VENV)/.installed
+	$(PY) scripts/handouts.py

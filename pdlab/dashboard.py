@@ -33,7 +33,7 @@ from pdlab.cluster import Cluster
 from pdlab.comm import CommEvent
 from pdlab.models import MODELS
 from pdlab.parallel.base import IMPLS, TrainConfig
-from pdlab.train import TrainResult, _results, expected_comm, train, validate
+from pdlab.train import TrainResult, expected_comm, results, train, validate
 
 # The strategy menu: value -> label. "fsdp" is ZeRO-3 with PyTorch's FSDP2 (see FIXED_IMPL).
 STRATEGY_MENU = {
@@ -102,7 +102,7 @@ class Run:
             }
             for r, recs in by_rank.items()
         ]
-        return _results(self.config, outputs, self.expected)
+        return results(self.config, outputs, self.expected)
 
 
 def _show(widget: go.FigureWidget, fig: go.Figure) -> None:

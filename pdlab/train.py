@@ -240,7 +240,8 @@ class TrainResult:
         )
 
 
-def _results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent]) -> TrainResult:
+def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent]) -> TrainResult:
+    """Tables from what the ranks returned (or logged so far: the dashboard builds live ones)."""
     rows, ops = [], []
     for out in outputs:
         for rec in out["records"]:
@@ -336,4 +337,4 @@ def train(
     else:
         ranks = [0] if strategy == "single" else None
         outputs = cluster.run(run_on_rank, config, full_state, ranks=ranks, timeout=timeout)
-    return _results(config, outputs, expected)
+    return results(config, outputs, expected)
