@@ -273,14 +273,23 @@ class CommMeter:
     Async ops finish their timing when they complete; read ``events`` after waiting on them.
     """
 
-    def __init__(self, dispatch: bool = True) -> None:
-        """``dispatch=False`` collects only ``record``-ed events: for code that counts all its
+    def __init__(
+        self, dispatch: bool = True, names: dict[dist.ProcessGroup, str] | None = None
+    ) -> None:
+        """``names`` labels groups for this meter only (``{tp_group: "tp"}``): one group can
+        be "dp" in one run and "pp" in the next (a mesh dim spanning all ranks is the world).
+
+        ``dispatch=False`` collects only ``record``-ed events: for code that counts all its
         own communication (DDP's comm hook), it spares every other op the dispatch mode's
         Python round trip (the mode costs a few microseconds per op, each op)."""
         self.events: list[CommEvent] = []
         self._mode = _Mode(self) if dispatch else None
+        self._names = {pg.group_name: name for pg, name in (names or {}).items()}
+        self._outer_names: dict[str, str | None] = {}
 
     def __enter__(self) -> CommMeter:
+        self._outer_names = {k: _group_names.get(k) for k in self._names}
+        _group_names.update(self._names)
         _active.append(self)
         if self._mode is not None:
             self._mode.__enter__()
@@ -291,6 +300,11 @@ class CommMeter:
             self._mode.__exit__(*exc)
             self._mode.waiting.clear()
         _active.remove(self)
+        for key, name in self._outer_names.items():
+            if name is None:
+                del _group_names[key]
+            else:
+                _group_names[key] = name
 
     @property
     def payload_bytes(self) -> int:

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from pdlab import checkpoint, memory, runtime
-from pdlab.comm import CommEvent, CommMeter, name_group
+from pdlab.comm import CommEvent, CommMeter
 from pdlab.data import load_dataset
 from pdlab.models import MODELS, build_model
 from pdlab.parallel.base import IMPLS, OPTIMIZERS, STRATEGIES, Layout, Mesh, TrainConfig
@@ -154,13 +154,7 @@ _meshes: dict[tuple[Layout, torch.device], Mesh] = {}  # groups are made once pe
 def _mesh(layout: Layout, device: torch.device) -> Mesh:
     if (layout, device) not in _meshes:
         _meshes[layout, device] = Mesh.create(layout, device)
-    mesh = _meshes[layout, device]
-    # Named on every run, not once: a dim that spans all ranks is the world group itself,
-    # "dp" in one run and "pp" in the next.
-    for dim in ("dp", "pp", "tp"):
-        if getattr(layout, dim) > 1:
-            name_group(mesh.group(dim), dim)
-    return mesh
+    return _meshes[layout, device]
 
 
 def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]:
@@ -182,11 +176,12 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     data = load_dataset(config.model, config.seed)
     strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
     first = checkpoint.load(strategy, config.checkpoint_dir) if config.resume else 0
+    names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
     records = []
     for step in range(first, config.steps):
         x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
         start = time.perf_counter()
-        with CommMeter(dispatch=not strategy.counts_own_comm) as meter:
+        with CommMeter(dispatch=not strategy.counts_own_comm, names=names) as meter:
             out = strategy.train_step(x.to(device), y.to(device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the step is done when the GPU is

@@ -36,6 +36,10 @@ from pdlab.parallel.base import Layout, Mesh, TrainConfig, build_optimizer, meta
 from pdlab.parallel.data import DDP, _flat
 from pdlab.parallel.single import Single
 
+# torch 2.12 renamed these (the old names warn from 2.13 on); pdlab runs on torch >= 2.6.
+all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 def padded(numel: int, n: int) -> int:
     """``numel`` rounded up to a multiple of ``n``: a flat buffer that splits into n equal shards."""
@@ -78,10 +82,10 @@ class Zero1(Single):
 
     def update(self) -> None:
         grads = nn.functional.pad(_flat([p.grad for p in self.params]), (0, self.padding))
-        dist.reduce_scatter_tensor(self.owned.grad, grads, op=dist.ReduceOp.AVG, group=self.group)
+        reduce_scatter(self.owned.grad, grads, op=dist.ReduceOp.AVG, group=self.group)
         self.optimizer.step()
         # In place: the input is this rank's own slice of the output (NCCL and gloo allow it).
-        dist.all_gather_into_tensor(self.flat_param, self.owned.detach(), group=self.group)
+        all_gather(self.flat_param, self.owned.detach(), group=self.group)
 
     @staticmethod
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
@@ -146,15 +150,13 @@ class _GatherParams(torch.autograd.Function):
     def forward(ctx, shard: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
         full = shard.new_empty(shard.numel() * group.size())
-        dist.all_gather_into_tensor(full, shard, group=group)
+        all_gather(full, shard, group=group)
         return full
 
     @staticmethod
     def backward(ctx, grad_full: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad_full.new_empty(grad_full.numel() // ctx.group.size())
-        dist.reduce_scatter_tensor(
-            grad, grad_full.contiguous(), op=dist.ReduceOp.AVG, group=ctx.group
-        )
+        reduce_scatter(grad, grad_full.contiguous(), op=dist.ReduceOp.AVG, group=ctx.group)
         return grad, None
 
 
