@@ -22,7 +22,7 @@ import textwrap
 
 import pdlab
 from pdlab.parallel.base import STRATEGIES
-from pdlab.train import IMPLEMENTATIONS
+from pdlab.training import IMPLEMENTATIONS
 
 WARMUP = 5  # steps left out of medians: lazy init, first DDP constructor, allocator warm-up
 

@@ -13,9 +13,6 @@ Inside a rank: ``pdlab.rank()``, ``pdlab.world_size()``, ``pdlab.device()`` and
 from pdlab.cluster import CallTimeout, Cluster, ClusterStatus, RankError
 from pdlab.runtime import device, log, rank, world_size
 
-# After this import ``pdlab.train`` is the function (the module stays ``sys.modules["pdlab.train"]``).
-from pdlab.train import TrainResult, expected_comm, train
-
 __all__ = [
     "CallTimeout",
     "Cluster",
@@ -34,7 +31,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``pdlab.Dashboard`` on first use: ``import pdlab`` stays free of plotly and ipywidgets."""
+    """The heavier parts on first use: ``import pdlab`` (which every rank process does at
+    start-up) stays free of pandas, plotly and ipywidgets."""
+    if name in ("train", "expected_comm", "TrainResult"):
+        from pdlab import training
+
+        return getattr(training, name)
     if name == "Dashboard":
         from pdlab.dashboard import Dashboard
 

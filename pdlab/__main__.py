@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 from pdlab.models import MODELS
 from pdlab.parallel.base import IMPLS, OPTIMIZERS, STRATEGIES, TrainConfig
-from pdlab.train import TrainResult, train, validate
+from pdlab.training import TrainResult, train, validate
 
 RUN_FLAGS = (
     "strategy", "impl", "model", "steps", "batch_size", "micro_batches", "lr", "seed", "optimizer"

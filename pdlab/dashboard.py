@@ -33,7 +33,7 @@ from pdlab.cluster import Cluster
 from pdlab.comm import CommEvent
 from pdlab.models import MODELS
 from pdlab.parallel.base import IMPLS, TrainConfig
-from pdlab.train import TrainResult, expected_comm, results, train, validate
+from pdlab.training import TrainResult, expected_comm, results, train, validate
 
 # The strategy menu: value -> label. "fsdp" is ZeRO-3 with PyTorch's FSDP2 (see FIXED_IMPL).
 STRATEGY_MENU = {

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 
 from pdlab.parallel.base import TrainConfig
 from pdlab.parallel.pipeline import analytic_bubble, bubble_fraction
-from pdlab.train import TrainResult
+from pdlab.training import TrainResult
 
 Runs = Mapping[str, TrainResult] | Iterable[TrainResult]  # named runs, or names made up
 

@@ -7,7 +7,7 @@ import torch
 
 import pdlab
 from pdlab.parallel.base import TrainConfig
-from pdlab.train import train
+from pdlab.training import train
 
 STEPS, EVERY = 20, 10
 
@@ -22,7 +22,7 @@ def run_and_die_at(config, step: int):
     import signal
 
     from pdlab import runtime
-    from pdlab.train import run_on_rank
+    from pdlab.training import run_on_rank
 
     report = runtime.log
 

@@ -11,7 +11,7 @@ import pytest
 
 import pdlab
 from pdlab import plots
-from pdlab.train import train
+from pdlab.training import train
 
 SMALL = {"model": "mlp", "batch_size": 8}
 

@@ -6,7 +6,7 @@ import pytest
 
 from pdlab.comm import totals
 from pdlab.parallel.base import TrainConfig
-from pdlab.train import expected_comm, train, validate
+from pdlab.training import expected_comm, train, validate
 from tests.helpers import assert_parity, measured_per_step
 
 # SGD: see tests/test_tensor.py for why parity is checked with it.

@@ -9,7 +9,7 @@ from pdlab.comm import totals
 from pdlab.models import build_model
 from pdlab.parallel import pipeline
 from pdlab.parallel.base import Layout, TrainConfig
-from pdlab.train import expected_comm, run_on_rank, train, validate
+from pdlab.training import expected_comm, run_on_rank, train, validate
 
 CALL_TIMEOUT = 180  # a hung pipeline fails the test and the cluster2 stops its ranks
 

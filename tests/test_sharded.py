@@ -6,7 +6,7 @@ import pytest
 
 import pdlab
 from pdlab.comm import totals
-from pdlab.train import train
+from pdlab.training import train
 from tests.helpers import assert_parity, measured_per_step
 
 STEPS = 20

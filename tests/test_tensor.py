@@ -7,7 +7,7 @@ import torch
 
 from pdlab.comm import totals
 from pdlab.parallel.base import TrainConfig
-from pdlab.train import expected_comm, train, validate
+from pdlab.training import expected_comm, train, validate
 from tests.helpers import assert_parity, measured_per_step
 
 STEPS = 20

@@ -10,7 +10,7 @@ import pytest
 
 from pdlab.comm import totals
 from pdlab.parallel.base import TrainConfig
-from pdlab.train import IMPLEMENTATIONS, train, validate
+from pdlab.training import IMPLEMENTATIONS, train, validate
 from tests.helpers import assert_parity, measured_per_step
 
 STEPS = 20
@@ -134,7 +134,7 @@ def test_validate_delegates_shape_checks_to_the_strategy(changes, message):
     try:
         validate(TrainConfig(**{**changes, "model": "mlp", "micro_batches": 1, "world_size": 2}))
     except NotImplementedError:
-        pytest.skip(f"{config.strategy} is not registered in pdlab.train yet")
+        pytest.skip(f"{config.strategy} is not registered in pdlab.training yet")
     with pytest.raises(ValueError, match=message):
         validate(config)
 
