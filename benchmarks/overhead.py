@@ -34,13 +34,18 @@ PLAIN_DDP = textwrap.dedent(
     from torch.nn.parallel import DistributedDataParallel as DDP
     from pdlab.data import load_dataset
     from pdlab.models import build_model, loss_fn
+    from pdlab.parallel.data import BUCKET_BYTES  # the same DDP: the same buckets
 
     model_name, steps, batch, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     dist.init_process_group("nccl" if gpus >= int(os.environ["WORLD_SIZE"]) else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", rank % gpus) if gpus else torch.device("cpu")
-    model = DDP(build_model(model_name, 0).to(dev), device_ids=[dev.index] if dev.type == "cuda" else None)
+    model = DDP(
+        build_model(model_name, 0).to(dev),
+        device_ids=[dev.index] if dev.type == "cuda" else None,
+        bucket_cap_mb=BUCKET_BYTES / 2**20,
+    )
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     data = load_dataset(model_name, 0)
     times = []
@@ -58,6 +63,7 @@ PLAIN_DDP = textwrap.dedent(
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
     if rank == 0:
         print(json.dumps(t.tolist()))
+    dist.barrier()  # gloo may abort a rank whose peer tore down first
     dist.destroy_process_group()
     """
 )
@@ -99,19 +105,24 @@ def median_after_warmup(values) -> float:
 
 
 def overhead(cluster: pdlab.Cluster, args: argparse.Namespace) -> None:
+    """Median step time of pdlab.train's DDP and of plain DDP, alternating ``--repeats`` times
+    so that drift in the machine's load hits both sides alike."""
     world = cluster.world_size
     run = dict(model=args.model, steps=args.steps, batch_size=args.batch_size)
-    ours = median_after_warmup(
-        pdlab.train(cluster, strategy="dp", impl="torch", **run).steps.step_time
-    )
-    base = median_after_warmup(
-        plain_ddp_step_times(world, args.model, args.steps, args.batch_size, args.device)
+    ours, base = [], []
+    for _ in range(args.repeats):
+        result = pdlab.train(cluster, strategy="dp", impl="torch", **run)
+        ours.append(median_after_warmup(result.steps.step_time))
+        times = plain_ddp_step_times(world, args.model, args.steps, args.batch_size, args.device)
+        base.append(median_after_warmup(times))
+    ours_ms, base_ms = statistics.median(ours) * 1e3, statistics.median(base) * 1e3
+    print(
+        f"DDP, {args.model}, world {world}, batch {args.batch_size}, "
+        f"{cluster.device}/{cluster.backend}, median of {args.repeats} runs x {args.steps} steps:"
     )
     print(
-        f"DDP, {args.model}, world {world}, batch {args.batch_size}, {cluster.device}/{cluster.backend}:"
-    )
-    print(
-        f"  median step: pdlab.train {ours * 1e3:.2f} ms, plain torchrun {base * 1e3:.2f} ms, ratio {ours / base:.3f}"
+        f"  step: pdlab.train {ours_ms:.2f} ms, plain torchrun {base_ms:.2f} ms, "
+        f"ratio {ours_ms / base_ms:.3f}"
     )
 
 
@@ -155,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gpt")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

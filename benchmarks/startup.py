@@ -27,6 +27,7 @@ TORCHRUN_SCRIPT = textwrap.dedent(
     dist.barrier()
     if dist.get_rank() == 0:
         print(time.time(), flush=True)
+    dist.barrier()  # gloo may abort a rank whose peer tore down first
     dist.destroy_process_group()
     """
 )
