@@ -134,12 +134,21 @@ class RankInfo:
     ready: bool = False
     process: subprocess.Popen | None = field(default=None, repr=False)
     conn: Connection | None = field(default=None, repr=False)
+    lost: bool = False  # its connection ended (the only sign of life of an attached rank)
+    send_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def alive(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return self.conn is not None and not self.conn.closed
+        return self.conn is not None and not self.lost
+
+    def send(self, *message: Any) -> None:
+        """Send ``message`` to the rank, whole, from any thread; a closed rank is skipped."""
+        if self.conn is not None:
+            data = cloudpickle.dumps(message)
+            with self.send_lock, contextlib.suppress(OSError):
+                self.conn.send_bytes(data)
 
     def exit_reason(self) -> str:
         if self.process is None:
@@ -188,9 +197,8 @@ class _Processes:
 
     def close(self, polite: bool = True) -> None:
         for r in self.ranks:
-            if r.conn is not None and polite and r.alive:
-                with contextlib.suppress(OSError):
-                    r.conn.send_bytes(cloudpickle.dumps(("shutdown", 0, None)))
+            if polite and r.alive:
+                r.send("shutdown", 0, None)
         deadline = time.monotonic() + (5.0 if polite else 0.0)
         for r in self.ranks:
             if r.process is None:
@@ -255,6 +263,7 @@ class Cluster:
         self.metrics: list[dict[str, Any]] = []
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._calls = itertools.count(1)
+        self._busy = threading.Lock()  # one call at a time: replies share one event queue
         self._procs = _Processes()
         self._finalizer = weakref.finalize(self, self._procs.close, False)
         self.state = "stopped"
@@ -278,7 +287,12 @@ class Cluster:
                 "or the address is not this machine's. Pass port=0 to pick a free port."
             ) from exc
         self.port = procs.listener.getsockname()[1]
-        threading.Thread(target=self._accept, args=(procs.listener,), daemon=True).start()
+        # The connection threads hold no reference to this Cluster, so one that a notebook
+        # drops (re-running `cluster = pdlab.Cluster(2)`) is collected and its ranks stopped.
+        publish = weakref.WeakMethod(self._publish)
+        threading.Thread(
+            target=_accept, args=(procs, self._token, self._events, publish), daemon=True
+        ).start()
         self.state = "starting"
         _current = self
         if not self.attach:
@@ -328,45 +342,6 @@ class Cluster:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except OSError:  # listener closed: the cluster is shutting down
-                return
-            threading.Thread(target=self._handshake, args=(sock,), daemon=True).start()
-
-    def _handshake(self, sock: socket.socket) -> None:
-        """Mutual HMAC challenge first; a peer that fails it is dropped with nothing unpickled.
-
-        Each handshake has its own thread, so a peer that never answers blocks only itself.
-        """
-        conn = Connection(sock.detach())
-        try:
-            deliver_challenge(conn, self._token)
-            answer_challenge(conn, self._token)
-            kind, rank, pid, host = cloudpickle.loads(conn.recv_bytes())
-            info = self._procs.ranks[rank]
-            if kind != "hello" or info.conn is not None:
-                raise ValueError(f"unexpected {kind!r} from rank {rank}")
-        except Exception:
-            conn.close()
-            return
-        info.conn, info.pid, info.host = conn, pid, host
-        self._read(rank, conn)
-
-    def _read(self, rank: int, conn: Connection) -> None:
-        events = self._events
-        try:
-            while True:
-                message = cloudpickle.loads(conn.recv_bytes())
-                if message[0] == "metrics":
-                    self._publish(message[1])
-                else:
-                    events.put((rank, *message))
-        except (EOFError, OSError):
-            events.put((rank, "exit"))
 
     def _publish(self, record: dict[str, Any]) -> None:
         self.metrics.append(record)
@@ -418,6 +393,11 @@ class Cluster:
 
     def restart(self) -> None:
         """Stop every rank and start fresh ones with the same settings."""
+        if self.attach:
+            raise RuntimeError(
+                "attached ranks can't be restarted from the kernel: start them again with "
+                "torchrun and create a new Cluster(attach=True)"
+            )
         self._procs.close(polite=self.state == "running")
         self._broken_reason = None
         self._start()
@@ -445,7 +425,12 @@ class Cluster:
     def _torchrun_args(
         self, nnodes: int, nproc_per_node: int | None, rendezvous: str, host: str
     ) -> list[str]:
-        per_node = nproc_per_node or max(1, self.world_size // nnodes)
+        per_node = nproc_per_node or self.world_size // nnodes
+        if per_node * nnodes != self.world_size:
+            raise ValueError(
+                f"{nnodes} node(s) x {per_node} rank(s) is not world_size {self.world_size}: "
+                "pass nnodes and nproc_per_node whose product is the world size"
+            )
         return [
             f"--nnodes={nnodes}",
             f"--nproc-per-node={per_node}",
@@ -552,12 +537,20 @@ class Cluster:
             self.restart()
 
     def _send(self, rank: int, *message: Any) -> None:
-        conn = self._procs.ranks[rank].conn
-        if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.send_bytes(cloudpickle.dumps(message))
+        self._procs.ranks[rank].send(*message)
 
     def _call(self, kind: str, payload: Any, ranks: Sequence[int] | None, timeout: float | None):
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "this cluster is already running a call (a dashboard run?): wait for it or "
+                "stop it, then try again"
+            )
+        try:
+            return self._call_alone(kind, payload, ranks, timeout)
+        finally:
+            self._busy.release()
+
+    def _call_alone(self, kind, payload, ranks, timeout) -> list[Any]:
         self._ensure_running()
         targets = self._check_ranks(ranks)
         call_id = next(self._calls)
@@ -606,6 +599,46 @@ class Cluster:
         for (rank, stream), rest in list(self._partial.items()):
             if rest:
                 self._print(rank, stream, rest + "\n")
+
+
+def _accept(procs: _Processes, token: bytes, events: queue.Queue, publish: Callable) -> None:
+    listener = procs.listener
+    while listener is not None:
+        try:
+            sock, _ = listener.accept()
+        except OSError:  # listener closed: the cluster is shutting down
+            return
+        args = (sock, procs, token, events, publish)
+        threading.Thread(target=_handshake, args=args, daemon=True).start()
+
+
+def _handshake(sock: socket.socket, procs: _Processes, token: bytes, events, publish) -> None:
+    """Mutual HMAC challenge first; a peer that fails it is dropped with nothing unpickled.
+
+    Each handshake has its own thread, so a peer that never answers blocks only itself.
+    """
+    conn = Connection(sock.detach())
+    try:
+        deliver_challenge(conn, token)
+        answer_challenge(conn, token)
+        kind, rank, pid, host = cloudpickle.loads(conn.recv_bytes())
+        info = procs.ranks[rank]
+        if kind != "hello" or info.conn is not None:
+            raise ValueError(f"unexpected {kind!r} from rank {rank}")
+    except Exception:
+        conn.close()
+        return
+    info.conn, info.pid, info.host = conn, pid, host
+    try:
+        while True:
+            message = cloudpickle.loads(conn.recv_bytes())
+            if message[0] != "metrics":
+                events.put((rank, *message))
+            elif (deliver := publish()) is not None:
+                deliver(message[1])
+    except BaseException:  # closed, or a stream we can no longer read: the rank is gone
+        info.lost = True
+        events.put((rank, "exit"))
 
 
 # What a rank reports when a peer it was talking to vanished: a consequence, never the cause.

@@ -139,6 +139,26 @@ def _run_source(source: str, namespace: dict, call_id: int) -> Any:
     return None
 
 
+def _call(kind: str, call_id: int, payload: Any, namespace: dict, running: threading.Event):
+    """Run one call; always returns the reply to send (a result or the error's traceback)."""
+    try:
+        running.set()  # from here an interrupt may raise KeyboardInterrupt in user code
+        try:
+            if kind == "exec":
+                value = _run_source(payload, namespace, call_id)
+            else:
+                fn, args, kwargs = cloudpickle.loads(payload)
+                value = fn(*args, **kwargs)
+        finally:
+            running.clear()
+        try:
+            return ("result", call_id, cloudpickle.dumps(value))
+        except Exception as exc:
+            raise TypeError(f"the return value can't be pickled back to the kernel: {exc}") from exc
+    except BaseException as exc:  # KeyboardInterrupt too: report it, stay alive
+        return ("error", call_id, type(exc).__name__, "".join(traceback.format_exception(exc)))
+
+
 def _serve(channel: Channel, pump: OutputPump, rank: int) -> None:
     import pdlab
 
@@ -146,47 +166,36 @@ def _serve(channel: Channel, pump: OutputPump, rank: int) -> None:
     namespace: dict[str, Any] = {"__name__": "__pdlab__"}
     exec("import torch, torch.distributed as dist, pdlab", namespace)
     calls: queue.Queue = queue.Queue()
+    running = threading.Event()
     main_thread = threading.main_thread().ident
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        # Only user code is interrupted: a late interrupt must not tear a reply mid-send
+        # or kill the rank between calls.
+        if running.is_set():
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
 
     def read() -> None:
         try:
             while True:
                 message = cloudpickle.loads(channel.conn.recv_bytes())
                 if message[0] == "interrupt":
+                    # To the main thread, so a blocking call in user code wakes up (EINTR).
                     signal.pthread_kill(main_thread, signal.SIGINT)
                 elif message[0] == "abort":
                     os._exit(1)
                 else:
                     calls.put(message)
-        except (EOFError, OSError):
-            os._exit(1)  # the kernel is gone: nothing left to serve
+        except BaseException:
+            os._exit(1)  # the kernel is gone, or its stream is unreadable: nothing to serve
 
     threading.Thread(target=read, daemon=True).start()
-    while True:
-        try:
-            kind, call_id, payload = calls.get()
-        except KeyboardInterrupt:  # an interrupt that arrived between calls
-            continue
-        if kind == "shutdown":
-            return
-        try:
-            if kind == "exec":
-                value = _run_source(payload, namespace, call_id)
-            else:
-                fn, args, kwargs = cloudpickle.loads(payload)
-                value = fn(*args, **kwargs)
-            try:
-                result = cloudpickle.dumps(value)
-            except Exception as exc:
-                raise TypeError(
-                    f"the return value can't be pickled back to the kernel: {exc}"
-                ) from exc
-            pump.flush()
-            channel.send("result", call_id, result)
-        except BaseException as exc:  # KeyboardInterrupt too: report, stay alive
-            text = "".join(traceback.format_exception(exc))
-            pump.flush()
-            channel.send("error", call_id, type(exc).__name__, text)
+    while (call := calls.get())[0] != "shutdown":
+        reply = _call(*call, namespace, running)
+        pump.flush()
+        channel.send(*reply)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -347,3 +347,45 @@ def test_torchrun_nodes_attach_to_the_kernels_cluster():
         c.shutdown()
         codes = [n.wait(30) for n in nodes]
     assert codes == [0, 0]
+
+
+def test_a_second_concurrent_call_is_refused_not_lost(cluster):
+    threading.Timer(1.0, cluster.interrupt).start()
+    errors = []
+
+    def second_call():
+        time.sleep(0.3)
+        try:
+            cluster.run(pdlab.rank)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    other = threading.Thread(target=second_call)
+    other.start()
+    with pytest.raises(pdlab.RankError, match="KeyboardInterrupt"):
+        cluster.run(time.sleep, 30)
+    other.join()
+    assert errors and "already running a call" in errors[0]
+    assert cluster.run(pdlab.rank) == [0, 1]
+
+
+def test_a_dropped_cluster_stops_its_ranks():
+    import gc
+
+    c = pdlab.Cluster(2)
+    pids = pids_of(c)
+    c = pdlab.Cluster(2)  # as when a notebook cell is run again
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)
+    c.shutdown()
+
+
+def test_interrupts_between_calls_are_ignored(cluster):
+    before = pids_of(cluster)
+    for _ in range(20):
+        cluster.interrupt()
+    assert cluster.run(pdlab.rank) == [0, 1]
+    assert pids_of(cluster) == before
