@@ -28,9 +28,10 @@ from torch import nn
 from pdlab import models, runtime
 from pdlab.cluster import CallTimeout, Cluster, RankError
 from pdlab.data import load_dataset, points
-from pdlab.parallel.base import Layout, Mesh, TrainConfig
+from pdlab.parallel.base import Layout, TrainConfig
 from pdlab.parallel.pipeline import partition
 from pdlab.parallel.sharded import Zero1
+from pdlab.training import mesh_for
 
 TIMEOUT_S = 30.0  # a check whose ranks take longer is waiting in a collective a peer skipped
 TOLERANCE = 1e-5
@@ -100,6 +101,20 @@ def _run(cluster: Cluster, name: str, rank_fn: Callable, *args: Any) -> list | N
     return None
 
 
+def _splits(name: str, total: int, parts: int, what: str) -> bool:
+    """False, with a FAIL saying which cluster to use, when ``total`` won't split in ``parts``."""
+    if total % parts == 0:
+        return True
+    return report(
+        name,
+        False,
+        f"this check splits {total} {what} evenly over the ranks, and {parts} don't divide it",
+        f"a world size that divides {total}",
+        f"world size {parts}",
+        "run the check on a cluster of 2 or 4 ranks: pdlab.Cluster(2)",
+    )
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -158,6 +173,8 @@ def check_gradient_allreduce(cluster: Cluster, allreduce_gradients: Callable) ->
     """Check ``allreduce_gradients(params, group)``: afterwards every rank's ``p.grad`` must
     be the gradient of all 20 samples, as one process computes it."""
     name = "gradient all-reduce"
+    if not _splits(name, WORKED_SAMPLES, cluster.world_size, "samples"):
+        return False
     got = _run(cluster, name, _dp_on_rank, allreduce_gradients)
     if got is None:
         return False
@@ -208,6 +225,8 @@ def check_column_parallel(cluster: Cluster, column_parallel_forward: Callable) -
     """Check ``column_parallel_forward(x, linear, rank, world_size)``: rank r must return
     block r of the output's columns, ``Y_r = X A_r + b_r``, computed from its block alone."""
     name = "column-parallel linear"
+    if not _splits(name, _example_linear()[0].out_features, cluster.world_size, "columns"):
+        return False
     got = _run(cluster, name, _tp_on_rank, column_parallel_forward)
     if got is None:
         return False
@@ -315,6 +334,8 @@ def check_gpipe(cluster: Cluster, gpipe_step: Callable, micro_batches: int = 4) 
     """Check ``gpipe_step(stage, xs, ys, link)``: every stage runs all ``m`` forwards, then all
     ``m`` backwards, and ends with the gradients one process gets from the whole batch."""
     name, m = "GPipe step", micro_batches
+    if not _splits(name, PIPE_BATCH, m, "samples into micro-batches"):
+        return False
     got = _run(cluster, name, _gpipe_on_rank, gpipe_step, m)
     if got is None:
         return False
@@ -386,7 +407,7 @@ def _flat_params(model: nn.Module) -> torch.Tensor:
 
 def _zero1_on_rank(zero1_update: Callable) -> dict:
     config = _zero_config(runtime.world_size())
-    mesh = Mesh.create(Layout(dp=config.world_size), runtime.device())
+    mesh = mesh_for(Layout(dp=config.world_size), runtime.device())  # groups made once
     z = Zero1(models.build_model(config.model, config.seed), config, mesh)
     z.update = types.MethodType(zero1_update, z)
     data = load_dataset(config.model, config.seed)
@@ -421,6 +442,8 @@ def check_zero1(cluster: Cluster, zero1_update: Callable) -> bool:
     """Check ``zero1_update(z)`` (a ZeRO-1 step, see ``pdlab.parallel.sharded.Zero1``): after
     two SGD steps every rank must hold the parameters one process reaches on the whole batch."""
     name, n = "ZeRO-1 update", cluster.world_size
+    if not _splits(name, _zero_config(n).batch_size, n, "samples"):
+        return False
     got = _run(cluster, name, _zero1_on_rank, zero1_update)
     if got is None:
         return False
@@ -439,8 +462,8 @@ def check_zero1(cluster: Cluster, zero1_update: Callable) -> bool:
             )
         elif _close(params, _single_params(n * _zero_config(1).lr)):
             hint = (
-                f"the update is {n} times too big: the gradients were summed; reduce with "
-                "op=dist.ReduceOp.AVG (or divide by the group's size)"
+                f"the update is {n} times too big: the gradients were summed; divide the "
+                "reduced shard by the group's size"
             )
         elif _close(params[others], initial[others]):
             hint = (

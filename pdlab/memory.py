@@ -35,7 +35,9 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer | None) -> int:
 
 
 def peak_bytes(device: torch.device) -> int:
-    """Peak memory of this process: allocated CUDA memory on a GPU, else resident set size."""
+    """Peak memory: CUDA memory allocated during this run on a GPU (``run_on_rank`` resets
+    it); on a CPU the process's peak resident set size since it started, which the OS can't
+    reset, so on a warm cluster it includes earlier runs and ``import torch`` (~220 MB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -151,7 +151,8 @@ def expected_comm(config: TrainConfig) -> list[CommEvent]:
 _meshes: dict[tuple[Layout, torch.device], Mesh] = {}  # groups are made once per process
 
 
-def _mesh(layout: Layout, device: torch.device) -> Mesh:
+def mesh_for(layout: Layout, device: torch.device) -> Mesh:
+    """This process's mesh for ``layout``, built on first use (groups are made once)."""
     if (layout, device) not in _meshes:
         _meshes[layout, device] = Mesh.create(layout, device)
     return _meshes[layout, device]
@@ -172,7 +173,9 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
             f"{runtime.world_size()} ranks"
         )
     device = runtime.device()
-    mesh = _mesh(layout, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not the process's
+    mesh = mesh_for(layout, device)
     data = load_dataset(config.model, config.seed)
     strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
     first = checkpoint.load(strategy, config.checkpoint_dir) if config.resume else 0

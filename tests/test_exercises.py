@@ -40,7 +40,8 @@ def zero1_sum(z):
 
 def zero1_no_gather(z):
     grads = torch.nn.functional.pad(torch.cat([p.grad.flatten() for p in z.params]), (0, z.padding))
-    dist.reduce_scatter_tensor(z.owned.grad, grads, op=dist.ReduceOp.AVG, group=z.group)
+    dist.reduce_scatter_tensor(z.owned.grad, grads, group=z.group)
+    z.owned.grad /= z.group.size()
     z.optimizer.step()
 
 

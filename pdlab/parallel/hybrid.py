@@ -32,7 +32,6 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._composable.replicate_with_fsdp import replicate
 
 from pdlab.comm import CommEvent, event
 from pdlab.models import stage
@@ -45,6 +44,22 @@ from pdlab.parallel.tensor import DTensorParallel, TensorParallel
 # A Dense model's last layer is row-parallel, and DTensor hands back its output as a view of
 # the local tensor; nothing modifies it in place, so FSDP2's warning about views is moot.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def replicate(module: nn.Module, mesh) -> nn.Module:
+    """FSDP2's ``replicate`` (DDP over DTensor parameters; classic DDP refuses DTensors).
+
+    Imported here, not at the top: it is a private module that torch has only since 2.9, and
+    the scratch hybrids must keep working without it.
+    """
+    try:
+        from torch.distributed._composable.replicate_with_fsdp import replicate as fsdp_replicate
+    except ImportError as exc:
+        raise NotImplementedError(
+            f"impl='torch' hybrids need torch >= 2.9 (FSDP2's replicate); this is torch "
+            f"{torch.__version__}: use impl='scratch'"
+        ) from exc
+    return fsdp_replicate(module, mesh=mesh)
 
 
 def _pipeline_config(config: TrainConfig) -> TrainConfig:

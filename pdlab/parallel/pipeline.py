@@ -194,11 +194,15 @@ class Timeline:
 
 
 def bubble_fraction(events: list[dict]) -> float:
-    """Measured bubble: the idle share of ``p`` stages over the step, from all ranks' events."""
-    p = len({e["stage"] for e in events})
+    """Measured bubble: the idle share of the ranks' time over the step, from their events.
+
+    Events are told apart by ``rank`` where they carry it (several pipelines side by side, as
+    in ``dp-pp``), else by ``stage`` (one pipeline).
+    """
+    lanes = len({e.get("rank", e["stage"]) for e in events})
     span = max(e["end"] for e in events) - min(e["start"] for e in events)
     busy = sum(e["end"] - e["start"] for e in events)
-    return 1 - busy / (p * span)
+    return 1 - busy / (lanes * span)
 
 
 def analytic_bubble(p: int, m: int) -> float:

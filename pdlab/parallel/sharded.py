@@ -82,7 +82,8 @@ class Zero1(Single):
 
     def update(self) -> None:
         grads = nn.functional.pad(_flat([p.grad for p in self.params]), (0, self.padding))
-        reduce_scatter(self.owned.grad, grads, op=dist.ReduceOp.AVG, group=self.group)
+        reduce_scatter(self.owned.grad, grads, group=self.group)  # SUM: gloo's AVG is newer
+        self.owned.grad /= self.group.size()
         self.optimizer.step()
         # In place: the input is this rank's own slice of the output (NCCL and gloo allow it).
         all_gather(self.flat_param, self.owned.detach(), group=self.group)
@@ -156,7 +157,8 @@ class _GatherParams(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_full: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad_full.new_empty(grad_full.numel() // ctx.group.size())
-        reduce_scatter(grad, grad_full.contiguous(), op=dist.ReduceOp.AVG, group=ctx.group)
+        reduce_scatter(grad, grad_full.contiguous(), group=ctx.group)  # SUM: gloo's AVG is newer
+        grad /= ctx.group.size()
         return grad, None
 
 
