@@ -14,6 +14,8 @@ from importlib import resources
 
 import torch
 
+from pdlab.models import GPTConfig
+
 TEXT_FILE = "sonnets.txt"  # Shakespeare's sonnets (public domain), shipped in pdlab/assets/
 
 
@@ -44,11 +46,6 @@ def text_vocab_size() -> int:
 def encode(s: str) -> torch.Tensor:
     index = {c: i for i, c in enumerate(alphabet())}
     return torch.tensor([index[c] for c in s], dtype=torch.long)
-
-
-def decode(ids: torch.Tensor) -> str:
-    chars = alphabet()
-    return "".join(chars[i] for i in ids.tolist())
 
 
 def text_windows(block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +87,9 @@ class Dataset:
         return self.x[idx], self.y[idx]
 
 
-def load_dataset(model: str, seed: int = 0, n_points: int = 4096, block_size: int = 32) -> Dataset:
+def load_dataset(
+    model: str, seed: int = 0, n_points: int = 4096, block_size: int = GPTConfig.block_size
+) -> Dataset:
     """The data set that goes with ``model``: points for ``article``/``mlp``, text for ``gpt``."""
     if model == "gpt":
         x, y = text_windows(block_size)

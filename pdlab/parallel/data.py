@@ -22,6 +22,8 @@ Communication per step, S = the model's gradient bytes, N = the dp size (``expec
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -83,17 +85,21 @@ def allreduce_gradients(
 
 
 def allreduce_comm(
-    config: TrainConfig, layout: Layout, bucket_bytes: int = BUCKET_BYTES
+    layout: Layout, params_of: Callable[[int], list[torch.Tensor]], bucket_bytes: int = BUCKET_BYTES
 ) -> list[CommEvent]:
-    """One step of ``allreduce_gradients`` on every rank of a pure data-parallel layout."""
-    sizes = [
-        sum(map(_nbytes, b)) for b in buckets(list(meta_model(config).parameters()), bucket_bytes)
-    ]
+    """One step of ``allreduce_gradients`` over ``dp`` on every rank; rank ``r`` averages the
+    gradients of ``params_of(r)`` (the whole model in DP, its shard or stage in hybrids)."""
     return [
-        comm.event("all_reduce", s, "dp", layout.dp)
-        for _ in range(layout.world_size)
-        for s in sizes
+        comm.event("all_reduce", sum(map(_nbytes, bucket)), "dp", layout.dp)
+        for rank in range(layout.world_size)
+        for bucket in buckets(params_of(rank), bucket_bytes)
     ]
+
+
+def whole_model(config: TrainConfig) -> Callable[[int], list[torch.Tensor]]:
+    """``params_of`` for pure data parallelism: every rank holds every parameter."""
+    params = list(meta_model(config).parameters())
+    return lambda rank: params
 
 
 class DataParallel(Single):
@@ -116,7 +122,7 @@ class DataParallel(Single):
 
     @staticmethod
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
-        return allreduce_comm(config, layout)
+        return allreduce_comm(layout, whole_model(config))
 
 
 def _counted_allreduce_hook(group, bucket):
@@ -158,7 +164,7 @@ class DDP(Single):
     @staticmethod
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
         # DDP buckets by its own rule (its first bucket is smaller); the bytes are the same.
-        return allreduce_comm(config, layout)
+        return allreduce_comm(layout, whole_model(config))
 
 
 class ParameterServer(Single):

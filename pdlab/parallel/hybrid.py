@@ -26,18 +26,17 @@ Each replica's pipeline runs GPipe (``pp-gpipe``); ``micro_batches`` applies as 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pdlab.comm import CommEvent, event
+from pdlab.comm import CommEvent
 from pdlab.models import stage
 from pdlab.parallel import pipeline, tensor
 from pdlab.parallel.base import Layout, Mesh, TrainConfig, build_optimizer, meta_model
-from pdlab.parallel.data import BUCKET_BYTES, allreduce_gradients, buckets
+from pdlab.parallel.data import allreduce_comm, allreduce_gradients
 from pdlab.parallel.pipeline import Pipeline
 from pdlab.parallel.tensor import DTensorParallel, TensorParallel
 
@@ -76,17 +75,6 @@ def check(config: TrainConfig, layout: Layout) -> None:
         pipeline.check(_pipeline_config(config), layout)
 
 
-def gradient_allreduce(
-    layout: Layout, params_of: Callable[[int], list[torch.Tensor]]
-) -> list[CommEvent]:
-    """``allreduce_gradients`` over ``dp`` on every rank; rank ``r`` holds ``params_of(r)``."""
-    return [
-        event("all_reduce", sum(p.nbytes for p in bucket), "dp", layout.dp)
-        for rank in range(layout.world_size)
-        for bucket in buckets(params_of(rank), BUCKET_BYTES)
-    ]
-
-
 class _AverageOverDP:
     """``update``: average this rank's gradients over its ``dp`` group, then step."""
 
@@ -103,7 +91,7 @@ class DataTensorParallel(_AverageOverDP, TensorParallel):
         """TP's f/g all-reduces on a ``B/dp`` shard, plus each rank's ``1/tp`` of the gradient."""
         shard = tensor.shard_scratch(meta_model(config), Mesh(layout, torch.device("meta")))
         params = list(shard.parameters())  # every tp rank's shards have the same sizes
-        return tensor.expected_comm(config, layout) + gradient_allreduce(layout, lambda _: params)
+        return tensor.expected_comm(config, layout) + allreduce_comm(layout, lambda _: params)
 
 
 class DataDTensorParallel(DTensorParallel):
@@ -129,7 +117,7 @@ class DataPipelineParallel(_AverageOverDP, Pipeline):
             list(stage(model, start, stop).parameters())
             for start, stop in pipeline.partition(model, layout.pp)
         ]
-        return pipeline.expected_comm(_pipeline_config(config), layout) + gradient_allreduce(
+        return pipeline.expected_comm(_pipeline_config(config), layout) + allreduce_comm(
             layout, lambda rank: stages[layout.coords(rank)[1]]
         )
 
