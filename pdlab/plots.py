@@ -5,7 +5,7 @@ Runs are ``pdlab.train`` results (``TrainResult``); several overlay as one trace
     runs = [pdlab.train(cluster, strategy=s, model="gpt") for s in ("dp", "zero3")]
     plots.loss(runs)              # loss vs step, one line per run
     plots.comm(runs[1])           # bytes per step by op, measured beside the formula
-    plots.timeline(cluster.metrics)   # the last pipeline step, F/B per rank
+    plots.timeline(result.timeline)   # the last pipeline step, F/B per rank
 
 Every function returns a ``go.Figure``; ``go.FigureWidget(fig)`` makes it live. Bars are
 placed and stacked explicitly (``offset``, ``base``), not by the figure-wide ``barmode``, so
@@ -143,7 +143,8 @@ def timeline_records(records: Sequence[dict], step: int | None = None) -> list[d
 def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
     """A pipeline step as a Gantt chart: each rank's forward (F) and backward (B) micro-batches.
 
-    ``records`` are ``pdlab.log`` records (``cluster.metrics``); the latest step every rank
+    ``records`` carry ``rank``, ``step`` and ``timeline``: a ``TrainResult.timeline``, or
+    ``pdlab.log`` records as they stream (``cluster.metrics``); the latest step every rank
     reported is drawn unless ``step`` is given. The title compares the measured bubble (idle
     share of the stages) with GPipe's ``(p-1)/(m+p-1)`` for ``p`` stages and ``m`` micro-batches.
     """

@@ -228,6 +228,8 @@ class TrainResult:
     state_dict: dict[str, torch.Tensor] | None  # rank 0's full parameters, if asked for
     final_loss: float
     max_rank_param_bytes: int
+    # Pipelines: {"rank", "step", "timeline": [F/B events]} a rank and step (pdlab.plots.timeline)
+    timeline: list[dict]
 
     def __repr__(self) -> str:
         c = self.config
@@ -285,6 +287,12 @@ def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent])
         outputs[0]["state_dict"],
         float(steps.loss.iloc[-1]),
         int(mem.param_bytes.max()),
+        [
+            {"rank": out["rank"], "step": rec["step"], "timeline": rec["timeline"]}
+            for out in outputs
+            for rec in out["records"]
+            if rec["timeline"]
+        ],
     )
 
 
