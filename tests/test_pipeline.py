@@ -165,3 +165,16 @@ def test_expected_comm_is_registered_for_every_impl():
             for m in (2, 4):
                 config = TrainConfig(strategy=strategy, impl=impl, micro_batches=m, world_size=2)
                 assert totals(expected_comm(config)) == {("send", "pp"): (16384, 16384.0)}
+
+
+def test_result_carries_every_ranks_timeline(cluster2):
+    result = train(cluster2, strategy="pp-1f1b", micro_batches=2, steps=2, model="mlp")
+    assert sorted((r["rank"], r["step"]) for r in result.timeline) == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
+    for record in result.timeline:
+        assert sorted(e["phase"] for e in record["timeline"]) == ["B", "B", "F", "F"]
+    assert train(cluster2, strategy="dp", steps=1).timeline == []
