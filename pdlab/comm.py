@@ -305,11 +305,3 @@ class CommMeter:
                 del _group_names[key]
             else:
                 _group_names[key] = name
-
-    @property
-    def payload_bytes(self) -> int:
-        return sum(e.payload_bytes for e in self.events)
-
-    @property
-    def bus_bytes(self) -> float:
-        return sum(e.bus_bytes for e in self.events)
