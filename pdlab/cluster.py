@@ -6,11 +6,13 @@ to every rank and returns the results ordered by rank, printing each rank's outp
 ``[rank r] ...``. Warm calls cost a loopback round trip, not a process start.
 
 Failure policy, in one place: when a rank raises, dies or times out, the others get a short
-grace period to finish. If they all do, the group is healthy and the cluster stays as it is.
+grace period to finish. If they all do, and every process group's members issued the same
+number of operations, the group is healthy and the cluster stays as it is (namespaces too).
 If some are still running (typically blocked in a collective, waiting for the rank that
-failed), the group cannot be trusted any more: every rank is stopped, the error names the
-rank that failed first (not a peer's "connection closed"), and the next ``run`` starts fresh
-ranks by itself (``restart()`` does it explicitly). Rank namespaces are lost then.
+failed) or the ranks stopped at different collectives, the group cannot be trusted any more:
+every rank is stopped, the error names the rank that failed first (not a peer's "connection
+closed"), and the next ``run`` starts fresh ranks by itself (``restart()`` does it
+explicitly). Rank namespaces are lost then.
 """
 
 from __future__ import annotations
@@ -38,16 +40,20 @@ from typing import Any
 
 import cloudpickle
 
+from pdlab.runtime import collective_counts
+
 BACKENDS = ("gloo", "nccl")
 DEVICES = ("cpu", "cuda")
 START_TIMEOUT_S = 120.0
 GRACE_S = 1.0  # how long peers of a failed rank may take to finish before the group is reset
+CHECK_S = 10.0  # for idle ranks to say how many collectives they issued
 
 # Ranks are started from this one long-lived thread: Linux's parent-death signal fires when
 # the *thread* that started a child exits, so a cluster built from a short-lived thread (a
 # dashboard callback) must not be the parent thread of its ranks.
 _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdlab-spawner")
 _current: Cluster | None = None
+_COUNT_COLLECTIVES = cloudpickle.dumps((collective_counts, (), {}))
 
 
 class RankError(RuntimeError):
@@ -562,7 +568,7 @@ class Cluster:
         except KeyboardInterrupt:
             self.interrupt()
             waiter.finish_within(GRACE_S * 3)
-            self._reset_if(waiter.pending, "interrupted while ranks were running")
+            self._settle(waiter.pending, "interrupted while ranks were running")
             raise
         finally:
             self._flush_output()
@@ -576,10 +582,46 @@ class Cluster:
             raise ValueError(f"no rank(s) {bad}: this cluster has ranks 0..{self.world_size - 1}")
         return sorted(set(ranks))
 
-    def _reset_if(self, out_of_step: bool | set[int], reason: str) -> None:
-        """Stop every rank when the group is out of step (ranks still running, or lost)."""
-        if not out_of_step:
-            return
+    def _settle(self, stuck: bool | set[int], reason: str) -> str:
+        """After a failed call, keep the group only if it is still in step; else stop every rank.
+
+        Out of step: ranks still running (typically blocked in a collective), or members of a
+        process group that stopped after different numbers of operations (an async all-reduce
+        one rank issued and the other never did): their next collective would pair with the
+        stale one and hang. Returns a sentence for the error message when that was the case.
+        """
+        skew = "" if stuck else self._out_of_step()
+        if stuck or skew:
+            self._reset(f"{reason}; ranks at different collectives" if skew else reason)
+        if not skew:
+            return ""
+        return (
+            f"\nThe ranks stopped at different collectives ({skew}), so their next collective "
+            "would hang: the cluster restarts on the next run (rank namespaces are lost)."
+        )
+
+    def _out_of_step(self) -> str:
+        """Which process groups' members have issued different numbers of operations, if any."""
+        call_id = next(self._calls)
+        targets = list(range(self.world_size))
+        for r in targets:
+            self._send(r, "call", call_id, _COUNT_COLLECTIVES)
+        waiter = _CallWaiter(self, call_id, targets, None)
+        waiter.finish_within(CHECK_S)
+        if waiter.pending or waiter.failures:
+            return "the ranks did not answer how many collectives they issued"
+        by_group: dict[str, dict[int, int]] = {}
+        for rank, counts in sorted(waiter.results.items()):
+            for group, count in counts.items():
+                by_group.setdefault(group, {})[rank] = count
+        return "; ".join(
+            f"group {group!r}: " + ", ".join(f"rank {r} after {n}" for r, n in counts.items())
+            for group, counts in by_group.items()
+            if len(set(counts.values())) > 1
+        )
+
+    def _reset(self, reason: str) -> None:
+        """Stop every rank; the next run starts fresh ones."""
         for r in self._procs.ranks:
             self._send(r.rank, "abort")
         self._procs.close(polite=False)
@@ -703,7 +745,7 @@ class _CallWaiter:
             )
         # A death or a lost connection leaves the group unusable even when no rank is running.
         lost = any(how != 1 for _, how, _ in self.failures)
-        self.cluster._reset_if(self.pending or lost, f"rank {rank} failed")
+        message += self.cluster._settle(self.pending or lost, f"rank {rank} failed")
         raise RankError(rank, message)
 
     def _timed_out(self) -> dict[int, Any]:
@@ -711,13 +753,11 @@ class _CallWaiter:
         for r in running:
             self.cluster._send(r, "interrupt")
         self.finish_within(GRACE_S * 3)
-        self.cluster._reset_if(self.pending, f"a call timed out on ranks {running}")
+        stuck = bool(self.pending)
+        skew = self.cluster._settle(self.pending, f"a call timed out on ranks {running}")
         raise CallTimeout(
             running,
             f"ranks {running} did not finish in time; they were interrupted"
-            + (
-                " and, stuck, stopped: the cluster restarts on the next run."
-                if self.pending
-                else "."
-            ),
+            + (" and, stuck, stopped: the cluster restarts on the next run." if stuck else ".")
+            + skew,
         )

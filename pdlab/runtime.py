@@ -46,6 +46,21 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def collective_counts() -> dict[str, int]:
+    """How many operations (collectives and point-to-point) each of this rank's process groups
+    has issued, by group name.
+
+    After a failed call the kernel compares them across ranks: members of one group that
+    stopped at different counts would pair their next collective with a stale one and hang.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return {}
+    from torch.distributed import distributed_c10d as c10d
+
+    world = c10d._world
+    return {world.pg_names[pg]: pg._get_sequence_number_for_group() for pg in world.pg_map}
+
+
 def log(**metrics: Any) -> None:
     """Stream a metrics record (stamped with ``rank`` and ``time``) to the kernel."""
     record = {"rank": rank(), "time": time.time(), **metrics}

@@ -118,6 +118,27 @@ def test_error_while_peers_wait_in_a_collective_names_the_raising_rank(cluster):
     assert cluster.run(all_reduce_rank_sum) == [9.0, 9.0]
 
 
+def test_ranks_that_stop_at_different_collectives_get_a_fresh_group(cluster):
+    # What a Stop during bucketed all-reduces can do: one rank launched one more async
+    # all-reduce than its peer, then both raised. Nothing is left running, yet the next
+    # all-reduce would pair with the stale one and hang.
+    def one_extra_async_all_reduce():
+        import torch
+        import torch.distributed as dist
+
+        if pdlab.rank() == 1:
+            dist.all_reduce(torch.ones(1), async_op=True)
+        raise KeyboardInterrupt
+
+    before = pids_of(cluster)
+    with pytest.raises(pdlab.RankError) as info:
+        cluster.run(one_extra_async_all_reduce)
+    assert "stopped at different collectives" in str(info.value)
+    assert "rank 0 after" in str(info.value) and "rank 1 after" in str(info.value)
+    assert cluster.run(all_reduce_rank_sum, timeout=30) == [9.0, 9.0]
+    assert not set(pids_of(cluster)) & set(before)  # fresh ranks
+
+
 def test_sigkilled_rank_is_reported_not_hung(cluster):
     victim = pids_of(cluster)[1]
 
