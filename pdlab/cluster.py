@@ -40,20 +40,16 @@ from typing import Any
 
 import cloudpickle
 
-from pdlab.runtime import collective_counts
-
 BACKENDS = ("gloo", "nccl")
 DEVICES = ("cpu", "cuda")
 START_TIMEOUT_S = 120.0
 GRACE_S = 1.0  # how long peers of a failed rank may take to finish before the group is reset
-CHECK_S = 10.0  # for idle ranks to say how many collectives they issued
 
 # Ranks are started from this one long-lived thread: Linux's parent-death signal fires when
 # the *thread* that started a child exits, so a cluster built from a short-lived thread (a
 # dashboard callback) must not be the parent thread of its ranks.
 _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdlab-spawner")
 _current: Cluster | None = None
-_COUNT_COLLECTIVES = cloudpickle.dumps((collective_counts, (), {}))
 
 
 class RankError(RuntimeError):
@@ -283,6 +279,8 @@ class Cluster:
         self._token = secrets.token_hex(32).encode()
         self._events: queue.Queue = queue.Queue()
         self._partial: dict[tuple[int, str], str] = {}
+        # Each rank's operations per process group when the ranks were last known in step.
+        self._in_step_counts: dict[int, dict[str, int]] = {}
         procs = self._procs
         procs.ranks = [RankInfo(r) for r in range(self.world_size)]
         try:
@@ -372,6 +370,7 @@ class Cluster:
                 rank, kind, rest = -1, "", []
             if kind == "ready":
                 ranks[rank].ready = True
+                self._in_step_counts[rank] = rest[-1]
             elif kind == "out":
                 self._print(rank, *rest)
             elif kind == "failed":
@@ -565,10 +564,11 @@ class Cluster:
         waiter = _CallWaiter(self, call_id, targets, timeout)
         try:
             results = waiter.wait()
+            self._in_step_counts.update(waiter.counts)
         except KeyboardInterrupt:
             self.interrupt()
             waiter.finish_within(GRACE_S * 3)
-            self._settle(waiter.pending, "interrupted while ranks were running")
+            self._settle(waiter.pending, "interrupted while ranks were running", waiter.counts)
             raise
         finally:
             self._flush_output()
@@ -582,42 +582,40 @@ class Cluster:
             raise ValueError(f"no rank(s) {bad}: this cluster has ranks 0..{self.world_size - 1}")
         return sorted(set(ranks))
 
-    def _settle(self, stuck: bool | set[int], reason: str) -> str:
+    def _settle(self, stuck: bool | set[int], reason: str, counts: dict[int, dict]) -> str:
         """After a failed call, keep the group only if it is still in step; else stop every rank.
 
         Out of step: ranks still running (typically blocked in a collective), or members of a
-        process group that stopped after different numbers of operations (an async all-reduce
-        one rank issued and the other never did): their next collective would pair with the
-        stale one and hang. Returns a sentence for the error message when that was the case.
+        process group that issued different numbers of operations since the last good call
+        (an async all-reduce one rank launched and its peer never did): their next collective
+        would pair with the stale one and hang. ``counts`` are the replies' operation counts.
+        Returns a sentence for the error message when the ranks were at different collectives.
         """
-        skew = "" if stuck else self._out_of_step()
+        skew = "" if stuck else self._skew(counts)
         if stuck or skew:
             self._reset(f"{reason}; ranks at different collectives" if skew else reason)
-        if not skew:
-            return ""
-        return (
-            f"\nThe ranks stopped at different collectives ({skew}), so their next collective "
-            "would hang: the cluster restarts on the next run (rank namespaces are lost)."
-        )
+            return skew and (
+                f"\nThe ranks stopped at different collectives ({skew}), so their next "
+                "collective would hang: the cluster restarts on the next run (rank namespaces "
+                "are lost)."
+            )
+        self._in_step_counts.update(counts)
+        return ""
 
-    def _out_of_step(self) -> str:
-        """Which process groups' members have issued different numbers of operations, if any."""
-        call_id = next(self._calls)
-        targets = list(range(self.world_size))
-        for r in targets:
-            self._send(r, "call", call_id, _COUNT_COLLECTIVES)
-        waiter = _CallWaiter(self, call_id, targets, None)
-        waiter.finish_within(CHECK_S)
-        if waiter.pending or waiter.failures:
-            return "the ranks did not answer how many collectives they issued"
-        by_group: dict[str, dict[int, int]] = {}
-        for rank, counts in sorted(waiter.results.items()):
-            for group, count in counts.items():
-                by_group.setdefault(group, {})[rank] = count
+    def _skew(self, counts: dict[int, dict[str, int]]) -> str:
+        """Which process groups' members issued different numbers of operations since they were
+        last known in step ('' if none). Point-to-point ops count too, so an uneven pipeline
+        interrupted mid-schedule is reset as well, which it needs."""
+        issued: dict[str, dict[int, int]] = {}
+        for rank, now in sorted(counts.items()):
+            before = self._in_step_counts.get(rank, {})
+            for group, count in now.items():
+                issued.setdefault(group, {})[rank] = count - before.get(group, 0)
         return "; ".join(
-            f"group {group!r}: " + ", ".join(f"rank {r} after {n}" for r, n in counts.items())
-            for group, counts in by_group.items()
-            if len(set(counts.values())) > 1
+            f"since the last good call, group {group!r}: "
+            + ", ".join(f"rank {r} issued {n} op(s)" for r, n in per_rank.items())
+            for group, per_rank in issued.items()
+            if len(set(per_rank.values())) > 1
         )
 
     def _reset(self, reason: str) -> None:
@@ -694,6 +692,7 @@ class _CallWaiter:
         self.cluster, self.call_id = cluster, call_id
         self.pending = set(ranks)
         self.results: dict[int, Any] = {}
+        self.counts: dict[int, dict[str, int]] = {}  # each reply's operations per process group
         self.failures: list[tuple[int, int, str]] = []  # (rank, how telling, message)
         self.deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -710,6 +709,7 @@ class _CallWaiter:
             self.failures.append((rank, 0, f"rank {rank} died: {reason}"))
         elif kind in ("result", "error") and rest[0] == self.call_id:
             self.pending.discard(rank)
+            self.counts[rank] = rest[-1]
             if kind == "result":
                 self.results[rank] = cloudpickle.loads(rest[1])
             else:
@@ -745,7 +745,7 @@ class _CallWaiter:
             )
         # A death or a lost connection leaves the group unusable even when no rank is running.
         lost = any(how != 1 for _, how, _ in self.failures)
-        message += self.cluster._settle(self.pending or lost, f"rank {rank} failed")
+        message += self.cluster._settle(self.pending or lost, f"rank {rank} failed", self.counts)
         raise RankError(rank, message)
 
     def _timed_out(self) -> dict[int, Any]:
@@ -754,7 +754,9 @@ class _CallWaiter:
             self.cluster._send(r, "interrupt")
         self.finish_within(GRACE_S * 3)
         stuck = bool(self.pending)
-        skew = self.cluster._settle(self.pending, f"a call timed out on ranks {running}")
+        skew = self.cluster._settle(
+            self.pending, f"a call timed out on ranks {running}", self.counts
+        )
         raise CallTimeout(
             running,
             f"ranks {running} did not finish in time; they were interrupted"

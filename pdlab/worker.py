@@ -188,6 +188,8 @@ def _serve(channel: Channel, pump: OutputPump, rank: int) -> None:
                     os._exit(1)
                 else:
                     calls.put(message)
+                    if message[0] == "shutdown":
+                        return  # the kernel may close the connection now: that is no error
         except BaseException:
             os._exit(1)  # the kernel is gone, or its stream is unreadable: nothing to serve
 
@@ -195,7 +197,8 @@ def _serve(channel: Channel, pump: OutputPump, rank: int) -> None:
     while (call := calls.get())[0] != "shutdown":
         reply = _call(*call, namespace, running)
         pump.flush()
-        channel.send(*reply)
+        # The kernel compares these after a failed call to tell if the group is still in step.
+        channel.send(*reply, pdlab.runtime.collective_counts())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         pump.flush()
         channel.send("failed", "".join(traceback.format_exception(exc)))
         raise SystemExit(1) from exc
-    channel.send("ready", args.rank)
+    from pdlab.runtime import collective_counts  # torch is loaded by now
+
+    channel.send("ready", args.rank, collective_counts())
     _serve(channel, pump, args.rank)
     import torch.distributed as dist
 
