@@ -237,6 +237,9 @@ class Cluster:
         host, port: where the control channel listens (loopback and a free port by default;
             attaching from other hosts needs an address they can reach).
         threads: CPU threads per rank (default: the cores shared evenly between ranks).
+        keep_metrics: ``metrics`` keeps at least this many of the latest ``pdlab.log``
+            records; older ones are dropped in batches (a long run streams one a step and
+            rank; ``pdlab.train`` builds its result from the ranks' return values instead).
     """
 
     def __init__(
@@ -250,6 +253,7 @@ class Cluster:
         host: str = "127.0.0.1",
         port: int = 0,
         threads: int | None = None,
+        keep_metrics: int = 20_000,
     ):
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a whole number >= 1, got {world_size!r}")
@@ -263,6 +267,7 @@ class Cluster:
         self.host, self.requested_port, self.port = host, port, port
         self.threads = threads or max(1, (os.cpu_count() or 1) // world_size)
         self.metrics: list[dict[str, Any]] = []
+        self.keep_metrics = keep_metrics
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._calls = itertools.count(1)
         self._busy = threading.Lock()  # one call at a time: replies share one event queue
@@ -349,6 +354,9 @@ class Cluster:
 
     def _publish(self, record: dict[str, Any]) -> None:
         self.metrics.append(record)
+        if len(self.metrics) > 2 * self.keep_metrics:
+            # In place, and a list, not a deque: a notebook may iterate while records arrive.
+            del self.metrics[: -self.keep_metrics]
         for callback in list(self._subscribers):
             try:
                 callback(record)

@@ -81,6 +81,13 @@ def test_metrics_are_collected_and_pushed_to_subscribers(cluster):
     assert seen[-1] in cluster.metrics
 
 
+def test_metrics_keep_the_latest_records_only():
+    with pdlab.Cluster(1, keep_metrics=5) as c:
+        c.run(lambda: [pdlab.log(value=i) for i in range(12)])
+        assert 5 <= len(c.metrics) <= 10
+        assert [r["value"] for r in c.metrics][-5:] == [7, 8, 9, 10, 11]
+
+
 def test_error_without_a_stuck_peer_keeps_the_cluster(cluster):
     before = pids_of(cluster)
 
