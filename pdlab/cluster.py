@@ -603,9 +603,9 @@ class Cluster:
         if stuck or skew:
             self._reset(f"{reason}; ranks at different collectives" if skew else reason)
             return skew and (
-                f"\nThe ranks stopped at different collectives ({skew}), so their next "
-                "collective would hang: the cluster restarts on the next run (rank namespaces "
-                "are lost)."
+                f"\nThe ranks stopped at different collectives (since the last good call, "
+                f"{skew}), so their next collective would hang: the cluster restarts on the "
+                "next run (rank namespaces are lost)."
             )
         self._in_step_counts.update(counts)
         return ""
@@ -620,7 +620,7 @@ class Cluster:
             for group, count in now.items():
                 issued.setdefault(group, {})[rank] = count - before.get(group, 0)
         return "; ".join(
-            f"since the last good call, group {group!r}: "
+            f"group {group!r}: "
             + ", ".join(f"rank {r} issued {n} op(s)" for r, n in per_rank.items())
             for group, per_rank in issued.items()
             if len(set(per_rank.values())) > 1
