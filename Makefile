@@ -10,8 +10,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements-dev.txt -e .
 	touch $@
 
+# JupyterLab refuses to run as root (containers, cloud notebooks, CI runners) unless told it
+# may, and opens a browser only where there is a screen to show it on.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+BROWSER_FLAG := $(if $(DISPLAY)$(WAYLAND_DISPLAY)$(filter Darwin,$(shell uname -s)),,--no-browser)
+
 lab: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab --ip 127.0.0.1 labs/
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 $(ROOT_FLAG) $(BROWSER_FLAG) labs/
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -5,14 +5,18 @@ and stay up; ``run(fn)`` ships ``fn`` (cloudpickled, so notebook functions and c
 to every rank and returns the results ordered by rank, printing each rank's output live as
 ``[rank r] ...``. Warm calls cost a loopback round trip, not a process start.
 
-Failure policy, in one place: when a rank raises, dies or times out, the others get a short
-grace period to finish. If they all do, and every process group's members issued the same
-number of operations, the group is healthy and the cluster stays as it is (namespaces too).
-If some are still running (typically blocked in a collective, waiting for the rank that
-failed) or the ranks stopped at different collectives, the group cannot be trusted any more:
-every rank is stopped, the error names the rank that failed first (not a peer's "connection
-closed"), and the next ``run`` starts fresh ranks by itself (``restart()`` does it
-explicitly). Rank namespaces are lost then.
+Where the rest lives: ``launcher.py`` starts rank processes (and writes torchrun commands),
+``control.py`` accepts and reads their connections, ``protocol.py`` defines the messages,
+``output.py`` prints their output. This file holds the public API and the failure policy.
+
+Failure policy, in one place (``_Call`` below): when a rank raises, dies or times out, the
+others get a short grace period to finish. If they all do, and every process group's members
+issued the same number of operations, the group is healthy and the cluster stays as it is
+(namespaces too). If some are still running (typically blocked in a collective, waiting for
+the rank that failed) or the ranks stopped at different collectives, the group cannot be
+trusted any more: every rank is stopped, the error names the rank that failed first (not a
+peer's "connection closed"), and the next ``run`` starts fresh ranks by itself (``restart()``
+does it explicitly). Rank namespaces are lost then.
 """
 
 from __future__ import annotations
@@ -22,42 +26,46 @@ import itertools
 import os
 import queue
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 
-BACKENDS = ("gloo", "nccl")
-DEVICES = ("cpu", "cuda")
+from pdlab import launcher, protocol
+from pdlab.control import ControlServer, RankLink
+from pdlab.launcher import choose_backend
+from pdlab.output import RankOutput
+
+__all__ = ["CallTimeout", "Cluster", "ClusterStatus", "RankError", "choose_backend", "current"]
+
 START_TIMEOUT_S = 120.0
 GRACE_S = 1.0  # how long peers of a failed rank may take to finish before the group is reset
 
-# Ranks are started from this one long-lived thread: Linux's parent-death signal fires when
-# the *thread* that started a child exits, so a cluster built from a short-lived thread (a
-# dashboard callback) must not be the parent thread of its ranks.
-_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdlab-spawner")
 _current: Cluster | None = None
 
 
 class RankError(RuntimeError):
-    """A rank failed: ``.rank`` is which, the message holds its remote traceback."""
+    """A rank failed a call.
 
-    def __init__(self, rank: int, message: str):
+    ``rank`` is the rank blamed; ``exc_type`` the name of the exception it raised (None if it
+    died); ``remote_traceback`` its traceback as text. The message holds all of it, and what
+    happened to the other ranks.
+    """
+
+    def __init__(
+        self, rank: int, message: str, exc_type: str | None = None, remote_traceback: str = ""
+    ):
         super().__init__(message)
         self.rank = rank
+        self.exc_type = exc_type
+        self.remote_traceback = remote_traceback
 
 
 class CallTimeout(TimeoutError):
@@ -75,96 +83,6 @@ def current() -> Cluster:
     return _current
 
 
-def choose_backend(
-    world_size: int, backend: str | None, device: str | None, gpus: int
-) -> tuple[str, str, str | None]:
-    """Pick ``(backend, device, warning)`` for ``world_size`` ranks on a host with ``gpus``.
-
-    NCCL when every rank has its own GPU; gloo with CUDA tensors when ranks must share GPUs
-    (NCCL refuses two ranks on one GPU); gloo on CPU without GPUs.
-    """
-    if backend not in (None, *BACKENDS):
-        raise ValueError(
-            f"unknown backend {backend!r}: use 'gloo' (CPU, or ranks sharing GPUs), "
-            "'nccl' (one GPU per rank), or None to choose automatically"
-        )
-    if device not in (None, *DEVICES):
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', or None for automatic")
-    if device is None:
-        device = "cuda" if gpus else "cpu"
-    if device == "cuda" and gpus == 0:
-        raise ValueError("device='cuda' but no GPU is visible: use device='cpu' (gloo)")
-    if backend == "nccl" and device == "cpu":
-        raise ValueError("NCCL runs on GPUs only: use backend='gloo' for device='cpu'")
-    if backend == "nccl" and gpus < world_size:
-        raise ValueError(
-            f"NCCL needs one GPU per rank: world_size={world_size} but {gpus} GPU(s) visible. "
-            f"Use world_size<={gpus}, or backend='gloo' so ranks share the GPU(s)"
-        )
-    if backend is None:
-        backend = "nccl" if device == "cuda" and gpus >= world_size else "gloo"
-    note = None
-    if device == "cuda" and backend == "gloo" and gpus < world_size:
-        note = (
-            f"pdlab: {world_size} ranks share {gpus} GPU(s) over gloo with CUDA tensors "
-            "(NCCL refuses two ranks on one GPU)"
-        )
-    return backend, device, note
-
-
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _loopback_interface() -> str | None:
-    """The loopback interface's name ("lo" on Linux), for GLOO_SOCKET_IFNAME."""
-    import socket
-
-    names = [name for _, name in socket.if_nameindex()]
-    return next((n for n in ("lo", "lo0") if n in names), None)
-
-
-@dataclass
-class RankInfo:
-    """One rank as the kernel sees it."""
-
-    rank: int
-    pid: int | None = None
-    host: str | None = None
-    ready: bool = False
-    process: subprocess.Popen | None = field(default=None, repr=False)
-    conn: Connection | None = field(default=None, repr=False)
-    lost: bool = False  # its connection ended (the only sign of life of an attached rank)
-    send_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def alive(self) -> bool:
-        if self.process is not None:
-            return self.process.poll() is None
-        return self.conn is not None and not self.lost
-
-    def send(self, *message: Any) -> None:
-        """Send ``message`` to the rank, whole, from any thread; a closed rank is skipped."""
-        if self.conn is not None:
-            data = cloudpickle.dumps(message)
-            with self.send_lock, contextlib.suppress(OSError):
-                self.conn.send_bytes(data)
-
-    def exit_reason(self) -> str:
-        if self.process is None:
-            return "its connection closed"
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(1)
-        code = self.process.returncode
-        if code is None:
-            return "its connection closed"
-        if code < 0:
-            return f"it was killed by {signal.Signals(-code).name}"
-        return f"it exited with code {code}"
-
-
 @dataclass
 class ClusterStatus:
     """What ``Cluster.status()`` reports; prints as a small table."""
@@ -174,7 +92,7 @@ class ClusterStatus:
     device: str
     state: str
     threads_per_rank: int
-    ranks: list[RankInfo]
+    ranks: list[RankLink]
 
     def __str__(self) -> str:
         lines = [
@@ -189,39 +107,35 @@ class ClusterStatus:
     __repr__ = __str__
 
 
-class _Processes:
-    """The resources a cluster must release; kept apart so a finalizer can reach them."""
+class _Resources:
+    """What one start of a cluster holds, kept apart so a finalizer can release it all."""
 
     def __init__(self) -> None:
-        self.ranks: list[RankInfo] = []
-        self.listener: socket.socket | None = None
-        self.tmpdir: str | None = None
+        self.links: list[RankLink] = []
+        self.server: ControlServer | None = None
+        self.local: launcher.LocalRanks | None = None
 
     def close(self, polite: bool = True) -> None:
-        for r in self.ranks:
-            if polite and r.alive:
-                r.send("shutdown", 0, None)
+        """Stop the ranks (asking first when ``polite``), then the channel and the temp dir."""
+        for link in self.links:
+            if polite and link.alive:
+                link.send(protocol.Shutdown())
         deadline = time.monotonic() + (5.0 if polite else 0.0)
-        for r in self.ranks:
-            if r.process is None:
+        for link in self.links:
+            if link.process is None:
                 continue
             with contextlib.suppress(subprocess.TimeoutExpired):
-                r.process.wait(max(0.0, deadline - time.monotonic()))
-            if r.process.poll() is None:
-                r.process.kill()  # only our own children, by PID
-                r.process.wait()
-        for r in self.ranks:
-            if r.conn is not None:
-                r.conn.close()
-        if self.listener is not None:
-            with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
-                self.listener.shutdown(socket.SHUT_RDWR)
-            self.listener.close()
-            self.listener = None
-        if self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = None
-        self.ranks = []
+                link.process.wait(max(0.0, deadline - time.monotonic()))
+            if link.process.poll() is None:
+                link.process.kill()  # only our own children, by PID
+                link.process.wait()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.local is not None:
+            self.local.remove()
+            self.local = None
+        self.links = []
 
 
 class Cluster:
@@ -257,7 +171,7 @@ class Cluster:
     ):
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a whole number >= 1, got {world_size!r}")
-        gpus = 0 if device == "cpu" else _visible_gpus()
+        gpus = 0 if device == "cpu" else launcher.visible_gpus()
         self.backend, self.device, note = choose_backend(world_size, backend, device, gpus)
         if note:
             warnings.warn(note, stacklevel=2)
@@ -271,8 +185,8 @@ class Cluster:
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._calls = itertools.count(1)
         self._busy = threading.Lock()  # one call at a time: replies share one event queue
-        self._procs = _Processes()
-        self._finalizer = weakref.finalize(self, self._procs.close, False)
+        self._resources = _Resources()
+        self._finalizer = weakref.finalize(self, self._resources.close, False)
         self.state = "stopped"
         self._broken_reason: str | None = None
         self._start()
@@ -283,76 +197,141 @@ class Cluster:
         global _current
         self._token = secrets.token_hex(32).encode()
         self._events: queue.Queue = queue.Queue()
-        self._partial: dict[tuple[int, str], str] = {}
+        self._output = RankOutput()
         # Each rank's operations per process group when the ranks were last known in step.
-        self._in_step_counts: dict[int, dict[str, int]] = {}
-        procs = self._procs
-        procs.ranks = [RankInfo(r) for r in range(self.world_size)]
-        try:
-            procs.listener = socket.create_server((self.host, self.requested_port))
-        except OSError as exc:
-            raise ValueError(
-                f"can't listen on {self.host}:{self.requested_port} ({exc.strerror}): the port is busy "
-                "or the address is not this machine's. Pass port=0 to pick a free port."
-            ) from exc
-        self.port = procs.listener.getsockname()[1]
-        # The connection threads hold no reference to this Cluster, so one that a notebook
+        self._in_step_counts: dict[int, protocol.Counts] = {}
+        res = self._resources
+        res.links = [RankLink(r) for r in range(self.world_size)]
+        # The control threads hold no reference to this Cluster, so one that a notebook
         # drops (re-running `cluster = pdlab.Cluster(2)`) is collected and its ranks stopped.
         publish = weakref.WeakMethod(self._publish)
-        threading.Thread(
-            target=_accept, args=(procs, self._token, self._events, publish), daemon=True
-        ).start()
+        res.server = ControlServer(
+            self.host, self.requested_port, self._token, res.links, self._events, publish
+        )
+        self.port = res.server.port
         self.state = "starting"
         _current = self
         if not self.attach:
-            procs.tmpdir = tempfile.mkdtemp(prefix="pdlab-")  # mode 0700: private to us
-            for r in procs.ranks:
-                r.process = _spawner.submit(self._spawn, r.rank).result()
+            settings = launcher.RankSettings(
+                self.world_size, self.backend, self.device, self.timeout, self.threads, self._token
+            )
+            res.local = launcher.LocalRanks(settings, self.port)
+            for link in res.links:
+                link.process = res.local.spawn(link.rank)
             self._wait_ready()
 
-    def _spawn(self, rank: int) -> subprocess.Popen:
-        import pdlab
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        links = self._resources.links
+        while not all(link.ready for link in links):
+            try:
+                rank, message = self._events.get(timeout=0.1)
+            except queue.Empty:
+                rank, message = -1, None
+            if isinstance(message, protocol.Ready):
+                links[rank].ready = True
+                self._in_step_counts[rank] = message.counts
+            elif isinstance(message, protocol.Output):
+                self._output.write(rank, message.stream, message.text)
+            elif isinstance(message, protocol.StartFailed):
+                self._fail_start(
+                    f"rank {rank} could not join the process group:\n{message.traceback}"
+                )
+            dead = next((r for r in links if r.process and r.process.poll() is not None), None)
+            if dead is not None:
+                self._fail_start(
+                    f"rank {dead.rank} died while starting ({dead.exit_reason()}). Its output:\n"
+                    + self._resources.local.startup_log(dead.rank)
+                )
+            if time.monotonic() > deadline:
+                waiting = [r.rank for r in links if not r.ready]
+                self._fail_start(f"ranks {waiting} did not start within {START_TIMEOUT_S:.0f} s")
+        self._output.flush()
+        self.state = "running"
 
-        assert self._procs.tmpdir is not None
-        env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(pdlab.__file__)))
-        paths = [package_root, os.getcwd(), env.get("PYTHONPATH", "")]
-        env.update(
-            PDLAB_TOKEN=self._token.decode(),
-            PYTHONPATH=os.pathsep.join(p for p in paths if p),
-            PYTHONUNBUFFERED="1",
-            OMP_NUM_THREADS=str(self.threads),
-            LOCAL_RANK=str(rank),
-        )
-        if lo := _loopback_interface():
-            env["GLOO_SOCKET_IFNAME"] = lo  # gloo binds the hostname's address otherwise
-        log = open(os.path.join(self._procs.tmpdir, f"rank{rank}.log"), "wb")  # noqa: SIM115
-        with log:
-            # A new session: the terminal's or Jupyter's process-group signals don't reach
-            # ranks directly; the kernel forwards interrupts itself.
-            return subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pdlab.worker",
-                    f"--connect=127.0.0.1:{self.port}",
-                    f"--rank={rank}",
-                    f"--world-size={self.world_size}",
-                    f"--backend={self.backend}",
-                    f"--device={self.device}",
-                    f"--store={os.path.join(self._procs.tmpdir, 'store')}",
-                    f"--timeout={self.timeout}",
-                    f"--threads={self.threads}",
-                    f"--parent-pid={os.getpid()}",
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+    def _fail_start(self, message: str) -> None:
+        self._resources.close(polite=False)
+        self.state = "stopped"
+        raise RuntimeError(message)
+
+    def restart(self) -> None:
+        """Stop every rank and start fresh ones with the same settings."""
+        if self.attach:
+            raise RuntimeError(
+                "attached ranks can't be restarted from the kernel: start them again with "
+                "torchrun and create a new Cluster(attach=True)"
             )
+        self._resources.close(polite=self.state == "running")
+        self._broken_reason = None
+        self._start()
 
-    def _publish(self, record: dict[str, Any]) -> None:
+    def shutdown(self) -> None:
+        """Stop every rank and release the port and temp files. Safe to call twice."""
+        global _current
+        self._resources.close(polite=self.state == "running")
+        self.state = "stopped"
+        if _current is self:
+            _current = None
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def status(self) -> ClusterStatus:
+        """Backend, device, state and every rank's process, as a printable table."""
+        state = self.state
+        if self._broken_reason:
+            state = f"{state} (will restart on next run: {self._broken_reason})"
+        return ClusterStatus(
+            self.world_size,
+            self.backend,
+            self.device,
+            state,
+            self.threads,
+            list(self._resources.links),
+        )
+
+    # ----- ranks on other hosts --------------------------------------------------------------
+
+    def attach_command(self, nnodes: int = 2, nproc_per_node: int | None = None) -> str:
+        """The torchrun command that starts this cluster's ranks on other hosts."""
+        import socket
+
+        host = socket.getfqdn() if self.host in ("0.0.0.0", "::", "") else self.host
+        args = self._torchrun_args(nnodes, nproc_per_node, "HOST0:29400", host)
+        return f"PDLAB_TOKEN={self._token.decode()} torchrun " + " ".join(args)
+
+    def launch_local_nodes(self, nnodes: int = 2) -> list[subprocess.Popen]:
+        """Start ``nnodes`` torchrun "nodes" on this machine that attach to this cluster.
+
+        A rehearsal of a multi-host run over loopback: the same command as
+        ``attach_command``, with torchrun's rendezvous on a free local port.
+        """
+        if not self.attach:
+            raise RuntimeError("launch_local_nodes needs a Cluster(..., attach=True)")
+        rendezvous = f"127.0.0.1:{launcher.free_loopback_port()}"
+        args = self._torchrun_args(nnodes, None, rendezvous, "127.0.0.1")
+        return launcher.launch_local_nodes(args, self._token, nnodes)
+
+    def _torchrun_args(
+        self, nnodes: int, nproc_per_node: int | None, rendezvous: str, host: str
+    ) -> list[str]:
+        return launcher.torchrun_args(
+            self.world_size,
+            nnodes,
+            nproc_per_node,
+            rendezvous,
+            f"{host}:{self.port}",
+            self.backend,
+            self.device,
+        )
+
+    # ----- metrics ---------------------------------------------------------------------------
+
+    def _publish(self, rank: int, message: protocol.Metrics) -> None:
+        record = cloudpickle.loads(message.record)
         self.metrics.append(record)
         if len(self.metrics) > 2 * self.keep_metrics:
             # In place, and a list, not a deque: a notebook may iterate while records arrive.
@@ -367,128 +346,6 @@ class Cluster:
         """Call ``callback(record)`` for every ``pdlab.log`` record; returns an unsubscribe."""
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        ranks = self._procs.ranks
-        while not all(r.ready for r in ranks):
-            try:
-                rank, kind, *rest = self._events.get(timeout=0.1)
-            except queue.Empty:
-                rank, kind, rest = -1, "", []
-            if kind == "ready":
-                ranks[rank].ready = True
-                self._in_step_counts[rank] = rest[-1]
-            elif kind == "out":
-                self._print(rank, *rest)
-            elif kind == "failed":
-                self._fail_start(f"rank {rank} could not join the process group:\n{rest[0]}")
-            dead = next((r for r in ranks if r.process and r.process.poll() is not None), None)
-            if dead is not None:
-                self._fail_start(self._startup_failure(dead))
-            if time.monotonic() > deadline:
-                waiting = [r.rank for r in ranks if not r.ready]
-                self._fail_start(f"ranks {waiting} did not start within {START_TIMEOUT_S:.0f} s")
-        self._flush_output()
-        self.state = "running"
-
-    def _startup_failure(self, info: RankInfo) -> str:
-        assert self._procs.tmpdir is not None
-        path = os.path.join(self._procs.tmpdir, f"rank{info.rank}.log")
-        with open(path, errors="replace") as f:
-            log = f.read().strip()
-        return f"rank {info.rank} died while starting ({info.exit_reason()}). Its output:\n{log}"
-
-    def _fail_start(self, message: str) -> None:
-        self._procs.close(polite=False)
-        self.state = "stopped"
-        raise RuntimeError(message)
-
-    def restart(self) -> None:
-        """Stop every rank and start fresh ones with the same settings."""
-        if self.attach:
-            raise RuntimeError(
-                "attached ranks can't be restarted from the kernel: start them again with "
-                "torchrun and create a new Cluster(attach=True)"
-            )
-        self._procs.close(polite=self.state == "running")
-        self._broken_reason = None
-        self._start()
-
-    def shutdown(self) -> None:
-        """Stop every rank and release the port and temp files. Safe to call twice."""
-        global _current
-        self._procs.close(polite=self.state == "running")
-        self.state = "stopped"
-        if _current is self:
-            _current = None
-
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-    def attach_command(self, nnodes: int = 2, nproc_per_node: int | None = None) -> str:
-        """The torchrun command that starts this cluster's ranks on other hosts."""
-        host = socket.getfqdn() if self.host in ("0.0.0.0", "::", "") else self.host
-        args = self._torchrun_args(nnodes, nproc_per_node, "HOST0:29400", host)
-        return f"PDLAB_TOKEN={self._token.decode()} torchrun " + " ".join(args)
-
-    def _torchrun_args(
-        self, nnodes: int, nproc_per_node: int | None, rendezvous: str, host: str
-    ) -> list[str]:
-        per_node = nproc_per_node or self.world_size // nnodes
-        if per_node * nnodes != self.world_size:
-            raise ValueError(
-                f"{nnodes} node(s) x {per_node} rank(s) is not world_size {self.world_size}: "
-                "pass nnodes and nproc_per_node whose product is the world size"
-            )
-        return [
-            f"--nnodes={nnodes}",
-            f"--nproc-per-node={per_node}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={rendezvous}",
-            "-m",
-            "pdlab.worker",
-            f"--connect={host}:{self.port}",
-            f"--backend={self.backend}",
-            f"--device={self.device}",
-        ]
-
-    def launch_local_nodes(self, nnodes: int = 2) -> list[subprocess.Popen]:
-        """Start ``nnodes`` torchrun "nodes" on this machine that attach to this cluster.
-
-        A rehearsal of a multi-host run over loopback: the same command as
-        ``attach_command``, with torchrun's rendezvous on a free local port.
-        """
-        if not self.attach:
-            raise RuntimeError("launch_local_nodes needs a Cluster(..., attach=True)")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            rendezvous = f"127.0.0.1:{s.getsockname()[1]}"
-        args = self._torchrun_args(nnodes, None, rendezvous, "127.0.0.1")
-        env = {**os.environ, "PDLAB_TOKEN": self._token.decode()}
-        return [
-            _spawner.submit(
-                subprocess.Popen,
-                [sys.executable, "-m", "torch.distributed.run", *args],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            ).result()
-            for _ in range(nnodes)
-        ]
-
-    def status(self) -> ClusterStatus:
-        """Backend, device, state and every rank's process, as a printable table."""
-        state = self.state
-        if self._broken_reason:
-            state = f"{state} (will restart on next run: {self._broken_reason})"
-        return ClusterStatus(
-            self.world_size, self.backend, self.device, state, self.threads, self._procs.ranks
-        )
 
     # ----- calls -----------------------------------------------------------------------------
 
@@ -527,8 +384,29 @@ class Cluster:
 
         Safe from any thread: a dashboard's Stop button calls it while ``run`` waits.
         """
-        for r in self._procs.ranks:
-            self._send(r.rank, "interrupt")
+        for link in self._resources.links:
+            link.send(protocol.Interrupt())
+
+    def _call(
+        self, kind: str, payload: bytes | str, ranks: Sequence[int] | None, timeout: float | None
+    ) -> list[Any]:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "this cluster is already running a call (a dashboard run?): wait for it or "
+                "stop it, then try again"
+            )
+        try:
+            self._ensure_running()
+            targets = self._check_ranks(ranks)
+            call = _Call(self, next(self._calls), targets, timeout)
+            for rank in targets:
+                self._resources.links[rank].send(protocol.Call(call.call_id, kind, payload))
+            try:
+                return call.wait()
+            finally:
+                self._output.flush()
+        finally:
+            self._busy.release()
 
     def _ensure_running(self) -> None:
         if self.state == "stopped":
@@ -537,7 +415,7 @@ class Cluster:
             )
         if self.attach and self.state == "starting":
             self._wait_ready()
-        dead = [r.rank for r in self._procs.ranks if not r.alive]
+        dead = [r.rank for r in self._resources.links if not r.alive]
         if self._broken_reason is None and dead:
             self._broken_reason = f"rank(s) {dead} died"
         if self._broken_reason is not None:
@@ -549,39 +427,6 @@ class Cluster:
             print(f"pdlab: restarting the cluster ({self._broken_reason})", file=sys.stderr)
             self.restart()
 
-    def _send(self, rank: int, *message: Any) -> None:
-        self._procs.ranks[rank].send(*message)
-
-    def _call(self, kind: str, payload: Any, ranks: Sequence[int] | None, timeout: float | None):
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                "this cluster is already running a call (a dashboard run?): wait for it or "
-                "stop it, then try again"
-            )
-        try:
-            return self._call_alone(kind, payload, ranks, timeout)
-        finally:
-            self._busy.release()
-
-    def _call_alone(self, kind, payload, ranks, timeout) -> list[Any]:
-        self._ensure_running()
-        targets = self._check_ranks(ranks)
-        call_id = next(self._calls)
-        for r in targets:
-            self._send(r, kind, call_id, payload)
-        waiter = _CallWaiter(self, call_id, targets, timeout)
-        try:
-            results = waiter.wait()
-            self._in_step_counts.update(waiter.counts)
-        except KeyboardInterrupt:
-            self.interrupt()
-            waiter.finish_within(GRACE_S * 3)
-            self._settle(waiter.pending, "interrupted while ranks were running", waiter.counts)
-            raise
-        finally:
-            self._flush_output()
-        return [results[r] for r in targets]
-
     def _check_ranks(self, ranks: Sequence[int] | None) -> list[int]:
         if ranks is None:
             return list(range(self.world_size))
@@ -590,7 +435,9 @@ class Cluster:
             raise ValueError(f"no rank(s) {bad}: this cluster has ranks 0..{self.world_size - 1}")
         return sorted(set(ranks))
 
-    def _settle(self, stuck: bool | set[int], reason: str, counts: dict[int, dict]) -> str:
+    # ----- the failure policy: is the group still in step? -----------------------------------
+
+    def _settle(self, stuck: bool, reason: str, counts: dict[int, protocol.Counts]) -> str:
         """After a failed call, keep the group only if it is still in step; else stop every rank.
 
         Out of step: ranks still running (typically blocked in a collective), or members of a
@@ -610,7 +457,7 @@ class Cluster:
         self._in_step_counts.update(counts)
         return ""
 
-    def _skew(self, counts: dict[int, dict[str, int]]) -> str:
+    def _skew(self, counts: dict[int, protocol.Counts]) -> str:
         """Which process groups' members issued different numbers of operations since they were
         last known in step ('' if none). Point-to-point ops count too, so an uneven pipeline
         interrupted mid-schedule is reset as well, which it needs."""
@@ -628,143 +475,110 @@ class Cluster:
 
     def _reset(self, reason: str) -> None:
         """Stop every rank; the next run starts fresh ones."""
-        for r in self._procs.ranks:
-            self._send(r.rank, "abort")
-        self._procs.close(polite=False)
+        for link in self._resources.links:
+            link.send(protocol.Abort())
+        self._resources.close(polite=False)
         self._broken_reason = reason
         self.state = "broken"
 
-    # ----- output ----------------------------------------------------------------------------
 
-    def _print(self, rank: int, stream: str, text: str) -> None:
-        key = (rank, stream)
-        *lines, self._partial[key] = (self._partial.get(key, "") + text).split("\n")
-        out = sys.stderr if stream == "stderr" else sys.stdout
-        for line in lines:
-            print(f"[rank {rank}] {line}", file=out, flush=True)
-
-    def _flush_output(self) -> None:
-        for (rank, stream), rest in list(self._partial.items()):
-            if rest:
-                self._print(rank, stream, rest + "\n")
-
-
-def _accept(procs: _Processes, token: bytes, events: queue.Queue, publish: Callable) -> None:
-    listener = procs.listener
-    while listener is not None:
-        try:
-            sock, _ = listener.accept()
-        except OSError:  # listener closed: the cluster is shutting down
-            return
-        args = (sock, procs, token, events, publish)
-        threading.Thread(target=_handshake, args=args, daemon=True).start()
-
-
-def _handshake(sock: socket.socket, procs: _Processes, token: bytes, events, publish) -> None:
-    """Mutual HMAC challenge first; a peer that fails it is dropped with nothing unpickled.
-
-    Each handshake has its own thread, so a peer that never answers blocks only itself.
-    """
-    conn = Connection(sock.detach())
-    try:
-        deliver_challenge(conn, token)
-        answer_challenge(conn, token)
-        kind, rank, pid, host = cloudpickle.loads(conn.recv_bytes())
-        info = procs.ranks[rank]
-        if kind != "hello" or info.conn is not None:
-            raise ValueError(f"unexpected {kind!r} from rank {rank}")
-    except Exception:
-        conn.close()
-        return
-    info.conn, info.pid, info.host = conn, pid, host
-    try:
-        while True:
-            message = cloudpickle.loads(conn.recv_bytes())
-            if message[0] != "metrics":
-                events.put((rank, *message))
-            elif (deliver := publish()) is not None:
-                deliver(message[1])
-    except BaseException:  # closed, or a stream we can no longer read: the rank is gone
-        info.lost = True
-        events.put((rank, "exit"))
-
-
-# What a rank reports when a peer it was talking to vanished: a consequence, never the cause.
-_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
-
-
-class _CallWaiter:
-    """Collects one call's results, output and failures from the event queue."""
+class _Call:
+    """One call in flight: collects its results, output and failures, and decides what a
+    failure means for the group (see the module docstring)."""
 
     def __init__(self, cluster: Cluster, call_id: int, ranks: list[int], timeout: float | None):
         self.cluster, self.call_id = cluster, call_id
         self.pending = set(ranks)
         self.results: dict[int, Any] = {}
-        self.counts: dict[int, dict[str, int]] = {}  # each reply's operations per process group
-        self.failures: list[tuple[int, int, str]] = []  # (rank, how telling, message)
+        self.counts: dict[int, protocol.Counts] = {}  # each reply's operations per group
+        self.failures: list[protocol.Failure] = []
         self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def wait(self) -> list[Any]:
+        """The results by rank; raises RankError, CallTimeout or KeyboardInterrupt."""
+        try:
+            while self.pending and not self.failures:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self._timed_out()
+                self._take(0.05)
+        except KeyboardInterrupt:
+            self.cluster.interrupt()
+            self._finish_within(GRACE_S * 3)
+            self.cluster._settle(
+                bool(self.pending), "interrupted while ranks were running", self.counts
+            )
+            raise
+        if self.failures:
+            self._failed()
+        self.cluster._in_step_counts.update(self.counts)
+        return [self.results[r] for r in sorted(self.results)]
 
     def _take(self, block_s: float) -> None:
         try:
-            rank, kind, *rest = self.cluster._events.get(timeout=block_s)
+            rank, message = self.cluster._events.get(timeout=block_s)
         except queue.Empty:
             return
-        if kind == "out":
-            self.cluster._print(rank, *rest)
-        elif kind == "exit" and rank in self.pending:
-            reason = self.cluster._procs.ranks[rank].exit_reason()
+        if isinstance(message, protocol.Output):
+            self.cluster._output.write(rank, message.stream, message.text)
+        elif isinstance(message, protocol.Lost) and rank in self.pending:
             self.pending.discard(rank)
-            self.failures.append((rank, 0, f"rank {rank} died: {reason}"))
-        elif kind in ("result", "error") and rest[0] == self.call_id:
+            reason = self.cluster._resources.links[rank].exit_reason()
+            self.failures.append(
+                protocol.Failure(rank, protocol.Blame.DIED, f"rank {rank} died: {reason}")
+            )
+        elif isinstance(message, protocol.Result | protocol.Error) and (
+            message.call_id == self.call_id
+        ):
             self.pending.discard(rank)
-            self.counts[rank] = rest[-1]
-            if kind == "result":
-                self.results[rank] = cloudpickle.loads(rest[1])
+            self.counts[rank] = message.counts
+            if isinstance(message, protocol.Result):
+                self.results[rank] = cloudpickle.loads(message.value)
             else:
-                consequence = any(s in rest[2] for s in _PEER_LOST)
                 self.failures.append(
-                    (rank, 1 + consequence, f"rank {rank} raised {rest[1]}:\n{rest[2]}")
+                    protocol.Failure(
+                        rank,
+                        protocol.blame_error(message.traceback),
+                        f"rank {rank} raised {message.exc_type}",
+                        message.exc_type,
+                        message.traceback,
+                    )
                 )
 
-    def finish_within(self, seconds: float) -> None:
+    def _finish_within(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while self.pending and time.monotonic() < end:
             self._take(0.05)
 
-    def wait(self) -> dict[int, Any]:
-        while self.pending and not self.failures:
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                return self._timed_out()
-            self._take(0.05)
-        if not self.failures:
-            return self.results
+    def _failed(self) -> None:
         # Peers of a dead rank often report first ("connection reset"); wait for the whole
         # story, then blame a death over an exception over a lost connection.
-        self.finish_within(GRACE_S)
-        rank, _, message = min(self.failures, key=lambda f: f[1])
-        others = [f"rank {r}: {m.splitlines()[-1]}" for r, _, m in self.failures if r != rank]
+        self._finish_within(GRACE_S)
+        first = min(self.failures, key=lambda f: f.blame)
+        message = first.summary + (f":\n{first.traceback}" if first.traceback else "")
+        others = [
+            f"rank {f.rank}: {(f.traceback or f.summary).splitlines()[-1]}"
+            for f in self.failures
+            if f is not first
+        ]
         if others:
             message += "\nThe other failures of this call:\n  " + "\n  ".join(others)
         if self.pending:
             message += (
                 f"\nrank(s) {sorted(self.pending)} were still running (likely waiting for "
-                f"rank {rank} in a collective) and were stopped; the cluster restarts on "
+                f"rank {first.rank} in a collective) and were stopped; the cluster restarts on "
                 "the next run (or call .restart())."
             )
-        # A death or a lost connection leaves the group unusable even when no rank is running.
-        lost = any(how != 1 for _, how, _ in self.failures)
-        message += self.cluster._settle(self.pending or lost, f"rank {rank} failed", self.counts)
-        raise RankError(rank, message)
+        broken = bool(self.pending) or any(f.blame.breaks_group for f in self.failures)
+        message += self.cluster._settle(broken, f"rank {first.rank} failed", self.counts)
+        raise RankError(first.rank, message, first.exc_type, first.traceback)
 
-    def _timed_out(self) -> dict[int, Any]:
+    def _timed_out(self) -> None:
         running = sorted(self.pending)
-        for r in running:
-            self.cluster._send(r, "interrupt")
-        self.finish_within(GRACE_S * 3)
+        for rank in running:
+            self.cluster._resources.links[rank].send(protocol.Interrupt())
+        self._finish_within(GRACE_S * 3)
         stuck = bool(self.pending)
-        skew = self.cluster._settle(
-            self.pending, f"a call timed out on ranks {running}", self.counts
-        )
+        skew = self.cluster._settle(stuck, f"a call timed out on ranks {running}", self.counts)
         raise CallTimeout(
             running,
             f"ranks {running} did not finish in time; they were interrupted"

@@ -52,16 +52,11 @@ def report(
     return passed
 
 
-def _exception_line(message: str) -> str:
-    """The failing rank's ``Type: message`` line from a ``RankError``.
-
-    Its message opens with "rank R raised Type:" and the rank's traceback, which ends with
-    that line unindented; notes about other ranks come after, indented.
-    """
-    first, *rest = message.splitlines()
-    kind = first.partition(" raised ")[2].rstrip(":")
-    found = [line for line in rest if kind and kind in line and not line[:1].isspace()]
-    return found[0] if found else first
+def _exception_line(err: RankError) -> str:
+    """The failing rank's ``Type: message`` line (the last traceback line naming its type)."""
+    lines = (err.remote_traceback or str(err)).strip().splitlines()
+    named = [line for line in lines if err.exc_type and line.startswith(err.exc_type)]
+    return (named or lines)[-1]
 
 
 def _run(cluster: Cluster, name: str, rank_fn: Callable, *args: Any) -> list | None:
@@ -79,7 +74,7 @@ def _run(cluster: Cluster, name: str, rank_fn: Callable, *args: Any) -> list | N
             "on every rank, in the same order, with tensors of the same shape",
         )
     except RankError as err:
-        last = _exception_line(str(err))
+        last = _exception_line(err)
         if last.startswith("NotImplementedError"):
             report(
                 name,

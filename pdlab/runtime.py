@@ -15,10 +15,29 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# Set by pdlab.worker to forward records to the kernel; None outside a pdlab rank.
+# Set by ``bind`` in a pdlab rank; None elsewhere (a plain torchrun script, one process).
 _sink: Callable[[dict[str, Any]], None] | None = None
-_device: torch.device | None = None  # set by pdlab.worker
+_device: torch.device | None = None
 local_records: list[dict[str, Any]] = []
+
+_UNSET: Any = object()
+
+
+def bind(
+    *,
+    device: torch.device | None = _UNSET,
+    sink: Callable[[dict[str, Any]], None] | None = _UNSET,
+) -> None:
+    """Tell the runtime what this process is (``pdlab.worker`` calls it on every rank).
+
+    ``device``: what ``device()`` returns; ``sink``: where ``log`` sends records (the
+    kernel's control channel). Arguments left out keep their current value.
+    """
+    global _device, _sink
+    if device is not _UNSET:
+        _device = device
+    if sink is not _UNSET:
+        _sink = sink
 
 
 def rank() -> int:

@@ -28,10 +28,11 @@ import threading
 import time
 import traceback
 from datetime import timedelta
-from multiprocessing.connection import Client, Connection
 from typing import Any
 
 import cloudpickle
+
+from pdlab import protocol
 
 HEARTBEAT_S = 0.5
 _FLUSH_MARK = b"\x00pdlab-flush\x00"
@@ -41,13 +42,15 @@ class Channel:
     """The authenticated connection to the kernel; ``send`` is safe from any thread."""
 
     def __init__(self, address: tuple[str, int], token: bytes):
-        self.conn: Connection = Client(address, authkey=token)
+        self.conn = protocol.connect_to_kernel(address, token)
         self._lock = threading.Lock()
 
-    def send(self, *message: Any) -> None:
-        data = cloudpickle.dumps(message)
+    def send(self, message: Any) -> None:
         with self._lock:
-            self.conn.send_bytes(data)
+            protocol.send(self.conn, message)
+
+    def recv(self) -> Any:
+        return protocol.recv(self.conn)
 
 
 class OutputPump:
@@ -69,7 +72,7 @@ class OutputPump:
         while chunk := os.read(read_end, 65536):
             text = chunk.replace(_FLUSH_MARK, b"")
             if text:
-                self.channel.send("out", name, text.decode(errors="replace"))
+                self.channel.send(protocol.Output(name, text.decode(errors="replace")))
             if len(text) != len(chunk):
                 self._flushed[fd].set()
 
@@ -110,10 +113,11 @@ def _init_process_group(args: argparse.Namespace) -> None:
     timeout = timedelta(seconds=args.timeout)
     if args.device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", args.rank))
-        runtime._device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(runtime._device)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     else:
-        runtime._device = torch.device("cpu")
+        device = torch.device("cpu")
+    runtime.bind(device=device)
     if args.store:  # one machine: a private FileStore, so nothing listens for rendezvous
         store = dist.FileStore(args.store, args.world_size)
         dist.init_process_group(
@@ -122,7 +126,7 @@ def _init_process_group(args: argparse.Namespace) -> None:
     else:  # started by torchrun: its env:// rendezvous
         dist.init_process_group(args.backend, timeout=timeout)
     if args.backend == "nccl":
-        dist.barrier(device_ids=[runtime._device.index])
+        dist.barrier(device_ids=[device.index])
     else:
         dist.barrier()
 
@@ -139,30 +143,46 @@ def _run_source(source: str, namespace: dict, call_id: int) -> Any:
     return None
 
 
-def _call(kind: str, call_id: int, payload: Any, namespace: dict, running: threading.Event):
+def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any:
     """Run one call; always returns the reply to send (a result or the error's traceback)."""
+    from pdlab.runtime import collective_counts
+
     try:
         running.set()  # from here an interrupt may raise KeyboardInterrupt in user code
         try:
-            if kind == "exec":
-                value = _run_source(payload, namespace, call_id)
+            if call.kind == "exec":
+                value = _run_source(call.payload, namespace, call.call_id)
             else:
-                fn, args, kwargs = cloudpickle.loads(payload)
+                fn, args, kwargs = cloudpickle.loads(call.payload)
                 value = fn(*args, **kwargs)
         finally:
             running.clear()
         try:
-            return ("result", call_id, cloudpickle.dumps(value))
+            pickled = cloudpickle.dumps(value)
         except Exception as exc:
             raise TypeError(f"the return value can't be pickled back to the kernel: {exc}") from exc
+        # The kernel compares the counts after a failed call to tell if the group is in step.
+        return protocol.Result(
+            call.call_id, pickled, protocol.type_name(value), collective_counts()
+        )
     except BaseException as exc:  # KeyboardInterrupt too: report it, stay alive
-        return ("error", call_id, type(exc).__name__, "".join(traceback.format_exception(exc)))
+        return protocol.Error(
+            call.call_id,
+            type(exc).__name__,
+            "".join(traceback.format_exception(exc)),
+            collective_counts(),
+        )
 
 
-def _serve(channel: Channel, pump: OutputPump, rank: int) -> None:
-    import pdlab
+def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:
+    types = ", ".join(f"{k}: {protocol.type_name(v)}" for k, v in record.items())
+    channel.send(protocol.Metrics(cloudpickle.dumps(record), types))
 
-    pdlab.runtime._sink = lambda record: channel.send("metrics", record)
+
+def _serve(channel: Channel, pump: OutputPump) -> None:
+    from pdlab import runtime
+
+    runtime.bind(sink=lambda record: _send_metrics(channel, record))
     namespace: dict[str, Any] = {"__name__": "__pdlab__"}
     exec("import torch, torch.distributed as dist, pdlab", namespace)
     calls: queue.Queue = queue.Queue()
@@ -180,25 +200,24 @@ def _serve(channel: Channel, pump: OutputPump, rank: int) -> None:
     def read() -> None:
         try:
             while True:
-                message = cloudpickle.loads(channel.conn.recv_bytes())
-                if message[0] == "interrupt":
+                message = channel.recv()
+                if isinstance(message, protocol.Interrupt):
                     # To the main thread, so a blocking call in user code wakes up (EINTR).
                     signal.pthread_kill(main_thread, signal.SIGINT)
-                elif message[0] == "abort":
+                elif isinstance(message, protocol.Abort):
                     os._exit(1)
                 else:
                     calls.put(message)
-                    if message[0] == "shutdown":
+                    if isinstance(message, protocol.Shutdown):
                         return  # the kernel may close the connection now: that is no error
         except BaseException:
             os._exit(1)  # the kernel is gone, or its stream is unreadable: nothing to serve
 
     threading.Thread(target=read, daemon=True).start()
-    while (call := calls.get())[0] != "shutdown":
-        reply = _call(*call, namespace, running)
+    while isinstance(call := calls.get(), protocol.Call):
+        reply = _call(call, namespace, running)
         pump.flush()
-        # The kernel compares these after a failed call to tell if the group is still in step.
-        channel.send(*reply, pdlab.runtime.collective_counts())
+        channel.send(reply)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -224,18 +243,18 @@ def main(argv: list[str] | None = None) -> None:
         )
     host, _, port = args.connect.rpartition(":")
     channel = Channel((host, int(port)), token)
-    channel.send("hello", args.rank, os.getpid(), os.uname().nodename)
+    channel.send(protocol.Hello(args.rank, os.getpid(), os.uname().nodename))
     pump = OutputPump(channel)
     try:
         _init_process_group(args)
     except BaseException as exc:
         pump.flush()
-        channel.send("failed", "".join(traceback.format_exception(exc)))
+        channel.send(protocol.StartFailed("".join(traceback.format_exception(exc))))
         raise SystemExit(1) from exc
     from pdlab.runtime import collective_counts  # torch is loaded by now
 
-    channel.send("ready", args.rank, collective_counts())
-    _serve(channel, pump, args.rank)
+    channel.send(protocol.Ready(collective_counts()))
+    _serve(channel, pump)
     import torch.distributed as dist
 
     dist.destroy_process_group()

@@ -46,7 +46,7 @@ def no_leaked_ranks():
     yield
 
     def leaked() -> list[int]:
-        shared = {r.pid for c in _session_clusters for r in c._procs.ranks}
+        shared = {r.pid for c in _session_clusters for r in c.status().ranks}
         return [p for p in worker_pids(os.getpid()) if p not in shared]
 
     deadline = time.monotonic() + 5

@@ -305,7 +305,7 @@ def test_unauthenticated_peers_are_refused(cluster):
 def test_shutdown_leaves_no_process_port_or_temp_file():
     c = pdlab.Cluster(2)
     pids = pids_of(c)
-    port, tmpdir = c.port, c._procs.tmpdir
+    port, tmpdir = c.port, c._resources.local.tmpdir
     assert tmpdir and Path(tmpdir).exists()
     c.shutdown()
     c.shutdown()  # twice is fine

@@ -1,0 +1,207 @@
+"""Starting ranks: which backend and device, the rank processes on this machine, and the
+torchrun command that starts them on other hosts instead.
+
+Local ranks are ``python -m pdlab.worker`` processes (never forked: the kernel has threads),
+one per rank, joined through a ``FileStore`` in a private temp dir, so nothing listens for
+rendezvous; gloo is pinned to the loopback interface. They are started from one long-lived
+thread: Linux's parent-death signal fires when the *thread* that started a child exits, so a
+cluster built from a short-lived thread (a dashboard callback) must not be their parent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+BACKENDS = ("gloo", "nccl")
+DEVICES = ("cpu", "cuda")
+
+_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdlab-spawner")
+
+
+def choose_backend(
+    world_size: int, backend: str | None, device: str | None, gpus: int
+) -> tuple[str, str, str | None]:
+    """Pick ``(backend, device, warning)`` for ``world_size`` ranks on a host with ``gpus``.
+
+    NCCL when every rank has its own GPU; gloo with CUDA tensors when ranks must share GPUs
+    (NCCL refuses two ranks on one GPU); gloo on CPU without GPUs.
+    """
+    if backend not in (None, *BACKENDS):
+        raise ValueError(
+            f"unknown backend {backend!r}: use 'gloo' (CPU, or ranks sharing GPUs), "
+            "'nccl' (one GPU per rank), or None to choose automatically"
+        )
+    if device not in (None, *DEVICES):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', or None for automatic")
+    if device is None:
+        device = "cuda" if gpus else "cpu"
+    if device == "cuda" and gpus == 0:
+        raise ValueError("device='cuda' but no GPU is visible: use device='cpu' (gloo)")
+    if backend == "nccl" and device == "cpu":
+        raise ValueError("NCCL runs on GPUs only: use backend='gloo' for device='cpu'")
+    if backend == "nccl" and gpus < world_size:
+        raise ValueError(
+            f"NCCL needs one GPU per rank: world_size={world_size} but {gpus} GPU(s) visible. "
+            f"Use world_size<={gpus}, or backend='gloo' so ranks share the GPU(s)"
+        )
+    if backend is None:
+        backend = "nccl" if device == "cuda" and gpus >= world_size else "gloo"
+    note = None
+    if device == "cuda" and backend == "gloo" and gpus < world_size:
+        note = (
+            f"pdlab: {world_size} ranks share {gpus} GPU(s) over gloo with CUDA tensors "
+            "(NCCL refuses two ranks on one GPU)"
+        )
+    return backend, device, note
+
+
+def visible_gpus() -> int:
+    """GPUs torch can use here (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def loopback_interface() -> str | None:
+    """The loopback interface's name ("lo" on Linux), for GLOO_SOCKET_IFNAME."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+@dataclass(frozen=True)
+class RankSettings:
+    """What every rank of one cluster start is told."""
+
+    world_size: int
+    backend: str
+    device: str
+    timeout: float  # seconds a collective may wait for peers
+    threads: int  # CPU threads per rank
+    token: bytes  # the control channel's shared secret
+
+
+class LocalRanks:
+    """The rank processes of one cluster start on this machine, and their private temp dir."""
+
+    def __init__(self, settings: RankSettings, control_port: int):
+        self.settings = settings
+        self.control_port = control_port
+        self.tmpdir = tempfile.mkdtemp(prefix="pdlab-")  # mode 0700: private to us
+
+    def spawn(self, rank: int) -> subprocess.Popen:
+        """Start rank ``rank`` (from the long-lived spawner thread; see the module docstring)."""
+        return _spawner.submit(self._popen, rank).result()
+
+    def _popen(self, rank: int) -> subprocess.Popen:
+        import pdlab
+
+        s = self.settings
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(pdlab.__file__)))
+        paths = [package_root, os.getcwd(), env.get("PYTHONPATH", "")]
+        env.update(
+            PDLAB_TOKEN=s.token.decode(),
+            PYTHONPATH=os.pathsep.join(p for p in paths if p),
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS=str(s.threads),
+            LOCAL_RANK=str(rank),
+        )
+        if lo := loopback_interface():
+            env["GLOO_SOCKET_IFNAME"] = lo  # gloo binds the hostname's address otherwise
+        with open(self.log_path(rank), "wb") as log:
+            # A new session: the terminal's or Jupyter's process-group signals don't reach
+            # ranks directly; the kernel forwards interrupts itself.
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pdlab.worker",
+                    f"--connect=127.0.0.1:{self.control_port}",
+                    f"--rank={rank}",
+                    f"--world-size={s.world_size}",
+                    f"--backend={s.backend}",
+                    f"--device={s.device}",
+                    f"--store={os.path.join(self.tmpdir, 'store')}",
+                    f"--timeout={s.timeout}",
+                    f"--threads={s.threads}",
+                    f"--parent-pid={os.getpid()}",
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log_path(self, rank: int) -> str:
+        """Where rank ``rank``'s output goes until it is connected (shown if it dies starting)."""
+        return os.path.join(self.tmpdir, f"rank{rank}.log")
+
+    def startup_log(self, rank: int) -> str:
+        with open(self.log_path(rank), errors="replace") as f:
+            return f.read().strip()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+# ---- torchrun, for ranks on other hosts ---------------------------------------------------
+
+
+def torchrun_args(
+    world_size: int,
+    nnodes: int,
+    nproc_per_node: int | None,
+    rendezvous: str,
+    connect: str,
+    backend: str,
+    device: str,
+) -> list[str]:
+    """torchrun's arguments to start ``world_size`` ranks on ``nnodes`` hosts that attach to
+    the kernel's control channel at ``connect`` (``HOST:PORT``)."""
+    per_node = nproc_per_node or world_size // nnodes
+    if per_node * nnodes != world_size:
+        raise ValueError(
+            f"{nnodes} node(s) x {per_node} rank(s) is not world_size {world_size}: "
+            "pass nnodes and nproc_per_node whose product is the world size"
+        )
+    return [
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={rendezvous}",
+        "-m",
+        "pdlab.worker",
+        f"--connect={connect}",
+        f"--backend={backend}",
+        f"--device={device}",
+    ]
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local_nodes(args_for: list[str], token: bytes, nnodes: int) -> list[subprocess.Popen]:
+    """Start ``nnodes`` torchrun processes here with torchrun arguments ``args_for``."""
+    env = {**os.environ, "PDLAB_TOKEN": token.decode()}
+    return [
+        _spawner.submit(
+            subprocess.Popen,
+            [sys.executable, "-m", "torch.distributed.run", *args_for],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ).result()
+        for _ in range(nnodes)
+    ]
