@@ -10,8 +10,7 @@ Inside a rank: ``pdlab.rank()``, ``pdlab.world_size()``, ``pdlab.device()`` and
 ``%%ranks``.
 """
 
-from pdlab.cluster import CallTimeout, Cluster, ClusterStatus, RankError
-from pdlab.runtime import device, log, rank, world_size
+import importlib
 
 __all__ = [
     "CallTimeout",
@@ -29,19 +28,32 @@ __all__ = [
     "world_size",
 ]
 
+# Loaded on first use, so that ``import pdlab`` — which every rank process does first, before
+# it can arm its parent-death signal — costs next to nothing; and the kernel pays for torch,
+# pandas, plotly and ipywidgets only when it needs them.
+_LAZY = {
+    "CallTimeout": "pdlab.cluster",
+    "Cluster": "pdlab.cluster",
+    "ClusterStatus": "pdlab.cluster",
+    "RankError": "pdlab.cluster",
+    "device": "pdlab.runtime",
+    "log": "pdlab.runtime",
+    "rank": "pdlab.runtime",
+    "world_size": "pdlab.runtime",
+    "train": "pdlab.training",
+    "expected_comm": "pdlab.training",
+    "TrainResult": "pdlab.training",
+    "Dashboard": "pdlab.dashboard",
+}
+
 
 def __getattr__(name: str):
-    """The heavier parts on first use: ``import pdlab`` (which every rank process does at
-    start-up) stays free of pandas, plotly and ipywidgets."""
-    if name in ("train", "expected_comm", "TrainResult"):
-        from pdlab import training
-
-        return getattr(training, name)
-    if name == "Dashboard":
-        from pdlab.dashboard import Dashboard
-
-        return Dashboard
-    raise AttributeError(f"module 'pdlab' has no attribute {name!r}")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    try:
+        return importlib.import_module(f"pdlab.{name}")  # a submodule: pdlab.runtime, ...
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'pdlab' has no attribute {name!r}") from None
 
 
 def load_ipython_extension(ipython) -> None:

@@ -21,11 +21,11 @@ does it explicitly). Rank namespaces are lost then.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import queue
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -114,28 +114,32 @@ class _Resources:
         self.links: list[RankLink] = []
         self.server: ControlServer | None = None
         self.local: launcher.LocalRanks | None = None
+        self.nodes: list[subprocess.Popen] = []  # torchrun "nodes" started on this machine
+        self.tmpdirs: list[str] = []
+
+    def private_dir(self) -> str:
+        """A private temp dir, removed by ``close``."""
+        self.tmpdirs.append(launcher.private_dir())
+        return self.tmpdirs[-1]
 
     def close(self, polite: bool = True) -> None:
-        """Stop the ranks (asking first when ``polite``), then the channel and the temp dir."""
+        """Stop the ranks (asking first when ``polite``) and whatever they started, then the
+        channel and the temp dirs."""
         for link in self.links:
             if polite and link.alive:
                 link.send(protocol.Shutdown())
         deadline = time.monotonic() + (5.0 if polite else 0.0)
         for link in self.links:
-            if link.process is None:
-                continue
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                link.process.wait(max(0.0, deadline - time.monotonic()))
-            if link.process.poll() is None:
-                link.process.kill()  # only our own children, by PID
-                link.process.wait()
+            if link.process is not None:
+                launcher.stop(link.process, deadline)
+        for node in self.nodes:  # torchrun exits once its ranks have
+            launcher.stop(node, deadline + (10.0 if polite else 0.0))
         if self.server is not None:
             self.server.close()
             self.server = None
-        if self.local is not None:
-            self.local.remove()
-            self.local = None
-        self.links = []
+        for tmpdir in self.tmpdirs:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        self.tmpdirs, self.nodes, self.links, self.local = [], [], [], None
 
 
 class Cluster:
@@ -215,7 +219,8 @@ class Cluster:
             settings = launcher.RankSettings(
                 self.world_size, self.backend, self.device, self.timeout, self.threads, self._token
             )
-            res.local = launcher.LocalRanks(settings, self.port)
+            launcher.remove_stale_dirs()  # left by kernels killed before they could clean up
+            res.local = launcher.LocalRanks(settings, self.port, res.private_dir())
             for link in res.links:
                 link.process = res.local.spawn(link.rank)
             self._wait_ready()
@@ -235,7 +240,8 @@ class Cluster:
                 self._output.write(rank, message.stream, message.text)
             elif isinstance(message, protocol.StartFailed):
                 self._fail_start(
-                    f"rank {rank} could not join the process group:\n{message.traceback}"
+                    f"rank {rank} died while starting: it could not join the process group:\n"
+                    + message.traceback
                 )
             dead = next((r for r in links if r.process and r.process.poll() is not None), None)
             if dead is not None:
@@ -297,36 +303,37 @@ class Cluster:
 
     def attach_command(self, nnodes: int = 2, nproc_per_node: int | None = None) -> str:
         """The torchrun command that starts this cluster's ranks on other hosts."""
-        import socket
-
-        host = socket.getfqdn() if self.host in ("0.0.0.0", "::", "") else self.host
-        args = self._torchrun_args(nnodes, nproc_per_node, "HOST0:29400", host)
+        host = launcher.reachable_address(self.host)
+        args = launcher.torchrun_args(
+            self.world_size,
+            nnodes,
+            nproc_per_node,
+            "HOST0:29400",
+            f"{host}:{self.port}",
+            self.backend,
+            self.device,
+        )
         return f"PDLAB_TOKEN={self._token.decode()} torchrun " + " ".join(args)
 
     def launch_local_nodes(self, nnodes: int = 2) -> list[subprocess.Popen]:
         """Start ``nnodes`` torchrun "nodes" on this machine that attach to this cluster.
 
-        A rehearsal of a multi-host run over loopback: the same command as
-        ``attach_command``, with torchrun's rendezvous on a free local port.
+        A rehearsal of a multi-host run over loopback: ``attach_command``'s command, with
+        torchrun's rendezvous in a private file instead of a TCP store.
         """
         if not self.attach:
             raise RuntimeError("launch_local_nodes needs a Cluster(..., attach=True)")
-        rendezvous = f"127.0.0.1:{launcher.free_loopback_port()}"
-        args = self._torchrun_args(nnodes, None, rendezvous, "127.0.0.1")
-        return launcher.launch_local_nodes(args, self._token, nnodes)
-
-    def _torchrun_args(
-        self, nnodes: int, nproc_per_node: int | None, rendezvous: str, host: str
-    ) -> list[str]:
-        return launcher.torchrun_args(
+        nodes = launcher.launch_local_nodes(
             self.world_size,
             nnodes,
-            nproc_per_node,
-            rendezvous,
-            f"{host}:{self.port}",
+            f"127.0.0.1:{self.port}",
             self.backend,
             self.device,
+            self._token,
+            self._resources.private_dir(),
         )
+        self._resources.nodes += nodes
+        return nodes
 
     # ----- metrics ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from pdlab import protocol
+from pdlab import launcher, protocol
 
 HANDSHAKE_S = 5.0
 MAX_PENDING = 32
@@ -45,7 +45,7 @@ class RankLink:
     @property
     def alive(self) -> bool:
         if self.process is not None:
-            return self.process.poll() is None
+            return not launcher.exited(self.process)
         return self.conn is not None and not self.lost
 
     def send(self, message: Any) -> None:

@@ -10,14 +10,18 @@ cluster built from a short-lived thread (a dashboard callback) must not be their
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 BACKENDS = ("gloo", "nccl")
 DEVICES = ("cpu", "cuda")
@@ -87,13 +91,46 @@ class RankSettings:
     token: bytes  # the control channel's shared secret
 
 
-class LocalRanks:
-    """The rank processes of one cluster start on this machine, and their private temp dir."""
+def private_dir() -> str:
+    """A new temp dir only we can read (mode 0700), named after this process.
 
-    def __init__(self, settings: RankSettings, control_port: int):
+    The name carries our PID and start time, so a later kernel can tell that the process
+    that made it is gone (killed by SIGKILL: nothing ran to remove it) and remove it
+    (``remove_stale_dirs``).
+    """
+    return tempfile.mkdtemp(prefix=f"pdlab-{os.getpid()}-{_start_time(os.getpid())}-")
+
+
+def remove_stale_dirs() -> list[str]:
+    """Remove our user's ``private_dir``s whose kernel process is gone; returns them."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob("pdlab-*-*-*"):
+        pid, started = path.name.split("-")[1:3]
+        try:
+            mine = path.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and _start_time(int(pid)) != started:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def _start_time(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot), or "" if there is none."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+class LocalRanks:
+    """The rank processes of one cluster start on this machine; logs and store in ``tmpdir``."""
+
+    def __init__(self, settings: RankSettings, control_port: int, tmpdir: str):
         self.settings = settings
         self.control_port = control_port
-        self.tmpdir = tempfile.mkdtemp(prefix="pdlab-")  # mode 0700: private to us
+        self.tmpdir = tmpdir
 
     def spawn(self, rank: int) -> subprocess.Popen:
         """Start rank ``rank`` (from the long-lived spawner thread; see the module docstring)."""
@@ -148,9 +185,6 @@ class LocalRanks:
         with open(self.log_path(rank), errors="replace") as f:
             return f.read().strip()
 
-    def remove(self) -> None:
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-
 
 # ---- torchrun, for ranks on other hosts ---------------------------------------------------
 
@@ -185,23 +219,103 @@ def torchrun_args(
     ]
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launch_local_nodes(
+    world_size: int,
+    nnodes: int,
+    connect: str,
+    backend: str,
+    device: str,
+    token: bytes,
+    tmpdir: str,
+) -> list[subprocess.Popen]:
+    """Start ``nnodes`` torchrun "nodes" on this machine whose ranks attach at ``connect``.
 
-
-def launch_local_nodes(args_for: list[str], token: bytes, nnodes: int) -> list[subprocess.Popen]:
-    """Start ``nnodes`` torchrun processes here with torchrun arguments ``args_for``."""
-    env = {**os.environ, "PDLAB_TOKEN": token.decode()}
+    A rehearsal of a multi-host run that listens on nothing but loopback: torchrun's
+    rendezvous and the ranks' process group meet in ``FileStore`` files in ``tmpdir``
+    (instead of TCPStores, which listen on every interface), torchrun shares no TCPStore
+    with its workers, and gloo stays on the loopback interface.
+    """
+    args = torchrun_args(
+        world_size, nnodes, None, os.path.join(tmpdir, "rendezvous"), connect, backend, device
+    )
+    args.insert(args.index("--rdzv-backend=c10d") + 1, "--rdzv-conf=store_type=file")
+    args.append(f"--store={os.path.join(tmpdir, 'store')}")
+    env = {
+        **os.environ,
+        "PDLAB_TOKEN": token.decode(),
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
+    if lo := loopback_interface():
+        env["GLOO_SOCKET_IFNAME"] = lo
     return [
         _spawner.submit(
             subprocess.Popen,
-            [sys.executable, "-m", "torch.distributed.run", *args_for],
+            [sys.executable, "-m", "torch.distributed.run", *args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a process group of its own, for ``stop``
         ).result()
         for _ in range(nnodes)
     ]
+
+
+def stop(process: subprocess.Popen, deadline: float) -> None:
+    """Give ``process`` until ``deadline`` (``time.monotonic()``) to exit, then end it and
+    everything left in its process group — what it started (a ``sleep``, DataLoader workers)
+    — and reap it. Only for processes started here with ``start_new_session``: their PID is
+    their process group's ID, which stays ours while any member lives (not reaped before
+    the group is killed, so the ID can't be reused meanwhile)."""
+    while time.monotonic() < deadline and not exited(process):
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def exited(process: subprocess.Popen) -> bool:
+    """Whether ``process`` has exited, without reaping it (its zombie keeps the group ID)."""
+    if process.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped elsewhere
+        return True
+
+
+def reachable_address(host: str) -> str:
+    """The address other hosts should connect to for a server listening on ``host``.
+
+    ``host`` itself, unless it is a wildcard ("0.0.0.0", "::", ""); then this machine's one
+    non-loopback IPv4 address (the hostname can resolve to loopback, e.g. when /etc/hosts maps
+    it to 127.0.0.1, so it is not used). Raises ValueError, naming the choices, when there
+    is none or several.
+    """
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    found = [a for a in interface_addresses() if not a.startswith("127.")]
+    if len(found) != 1:
+        raise ValueError(
+            f"this machine has {'no' if not found else 'several'} non-loopback addresses "
+            f"({', '.join(found) or 'only 127.x'}): create the cluster with "
+            "host=<the address other hosts reach it at>"
+        )
+    return found[0]
+
+
+def interface_addresses() -> list[str]:
+    """The IPv4 address of each network interface (Linux; empty elsewhere)."""
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                answer = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()))
+            except OSError:  # no IPv4 address on it
+                continue
+            found.append(socket.inet_ntoa(answer[20:24]))
+    return found

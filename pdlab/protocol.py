@@ -16,6 +16,7 @@ import enum
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any
@@ -221,15 +222,26 @@ def accept_rank(sock: socket.socket, token: bytes, timeout: float) -> tuple[Conn
     return conn, hello
 
 
-def connect_to_kernel(address: tuple[str, int], token: bytes) -> Connection:
-    """The rank's side of the handshake: connect, answer the kernel's challenge, challenge it."""
-    sock = socket.create_connection(address)
-    no_delay(sock)
-    conn = Connection(sock.detach())
-    try:
-        answer_challenge(conn, token)
-        deliver_challenge(conn, token)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+def connect_to_kernel(address: tuple[str, int], token: bytes, patience: float = 30.0) -> Connection:
+    """The rank's side of the handshake: connect, answer the kernel's challenge, challenge it.
+
+    A kernel busy turning strangers away may close a connection unanswered; the rank tries
+    again for ``patience`` seconds. A wrong token is not retried.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        sock = socket.create_connection(address)
+        no_delay(sock)
+        conn = Connection(sock.detach())
+        try:
+            answer_challenge(conn, token)
+            deliver_challenge(conn, token)
+            return conn
+        except (EOFError, ConnectionError):
+            conn.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+        except BaseException:
+            conn.close()
+            raise
