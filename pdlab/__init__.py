@@ -19,6 +19,7 @@ __all__ = [
     "ClusterStatus",
     "Dashboard",
     "RankError",
+    "TrainConfig",
     "TrainResult",
     "device",
     "expected_comm",
@@ -37,6 +38,10 @@ def __getattr__(name: str):
         from pdlab import training
 
         return getattr(training, name)
+    if name == "TrainConfig":
+        from pdlab.config import TrainConfig
+
+        return TrainConfig
     if name == "Dashboard":
         from pdlab.dashboard import Dashboard
 
