@@ -26,6 +26,7 @@ TINY = {"model": "article", "steps": 2, "batch_size": 8}
 
 
 def test_keywords_override_the_config():
+    assert pdlab.TrainConfig is TrainConfig
     config = TrainConfig(model="article", steps=5, batch_size=8, lr=0.5)
     result = train(config=config, steps=2, optimizer="sgd")
     assert (result.config.steps, result.config.optimizer) == (2, "sgd")

@@ -56,7 +56,8 @@ class Strategy:
         )
 
     def implementation(self, impl: str) -> type:
-        """The class for ``impl``, imported now; NotImplementedError if none is registered."""
+        """The class for ``impl``, imported now. ValueError (with the fix) for an impl that
+        can't exist, NotImplementedError for one not written yet."""
         if impl in self.refused:
             raise ValueError(self.refused[impl])
         if impl not in self.impls:
