@@ -21,8 +21,7 @@ import tempfile
 import textwrap
 
 import pdlab
-from pdlab.parallel.base import STRATEGIES
-from pdlab.training import IMPLEMENTATIONS
+from pdlab.parallel import registry
 
 WARMUP = 5  # steps left out of medians: lazy init, first DDP constructor, allocator warm-up
 
@@ -139,11 +138,9 @@ def table(args: argparse.Namespace) -> None:
     )
     for world in (2, 4):
         with pdlab.Cluster(world, device=args.device) as cluster:
-            for strategy in STRATEGIES:
-                for impl in ("scratch", "torch"):
-                    if (strategy, impl) not in IMPLEMENTATIONS or (
-                        strategy == "single" and impl == "torch"
-                    ):
+            for strategy in registry.names():
+                for impl in registry.get(strategy).impls:
+                    if strategy == "single" and impl == "torch":
                         continue
                     try:
                         r = pdlab.train(

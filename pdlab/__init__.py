@@ -18,6 +18,7 @@ __all__ = [
     "ClusterStatus",
     "Dashboard",
     "RankError",
+    "TrainConfig",
     "TrainResult",
     "device",
     "expected_comm",
@@ -43,6 +44,7 @@ _LAZY = {
     "train": "pdlab.training",
     "expected_comm": "pdlab.training",
     "TrainResult": "pdlab.training",
+    "TrainConfig": "pdlab.config",
     "Dashboard": "pdlab.dashboard",
 }
 

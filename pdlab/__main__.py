@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+import types
+from dataclasses import asdict, fields, replace
 
-from pdlab.models import MODELS
-from pdlab.parallel.base import IMPLS, OPTIMIZERS, STRATEGIES, TrainConfig
+from pdlab.config import TrainConfig, choices, field_types
 from pdlab.training import TrainResult, train, validate
 
-RUN_FLAGS = (
-    "strategy", "impl", "model", "steps", "batch_size", "micro_batches", "lr", "seed", "optimizer"
-)  # fmt: skip
 STEP_COLUMNS = [
     "step",
     "loss",
@@ -36,18 +33,23 @@ STEP_COLUMNS = [
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pdlab", description=__doc__.split("\n")[0])
     commands = p.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="train with one strategy and print its metrics")
-    defaults = TrainConfig()
-    run.add_argument("--strategy", default=defaults.strategy, choices=STRATEGIES)
-    run.add_argument("--impl", default=defaults.impl, choices=IMPLS)
-    run.add_argument("--world-size", type=int, default=2, help="ranks (ignored by single)")
-    run.add_argument("--model", default=defaults.model, choices=MODELS)
-    run.add_argument("--steps", type=int, default=defaults.steps)
-    run.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch")
-    run.add_argument("--micro-batches", type=int, default=defaults.micro_batches)
-    run.add_argument("--lr", type=float, default=defaults.lr)
-    run.add_argument("--seed", type=int, default=defaults.seed)
-    run.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
+    run = commands.add_parser(
+        "run",
+        help="train with one strategy and print its metrics",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    kinds = field_types()
+    for f in fields(TrainConfig):  # a flag for each field: --batch-size sets batch_size
+        flag, kind = "--" + f.name.replace("_", "-"), kinds[f.name]
+        if kind is bool:
+            run.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        if isinstance(kind, types.UnionType):  # ``str | None``: a str when given
+            kind = next(k for k in kind.__args__ if k is not type(None))
+        run.add_argument(
+            flag, type=kind, default=f.default, choices=choices(f), help=f.metadata["help"]
+        )
+    run.set_defaults(world_size=2)  # a run from the shell starts a cluster: 2 ranks unless told
     run.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     return p
 
@@ -66,20 +68,21 @@ def summary(result: TrainResult) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    kwargs = {name: getattr(args, name) for name in RUN_FLAGS}
-    world = 1 if args.strategy == "single" else args.world_size
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if config.strategy == "single":
+        config = replace(config, world_size=1)
     try:
-        validate(TrainConfig(**kwargs, world_size=world))  # before starting any rank
+        validate(config)  # before starting any rank
     except (ValueError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.strategy == "single":
-        result = train(**kwargs)
+    if config.strategy == "single":
+        result = train(config=config)
     else:
         from pdlab.cluster import Cluster
 
-        with Cluster(world) as cluster:
-            result = train(cluster, **kwargs)
+        with Cluster(config.world_size) as cluster:
+            result = train(cluster, config)
     if args.json:
         for row in result.steps[STEP_COLUMNS].to_dict("records"):
             print(json.dumps(row))

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from pdlab import compat
+from pdlab.compat import TorchDispatchMode, tree_flatten
 
 
 @dataclass
@@ -157,28 +158,20 @@ def _nbytes(x: Any) -> int:
     )
 
 
-def _process_group(arg: Any) -> dist.ProcessGroup:
-    if isinstance(arg, str):  # functional ops name their group
-        return dist.distributed_c10d._resolve_process_group(arg)
-    if isinstance(arg, torch.ScriptObject):  # eager ops pass it boxed
-        return dist.ProcessGroup.unbox(arg)
-    return arg
-
-
-def _describe(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> CommEvent | None:
+def _describe(func: Any, args: tuple, kwargs: dict) -> CommEvent | None:
     """The event for a c10d op call (not yet timed), or None if ``func`` isn't communication."""
     table = {"c10d": _C10D_OPS, "_c10d_functional": _FUNCTIONAL_OPS}.get(func.namespace, {})
-    name = func._schema.name.split("::")[1]
+    name = compat.op_name(func)
     if name == "batch_p2p_ops":  # (op_list, peer_list, tag_list, tensors, group_name)
         op_list, _, _, tensors, group_arg = args
-        pg = _process_group(group_arg)
+        pg = compat.process_group(group_arg)
         sent = sum(_nbytes(t) for o, t in zip(op_list, tensors, strict=True) if o == "isend")
         return CommEvent("send", group_label(pg), pg.size(), sent, float(sent))
     if name not in table:
         return None
     op, payload_arg, scales = table[name]
-    bound = {a.name: v for a, v in zip(func._schema.arguments, args, strict=False)} | kwargs
-    pg = _process_group(bound.get("process_group", bound.get("group_name")))
+    bound = dict(zip(compat.op_arguments(func), args, strict=False)) | kwargs
+    pg = compat.process_group(bound.get("process_group", bound.get("group_name")))
     payload = _nbytes(bound[payload_arg]) * (pg.size() if scales else 1) if payload_arg else 0
     return CommEvent(op, group_label(pg), pg.size(), payload, bus_bytes(op, payload, pg.size()))
 
@@ -245,7 +238,7 @@ class _Mode(TorchDispatchMode):
         e = None if getattr(_paused, "on", False) else _describe(func, args, kwargs)
         start, t0 = time.time(), time.perf_counter()
         out = func(*args, **kwargs)
-        if func is torch.ops._c10d_functional.wait_tensor.default:
+        if compat.is_wait_tensor(func):
             self._finish(args[0])
         if e is None:
             return out
@@ -258,7 +251,7 @@ class _Mode(TorchDispatchMode):
             if isinstance(w, torch.ScriptObject):  # eager ops return a boxed Work
                 # Gloo p2p Works raise "getFuture not implemented": those stay launch-timed.
                 with contextlib.suppress(RuntimeError):
-                    _time_until_done(e, t0, dist.distributed_c10d.Work.unbox(w).get_future())
+                    _time_until_done(e, t0, compat.work_future(w))
         return out
 
     def _finish(self, tensor: torch.Tensor) -> None:

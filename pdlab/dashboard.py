@@ -20,7 +20,7 @@ import contextlib
 import html
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import ipywidgets as widgets
@@ -31,25 +31,13 @@ from plotly.subplots import make_subplots
 from pdlab import plots
 from pdlab.cluster import Cluster
 from pdlab.comm import CommEvent
-from pdlab.models import MODELS
-from pdlab.parallel.base import IMPLS, TrainConfig
+from pdlab.config import TrainConfig, choices
+from pdlab.parallel import registry
 from pdlab.training import TrainResult, expected_comm, results, train, validate
 
-# The strategy menu: value -> label. "fsdp" is ZeRO-3 with PyTorch's FSDP2 (see FIXED_IMPL).
-STRATEGY_MENU = {
-    "single": "single process (baseline)",
-    "dp": "data",
-    "ps": "parameter server",
-    "tp": "tensor",
-    "pp-gpipe": "pipeline GPipe",
-    "pp-1f1b": "pipeline 1F1B",
-    "zero1": "ZeRO-1",
-    "zero3": "ZeRO-3",
-    "fsdp": "FSDP (= ZeRO-3 torch)",
-    "dp-tp": "hybrid DP×TP",
-    "dp-pp": "hybrid DP×PP",
-}
-FIXED_IMPL = {"fsdp": ("zero3", "torch")}
+# The controls' first values: TrainConfig's defaults, but a run worth watching (the GPT, a
+# batch small enough to step quickly on CPUs, two micro-batches for the pipelines).
+START = TrainConfig(strategy="dp", model="gpt", batch_size=16, micro_batches=2)
 STOP_RETRY_S = 1.0  # an interrupt that lands between two calls is dropped: send it again
 # The plots as (row, col) of one figure: a FigureWidget carries its own copy of plotly.js
 # (5 MB) to the browser and into the saved notebook, so the dashboard has just one.
@@ -171,27 +159,35 @@ class Dashboard:
     # ----- widgets ---------------------------------------------------------------------------
 
     def _build_widgets(self, world_size: int) -> None:
+        self.menu = registry.menu()  # "fsdp" is an entry that fixes zero3's impl to torch
+        options = {f.name: choices(f) for f in fields(TrainConfig)}
         self.controls: dict[str, widgets.ValueWidget] = {
             "strategy": widgets.Dropdown(
-                options=[(label, key) for key, label in STRATEGY_MENU.items()],
-                value="dp",
+                options=[(entry.label, key) for key, entry in self.menu.items()],
+                value=START.strategy,
                 description="strategy",
             ),
-            "impl": widgets.Dropdown(options=IMPLS, description="impl"),
+            "impl": widgets.Dropdown(options=options["impl"], value=START.impl, description="impl"),
             "world_size": widgets.Dropdown(
                 options=sorted({1, 2, 4, 8, world_size}), value=world_size, description="ranks"
             ),
-            "model": widgets.Dropdown(options=MODELS, value="gpt", description="model"),
-            "batch_size": widgets.BoundedIntText(16, min=1, max=4096, description="batch"),
+            "model": widgets.Dropdown(
+                options=options["model"], value=START.model, description="model"
+            ),
+            "batch_size": widgets.BoundedIntText(
+                START.batch_size, min=1, max=4096, description="batch"
+            ),
             "micro_batches": widgets.BoundedIntText(
-                2,
+                START.micro_batches,
                 min=1,
                 max=256,
                 description="micro-batches",
                 style={"description_width": "initial"},
             ),
-            "lr": widgets.BoundedFloatText(0.01, min=1e-6, max=10.0, step=0.001, description="lr"),
-            "steps": widgets.BoundedIntText(20, min=1, max=100_000, description="steps"),
+            "lr": widgets.BoundedFloatText(
+                START.lr, min=1e-6, max=10.0, step=0.001, description="lr"
+            ),
+            "steps": widgets.BoundedIntText(START.steps, min=1, max=100_000, description="steps"),
         }
         self.controls["strategy"].observe(self._on_strategy, "value")
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
@@ -225,9 +221,9 @@ class Dashboard:
         return self.widget._repr_mimebundle_(**kwargs)
 
     def _on_strategy(self, change: dict) -> None:
-        fixed = FIXED_IMPL.get(change["new"])
+        fixed = self.menu[change["new"]].impl
         if fixed:
-            self.controls["impl"].value = fixed[1]
+            self.controls["impl"].value = fixed
         self.controls["impl"].disabled = fixed is not None
 
     def _say(self, text: str, error: bool = False) -> None:
@@ -244,24 +240,18 @@ class Dashboard:
         return self._thread is not None and self._thread.is_alive()
 
     def config(self) -> TrainConfig:
-        """The run the controls describe now."""
-        v = {name: w.value for name, w in self.controls.items()}
-        strategy, impl = FIXED_IMPL.get(v["strategy"], (v["strategy"], v["impl"]))
-        return TrainConfig(
-            strategy=strategy,
-            impl=impl,
-            model=v["model"],
-            steps=v["steps"],
-            batch_size=v["batch_size"],
-            micro_batches=v["micro_batches"],
-            lr=v["lr"],
-            world_size=1 if strategy == "single" else v["world_size"],
-        )
+        """The run the controls describe now (each control is a ``TrainConfig`` field)."""
+        values = {name: w.value for name, w in self.controls.items()}
+        entry = self.menu[values["strategy"]]
+        values["strategy"], values["impl"] = entry.strategy, entry.impl or values["impl"]
+        if entry.strategy == "single":
+            values["world_size"] = 1
+        return TrainConfig(**values)
 
     def start(self, **settings: Any) -> Run:
         """Start a run in the background and return at once.
 
-        ``settings`` set controls first: ``strategy`` (a key of ``STRATEGY_MENU``), ``impl``,
+        ``settings`` set controls first: ``strategy`` (a key of ``self.menu``), ``impl``,
         ``world_size``, ``model``, ``batch_size``, ``micro_batches``, ``lr``, ``steps``. A bad
         combination raises ValueError, also shown in the dashboard; nothing starts then.
         """
@@ -347,9 +337,7 @@ class Dashboard:
             if not run.stop_requested:
                 run.status = "running"
                 painter.start()
-                kwargs = asdict(run.config)
-                del kwargs["world_size"]  # train takes it from the cluster
-                run.result = train(cluster, **kwargs)
+                run.result = train(cluster, run.config)
         except Exception as exc:  # shown in the dashboard, raised again by wait()
             if not run.stop_requested:
                 run.error = exc

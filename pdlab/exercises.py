@@ -27,9 +27,10 @@ from torch import nn
 
 from pdlab import models, runtime
 from pdlab.cluster import CallTimeout, Cluster, RankError
+from pdlab.config import TrainConfig
 from pdlab.data import load_dataset, points
-from pdlab.parallel.base import Layout, TrainConfig
-from pdlab.parallel.pipeline import partition
+from pdlab.parallel.base import Layout
+from pdlab.parallel.pipeline import StageLink, partition
 from pdlab.parallel.sharded import Zero1
 from pdlab.training import mesh_for
 
@@ -260,44 +261,6 @@ def check_column_parallel(cluster: Cluster, column_parallel_forward: Callable) -
 # ---- lab 03: a GPipe step ------------------------------------------------------------------
 
 
-class StageLink:
-    """A pipeline stage's line to its neighbours, for ``gpipe_step``.
-
-    ``recv_forward()`` returns the previous stage's activation (ready for autograd) and
-    ``send_forward(out)`` hands this stage's output on; ``recv_backward()`` returns the
-    gradient of this stage's output from the next stage and ``send_backward(grad)`` returns
-    the gradient of this stage's input to the previous one. Sends never block (``wait``
-    finishes them), so two stages never wait on each other.
-    """
-
-    def __init__(self, stage: int, stages: int, in_shape: torch.Size, out_shape: torch.Size):
-        self.stage, self.stages = stage, stages
-        self.is_first, self.is_last = stage == 0, stage == stages - 1
-        self.in_shape, self.out_shape = in_shape, out_shape
-        self._sends: list[dist.Work] = []
-
-    def recv_forward(self) -> torch.Tensor:
-        buf = torch.empty(self.in_shape)
-        dist.recv(buf, src=self.stage - 1)
-        return buf.requires_grad_()
-
-    def send_forward(self, out: torch.Tensor) -> None:
-        self._sends.append(dist.isend(out.detach().contiguous(), dst=self.stage + 1))
-
-    def recv_backward(self) -> torch.Tensor:
-        buf = torch.empty(self.out_shape)
-        dist.recv(buf, src=self.stage + 1)
-        return buf
-
-    def send_backward(self, grad: torch.Tensor) -> None:
-        self._sends.append(dist.isend(grad.contiguous(), dst=self.stage - 1))
-
-    def wait(self) -> None:
-        for work in self._sends:
-            work.wait()
-        self._sends = []
-
-
 PIPE_MODEL, PIPE_BATCH = "mlp", 16
 
 
@@ -309,7 +272,7 @@ def _pipe_stage(model: nn.Sequential, stage: int, stages: int, m: int):
     with torch.no_grad():
         h_in = model[:start](h)
         h_out = model[start:stop](h_in)
-    link = StageLink(stage, stages, h_in.shape, h_out.shape)
+    link = StageLink(None, h_in, h_out, h.device)  # the stages are the world's ranks
     return models.stage(model, start, stop), link
 
 

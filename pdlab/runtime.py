@@ -74,10 +74,9 @@ def collective_counts() -> dict[str, int]:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return {}
-    from torch.distributed import distributed_c10d as c10d
+    from pdlab import compat
 
-    world = c10d._world
-    return {world.pg_names[pg]: pg._get_sequence_number_for_group() for pg in world.pg_map}
+    return compat.sequence_numbers()
 
 
 def log(**metrics: Any) -> None:

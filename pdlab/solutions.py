@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pdlab.exercises import StageLink
 from pdlab.models import loss_fn
 from pdlab.parallel.data import allreduce_gradients
+from pdlab.parallel.pipeline import StageLink
 from pdlab.parallel.sharded import Zero1
 from pdlab.parallel.tensor import ColumnParallelLinear
 
@@ -38,7 +38,11 @@ def column_parallel_forward(
 def gpipe_step(
     stage: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], link: StageLink
 ) -> None:
-    """Lab 03: GPipe (Huang et al. 2019): every micro-batch's forward, then every backward."""
+    """Lab 03: GPipe (Huang et al. 2019): every micro-batch's forward, then every backward.
+
+    ``link`` is the ``StageLink`` the scratch pipelines run on (pdlab/parallel/pipeline.py);
+    ``PipelineScratch.run_schedule`` is this loop for any schedule, with a timeline.
+    """
     inputs, outputs = [], []
     for x, y in zip(xs, ys, strict=True):
         h = x if link.is_first else link.recv_forward()

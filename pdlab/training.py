@@ -15,16 +15,17 @@ call ``run_on_rank(TrainConfig(...))`` on every rank.
 0 alone (the other ranks idle), so its timings come from the same kind of process, with the
 same CPU threads, as the parallel runs it is compared with.
 
-Each strategy class lives in ``pdlab/parallel/`` (see README.md there) and is registered in
-``IMPLEMENTATIONS`` below with one line. If its module defines ``check(config, layout)``,
-``validate`` calls it, so its errors surface before any rank starts work.
+Each strategy lives in ``pdlab/parallel/`` (see README.md there) and is registered with one
+line in ``pdlab/parallel/registry.py``, from which ``validate`` takes the strategies, their
+impls and rank grids; if its class defines ``check(config, layout)``, ``validate`` calls it,
+so its errors surface before any rank starts work.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import pandas as pd
@@ -32,66 +33,20 @@ import torch
 
 from pdlab import checkpoint, memory, runtime
 from pdlab.comm import CommEvent, CommMeter
+from pdlab.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.data import load_dataset
-from pdlab.models import MODELS, build_model
-from pdlab.parallel.base import IMPLS, OPTIMIZERS, STRATEGIES, Layout, Mesh, TrainConfig
-
-# (strategy, impl) -> "module:Class". A new strategy is one line here.
-IMPLEMENTATIONS: dict[tuple[str, str], str] = {
-    ("single", "scratch"): "pdlab.parallel.single:Single",
-    ("single", "torch"): "pdlab.parallel.single:Single",
-    ("dp", "scratch"): "pdlab.parallel.data:DataParallel",
-    ("dp", "torch"): "pdlab.parallel.data:DDP",
-    ("ps", "scratch"): "pdlab.parallel.data:ParameterServer",
-    ("zero1", "scratch"): "pdlab.parallel.sharded:Zero1",
-    ("zero1", "torch"): "pdlab.parallel.sharded:Zero1Torch",
-    ("zero3", "scratch"): "pdlab.parallel.sharded:Zero3",
-    ("zero3", "torch"): "pdlab.parallel.sharded:Zero3Torch",
-    ("pp-gpipe", "scratch"): "pdlab.parallel.pipeline:Pipeline",
-    ("pp-gpipe", "torch"): "pdlab.parallel.pipeline:Pipeline",
-    ("pp-1f1b", "scratch"): "pdlab.parallel.pipeline:Pipeline",
-    ("pp-1f1b", "torch"): "pdlab.parallel.pipeline:Pipeline",
-    ("tp", "scratch"): "pdlab.parallel.tensor:TensorParallel",
-    ("tp", "torch"): "pdlab.parallel.tensor:DTensorParallel",
-    ("dp-tp", "scratch"): "pdlab.parallel.hybrid:DataTensorParallel",
-    ("dp-tp", "torch"): "pdlab.parallel.hybrid:DataDTensorParallel",
-    ("dp-pp", "scratch"): "pdlab.parallel.hybrid:DataPipelineParallel",
-    ("dp-pp", "torch"): "pdlab.parallel.hybrid:DataPipelineTorch",
-}
-HYBRID = ("dp-tp", "dp-pp")
-
-
-def layout_for(strategy: str, world_size: int) -> Layout:
-    """The rank grid a strategy uses on ``world_size`` ranks (hybrids: dp=2 by the rest)."""
-    if strategy == "single":
-        return Layout()
-    if strategy == "tp":
-        return Layout(tp=world_size)
-    if strategy.startswith("pp-"):
-        return Layout(pp=world_size)
-    if strategy == "dp-tp":
-        return Layout(dp=2, tp=world_size // 2)
-    if strategy == "dp-pp":
-        return Layout(dp=2, pp=world_size // 2)
-    return Layout(dp=world_size)  # dp, ps, zero1, zero3
-
-
-def _choose(what: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
+from pdlab.models import build_model
+from pdlab.parallel import registry
+from pdlab.parallel.base import Implementation, Layout, Mesh
+from pdlab.parallel.registry import layout_for
 
 
 def validate(config: TrainConfig) -> None:
     """Raise ValueError (NotImplementedError for a strategy not built yet) saying what to change."""
-    _choose("strategy", config.strategy, STRATEGIES)
-    _choose("impl", config.impl, IMPLS)
-    _choose("model", config.model, MODELS)
-    _choose("optimizer", config.optimizer, OPTIMIZERS)
-    if config.strategy == "ps" and config.impl == "torch":
-        raise ValueError(
-            "PyTorch has no parameter-server API: use impl='scratch' for 'ps' "
-            "(DDP is strategy='dp', impl='torch')"
-        )
+    for f in fields(config):
+        options, value = choices(f), getattr(config, f.name)
+        if options is not None and value not in options:
+            raise ValueError(f"unknown {f.name} {value!r}: choose one of {', '.join(options)}")
     for name in ("steps", "batch_size", "micro_batches"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {getattr(config, name)!r}")
@@ -99,44 +54,22 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
     if not config.lr > 0:
         raise ValueError(f"lr must be > 0, got {config.lr!r}")
-    world = config.world_size
-    if config.strategy != "single" and world < 2:
-        raise ValueError(
-            f"strategy {config.strategy!r} needs at least 2 ranks, got world_size {world}: "
-            "run it on a pdlab.Cluster(2) or bigger"
-        )
-    if config.strategy in HYBRID and (world < 4 or world % 2):
-        raise ValueError(
-            f"strategy {config.strategy!r} is a 2 x {world // 2} grid and needs an even "
-            f"world_size >= 4, got {world}: use pdlab.Cluster(4)"
-        )
-    layout = layout_for(config.strategy, world)
+    strategy = registry.get(config.strategy)
+    strategy.check_world_size(config.world_size)
+    layout = strategy.layout(config.world_size)
     if config.batch_size % layout.dp:
         raise ValueError(
             f"batch_size {config.batch_size} does not split over {layout.dp} data-parallel "
             f"ranks: use a multiple of {layout.dp}, e.g. {-(-config.batch_size // layout.dp) * layout.dp}"
         )
-    module = importlib.import_module(_target(config)[0])
-    if hasattr(module, "check"):
-        module.check(config, layout)
+    cls = strategy.implementation(config.impl)
+    if hasattr(cls, "check"):
+        cls.check(config, layout)
 
 
-def _target(config: TrainConfig) -> tuple[str, str]:
-    key = (config.strategy, config.impl)
-    if key not in IMPLEMENTATIONS:
-        done = ", ".join(f"{s}/{i}" for s, i in IMPLEMENTATIONS)
-        raise NotImplementedError(
-            f"strategy {config.strategy!r} with impl {config.impl!r} is not implemented yet "
-            f"(available: {done})"
-        )
-    module, cls = IMPLEMENTATIONS[key].split(":")
-    return module, cls
-
-
-def strategy_class(config: TrainConfig) -> type:
+def strategy_class(config: TrainConfig) -> type[Implementation]:
     """The class implementing ``config.strategy`` with ``config.impl``."""
-    module, cls = _target(config)
-    return getattr(importlib.import_module(module), cls)
+    return registry.get(config.strategy).implementation(config.impl)
 
 
 def expected_comm(config: TrainConfig) -> list[CommEvent]:
@@ -296,51 +229,49 @@ def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent])
     )
 
 
+# train takes these from its cluster, not as keywords
+FROM_THE_CLUSTER = {"world_size": "comes from the cluster: train on a pdlab.Cluster of that size"}
+
+
 def train(
     cluster: Any = None,
+    config: TrainConfig | None = None,
     *,
-    strategy: str = "single",
-    impl: str = "scratch",
-    model: str = "mlp",
-    steps: int = 20,
-    batch_size: int = 32,
-    micro_batches: int = 1,
-    lr: float = 0.01,
-    seed: int = 0,
-    optimizer: str = "adam",
-    checkpoint_dir: str | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
     full_state: bool = False,
     timeout: float | None = None,
+    **overrides: Any,
 ) -> TrainResult:
-    """Train with ``strategy`` on every rank of ``cluster`` (a ``pdlab.Cluster``).
+    """Train ``config`` on every rank of ``cluster`` (a ``pdlab.Cluster``), with the
+    ``TrainConfig`` fields given as keywords replaced: ``train(cluster, strategy="dp")``.
 
-    The config is validated here, before any rank does work. ``single`` runs without a
-    cluster (in this process) or on a cluster's rank 0. ``full_state=True`` also returns the
-    trained parameters (``result.state_dict``) to compare with another run.
+    ``world_size`` is the cluster's (1 for ``single``, which runs without a cluster, in this
+    process, or on a cluster's rank 0). The config is validated here, before any rank does
+    work. ``full_state=True`` also returns the trained parameters (``result.state_dict``) to
+    compare with another run.
     """
-    world = cluster.world_size if cluster is not None and strategy != "single" else 1
-    config = TrainConfig(
-        strategy=strategy,
-        impl=impl,
-        model=model,
-        steps=steps,
-        batch_size=batch_size,
-        micro_batches=micro_batches,
-        lr=lr,
-        optimizer=optimizer,
-        seed=seed,
-        world_size=world,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-    )
+    if isinstance(cluster, TrainConfig):
+        raise TypeError("the config comes second: train(cluster, config), or train(config=config)")
+    config = with_overrides(config or TrainConfig(), overrides, FROM_THE_CLUSTER)
+    single = cluster is None or config.strategy == "single"
+    config = replace(config, world_size=1 if single else cluster.world_size)
     validate(config)
     expected = expected_comm(config)
     if cluster is None:
         outputs = [run_on_rank(config, full_state)]
     else:
-        ranks = [0] if strategy == "single" else None
+        ranks = [0] if config.strategy == "single" else None
         outputs = cluster.run(run_on_rank, config, full_state, ranks=ranks, timeout=timeout)
     return results(config, outputs, expected)
+
+
+# help(train) and Jupyter's tooltip list TrainConfig's fields (with their defaults) as keywords.
+_written = inspect.signature(train, eval_str=True)
+train.__signature__ = _written.replace(
+    parameters=[
+        _written.parameters["cluster"],
+        _written.parameters["config"],
+        *keywords(leave_out=FROM_THE_CLUSTER),
+        _written.parameters["full_state"],
+        _written.parameters["timeout"],
+    ]
+)

@@ -178,3 +178,58 @@ def test_result_carries_every_ranks_timeline(cluster2):
     for record in result.timeline:
         assert sorted(e["phase"] for e in record["timeline"]) == ["B", "B", "F", "F"]
     assert train(cluster2, strategy="dp", steps=1).timeline == []
+
+
+# ---- the link between stages -------------------------------------------------------------
+
+
+def _links_on_a_grid() -> dict:
+    """Over this rank's ``pp`` group of a dp=2 x pp=2 grid: an activation forward (this
+    rank's number), a gradient back (ten times it)."""
+    import torch.distributed as dist
+
+    from pdlab import runtime
+    from pdlab.training import mesh_for
+
+    mesh = mesh_for(Layout(dp=2, pp=2), runtime.device())
+    like = torch.empty(2, 3, device="meta")
+    link = pipeline.StageLink(mesh.group("pp"), like, like, runtime.device())
+    me = torch.full((2, 3), float(dist.get_rank()))
+    if link.is_first:
+        link.send_forward(me)
+        got = link.recv_backward()
+    else:
+        got = link.recv_forward()
+        link.send_backward(10 * me)
+    link.wait()
+    return {
+        "stage": link.stage,
+        "flags": (link.is_first, link.is_last),
+        "got": got.unique().item(),
+        "grad_ready": got.requires_grad,
+        "wire": str(link.wire),
+    }
+
+
+def test_stage_link_talks_to_its_neighbours_in_its_group(cluster4):
+    got = cluster4.run(_links_on_a_grid, timeout=CALL_TIMEOUT)
+    # Ranks 0, 1 and 2, 3 are the two pipelines: peers are group ranks, not world ranks.
+    assert [g["stage"] for g in got] == [0, 1, 0, 1]
+    assert [g["flags"] for g in got] == [(True, False), (False, True)] * 2
+    assert [g["got"] for g in got] == [10.0, 0.0, 30.0, 2.0]
+    assert [g["grad_ready"] for g in got] == [False, True, False, True]  # activations need grads
+    assert {g["wire"] for g in got} == {"cpu"}  # gloo: through host memory
+
+
+def _exercise_link(m: int) -> bool:
+    from pdlab import exercises, runtime
+
+    _, link = exercises._pipe_stage(build_model("mlp"), runtime.rank(), runtime.world_size(), m)
+    return isinstance(link, pipeline.StageLink) and link.group is not None
+
+
+def test_the_exercise_and_its_answer_run_on_the_pipelines_link(cluster2):
+    from pdlab import exercises, solutions
+
+    assert cluster2.run(_exercise_link, 4, timeout=CALL_TIMEOUT) == [True, True]
+    assert exercises.check_gpipe(cluster2, solutions.gpipe_step)

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from pdlab.comm import totals
+from pdlab.parallel import registry
 from pdlab.parallel.base import TrainConfig
-from pdlab.training import IMPLEMENTATIONS, train, validate
+from pdlab.training import train, validate
 from tests.helpers import assert_parity, measured_per_step
 
 STEPS = 20
@@ -140,7 +141,7 @@ def test_validate_delegates_shape_checks_to_the_strategy(changes, message):
 
 
 def test_not_implemented_yet_is_clear(monkeypatch):
-    monkeypatch.delitem(IMPLEMENTATIONS, ("ps", "scratch"))
+    monkeypatch.delitem(registry.get("ps").impls, "scratch")
     with pytest.raises(
         NotImplementedError, match="'ps' with impl 'scratch' is not implemented yet"
     ):

@@ -1,38 +1,25 @@
-"""What every strategy shares: the run's config, the rank grid, and a step's output."""
+"""What every strategy shares: the rank grid, a step's output, what a strategy class provides.
+
+The registry imports this module, so it stays light: DTensor (over a second to import) is
+imported inside the functions that need it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from pdlab.config import OPTIMIZERS, TrainConfig
 from pdlab.models import build_model
 
-STRATEGIES = ("single", "dp", "ps", "tp", "pp-gpipe", "pp-1f1b", "zero1", "zero3", "dp-tp", "dp-pp")
-IMPLS = ("scratch", "torch")
-OPTIMIZERS = ("sgd", "adam")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run, as plain values (the CLI flags and ``pdlab.train`` keywords)."""
-
-    strategy: str = "single"
-    impl: str = "scratch"
-    model: str = "mlp"
-    steps: int = 20
-    batch_size: int = 32  # the global batch, over all data-parallel ranks
-    micro_batches: int = 1  # pipeline strategies split each rank's batch into these
-    lr: float = 0.01
-    optimizer: str = "adam"
-    seed: int = 0
-    world_size: int = 1
-    checkpoint_dir: str | None = None  # where pdlab.checkpoint saves and resumes (all ranks)
-    checkpoint_every: int = 0  # save after every this many steps (0: never)
-    resume: bool = False  # start from the newest complete checkpoint in checkpoint_dir
+if TYPE_CHECKING:
+    from pdlab.comm import CommEvent
 
 
 @dataclass(frozen=True)
@@ -99,6 +86,52 @@ class StepOutput:
     loss: float | None
     samples: int
     timeline: list[dict] = field(default_factory=list)
+
+
+class Implementation(Protocol):
+    """What a registered strategy class provides (see README.md beside this file).
+
+    Built on every rank as ``cls(model, config, mesh)``. A class may also define a static
+    ``check(config, layout)`` raising ValueError that names the fix; ``training.validate``
+    calls it before any rank starts work.
+    """
+
+    module: nn.Module  # this rank's part of the model (memory and checkpoints read it)
+    optimizer: torch.optim.Optimizer | None  # over this rank's state
+    counts_own_comm: ClassVar[bool]  # True: it records its bytes itself (comm.record)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    @staticmethod
+    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]: ...
+
+
+def wire_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
+    """Where point-to-point tensors travel over ``group``: the CPU on gloo, else ``device``.
+
+    gloo's send and recv move host memory only (a CUDA pointer fails in writev: "Bad
+    address"), so ranks that share a GPU, and so use gloo, send through the CPU.
+    """
+    return torch.device("cpu") if dist.get_backend(group) == "gloo" else device
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s whole value: a DTensor gathered (a collective when it is sharded), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def by_kind(params: Iterable[torch.Tensor]) -> list[dict]:
+    """Parameter groups that never mix DTensors with plain tensors: on CUDA an optimizer
+    updates a group with one foreach kernel, which can't take both."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(params)
+    groups = [[p for p in params if isinstance(p, DTensor) is kind] for kind in (True, False)]
+    return [{"params": g} for g in groups if g]
 
 
 def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:

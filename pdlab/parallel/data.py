@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pdlab import comm
 from pdlab.comm import CommEvent
-from pdlab.parallel.base import Layout, Mesh, TrainConfig, meta_model
+from pdlab.parallel.base import Layout, Mesh, TrainConfig, meta_model, wire_device
 from pdlab.parallel.single import Single
 
 BUCKET_BYTES = 256 * 1024  # small enough that the GPT's ~0.8 MB of gradients fill 4 buckets
@@ -177,8 +177,7 @@ class ParameterServer(Single):
         self.is_server = self.group.rank() == 0
         if not self.is_server:
             self.optimizer = None  # workers keep no optimizer state
-        # Gloo's send/recv take CPU tensors only (ranks sharing a GPU use gloo): go via host.
-        self.wire = torch.device("cpu") if dist.get_backend(self.group) == "gloo" else mesh.device
+        self.wire = wire_device(self.group, mesh.device)
 
     def update(self) -> None:
         params = list(self.model.parameters())

@@ -12,13 +12,17 @@ Each rank all-reduces only its part: ``1/tp`` (or one stage) of the model's grad
 data parallelism's traffic per rank shrinks by the model-parallel degree, while the
 model-parallel traffic (TP's activations, PP's boundaries) stays inside each replica.
 
-- scratch: the model-parallel strategy, whose ``update`` runs ``data.allreduce_gradients``
-  over ``dp`` before the optimizer step.
-- torch: the model-parallel strategy's torch impl, with FSDP2's ``replicate`` (DDP rebuilt
-  on FSDP2) on the ``dp`` sub-mesh. Classic ``DistributedDataParallel`` does not take the
-  DTensor parameters TP makes; ``replicate`` does, and all-reduces the gradients (the local
-  shards) at the end of backward: all of a rank's in one op instead of ``data.py``'s
-  buckets, the same bytes per op and group (what ``comm.totals`` compares).
+Both impls are built by composition, as picotron wraps TP, then PP, then DP: the
+model-parallel strategy is built first, whole, and a data-parallel wrapper holds it.
+
+- scratch, ``AveragedReplicas``: runs the inner strategy's ``forward_backward``, averages
+  its gradients over ``dp`` with ``data.allreduce_gradients``, then runs its ``update``.
+- torch, ``ReplicatedModule``: applies FSDP2's ``replicate`` (DDP rebuilt on FSDP2) to the
+  inner torch strategy's module on the ``dp`` sub-mesh and lets it train as it is. Classic
+  ``DistributedDataParallel`` does not take the DTensor parameters TP makes; ``replicate``
+  does, and all-reduces the gradients (the local shards) at the end of backward: all of a
+  rank's in one op instead of ``data.py``'s buckets, the same bytes per op and group (what
+  ``comm.totals`` compares).
 
 Each replica's pipeline runs GPipe (``pp-gpipe``); ``micro_batches`` applies as in ``pp-*``.
 """
@@ -29,15 +33,25 @@ import warnings
 from dataclasses import replace
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pdlab.comm import CommEvent
+from pdlab.compat import replicate
 from pdlab.models import stage
 from pdlab.parallel import pipeline, tensor
-from pdlab.parallel.base import Layout, Mesh, TrainConfig, build_optimizer, meta_model
+from pdlab.parallel.base import (
+    Implementation,
+    Layout,
+    Mesh,
+    StepOutput,
+    TrainConfig,
+    build_optimizer,
+    by_kind,
+    meta_model,
+)
 from pdlab.parallel.data import allreduce_comm, allreduce_gradients
-from pdlab.parallel.pipeline import Pipeline
+from pdlab.parallel.pipeline import PipelineScratch, PipelineTorch
+from pdlab.parallel.single import Single
 from pdlab.parallel.tensor import DTensorParallel, TensorParallel
 
 # A Dense model's last layer is row-parallel, and DTensor hands back its output as a view of
@@ -45,20 +59,89 @@ from pdlab.parallel.tensor import DTensorParallel, TensorParallel
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
-def replicate(module: nn.Module, mesh) -> nn.Module:
-    """FSDP2's ``replicate`` (DDP over DTensor parameters; classic DDP refuses DTensors).
+# --- the two data-parallel wrappers ------------------------------------------------------
 
-    Imported here, not at the top: it is a private module that torch has only since 2.9, and
-    the scratch hybrids must keep working without it.
-    """
-    try:
-        from torch.distributed._composable.replicate_with_fsdp import replicate as fsdp_replicate
-    except ImportError as exc:
-        raise NotImplementedError(
-            f"impl='torch' hybrids need torch >= 2.9 (FSDP2's replicate); this is torch "
-            f"{torch.__version__}: use impl='scratch'"
-        ) from exc
-    return fsdp_replicate(module, mesh=mesh)
+
+class _Replicas:
+    """``dp`` replicas of a model-parallel strategy, ``inner``: this rank's replica is it."""
+
+    counts_own_comm = False
+
+    def __init__(self, inner: Implementation):
+        self.inner = inner
+
+    @property
+    def module(self) -> nn.Module:
+        return self.inner.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.inner.optimizer
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.full_state_dict()  # every replica holds the same parameters
+
+
+class AveragedReplicas(_Replicas):
+    """From scratch: after the inner strategy's backward, average the gradients of this
+    rank's part of the model over its ``dp`` group, then let the inner strategy step."""
+
+    def __init__(self, inner: Single, mesh: Mesh):
+        super().__init__(inner)
+        self.group = mesh.group("dp")
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        out = self.inner.forward_backward(x, y)
+        allreduce_gradients(list(self.module.parameters()), self.group)
+        self.inner.update()
+        return out
+
+
+class ReplicatedModule(_Replicas):
+    """With PyTorch: ``replicate`` the inner strategy's module over the ``dp`` sub-mesh, so
+    its backward averages the gradients, and train the inner strategy as it is."""
+
+    def __init__(self, inner: Implementation, config: TrainConfig, mesh: Mesh):
+        super().__init__(inner)
+        replicate(inner.module, mesh=mesh.device_mesh["dp"])
+        # replicate() swaps the parameters for DTensors (replicated over dp): optimize those.
+        inner.optimizer = build_optimizer(by_kind(inner.module.parameters()), config)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        return self.inner.train_step(x, y)
+
+
+# --- dp-tp --------------------------------------------------------------------------------
+
+
+def dp_tp_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+    """TP's f/g all-reduces on a ``B/dp`` shard, plus each rank's ``1/tp`` of the gradient."""
+    shard = tensor.shard_scratch(meta_model(config), Mesh(layout, torch.device("meta")))
+    params = list(shard.parameters())  # every tp rank's shards have the same sizes
+    return tensor.expected_comm(config, layout) + allreduce_comm(layout, lambda _: params)
+
+
+class DataTensorParallel(AveragedReplicas):
+    """``dp-tp`` from scratch: Megatron TP inside each replica, gradient shards averaged over dp."""
+
+    check = staticmethod(tensor.check)
+    expected_comm = staticmethod(dp_tp_comm)
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(TensorParallel(model, config, mesh), mesh)
+
+
+class DataDTensorParallel(ReplicatedModule):
+    """``dp-tp`` with PyTorch: DTensor TP on the ``tp`` sub-mesh, ``replicate`` over ``dp``."""
+
+    check = staticmethod(tensor.check)
+    expected_comm = staticmethod(dp_tp_comm)
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(DTensorParallel(model, config, mesh), config, mesh)
+
+
+# --- dp-pp --------------------------------------------------------------------------------
 
 
 def _pipeline_config(config: TrainConfig) -> TrainConfig:
@@ -67,77 +150,40 @@ def _pipeline_config(config: TrainConfig) -> TrainConfig:
     return replace(config, strategy="pp-gpipe")
 
 
-def check(config: TrainConfig, layout: Layout) -> None:
-    """Raise ValueError, naming the fix, if the model-parallel half cannot split ``config``."""
-    if config.strategy == "dp-tp":
-        tensor.check(config, layout)
-    else:
-        pipeline.check(_pipeline_config(config), layout)
+def check_dp_pp(config: TrainConfig, layout: Layout) -> None:
+    """Raise ValueError, naming the fix, if the pipeline inside each replica can't run."""
+    pipeline.check(_pipeline_config(config), layout)
 
 
-class _AverageOverDP:
-    """``update``: average this rank's gradients over its ``dp`` group, then step."""
-
-    def update(self) -> None:
-        allreduce_gradients(list(self.module.parameters()), self.mesh.group("dp"))
-        self.optimizer.step()
-
-
-class DataTensorParallel(_AverageOverDP, TensorParallel):
-    """``dp-tp`` from scratch: Megatron TP inside each replica, gradient shards averaged over dp."""
-
-    @staticmethod
-    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
-        """TP's f/g all-reduces on a ``B/dp`` shard, plus each rank's ``1/tp`` of the gradient."""
-        shard = tensor.shard_scratch(meta_model(config), Mesh(layout, torch.device("meta")))
-        params = list(shard.parameters())  # every tp rank's shards have the same sizes
-        return tensor.expected_comm(config, layout) + allreduce_comm(layout, lambda _: params)
+def dp_pp_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+    """The pipeline's sends on a ``B/dp`` shard, plus each rank's stage gradient."""
+    model = meta_model(config)
+    stages = [
+        list(stage(model, start, stop).parameters())
+        for start, stop in pipeline.partition(model, layout.pp)
+    ]
+    return pipeline.expected_comm(_pipeline_config(config), layout) + allreduce_comm(
+        layout, lambda rank: stages[layout.coords(rank)[1]]
+    )
 
 
-class DataDTensorParallel(DTensorParallel):
-    """``dp-tp`` with PyTorch: DTensor TP on the ``tp`` sub-mesh, ``replicate`` over ``dp``."""
-
-    def shard(self, model: nn.Sequential, mesh: Mesh) -> nn.Sequential:
-        return replicate(super().shard(model, mesh), mesh=mesh.device_mesh["dp"])
-
-    expected_comm = DataTensorParallel.expected_comm
-
-
-class DataPipelineParallel(_AverageOverDP, Pipeline):
+class DataPipelineParallel(AveragedReplicas):
     """``dp-pp`` from scratch: a GPipe pipeline inside each replica, each stage averaged over dp."""
 
+    check = staticmethod(check_dp_pp)
+    expected_comm = staticmethod(dp_pp_comm)
+
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
-        super().__init__(model, _pipeline_config(config), mesh)
-
-    @staticmethod
-    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
-        """The pipeline's sends on a ``B/dp`` shard, plus each rank's stage gradient."""
-        model = meta_model(config)
-        stages = [
-            list(stage(model, start, stop).parameters())
-            for start, stop in pipeline.partition(model, layout.pp)
-        ]
-        return pipeline.expected_comm(_pipeline_config(config), layout) + allreduce_comm(
-            layout, lambda rank: stages[layout.coords(rank)[1]]
-        )
+        super().__init__(PipelineScratch(model, _pipeline_config(config), mesh), mesh)
 
 
-class DataPipelineTorch(DataPipelineParallel):
+class DataPipelineTorch(ReplicatedModule):
     """``dp-pp`` with PyTorch: ``torch.distributed.pipelining`` inside each replica and
     ``replicate`` over ``dp`` on each stage. The schedule sees an FSDP module and lets it
     reduce only in the last micro-batch's backward: one all-reduce per stage per step."""
 
+    check = staticmethod(check_dp_pp)
+    expected_comm = staticmethod(dp_pp_comm)
+
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
-        super().__init__(model, config, mesh)
-        replicate(self.module, mesh=mesh.device_mesh["dp"])
-        # replicate() swaps the parameters for DTensors (replicated over dp): optimize those.
-        self.optimizer = build_optimizer(self.module.parameters(), config)
-
-    update = Pipeline.update  # replicate() averaged the gradients during backward
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The stages' parameters, gathered over ``pp`` (each DTensor's local tensor is whole)."""
-        local = {k: v.to_local().cpu() for k, v in self.module.state_dict().items()}
-        parts: list[dict | None] = [None] * self.p
-        dist.all_gather_object(parts, local, group=self.group)
-        return {k: v for part in parts for k, v in part.items()}
+        super().__init__(PipelineTorch(model, _pipeline_config(config), mesh), config, mesh)

@@ -14,11 +14,11 @@ backward runs the other way, sending the gradient of the stage's input. Two sche
 The loss is the mean over micro-batches of each micro-batch's mean loss, so the gradients
 equal the single-process full-batch gradient (micro-batches are equal-sized).
 
-``impl="scratch"`` runs a schedule on ``isend`` + ``recv``: a send never blocks, so a stage
-never waits on a peer that waits on it (two blocking sends facing each other deadlock in
-1F1B's steady phase); sends are waited on at the end of the step. gloo's
-``batch_isend_irecv`` is avoided: it hangs on CPU (PiPPy #989, pytorch #132644).
-``impl="torch"`` runs the same partition with ``torch.distributed.pipelining``.
+``PipelineScratch`` (``impl="scratch"``) runs a schedule over a ``StageLink``: ``isend`` +
+``recv`` to the neighbouring stages (lab 03's exercise uses the same link).
+``PipelineTorch`` (``impl="torch"``) runs the same partition with
+``torch.distributed.pipelining``. ``Pipeline``, their base, holds what both share: the
+stage's units, the shapes crossing its cuts and its timeline.
 """
 
 from __future__ import annotations
@@ -34,10 +34,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from pdlab import models
+from pdlab import compat, models
 from pdlab.comm import CommEvent, event
 from pdlab.data import load_dataset
-from pdlab.parallel.base import Layout, Mesh, StepOutput, TrainConfig, build_optimizer, meta_model
+from pdlab.parallel.base import (
+    Layout,
+    Mesh,
+    StepOutput,
+    TrainConfig,
+    full_tensor,
+    meta_model,
+    wire_device,
+)
+from pdlab.parallel.single import Single
 
 Action = tuple[str, int]  # ("F" | "B", micro-batch index)
 
@@ -75,11 +84,6 @@ def check(config: TrainConfig, layout: Layout) -> None:
         raise ValueError(
             f"the batch per data-parallel rank ({per_rank}) does not split into "
             f"{config.micro_batches} micro-batches: use a divisor of {per_rank}"
-        )
-    if config.strategy == "pp-1f1b" and config.impl == "torch" and config.micro_batches < layout.pp:
-        raise ValueError(
-            f"torch's Schedule1F1B needs at least as many micro-batches as stages: use "
-            f"micro_batches >= {layout.pp} (or impl='scratch', whose 1F1B runs any number)"
         )
 
 
@@ -140,6 +144,73 @@ SCHEDULES: dict[str, Callable[[int, int, int], list[Action]]] = {
     "pp-1f1b": one_f_one_b,
 }
 TORCH_SCHEDULES = {"pp-gpipe": ScheduleGPipe, "pp-1f1b": Schedule1F1B}
+
+
+# --- the link between stages ------------------------------------------------------------
+
+
+class StageLink:
+    """One pipeline stage's line to its neighbours in ``group``: activations forward, the
+    gradients of those activations backward.
+
+    The stage is this rank's place in ``group`` (``None``: the world), its neighbours the
+    ranks before and after it. ``input_like`` and ``output_like`` are one micro-batch's input
+    and output of the stage (meta tensors will do): their shapes and dtypes are what the
+    receives expect. Tensors arrive on ``device``; on gloo they travel through the CPU
+    (``wire_device``).
+
+    A send never blocks (``isend``); ``wait`` finishes them all, so a stage never waits on a
+    peer that waits on it (two blocking sends facing each other deadlock in 1F1B's steady
+    phase). gloo's ``batch_isend_irecv`` is avoided: it hangs on CPU (PiPPy #989, pytorch
+    #132644).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        input_like: torch.Tensor,
+        output_like: torch.Tensor,
+        device: torch.device,
+    ):
+        self.group = group or dist.group.WORLD
+        self.stage, self.stages = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.is_first, self.is_last = self.stage == 0, self.stage == self.stages - 1
+        self.input_like, self.output_like = input_like, output_like
+        self.device, self.wire = device, wire_device(self.group, device)
+        self._sends: list[dist.Work] = []
+
+    def recv_forward(self) -> torch.Tensor:
+        """The previous stage's activation, ready for autograd: after backward, its ``.grad``
+        is what ``send_backward`` returns to that stage."""
+        return self._recv(self.input_like, self.stage - 1).requires_grad_()
+
+    def send_forward(self, out: torch.Tensor) -> None:
+        """Start sending this stage's output to the next stage."""
+        self._isend(out.detach(), self.stage + 1)
+
+    def recv_backward(self) -> torch.Tensor:
+        """The gradient of this stage's output, from the next stage."""
+        return self._recv(self.output_like, self.stage + 1)
+
+    def send_backward(self, grad: torch.Tensor) -> None:
+        """Start sending the gradient of this stage's input to the previous stage."""
+        self._isend(grad, self.stage - 1)
+
+    def wait(self) -> None:
+        """Wait until every send started so far is done."""
+        for work in self._sends:
+            work.wait()
+        self._sends = []
+
+    def _isend(self, t: torch.Tensor, peer: int) -> None:
+        # The Work holds the tensor it sends (a copy on the CPU, on gloo) until it is done.
+        t = t.to(self.wire).contiguous()
+        self._sends.append(dist.isend(t, group=self.group, group_dst=peer))
+
+    def _recv(self, like: torch.Tensor, peer: int) -> torch.Tensor:
+        buf = torch.empty(like.shape, dtype=like.dtype, device=self.wire)
+        dist.recv(buf, group=self.group, group_src=peer)
+        return buf.to(self.device)
 
 
 # --- timeline and held activations -------------------------------------------------------
@@ -215,7 +286,87 @@ def peak_held(events: list[dict]) -> int:
     return max(e["held"] for e in events)
 
 
-# --- the strategy ------------------------------------------------------------------------
+# --- the strategies ----------------------------------------------------------------------
+
+
+class Pipeline(Single):
+    """What both impls share: this rank runs stage ``s = mesh.pp_rank`` of ``p = layout.pp``.
+
+    Stage, peers and group come from the mesh's ``pp`` dimension, so the same classes run a
+    pipeline inside each data-parallel replica (``dp-pp``, ``hybrid.py``). A subclass runs
+    the schedule (``run_schedule``); ``forward_backward`` and ``update`` (an optimizer step)
+    are the same for both.
+    """
+
+    expected_comm = staticmethod(expected_comm)
+    check = staticmethod(check)
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        self.check(config, mesh.layout)
+        self.config, self.mesh = config, mesh
+        self.p, self.s, self.m = mesh.layout.pp, mesh.pp_rank, config.micro_batches
+        self.is_first, self.is_last = self.s == 0, self.s == self.p - 1
+        self.group = mesh.group("pp")
+        start, stop = partition(model, self.p)[self.s]
+        super().__init__(models.stage(model, start, stop), config, mesh)
+        self.timeline = Timeline(self.s, self.module)
+        # What crosses this stage's cuts per micro-batch: the shapes of what it receives.
+        x = _example_microbatch(config, mesh.layout)
+        outs = _unit_outputs(model, x)
+        self.input_like = outs[start - 1] if start else x
+        self.output_like = outs[stop - 1]
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        """Run the schedule over ``m`` micro-batches; the last stage reports the mean loss."""
+        self.model.zero_grad(set_to_none=True)
+        self.timeline.events = []
+        losses = self.run_schedule(x, y)
+        loss = torch.stack(losses).mean().item() if self.is_last else None
+        return StepOutput(loss, len(x) if self.is_last else 0, self.timeline.events)
+
+    def run_schedule(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """Forward and backward every micro-batch; the last stage returns their losses."""
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """All stages' parameters under the single-process names, on every rank of the pipeline."""
+        local = {k: full_tensor(v).detach().cpu() for k, v in self.module.state_dict().items()}
+        parts: list[dict | None] = [None] * self.p
+        dist.all_gather_object(parts, local, group=self.group)
+        return {k: v for part in parts for k, v in part.items()}
+
+
+class PipelineScratch(Pipeline):
+    """``pp-gpipe`` / ``pp-1f1b`` from scratch: the schedule's actions in order, over a
+    ``StageLink``; the sends are waited on at the end of the step."""
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(model, config, mesh)
+        self.link = StageLink(self.group, self.input_like, self.output_like, mesh.device)
+
+    def run_schedule(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        xs, ys, link = x.tensor_split(self.m), y.tensor_split(self.m), self.link
+        inputs, outputs, losses = {}, {}, []
+        for phase, i in SCHEDULES[self.config.strategy](self.m, self.p, self.s):
+            if phase == "F":
+                h = xs[i] if self.is_first else link.recv_forward()
+                with self.timeline.record(i, "F"):
+                    out = self.module(h)
+                    if self.is_last:
+                        losses.append(models.loss_fn(out, ys[i]))
+                        out = losses[-1] / self.m  # mean over micro-batches = full-batch loss
+                if not self.is_last:
+                    link.send_forward(out)
+                inputs[i], outputs[i] = h, out
+            else:
+                grad = None if self.is_last else link.recv_backward()
+                with self.timeline.record(i, "B"):
+                    torch.autograd.backward(outputs.pop(i), grad)
+                h = inputs.pop(i)
+                if not self.is_first:
+                    link.send_backward(h.grad)
+        link.wait()
+        return [loss.detach() for loss in losses]
 
 
 class _TimedStage(PipelineStage):
@@ -238,126 +389,48 @@ class _TimedStage(PipelineStage):
             return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
 
 
-class Pipeline:
-    """``pp-gpipe`` / ``pp-1f1b``: this rank runs stage ``s = mesh.pp_rank`` of ``p = layout.pp``.
+class PipelineTorch(Pipeline):
+    """``pp-gpipe`` / ``pp-1f1b`` with PyTorch: the same stage given to a ``PipelineStage``
+    and run by ``ScheduleGPipe`` / ``Schedule1F1B``, which divide the gradients by ``m``."""
 
-    Stage, peers and group come from the mesh's ``pp`` dimension, so the same class runs a
-    pipeline inside each data-parallel replica (``dp-pp``): override ``update`` to average
-    the gradients over ``dp`` before the optimizer step, as ``data.py`` does for ``Single``.
-    """
-
-    expected_comm = staticmethod(expected_comm)
-    counts_own_comm = False  # the meter sees its sends and receives
+    @staticmethod
+    def check(config: TrainConfig, layout: Layout) -> None:
+        check(config, layout)
+        if config.strategy == "pp-1f1b" and config.micro_batches < layout.pp:
+            raise ValueError(
+                f"torch's Schedule1F1B needs at least as many micro-batches as stages: use "
+                f"micro_batches >= {layout.pp} (or impl='scratch', whose 1F1B runs any number)"
+            )
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
-        check(config, mesh.layout)
-        self.config, self.mesh = config, mesh
-        self.p, self.s, self.m = mesh.layout.pp, mesh.pp_rank, config.micro_batches
-        self.is_first, self.is_last = self.s == 0, self.s == self.p - 1
-        self.group = mesh.group("pp")
-        # gloo moves host memory only (a CUDA pointer fails in writev: "Bad address"), so on
-        # gloo with GPU ranks (one GPU shared by all ranks) the scratch sends go via the CPU.
-        on_gloo = self.group is not None and dist.get_backend(self.group) == "gloo"
-        self._wire = torch.device("cpu") if on_gloo else mesh.device
-        start, stop = partition(model, self.p)[self.s]
-        self.module = models.stage(model, start, stop).to(mesh.device)
-        self.optimizer = build_optimizer(self.module.parameters(), config)
-        self.timeline = Timeline(self.s, self.module)
-        # What crosses this stage's boundaries per micro-batch: the shapes of recv buffers.
-        x = _example_microbatch(config, mesh.layout)
-        outs = _unit_outputs(model, x)
-        self._in = outs[start - 1] if start else x
-        self._out = outs[stop - 1]
-        if config.impl == "torch":
-            if self._wire != mesh.device:
-                raise ValueError(
-                    "torch.distributed.pipelining sends CUDA tensors point to point, which gloo "
-                    "cannot: run it with one GPU per rank (NCCL), or use impl='scratch'"
-                )
-            stage = _TimedStage(
-                self.timeline,
-                self.module,
-                self.s,
-                self.p,
-                mesh.device,
-                # Static shapes (no metadata exchange); requires_grad says which grads flow.
-                input_args=self._empty(self._in).requires_grad_(not self.is_first),
-                output_args=self._empty(self._out).requires_grad_(),
-                group=self.group,
+        super().__init__(model, config, mesh)
+        if wire_device(self.group, mesh.device) != mesh.device:
+            raise ValueError(
+                "torch.distributed.pipelining sends CUDA tensors point to point, which gloo "
+                "cannot: run it with one GPU per rank (NCCL), or use impl='scratch'"
             )
-            self._schedule = TORCH_SCHEDULES[config.strategy](
-                stage, n_microbatches=self.m, loss_fn=models.loss_fn
-            )
-            # The one-time P2P handshake (a vote: one int32 each way per boundary), now rather
-            # than inside the first step, so every step sends only activations and gradients.
-            self._schedule._initialize_stage((), {})
+        stage = _TimedStage(
+            self.timeline,
+            self.module,
+            self.s,
+            self.p,
+            mesh.device,
+            # Static shapes (no metadata exchange); requires_grad says which grads flow.
+            input_args=self._empty(self.input_like).requires_grad_(not self.is_first),
+            output_args=self._empty(self.output_like).requires_grad_(),
+            group=self.group,
+        )
+        self._schedule = TORCH_SCHEDULES[config.strategy](
+            stage, n_microbatches=self.m, loss_fn=models.loss_fn
+        )
+        # The one-time P2P handshake now rather than inside the first step, so every step
+        # sends only activations and gradients.
+        compat.initialize_pipeline_stage(self._schedule)
 
     def _empty(self, like: torch.Tensor) -> torch.Tensor:
         return torch.empty(like.shape, dtype=like.dtype, device=self.mesh.device)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        self.optimizer.zero_grad()
-        loss = self.forward_backward(x.to(self.mesh.device), y.to(self.mesh.device))
-        self.update()
-        return StepOutput(loss, len(x) if self.is_last else 0, self.timeline.events)
-
-    def update(self) -> None:
-        """Apply this stage's gradients: here, an optimizer step."""
-        self.optimizer.step()
-
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
-        """Run the schedule over ``m`` micro-batches; the mean loss on the last stage, else None."""
-        self.timeline.events = []
-        if self.config.impl == "torch":
-            losses: list[torch.Tensor] = []
-            # torch's schedule divides the gradients by m after the backwards (scale_grads).
-            self._schedule.step(*([x] if self.is_first else []), target=y, losses=losses)
-        else:
-            losses = self._scratch(x.tensor_split(self.m), y.tensor_split(self.m))
-        return torch.stack(losses).mean().item() if self.is_last else None
-
-    def _scratch(
-        self, xs: tuple[torch.Tensor, ...], ys: tuple[torch.Tensor, ...]
-    ) -> list[torch.Tensor]:
-        """Run this stage's schedule on isend/recv; the last stage returns the micro-batch losses."""
-        inputs, outputs, losses, sends = {}, {}, [], []
-        for phase, i in SCHEDULES[self.config.strategy](self.m, self.p, self.s):
-            if phase == "F":
-                h = xs[i] if self.is_first else self._recv(self._in, self.s - 1).requires_grad_()
-                with self.timeline.record(i, "F"):
-                    out = self.module(h)
-                    if self.is_last:
-                        losses.append(models.loss_fn(out, ys[i]))
-                        out = losses[-1] / self.m  # mean over micro-batches = full-batch loss
-                if not self.is_last:
-                    sends.append(self._isend(out.detach(), self.s + 1))
-                inputs[i], outputs[i] = h, out
-            else:
-                grad = None if self.is_last else self._recv(self._out, self.s + 1)
-                with self.timeline.record(i, "B"):
-                    torch.autograd.backward(outputs.pop(i), grad)
-                h = inputs.pop(i)
-                if not self.is_first:
-                    sends.append(self._isend(h.grad, self.s - 1))
-        for work in sends:
-            work.wait()
-        return [loss.detach() for loss in losses]
-
-    def _isend(self, t: torch.Tensor, peer: int) -> dist.Work:
-        """Start sending ``t`` to stage ``peer``; the Work keeps the sent copy alive."""
-        return dist.isend(t.to(self._wire), group=self.group, group_dst=peer)
-
-    def _recv(self, like: torch.Tensor, peer: int) -> torch.Tensor:
-        """Receive a tensor shaped like ``like`` from stage ``peer``, on this rank's device."""
-        buf = torch.empty(like.shape, dtype=like.dtype, device=self._wire)
-        dist.recv(buf, group=self.group, group_src=peer)
-        return buf.to(self.mesh.device)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """All stages' parameters under the single-process names, on every rank of the pipeline."""
-        local = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        if self.group is None:
-            return local
-        parts: list[dict | None] = [None] * self.p
-        dist.all_gather_object(parts, local, group=self.group)
-        return {k: v for part in parts for k, v in part.items()}
+    def run_schedule(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        losses: list[torch.Tensor] = []
+        self._schedule.step(*([x] if self.is_first else []), target=y, losses=losses)
+        return losses

@@ -32,13 +32,10 @@ from torch.utils.checkpoint import checkpoint
 
 from pdlab import comm
 from pdlab.comm import CommEvent
+from pdlab.compat import all_gather, reduce_scatter
 from pdlab.parallel.base import Layout, Mesh, TrainConfig, build_optimizer, meta_model
 from pdlab.parallel.data import DDP, _flat
 from pdlab.parallel.single import Single
-
-# torch 2.12 renamed these (the old names warn from 2.13 on); pdlab runs on torch >= 2.6.
-all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 def padded(numel: int, n: int) -> int:

@@ -1,7 +1,10 @@
 """``single``: plain one-process training, the baseline every strategy must match step for step.
 
-The step is split where the strategies differ: ``update`` turns this rank's gradients into
-new parameters. Data parallelism (``data.py``) only overrides that.
+The step is split where the strategies differ: ``forward_backward`` computes this rank's
+gradients and ``update`` turns them into new parameters. Data parallelism (``data.py``)
+only overrides ``update``; the pipelines (``pipeline.py``) only ``forward_backward``; the
+hybrids (``hybrid.py``) call the two halves of a model-parallel strategy with a gradient
+average over ``dp`` between them.
 """
 
 from __future__ import annotations
@@ -29,10 +32,15 @@ class Single:
         )
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        out = self.forward_backward(x, y)
+        self.update()
+        return out
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        """This rank's gradients for its batch (the old ones dropped first), and its loss."""
         self.model.zero_grad(set_to_none=True)
         loss = loss_fn(self.module(x), y)
         loss.backward()
-        self.update()
         return StepOutput(loss.item(), len(x))
 
     def update(self) -> None:

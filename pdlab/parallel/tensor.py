@@ -44,7 +44,14 @@ from torch.distributed.tensor.parallel import (
 
 from pdlab.comm import CommEvent, event
 from pdlab.models import Attention, Block, Dense
-from pdlab.parallel.base import Layout, Mesh, TrainConfig, build_optimizer, meta_model
+from pdlab.parallel.base import (
+    Layout,
+    Mesh,
+    TrainConfig,
+    build_optimizer,
+    by_kind,
+    meta_model,
+)
 from pdlab.parallel.single import Single
 
 # ---------------------------------------------------------------- f and g (scratch)
@@ -236,6 +243,7 @@ class TensorParallel(Single):
     def shard(self, model: nn.Sequential, mesh: Mesh) -> nn.Sequential:
         return shard_scratch(model, mesh)
 
+    check = staticmethod(check)
     expected_comm = staticmethod(expected_comm)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -259,11 +267,8 @@ class DTensorParallel(TensorParallel):
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(model, config, mesh)
-        # On CUDA an optimizer updates each param group with one foreach kernel, which cannot
-        # mix DTensors (the shards) with plain tensors (the replicated parameters).
-        params = list(self.module.parameters())
-        groups = [[p for p in params if isinstance(p, DTensor) is kind] for kind in (True, False)]
-        self.optimizer = build_optimizer([{"params": g} for g in groups if g], config)
+        # The shards are DTensors, the replicated parameters plain tensors: keep them apart.
+        self.optimizer = build_optimizer(by_kind(self.module.parameters()), config)
 
     def shard(self, model: nn.Sequential, mesh: Mesh) -> nn.Sequential:
         return shard_torch(model, mesh)

@@ -1,0 +1,118 @@
+"""Every private or version-dependent torch API pdlab touches, and only here.
+
+pdlab runs on torch >= 2.6 and is tested on 2.13 (CPU). Each shim below says which torch
+versions it covers; when an upgrade breaks one, this is the file to change. The rest of
+pdlab uses public APIs only, some of them since a version it already requires: the
+``group_src``/``group_dst`` keywords of send/recv/isend (2.6), ``torch.distributed.fsdp.
+fully_shard`` (2.6), the ``forward_one_chunk``/``backward_one_chunk`` methods of a
+pipelining stage, which take the micro-batch index first (2.6 to 2.13).
+
+Imports stay cheap (``runtime`` imports this module on every rank): anything heavy is
+imported inside the function that needs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+# torch 1.13 to 2.13: the dispatch-mode base class and pytree live in private modules (torch
+# itself imports both, so this costs nothing).
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = [
+    "TorchDispatchMode",
+    "all_gather",
+    "initialize_pipeline_stage",
+    "is_wait_tensor",
+    "op_arguments",
+    "op_name",
+    "process_group",
+    "reduce_scatter",
+    "replicate",
+    "sequence_numbers",
+    "tree_flatten",
+    "work_future",
+]
+
+# torch 2.12 renamed these two (the old names warn from 2.13 on); before 2.12 only the old
+# names exist.
+all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+# ---- the dispatcher's view of c10d ops (pdlab.comm) -----------------------------------------
+
+
+def op_name(func: Any) -> str:
+    """An op's name without its namespace (``allreduce_``), from its schema (2.0 to 2.13)."""
+    return func._schema.name.split("::")[1]
+
+
+def op_arguments(func: Any) -> list[str]:
+    """The names of an op's positional arguments, from its schema (2.0 to 2.13)."""
+    return [a.name for a in func._schema.arguments]
+
+
+def is_wait_tensor(func: Any) -> bool:
+    """Whether ``func`` is the functional collectives' ``wait_tensor`` (2.3 to 2.13)."""
+    return func is torch.ops._c10d_functional.wait_tensor.default
+
+
+def process_group(arg: Any) -> dist.ProcessGroup:
+    """The group an op was called with: functional ops pass its name (resolved by a private
+    c10d function, 2.3 to 2.13), eager c10d ops a boxed ScriptObject (2.0 to 2.13)."""
+    if isinstance(arg, str):
+        return c10d._resolve_process_group(arg)
+    if isinstance(arg, torch.ScriptObject):
+        return dist.ProcessGroup.unbox(arg)
+    return arg
+
+
+def work_future(boxed: torch.ScriptObject) -> torch.futures.Future:
+    """The future of a boxed Work an eager c10d op returned (2.0 to 2.13). Raises
+    RuntimeError where the backend has none (gloo's point-to-point Works)."""
+    return c10d.Work.unbox(boxed).get_future()
+
+
+# ---- process groups (pdlab.runtime) ---------------------------------------------------------
+
+
+def sequence_numbers() -> dict[str, int]:
+    """How many operations each of this process's groups has issued, by group name.
+
+    Reads c10d's private registry of groups (``_world``: 2.0 to 2.13) and each group's
+    private sequence counter (1.10 to 2.13).
+    """
+    world = c10d._world
+    return {world.pg_names[pg]: pg._get_sequence_number_for_group() for pg in world.pg_map}
+
+
+# ---- pipelining and FSDP2 (pdlab.parallel) --------------------------------------------------
+
+
+def initialize_pipeline_stage(schedule: Any) -> None:
+    """Run a single-stage schedule's one-time shape handshake now, not in its first step.
+
+    ``PipelineScheduleSingle._initialize_stage(args, kwargs)`` is private; 2.6 to 2.13 take
+    those two arguments first (2.13 adds optional ``target``, ``loss_kwargs``). With static
+    shapes given to the stage, the handshake is one int32 vote each way per boundary.
+    """
+    schedule._initialize_stage((), {})
+
+
+def replicate(module: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+    """FSDP2's ``replicate``: DDP rebuilt on FSDP2, which takes DTensor parameters (classic
+    DDP refuses them). A private module, in torch 2.9 to 2.13."""
+    try:
+        from torch.distributed._composable.replicate_with_fsdp import replicate as fsdp_replicate
+    except ImportError as exc:
+        raise NotImplementedError(
+            f"impl='torch' hybrids need torch >= 2.9 (FSDP2's replicate); this is torch "
+            f"{torch.__version__}: use impl='scratch'"
+        ) from exc
+    return fsdp_replicate(module, mesh=mesh)
