@@ -19,11 +19,13 @@ __all__ = [
     "ClusterStatus",
     "Dashboard",
     "RankError",
+    "Topology",
     "TrainResult",
     "device",
     "expected_comm",
     "load_ipython_extension",
     "log",
+    "plan",
     "rank",
     "train",
     "world_size",
@@ -37,6 +39,14 @@ def __getattr__(name: str):
         from pdlab import training
 
         return getattr(training, name)
+    if name == "Topology":
+        from pdlab.topology import Topology
+
+        return Topology
+    if name == "plan":
+        from pdlab.planner import plan
+
+        return plan
     if name == "Dashboard":
         from pdlab.dashboard import Dashboard
 

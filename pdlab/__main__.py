@@ -14,6 +14,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from pdlab import planner
 from pdlab.models import MODELS
 from pdlab.parallel.base import IMPLS, OPTIMIZERS, STRATEGIES, TrainConfig
 from pdlab.training import TrainResult, train, validate
@@ -49,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=defaults.seed)
     run.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
     run.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    planner.add_command(commands)
     return p
 
 
@@ -66,6 +68,8 @@ def summary(result: TrainResult) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "plan":
+        return planner.run_command(args)
     kwargs = {name: getattr(args, name) for name in RUN_FLAGS}
     world = 1 if args.strategy == "single" else args.world_size
     try:
