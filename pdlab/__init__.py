@@ -18,12 +18,14 @@ __all__ = [
     "ClusterStatus",
     "Dashboard",
     "RankError",
+    "Topology",
     "TrainConfig",
     "TrainResult",
     "device",
     "expected_comm",
     "load_ipython_extension",
     "log",
+    "plan",
     "rank",
     "train",
     "world_size",
@@ -45,6 +47,8 @@ _LAZY = {
     "expected_comm": "pdlab.training",
     "TrainResult": "pdlab.training",
     "TrainConfig": "pdlab.config",
+    "Topology": "pdlab.topology",
+    "plan": "pdlab.planner",
     "Dashboard": "pdlab.dashboard",
 }
 

@@ -15,6 +15,7 @@ import sys
 import types
 from dataclasses import asdict, fields, replace
 
+from pdlab import planner
 from pdlab.config import TrainConfig, choices, field_types
 from pdlab.training import TrainResult, train, validate
 
@@ -51,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
         )
     run.set_defaults(world_size=2)  # a run from the shell starts a cluster: 2 ranks unless told
     run.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    planner.add_command(commands)
     return p
 
 
@@ -68,6 +70,8 @@ def summary(result: TrainResult) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "plan":
+        return planner.run_command(args)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if config.strategy == "single":
         config = replace(config, world_size=1)
