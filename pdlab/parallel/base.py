@@ -32,7 +32,9 @@ class TrainConfig:
     world_size: int = 1
     checkpoint_dir: str | None = None  # where pdlab.checkpoint saves and resumes (all ranks)
     checkpoint_every: int = 0  # save after every this many steps (0: never)
-    resume: bool = False  # start from the newest complete checkpoint in checkpoint_dir
+    # start from the newest complete checkpoint in checkpoint_dir (it must be undamaged);
+    # "latest-valid": from the newest complete and undamaged one
+    resume: bool | str = False
 
 
 @dataclass(frozen=True)
