@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pdlab
+from pdlab.checkpoint import DamagedCheckpoint
 from pdlab.parallel.base import TrainConfig
 from pdlab.training import train
 
@@ -171,3 +172,14 @@ def test_resuming_with_steps_not_past_the_checkpoint_says_what_to_use(cluster2, 
 def test_resume_accepts_only_true_false_or_latest_valid(tmp_path):
     with pytest.raises(ValueError, match="resume must be True, False or 'latest-valid'"):
         train(strategy="single", steps=2, checkpoint_dir=str(tmp_path), resume="latest")
+
+
+def test_one_process_saves_and_resumes_without_a_process_group(tmp_path):
+    """``single`` with no cluster: DCP without collectives, and rank 0's choice made locally."""
+    uninterrupted = train(strategy="single", steps=6)
+    train(strategy="single", steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    flip_bytes_in_adam_state(tmp_path / "step_000004")
+    with pytest.raises(DamagedCheckpoint, match="step_000004 is damaged"):
+        train(strategy="single", steps=6, checkpoint_dir=str(tmp_path), resume=True)
+    resumed = train(strategy="single", steps=6, checkpoint_dir=str(tmp_path), resume="latest-valid")  # fmt: skip
+    assert losses_from(resumed, 2).tolist() == losses_from(uninterrupted, 2).tolist()
