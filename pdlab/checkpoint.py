@@ -29,7 +29,9 @@ On disk: ``<directory>/step_<n>/`` after ``n`` completed steps, holding each ran
 A checkpoint is *complete* when ``manifest.json`` and ``.metadata`` are both there; one
 without ``.metadata`` (a rank died while saving) is ignored, as is one without a manifest:
 written by pdlab before manifests existed (or not by pdlab), its files cannot be verified,
-and loading unverified files is how a flipped bit becomes a NaN loss three steps later.
+and loading unverified files is how a flipped bit becomes a NaN loss a step later. A save
+into a folder that already holds a checkpoint (a rerun) that dies midway leaves the old
+manifest over new files: that is found as damage on resume.
 
 One manifest, written by rank 0, rather than one per rank: DCP already hands rank 0 every
 rank's file names at that moment, before ``.metadata`` exists; rank 0 already reads and
@@ -127,7 +129,8 @@ class _ManifestWriter(dcp.FileSystemWriter):
 
     def finish(self, metadata: Any, results: list[list[Any]]) -> None:
         # Runs on rank 0 alone, once every rank has written and fsynced its files; ``results``
-        # holds each rank's list of what it wrote, by file.
+        # holds each rank's list of what it wrote (FileSystemWriter's ``_StorageInfo``, whose
+        # ``relative_path`` names the file: unchanged from torch 2.0 to 2.13).
         path = Path(self.path)
         names = sorted({r.storage_data.relative_path for rank in results for r in rank})
         manifest = {"format": 1, "files": {name: _fingerprint(path / name) for name in names}}
