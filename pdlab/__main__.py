@@ -45,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
         if kind is bool:
             run.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
+        if isinstance(kind, types.UnionType) and bool in kind.__args__:  # ``--resume [VALUE]``
+            run.add_argument(
+                flag, nargs="?", const=True, default=f.default, help=f.metadata["help"]
+            )
+            continue
         if isinstance(kind, types.UnionType):  # ``str | None``: a str when given
             kind = next(k for k in kind.__args__ if k is not type(None))
         run.add_argument(

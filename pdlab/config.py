@@ -60,7 +60,11 @@ class TrainConfig:
     world_size: int = _field(1, "ranks (single uses 1)")
     checkpoint_dir: str | None = _field(None, "where checkpoints are saved and resumed (all ranks)")
     checkpoint_every: int = _field(0, "save after every this many steps (0: never)")
-    resume: bool = _field(False, "start from the newest complete checkpoint in checkpoint_dir")
+    resume: bool | str = _field(
+        False,
+        "start from the newest complete checkpoint in checkpoint_dir (refused if it is "
+        "damaged); 'latest-valid': from the newest complete and undamaged one",
+    )
 
 
 def choices(f: Field) -> tuple[str, ...] | None:

@@ -52,6 +52,7 @@ def validate(config: TrainConfig) -> None:
             raise ValueError(f"{name} must be a whole number >= 1, got {getattr(config, name)!r}")
     if (config.checkpoint_every or config.resume) and not config.checkpoint_dir:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
+    checkpoint.check(config)  # resume's value; resuming, steps must go past the checkpoint
     if not config.lr > 0:
         raise ValueError(f"lr must be > 0, got {config.lr!r}")
     strategy = registry.get(config.strategy)
@@ -111,7 +112,7 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     mesh = mesh_for(layout, device)
     data = load_dataset(config.model, config.seed)
     strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
-    first = checkpoint.load(strategy, config.checkpoint_dir) if config.resume else 0
+    first = checkpoint.resume(strategy, config)
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
     records = []
     for step in range(first, config.steps):
