@@ -115,7 +115,7 @@ def flip_bytes_in_adam_state(path) -> str:
 
 
 def rank_pids(cluster) -> list[int]:
-    return [r.pid for r in cluster._procs.ranks]
+    return [r.pid for r in cluster.status().ranks]
 
 
 def test_save_writes_a_manifest_of_every_ranks_files(checkpoints):
