@@ -150,7 +150,9 @@ def table(args: argparse.Namespace) -> None:
                             model=args.model,
                             steps=args.steps,
                             batch_size=args.batch_size,
-                            micro_batches=args.micro_batches,
+                            micro_batches=args.micro_batches
+                            if registry.get(strategy).micro_batched
+                            else 1,
                         )
                     except (ValueError, NotImplementedError, pdlab.RankError) as exc:
                         print(

@@ -3,12 +3,15 @@
     python benchmarks/startup.py [--repeats 3] [--calls 200]
 
 Prints, in one invocation: cold start to the first barrier for world sizes 2 and 4 (pdlab and
-torchrun, with the ratio) and the warm round trip of a no-op ``run`` at world size 4.
+torchrun, with the ratio) and the warm round trip of a ``run`` at world size 4 that does
+nothing, prints a line, or logs a metric.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import subprocess
@@ -61,15 +64,31 @@ def pdlab_to_barrier(world_size: int) -> float:
     return elapsed
 
 
-def warm_round_trip_ms(world_size: int, calls: int) -> float:
+def _prints() -> None:
+    print("hello")
+
+
+def _logs() -> None:
+    pdlab.log(value=1.0)
+
+
+WARM_CALLS = {"no-op": int, "print": _prints, "pdlab.log": _logs}
+
+
+def warm_round_trip_ms(world_size: int, calls: int) -> dict[str, float]:
+    """Median ms of a warm ``run`` of each of ``WARM_CALLS``, on ``world_size`` ranks."""
+    medians = {}
     with pdlab.Cluster(world_size, device="cpu") as cluster:
-        cluster.run(int)
-        times = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            cluster.run(int)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+        for name, fn in WARM_CALLS.items():
+            cluster.run(fn)
+            times = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                with contextlib.redirect_stdout(io.StringIO()):  # the ranks' "[rank r] hello"
+                    cluster.run(fn)
+                times.append(time.perf_counter() - t)
+            medians[name] = statistics.median(times) * 1000
+    return medians
 
 
 def main() -> None:
@@ -89,8 +108,9 @@ def main() -> None:
         )
         print(f"{world_size:>5} {ours:>14.2f} {base:>11.2f} {ours / base:>6.2f}")
     os.unlink(f.name)
-    ms = warm_round_trip_ms(4, args.calls)
-    print(f"warm no-op run, world 4: median {ms:.3f} ms over {args.calls} calls")
+    medians = warm_round_trip_ms(4, args.calls)
+    calls = ", ".join(f"{name} {ms:.3f} ms" for name, ms in medians.items())
+    print(f"warm run, world 4, median over {args.calls} calls: {calls}")
 
 
 if __name__ == "__main__":

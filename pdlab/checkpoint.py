@@ -94,9 +94,15 @@ def _plain_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor
         yield path, obj
 
 
-def _check_replicated(state: dict[str, Any]) -> None:
+def _in_group(alone: bool) -> bool:
+    """Whether this checkpoint is a collective: ``alone`` for a run of one process, which may
+    be rank 0 of a bigger group (``single`` on a cluster) whose other ranks don't take part."""
+    return not alone and dist.is_available() and dist.is_initialized()
+
+
+def _check_replicated(state: dict[str, Any], alone: bool) -> None:
     """Refuse plain tensors that differ between ranks under one name (a collective)."""
-    if not dist.is_initialized():
+    if not _in_group(alone):
         return  # one process: nothing to differ from
     mine = {
         path: hashlib.sha1(t.detach().reshape(-1).view(torch.uint8).cpu().numpy()).hexdigest()
@@ -143,12 +149,18 @@ class _ManifestWriter(dcp.FileSystemWriter):
         super().finish(metadata, results)
 
 
-def save(strategy: Any, directory: str | Path, step: int) -> Path:
-    """Save model and optimizer after ``step`` completed steps (every rank calls it)."""
+def save(strategy: Any, directory: str | Path, step: int, alone: bool = False) -> Path:
+    """Save model and optimizer after ``step`` completed steps (every rank of the run calls
+    it; ``alone``: the run is one process)."""
     state = _state(strategy)
-    _check_replicated(state)
+    _check_replicated(state, alone)
     path = Path(directory) / f"step_{step:06d}"
-    dcp.save(state, checkpoint_id=path, storage_writer=_ManifestWriter(path))
+    dcp.save(
+        state,
+        checkpoint_id=path,
+        storage_writer=_ManifestWriter(path),
+        no_dist=not _in_group(alone),
+    )
     return path
 
 
@@ -220,10 +232,10 @@ def _choose(directory: Path, fallback: bool) -> int | None:
     return step
 
 
-def _decided_by_rank0(fn: Callable[..., Any], *args: Any) -> Any:
+def _decided_by_rank0(alone: bool, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` run on rank 0 alone; every rank returns its result or raises its error,
     so all ranks act on one reading of the files and none waits for a rank that raised."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _in_group(alone):
         return fn(*args)
     outcome: list[Any] = [None]
     if dist.get_rank() == 0:
@@ -258,22 +270,29 @@ def check(config: Any) -> None:
 
 
 def load(
-    strategy: Any, directory: str | Path, *, fallback: bool = False, steps: int | None = None
+    strategy: Any,
+    directory: str | Path,
+    *,
+    fallback: bool = False,
+    steps: int | None = None,
+    alone: bool = False,
 ) -> int:
     """Load the newest complete checkpoint into ``strategy``; the steps it had completed.
 
     Every rank calls it. Raises ``DamagedCheckpoint`` (on every rank) when a file differs
     from the manifest; with ``fallback`` loads the newest undamaged one instead. ``steps``:
-    the run's total, which the checkpoint must be below. Returns 0 (and loads nothing) when
-    ``directory`` holds no usable checkpoint.
+    the run's total, which the checkpoint must be below; ``alone``: the run is one process.
+    Returns 0 (and loads nothing) when ``directory`` holds no usable checkpoint.
     """
-    step = _decided_by_rank0(_choose, Path(directory), fallback)
+    step = _decided_by_rank0(alone, _choose, Path(directory), fallback)
     if step is None:
         return 0
     if steps is not None and step >= steps:
         raise ValueError(_nothing_to_train(directory, step, steps))
     state = _state(strategy)  # this strategy's tensors, in its sharding: DCP fills them in place
-    dcp.load(state, checkpoint_id=Path(directory) / f"step_{step:06d}")
+    dcp.load(
+        state, checkpoint_id=Path(directory) / f"step_{step:06d}", no_dist=not _in_group(alone)
+    )
     set_state_dict(
         strategy.module,
         strategy.optimizer,
@@ -288,4 +307,10 @@ def resume(strategy: Any, config: Any) -> int:
     if not config.resume:
         return 0
     fallback = config.resume == LATEST_VALID
-    return load(strategy, config.checkpoint_dir, fallback=fallback, steps=config.steps)
+    return load(
+        strategy,
+        config.checkpoint_dir,
+        fallback=fallback,
+        steps=config.steps,
+        alone=config.world_size == 1,
+    )

@@ -47,6 +47,7 @@ __all__ = ["CallTimeout", "Cluster", "ClusterStatus", "RankError", "choose_backe
 
 START_TIMEOUT_S = 120.0
 GRACE_S = 1.0  # how long peers of a failed rank may take to finish before the group is reset
+STOPPED_S = 2.0  # a rank stopped this long during a call fails it: its peers can only wait
 
 _current: Cluster | None = None
 
@@ -175,6 +176,14 @@ class Cluster:
     ):
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a whole number >= 1, got {world_size!r}")
+        if not attach:
+            launcher.check_memory(world_size)
+        if not (isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
+            raise ValueError(f"threads must be a whole number >= 1 (or None), got {threads!r}")
         gpus = 0 if device == "cpu" else launcher.visible_gpus()
         self.backend, self.device, note = choose_backend(world_size, backend, device, gpus)
         if note:
@@ -338,7 +347,14 @@ class Cluster:
     # ----- metrics ---------------------------------------------------------------------------
 
     def _publish(self, rank: int, message: protocol.Metrics) -> None:
-        record = cloudpickle.loads(message.record)
+        try:
+            record = cloudpickle.loads(message.record)
+        except Exception as exc:  # the current call reports it; the record is dropped
+            error = f"{type(exc).__name__}: {exc}"
+            self._events.put(
+                (rank, protocol.Undecodable("a pdlab.log record", message.types, error))
+            )
+            return
         self.metrics.append(record)
         if len(self.metrics) > 2 * self.keep_metrics:
             # In place, and a list, not a deque: a notebook may iterate while records arrive.
@@ -437,6 +453,10 @@ class Cluster:
     def _check_ranks(self, ranks: Sequence[int] | None) -> list[int]:
         if ranks is None:
             return list(range(self.world_size))
+        if isinstance(ranks, str | bytes) or not all(
+            isinstance(r, int) and not isinstance(r, bool) for r in ranks
+        ):
+            raise ValueError(f"ranks must be a list of rank numbers, e.g. [0, 2], got {ranks!r}")
         bad = [r for r in ranks if not 0 <= r < self.world_size]
         if bad:
             raise ValueError(f"no rank(s) {bad}: this cluster has ranks 0..{self.world_size - 1}")
@@ -499,7 +519,12 @@ class _Call:
         self.results: dict[int, Any] = {}
         self.counts: dict[int, protocol.Counts] = {}  # each reply's operations per group
         self.failures: list[protocol.Failure] = []
+        # Values the kernel could not unpickle: the rank is fine and so is the group, so the
+        # call runs to its end, then raises.
+        self.undecodable: list[RankError] = []
         self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._stopped_since: dict[int, float] = {}
+        self._next_look = 0.0
 
     def wait(self) -> list[Any]:
         """The results by rank; raises RankError, CallTimeout or KeyboardInterrupt."""
@@ -508,6 +533,7 @@ class _Call:
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self._timed_out()
                 self._take(0.05)
+                self._look_for_stopped_ranks()
         except KeyboardInterrupt:
             self.cluster.interrupt()
             self._finish_within(GRACE_S * 3)
@@ -518,6 +544,8 @@ class _Call:
         if self.failures:
             self._failed()
         self.cluster._in_step_counts.update(self.counts)
+        if self.undecodable:
+            raise self.undecodable[0]
         return [self.results[r] for r in sorted(self.results)]
 
     def _take(self, block_s: float) -> None:
@@ -527,6 +555,8 @@ class _Call:
             return
         if isinstance(message, protocol.Output):
             self.cluster._output.write(rank, message.stream, message.text)
+        elif isinstance(message, protocol.Undecodable):
+            self._undecodable(rank, message.what, message.types, message.error)
         elif isinstance(message, protocol.Lost) and rank in self.pending:
             self.pending.discard(rank)
             reason = self.cluster._resources.links[rank].exit_reason()
@@ -539,7 +569,11 @@ class _Call:
             self.pending.discard(rank)
             self.counts[rank] = message.counts
             if isinstance(message, protocol.Result):
-                self.results[rank] = cloudpickle.loads(message.value)
+                try:
+                    self.results[rank] = cloudpickle.loads(message.value)
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    self._undecodable(rank, "a return value", message.value_type, error)
             else:
                 self.failures.append(
                     protocol.Failure(
@@ -550,6 +584,40 @@ class _Call:
                         message.traceback,
                     )
                 )
+
+    def _look_for_stopped_ranks(self) -> None:
+        """Fail the call on a rank stopped for ``STOPPED_S`` (SIGSTOP, a debugger): peers
+        waiting for it in a collective would otherwise wait for the group's timeout (300 s)
+        and then blame each other."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        self._next_look = now + 0.25
+        for rank in sorted(self.pending):
+            pid = self.cluster._resources.links[rank].pid
+            if pid is None or not launcher.is_stopped(pid):
+                self._stopped_since.pop(rank, None)
+            elif now - self._stopped_since.setdefault(rank, now) >= STOPPED_S:
+                self.pending.discard(rank)
+                self.failures.append(
+                    protocol.Failure(
+                        rank,
+                        protocol.Blame.STOPPED,
+                        f"rank {rank} (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger), "
+                        "so its peers can only wait for it; it was ended with the others",
+                    )
+                )
+
+    def _undecodable(self, rank: int, what: str, types: str, error: str) -> None:
+        self.undecodable.append(
+            RankError(
+                rank,
+                f"rank {rank} sent {what} ({types}) that the kernel can't unpickle: {error}.\n"
+                "Send plain values (numbers, strings, lists, dicts, tensors), or define the "
+                "class in a module the kernel imports too. The cluster is unaffected.",
+                error.partition(":")[0],
+            )
+        )
 
     def _finish_within(self, seconds: float) -> None:
         end = time.monotonic() + seconds

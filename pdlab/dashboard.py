@@ -246,6 +246,8 @@ class Dashboard:
         values["strategy"], values["impl"] = entry.strategy, entry.impl or values["impl"]
         if entry.strategy == "single":
             values["world_size"] = 1
+        if not registry.get(entry.strategy).micro_batched:
+            values["micro_batches"] = 1  # the control is for pipelines
         return TrainConfig(**values)
 
     def start(self, **settings: Any) -> Run:

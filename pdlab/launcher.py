@@ -73,6 +73,32 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+RANK_BYTES = 300 * 2**20  # a rank's resident memory at start: Python, torch (~220 MB), gloo
+
+
+def check_memory(world_size: int) -> None:
+    """Refuse a world size whose ranks could not all start in this machine's memory."""
+    available = available_memory()
+    if available is not None and world_size * RANK_BYTES > available:
+        raise ValueError(
+            f"{world_size} ranks would need about {world_size * RANK_BYTES / 2**30:.1f} GiB "
+            f"just to start (~{RANK_BYTES // 2**20} MiB each: Python and torch), and this "
+            f"machine has {available / 2**30:.1f} GiB available: use world_size <= "
+            f"{max(1, available // RANK_BYTES)}"
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available for new processes (Linux's MemAvailable), None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def loopback_interface() -> str | None:
     """The loopback interface's name ("lo" on Linux), for GLOO_SOCKET_IFNAME."""
     names = [name for _, name in socket.if_nameindex()]
@@ -114,6 +140,15 @@ def remove_stale_dirs() -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(str(path))
     return removed
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, Ctrl-Z, a debugger): it can't run."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("T", "t")
 
 
 def _start_time(pid: int) -> str:

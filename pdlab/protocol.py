@@ -93,6 +93,15 @@ class Lost:
     """Made by the kernel, never sent: the rank's connection ended."""
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """Made by the kernel, never sent: a value from the rank would not unpickle here."""
+
+    what: str  # "a pdlab.log record", ...
+    types: str  # the value's type(s), as the rank named them
+    error: str  # what unpickling raised
+
+
 # ---- kernel -> rank ------------------------------------------------------------------------
 
 
@@ -126,13 +135,15 @@ class Shutdown:
 class Blame(enum.IntEnum):
     """How telling a rank's failure is about the cause of a failed call; lowest first.
 
-    A rank that died is the cause; one that raised is likely the cause; one that reports its
-    peer vanished mid-collective ("Connection reset by peer") is a consequence.
+    A rank that is stopped (SIGSTOP, a debugger) or died is the cause; one that raised is
+    likely the cause; one that reports its peer vanished mid-collective ("Connection reset by
+    peer") is a consequence.
     """
 
-    DIED = 0
-    RAISED = 1
-    PEER_LOST = 2
+    STOPPED = 0
+    DIED = 1
+    RAISED = 2
+    PEER_LOST = 3
 
     @property
     def breaks_group(self) -> bool:

@@ -24,6 +24,7 @@ so its errors surface before any rank starts work.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -47,15 +48,29 @@ def validate(config: TrainConfig) -> None:
         options, value = choices(f), getattr(config, f.name)
         if options is not None and value not in options:
             raise ValueError(f"unknown {f.name} {value!r}: choose one of {', '.join(options)}")
-    for name in ("steps", "batch_size", "micro_batches"):
-        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, got {getattr(config, name)!r}")
+    for name, least in (("steps", 1), ("batch_size", 1), ("micro_batches", 1), ("seed", 0)):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+    every = config.checkpoint_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(
+            f"checkpoint_every must be a whole number of steps >= 0 (0: never), got {every!r}"
+        )
     if (config.checkpoint_every or config.resume) and not config.checkpoint_dir:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
     checkpoint.check(config)  # resume's value; resuming, steps must go past the checkpoint
-    if not config.lr > 0:
-        raise ValueError(f"lr must be > 0, got {config.lr!r}")
+    if isinstance(config.lr, bool) or not (isinstance(config.lr, int | float) and config.lr > 0):
+        raise ValueError(f"lr must be a number > 0, got {config.lr!r}")
+    if not math.isfinite(config.lr):
+        raise ValueError(f"lr must be finite, got {config.lr!r}: try 0.01")
     strategy = registry.get(config.strategy)
+    if config.micro_batches != 1 and not strategy.micro_batched:
+        raise ValueError(
+            f"micro_batches={config.micro_batches} applies to pipelines only "
+            f"({', '.join(registry.micro_batched())}); strategy {config.strategy!r} computes "
+            "each rank's batch at once: leave micro_batches at 1"
+        )
     strategy.check_world_size(config.world_size)
     layout = strategy.layout(config.world_size)
     if config.batch_size % layout.dp:
@@ -136,7 +151,7 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
         runtime.log(**record)
         records.append(record)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            checkpoint.save(strategy, config.checkpoint_dir, step + 1)
+            checkpoint.save(strategy, config.checkpoint_dir, step + 1, alone=layout.world_size == 1)
     state = strategy.full_state_dict() if full_state else None  # a collective: all ranks
     return {
         "rank": mesh.rank,

@@ -36,6 +36,7 @@ class Strategy:
     layout: Callable[[int], Layout] = data_parallel  # its rank grid on ``world_size`` ranks
     min_world_size: int = 2
     world_size_multiple: int = 1  # world_size must be a multiple of this
+    micro_batched: bool = False  # splits each rank's batch into ``micro_batches`` (pipelines)
     refused: dict[str, str] = field(default_factory=dict)  # impl -> why it can't be, and the fix
 
     def check_world_size(self, world_size: int) -> None:
@@ -123,6 +124,11 @@ def menu() -> dict[str, MenuEntry]:
     return dict(_menu)
 
 
+def micro_batched() -> tuple[str, ...]:
+    """The strategies that split each rank's batch into ``micro_batches``."""
+    return tuple(name for name, s in _strategies.items() if s.micro_batched)
+
+
 def layout_for(strategy: str, world_size: int) -> Layout:
     """The rank grid ``strategy`` uses on ``world_size`` ranks."""
     return get(strategy).layout(world_size)
@@ -135,11 +141,11 @@ register(Strategy("single", "single process (baseline)", "pdlab.parallel.single"
 register(Strategy("dp", "data", "pdlab.parallel.data", {"scratch": "DataParallel", "torch": "DDP"}))
 register(Strategy("ps", "parameter server", "pdlab.parallel.data", {"scratch": "ParameterServer"}, refused={"torch": "PyTorch has no parameter-server API: use impl='scratch' for 'ps' (DDP is strategy='dp', impl='torch')"}))
 register(Strategy("tp", "tensor", "pdlab.parallel.tensor", {"scratch": "TensorParallel", "torch": "DTensorParallel"}, layout=lambda n: Layout(tp=n)))
-register(Strategy("pp-gpipe", "pipeline GPipe", "pdlab.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n)))
-register(Strategy("pp-1f1b", "pipeline 1F1B", "pdlab.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n)))
+register(Strategy("pp-gpipe", "pipeline GPipe", "pdlab.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
+register(Strategy("pp-1f1b", "pipeline 1F1B", "pdlab.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
 register(Strategy("zero1", "ZeRO-1", "pdlab.parallel.sharded", {"scratch": "Zero1", "torch": "Zero1Torch"}))
 register(Strategy("zero3", "ZeRO-3", "pdlab.parallel.sharded", {"scratch": "Zero3", "torch": "Zero3Torch"}))
 alias("fsdp", "FSDP (= ZeRO-3 torch)", "zero3", "torch")
 register(Strategy("dp-tp", "hybrid DP×TP", "pdlab.parallel.hybrid", {"scratch": "DataTensorParallel", "torch": "DataDTensorParallel"}, layout=lambda n: Layout(dp=2, tp=n // 2), min_world_size=4, world_size_multiple=2))
-register(Strategy("dp-pp", "hybrid DP×PP", "pdlab.parallel.hybrid", {"scratch": "DataPipelineParallel", "torch": "DataPipelineTorch"}, layout=lambda n: Layout(dp=2, pp=n // 2), min_world_size=4, world_size_multiple=2))
+register(Strategy("dp-pp", "hybrid DP×PP", "pdlab.parallel.hybrid", {"scratch": "DataPipelineParallel", "torch": "DataPipelineTorch"}, layout=lambda n: Layout(dp=2, pp=n // 2), min_world_size=4, world_size_multiple=2, micro_batched=True))
 # fmt: on
