@@ -182,7 +182,9 @@ def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:
 def _serve(channel: Channel, pump: OutputPump) -> None:
     from pdlab import runtime
 
-    runtime.bind(sink=lambda record: _send_metrics(channel, record))
+    runtime.bind(
+        sink=lambda record: _send_metrics(channel, record), control_fd=channel.conn.fileno()
+    )
     namespace: dict[str, Any] = {"__name__": "__pdlab__"}
     exec("import torch, torch.distributed as dist, pdlab", namespace)
     calls: queue.Queue = queue.Queue()
