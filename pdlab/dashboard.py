@@ -50,6 +50,10 @@ from pdlab.training import TrainResult, expected_comm, results, train, validate
 # enough to watch and to stop (a GPT step takes some 20-100 ms on a laptop's CPUs).
 START = TrainConfig(strategy="dp", model="gpt", batch_size=16, micro_batches=2, steps=300)
 STOP_RETRY_S = 1.0  # an interrupt that lands between two calls is dropped: send it again
+# A rank's first run imports pdlab.training (and pandas): an interrupt landing inside an import
+# leaves that module half-imported in the rank for good. Stop waits for the first step that
+# long at most (a run that hangs before it must still stop).
+FIRST_STEP_WAIT_S = 30.0
 # The plots as (row, col) of one figure: a FigureWidget carries its own copy of plotly.js
 # (5 MB) to the browser and into the saved notebook, so the dashboard has just one.
 GRID = {"loss": (1, 1), "throughput": (1, 2), "comm": (2, 1), "memory": (2, 2), "timeline": (3, 1)}
@@ -134,7 +138,7 @@ def _combine(figures: dict[str, go.Figure]) -> go.Figure:
         specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
         subplot_titles=[figures[name].layout.title.text for name in GRID],
         vertical_spacing=0.1,
-        horizontal_spacing=0.3,  # room for the left plots' legends
+        horizontal_spacing=0.33,  # room for the left plots' legends and the right ones' ticks
     )
     for i, (name, (row, col)) in enumerate(GRID.items(), 1):
         fig, axes = figures[name], grid.get_subplot(row, col)
@@ -174,14 +178,19 @@ def _message(text: str, error: bool = False) -> str:
     return f"<div style='{style}'><b>{first}</b>{details}</div>"
 
 
-def live(control: widgets.ValueWidget, draw: Callable[[Any], go.Figure]) -> widgets.VBox:
-    """``control`` above a figure that ``draw(control.value)`` redraws whenever it changes.
+def live(
+    control: widgets.ValueWidget,
+    draw: Callable[[Any], go.Figure],
+    first: go.Figure | None = None,
+) -> widgets.VBox:
+    """``control`` above a figure that ``draw(control.value)`` redraws whenever it changes
+    (``first``: the figure to show until then, if it is drawn already).
 
     What ``draw`` raises shows in red beside the control, with its traceback under "details"
     (a callback's errors would otherwise go only to JupyterLab's hidden log console); the last
     figure stays. While ``draw`` runs, the line says so.
     """
-    figure = go.FigureWidget(draw(control.value))
+    figure = go.FigureWidget(draw(control.value) if first is None else first)
     status = widgets.HTML()
 
     def redraw(change: dict) -> None:
@@ -221,14 +230,14 @@ class Dashboard:
     def _build_widgets(self, world_size: int) -> None:
         self.menu = registry.menu()  # "fsdp" is an entry that fixes zero3's impl to torch
         options = {f.name: choices(f) for f in fields(TrainConfig)}
-        # Every control the same width, its label included, so that they wrap as a grid.
-        size = {"layout": {"width": "195px"}, "style": {"description_width": "80px"}}
+        # Labels of one width, boxes of one width (the menu wider), so that they wrap as a grid.
+        size = {"layout": {"width": "185px"}, "style": {"description_width": "95px"}}
         self.controls: dict[str, widgets.ValueWidget] = {
             "strategy": widgets.Dropdown(
                 options=[(entry.label, key) for key, entry in self.menu.items()],
                 value=START.strategy,
                 description="strategy",
-                **size,
+                **(size | {"layout": {"width": "265px"}}),
             ),
             "impl": widgets.Dropdown(
                 options=options["impl"], value=START.impl, description="impl", **size
@@ -276,10 +285,7 @@ class Dashboard:
         self.figure = go.FigureWidget(_combine(before_any_run))
         self.widget = widgets.VBox(
             [
-                widgets.Box(
-                    list(self.controls.values()),
-                    layout={"flex_flow": "row wrap", "max_width": f"{WIDTH}px"},
-                ),
+                widgets.Box(list(self.controls.values()), layout={"flex_flow": "row wrap"}),
                 widgets.HBox([self.start_button, self.stop_button, self.progress]),
                 self.message,
                 self.figure,
@@ -365,11 +371,13 @@ class Dashboard:
             return
         run.stop_requested = True
         self._say(f"{run.name} stopping after step {run.steps_done()}")
-        threading.Thread(target=self._interrupt_until_done, args=(thread,), daemon=True).start()
+        threading.Thread(target=self._interrupt_until_done, args=(run, thread), daemon=True).start()
 
-    def _interrupt_until_done(self, thread: threading.Thread) -> None:
+    def _interrupt_until_done(self, run: Run, thread: threading.Thread) -> None:
+        patience = time.monotonic() + FIRST_STEP_WAIT_S
         while thread.is_alive():
-            if self.cluster is not None:
+            training = run.records or time.monotonic() > patience
+            if training and self.cluster is not None:
                 self.cluster.interrupt()
             thread.join(STOP_RETRY_S)
 
@@ -411,8 +419,8 @@ class Dashboard:
             cluster = self._cluster_of_size(run.world_size)
             run.expected = expected_comm(run.config, cluster.backend)
             if not run.stop_requested:
-                run.status = "running"
-                self._say(f"{run.name} running: step 0 of {run.config.steps}")
+                run.status = "running"  # the status line counts steps from the first record
+                self._say(f"{run.name} starting its first step")
                 painter.start()
                 run.result = train(cluster, run.config)
         except Exception as exc:  # shown in the dashboard, raised again by wait()

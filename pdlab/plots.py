@@ -189,13 +189,13 @@ def comm(result: TrainResult) -> go.Figure:
         )  # fmt: skip
         base = base + y
     fig.add_scatter(
-        x=ranks, y=per_rank.expected_sent_bytes, name="sent, by formula", mode="markers",
+        x=ranks, y=per_rank.expected_sent_bytes, name="by formula", mode="markers",
         marker={"symbol": "line-ew", "size": 24, "line": {"width": 3, "color": COLORS["formula"]}},
     )  # fmt: skip
     if per_rank.wire_sent_bytes.notna().any():
         fig.add_bar(
             x=ranks, y=per_rank.wire_sent_bytes, offset=-0.15, width=0.3,
-            name="sent, on the wire", marker_color=COLORS["wire"],
+            name="on the wire", marker_color=COLORS["wire"],
         )  # fmt: skip
     fig.add_bar(
         x=ranks, y=per_rank.received_bytes, offset=0.15, width=0.3, name="received",
@@ -203,7 +203,7 @@ def comm(result: TrainResult) -> go.Figure:
     )  # fmt: skip
     if per_rank.wire_received_bytes.notna().any():
         fig.add_scatter(
-            x=ranks, y=per_rank.wire_received_bytes, name="received, on the wire",
+            x=ranks, y=per_rank.wire_received_bytes, name="received, wire",
             mode="markers", marker={"symbol": "x", "size": 9, "color": COLORS["wire"]},
         )  # fmt: skip
     return fig
@@ -260,6 +260,7 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
             text=[f"{phase}{e['mb']}" for e in mine],
             textposition="inside",
             insidetextanchor="middle",
+            textangle=0,  # never turned on end to fit a thin bar: left out instead
             name="forward" if phase == "F" else "backward",
             marker_color=color,
         )

@@ -69,8 +69,8 @@ def test_each_run_adds_a_trace_and_a_table_row(dashboard):
     by_op = [t for name, t in comm.items() if "@" in name]
     assert [t.name for t in by_op] == ["reduce_scatter@dp", "all_gather@dp"]
     sent = [sum(t.y[rank] for t in by_op) for rank in range(2)]
-    assert sent == list(comm["sent, by formula"].y)  # zero1's bytes per rank, measured = formula
-    wire = list(comm["sent, on the wire"].y)
+    assert sent == list(comm["by formula"].y)  # zero1's bytes per rank, measured = formula
+    wire = list(comm["on the wire"].y)
     assert all(0 < w - s < 4096 for w, s in zip(wire, sent, strict=True))  # gloo's headers
 
 
@@ -234,3 +234,19 @@ def test_the_gantt_labels_only_what_fits():
     ]
     fig = plots.timeline([{"rank": 0, "step": 0, "timeline": events}])
     assert fig.layout.uniformtext.mode == "hide" and fig.data[0].textposition == "inside"
+
+
+def test_stop_before_the_first_step_leaves_the_ranks_usable():
+    """Stopped at once, a fresh cluster's ranks are still importing the training code: the
+    interrupt waits for the first step (an import it cut short would stay broken)."""
+    d = pdlab.Dashboard(refresh_s=0.05)
+    try:
+        run = d.start(strategy="dp", world_size=2, steps=100_000, **SMALL)
+        wait_for(lambda: run.status == "running", 120)  # the cluster is up; the call just sent
+        assert not run.records
+        d.stop()
+        assert 1 <= len(d.wait(timeout=180).steps) < 100_000
+        d.start(strategy="dp", steps=2, **SMALL)
+        assert len(d.wait(timeout=180).steps) == 2
+    finally:
+        d.close()
