@@ -394,6 +394,18 @@ class Dashboard:
             raise run.error
         return run.result
 
+    def snapshot(self) -> go.Figure:
+        """The plots as the latest run with a step left them, as a plain figure: unlike the
+        live one, it stays in a saved notebook and in its HTML (a handout: ``make handouts``).
+
+        Drawn again from the runs, not copied from the live figure, whose Python side the
+        browser's messages may change while the painter thread draws.
+        """
+        for run in reversed(self.runs):
+            if (figure := self._plots(run)) is not None:
+                return figure
+        return go.Figure(self.figure)  # no run yet: the empty plots
+
     def table(self) -> pd.DataFrame:
         """Every run with results so far, one row each (a ``pandas.DataFrame``)."""
         return plots.compare({r.name: r.result for r in self.runs if r.result is not None})
@@ -478,9 +490,15 @@ class Dashboard:
         self.progress.description = f"step {steps}"
         if run.status == "running" and not run.stop_requested:
             self._say(f"{run.name} running: step {steps} of {run.config.steps}")
+        figure = self._plots(run)
+        if figure is not None:
+            _show(self.figure, figure)
+
+    def _plots(self, run: Run) -> go.Figure | None:
+        """The plots with ``run`` as the current run (None before its first step)."""
         current = run.snapshot()
         if current is None:
-            return
+            return None
         results = {r.name: current if r is run else r.result for r in self.runs}
         named = {name: result for name, result in results.items() if result is not None}
         figures = {
@@ -490,7 +508,7 @@ class Dashboard:
             "memory": plots.memory(current),
             "timeline": plots.timeline(run.records),
         }
-        _show(self.figure, _combine(figures))
+        return _combine(figures)
 
     def _finish(self, run: Run) -> None:
         if run.result is None:

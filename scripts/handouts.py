@@ -7,22 +7,19 @@ Writes ``handouts/NAME.ipynb`` (executed) and ``handouts/NAME.html`` (git-ignore
 fails stops the run, with papermill's error naming the cell.
 
 A handout is opened where there may be no network, so its HTML needs nothing from one: every
-plotly figure is drawn by plotly.js inlined once in the page, and a widget holding a live
-figure (the dashboard, lab 03's slider) shows its last state as a static figure, beside the
-status lines it showed (``offline``). The interactive controls need a kernel: they are left out.
+plotly figure is drawn by plotly.js inlined once in the page (``offline``). Widgets need a
+kernel: a note stands in for each, and a lab shows a live figure's last state as a plain
+figure of its own (lab 05's last cell: ``dashboard.snapshot()``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import base64
-import copy
 import time
 from pathlib import Path
 
 import nbformat
-import numpy as np
 import papermill
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -45,66 +42,30 @@ def parameter(text: str) -> tuple[str, object]:
 
 PLOTLY = "application/vnd.plotly.v1+json"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
-
-
-def _decoded(model: dict) -> dict:
-    """A saved widget model's state with its binary buffers put back: a FigureWidget sends
-    its numeric arrays as bytes, saved apart from the state (base64) with the path to their
-    place, where the state keeps only their ``dtype`` and ``shape``."""
-    state = copy.deepcopy(model.get("state", {}))
-    for buffer in model.get("buffers", []):
-        *holder_path, key, _ = buffer["path"]  # [..., "y", "buffer"]
-        holder = state
-        for step in holder_path:
-            holder = holder[step]
-        spec = holder[key]
-        raw = base64.b64decode(buffer["data"])
-        holder[key] = np.frombuffer(raw, dtype=spec["dtype"]).reshape(spec["shape"]).tolist()
-    return state
-
-
-def _widget_parts(model_id: str, state: dict) -> list[dict]:
-    """The figures (plotly's ``data``/``layout``) and HTML texts in the widget ``model_id`` and
-    its children, in order, from a notebook's saved widget state."""
-    model = _decoded(state.get(model_id, {}))
-    if "_widget_data" in model:  # a plotly FigureWidget
-        return [{"data": model["_widget_data"], "layout": model.get("_widget_layout", {})}]
-    if model.get("_model_name") == "HTMLModel":
-        return [{"html": model.get("value", "")}] if model.get("value") else []
-    return [
-        part
-        for child in model.get("children", [])
-        for part in _widget_parts(child.removeprefix("IPY_MODEL_"), state)
-    ]
+WIDGET_NOTE = (
+    "<p><i>An interactive widget was here: open the notebook in JupyterLab to use it.</i></p>"
+)
 
 
 def offline(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """``nb`` with every figure as HTML that needs no network (see the module docstring).
 
-    plotly.js (some 4 MB) is inlined in the first figure only; the saved widget state is
-    dropped, since rendering it would load the widget manager from a CDN.
+    plotly.js (some 4 MB) is inlined in the first figure only. A widget needs a kernel: a
+    note stands in for it, and the saved widget state is dropped (rendering it would load the
+    widget manager from a CDN).
     """
-    state = nb.metadata.pop("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    nb.metadata.pop("widgets", None)
     inline = True
     for cell in nb.cells:
         for output in cell.get("outputs", []):
             data = output.get("data", {})
-            if PLOTLY in data:
-                parts = [data.pop(PLOTLY)]
-            elif WIDGET_VIEW in data:
-                parts = _widget_parts(data.pop(WIDGET_VIEW)["model_id"], state)
-            else:
-                continue
-            html = []
-            for part in parts:
-                if "html" in part:
-                    html.append(part["html"])
-                    continue
-                figure = go.Figure(part["data"], part["layout"], skip_invalid=True)
-                html.append(pio.to_html(figure, include_plotlyjs=inline, full_html=False))
+            if WIDGET_VIEW in data:
+                del data[WIDGET_VIEW]
+                data["text/html"] = WIDGET_NOTE
+            elif PLOTLY in data:
+                figure = go.Figure(data.pop(PLOTLY), skip_invalid=True)
+                data["text/html"] = pio.to_html(figure, include_plotlyjs=inline, full_html=False)
                 inline = False
-            data["text/html"] = "\n".join(html)
     return nb
 
 

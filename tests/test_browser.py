@@ -68,9 +68,25 @@ TRACES = """([axis]) => {
 }"""
 DASHBOARD_DATA = """() => document.querySelector('.js-plotly-plot').data
     .map(t => ({name: t.name, axis: t.xaxis, y: t.y ? Array.from(t.y) : [], color: t.marker && t.marker.color}))"""
-# Every figure on the page, in order: each trace's name, x and y.
-FIGURES = """() => [...document.querySelectorAll('.js-plotly-plot')].map(p => (p.data || [])
-    .map(t => [t.name ?? null, Array.from(t.x ?? []), Array.from(t.y ?? [])]))"""
+# Each figure's traces (name, x, y), in page order, of the figures a selector picks: in
+# JupyterLab, PLAIN are the figures a cell output, LIVE those of widgets; in a handout, all.
+# Arrays come as lists, typed arrays or plotly's base64 ``{dtype, bdata}``: all as lists.
+FIGURES = """([selector]) => {
+    const types = {f8: Float64Array, f4: Float32Array, i8: BigInt64Array, i4: Int32Array,
+        i2: Int16Array, i1: Int8Array, u8: BigUint64Array, u4: Uint32Array, u2: Uint16Array,
+        u1: Uint8Array};
+    const list = v => {
+        if (v == null) return [];
+        if (v.bdata !== undefined) {
+            const bytes = Uint8Array.from(atob(v.bdata), c => c.charCodeAt(0));
+            return Array.from(new types[v.dtype](bytes.buffer), Number);
+        }
+        return Array.from(v, x => typeof x === 'bigint' ? Number(x) : x);
+    };
+    return [...document.querySelectorAll(selector)]
+        .map(p => (p.data || []).map(t => [t.name ?? null, list(t.x), list(t.y)]));
+}"""
+PLAIN, LIVE = ".js-plotly-plot.jp-RenderedPlotly", ".js-plotly-plot:not(.jp-RenderedPlotly)"
 # Everything that could be cut: each figure's svg and its legends against the output area,
 # widget labels against their own box, tables against the output area.
 OVERFLOW = """() => {
@@ -257,6 +273,19 @@ def wait_until(condition, seconds: float = 120, what: str | Callable[[], str] = 
         time.sleep(0.25)
 
 
+def difference(figures: list, others: list) -> str:
+    """Where two lists of ``FIGURES`` first differ, in words."""
+    if len(figures) != len(others):
+        return f"{len(figures)} figures, not {len(others)}"
+    for i, (traces, other) in enumerate(zip(figures, others, strict=True)):
+        if [t[0] for t in traces] != [t[0] for t in other]:
+            return f"figure {i}: traces {[t[0] for t in traces]}, not {[t[0] for t in other]}"
+        for trace, wanted in zip(traces, other, strict=True):
+            if trace != wanted:
+                return f"figure {i}, trace {trace[0]}: {trace[1:]}, not {wanted[1:]}"
+    return "none"
+
+
 def assert_no_ranks(server, after: str) -> None:
     # Ranks exit within a second of a shutdown.
     wait_until(lambda: not worker_pids(server["pid"]), 10, f"no rank process after {after}")
@@ -275,7 +304,7 @@ def assert_log_console_clean(page) -> None:
 def save_and_close(page, server, lab: str) -> None:
     """Save the notebook (with its widgets' state), remember where it is, stop its kernel."""
     path = server["root"] / f"{lab}.ipynb"
-    SHOWN[lab] = page.evaluate(FIGURES)
+    SHOWN[lab] = page.evaluate(FIGURES, [PLAIN])
     unsaved = path.stat().st_mtime
     command(page, "docmanager:save")
     wait_until(lambda: path.stat().st_mtime != unsaved, 30, f"{lab} saved")
@@ -403,8 +432,17 @@ def test_lab_05_dashboard_after_run_all(browser, server):
 
     last = page.locator(".jp-CodeCell").last
     last.click()
-    command(page, "notebook:run-cell")  # dashboard.close(); cluster.shutdown()
+    command(page, "notebook:run-cell")  # dashboard.close(); cluster.shutdown(); .snapshot()
     assert_no_ranks(server, "lab 05's last cell, run again")
+    page.get_by_text(IDLE).wait_for(timeout=60_000)
+    (dashboard_now,) = page.evaluate(FIGURES, [LIVE])
+    wait_until(
+        lambda: page.evaluate(FIGURES, [PLAIN])[-1:] == [dashboard_now],
+        30,
+        lambda: (
+            f"the snapshot: {difference(page.evaluate(FIGURES, [PLAIN])[-1:], [dashboard_now])}"
+        ),
+    )
     assert_log_console_clean(page)
     save_and_close(page, server, "05_strategy_explorer")
 
@@ -428,14 +466,21 @@ def test_handouts_show_every_figure_without_a_network(browser, tmp_path, lab):
     page.goto(page_path.as_uri())
     want = len(SHOWN[lab])
     wait_until(lambda: page.locator(".js-plotly-plot .main-svg").count() >= want, 30, "figures")
-    # The same figures, in the same order, with the same data as JupyterLab showed: the
-    # dashboard and the slider's figure in their last state.
-    assert page.evaluate(FIGURES) == SHOWN[lab]
+    # The same figures, in the same order, with the same data as JupyterLab showed (lab 05's
+    # last one is the dashboard in its last state).
+    handout = page.evaluate(FIGURES, [".js-plotly-plot"])
+    assert handout == SHOWN[lab], difference(handout, SHOWN[lab])
+    assert all(any(trace[2] for trace in figure) for figure in handout if figure)  # real data
     drawn = page.evaluate(
         "() => [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.querySelector('.main-svg')).length"
     )
     assert drawn == want
     assert page.locator("text=Loading widget").count() == 0
+    # A note where a widget was (labs 03, 05), for it needs a kernel.
+    nb = nbformat.read(SAVED[lab], as_version=4)
+    outputs = [o.get("data", {}) for cell in nb.cells for o in cell.get("outputs", [])]
+    widgets = sum(handouts.WIDGET_VIEW in data for data in outputs)
+    assert page.get_by_text("An interactive widget was here").count() == widgets
     # Only nbconvert's own extras were asked for (require.js, MathJax), which no figure needs:
     # no plotly.js, no widget manager.
     extras = ("require.js", "mathjax")

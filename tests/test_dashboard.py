@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import plotly.graph_objects as go
 import pytest
 
 import pdlab
@@ -72,6 +73,9 @@ def test_each_run_adds_a_trace_and_a_table_row(dashboard):
     assert sent == list(comm["by formula"].y)  # zero1's bytes per rank, measured = formula
     wire = list(comm["on the wire"].y)
     assert all(0 < w - s < 4096 for w, s in zip(wire, sent, strict=True))  # gloo's headers
+    snapshot = dashboard.snapshot()  # a plain figure of the same plots
+    assert type(snapshot) is go.Figure
+    assert [(t.name, t.y) for t in snapshot.data] == [(t.name, t.y) for t in dashboard.figure.data]
 
 
 def test_stop_mid_run_keeps_the_steps_done(dashboard, cluster):
