@@ -211,6 +211,7 @@ class Cluster:
         self._token = secrets.token_hex(32).encode()
         self._events: queue.Queue = queue.Queue()
         self._output = RankOutput()
+        self._workdirs: dict[int, tuple[str, list[str]]] = {}  # what each rank was last sent
         # Each rank's operations per process group when the ranks were last known in step.
         self._in_step_counts: dict[int, protocol.Counts] = {}
         res = self._resources
@@ -246,7 +247,7 @@ class Cluster:
                 links[rank].ready = True
                 self._in_step_counts[rank] = message.counts
             elif isinstance(message, protocol.Output):
-                self._output.write(rank, message.stream, message.text)
+                self._output.write(rank, message.stream, message.text, message.at)
             elif isinstance(message, protocol.StartFailed):
                 self._fail_start(
                     f"rank {rank} died while starting: it could not join the process group:\n"
@@ -395,12 +396,38 @@ class Cluster:
             ) from exc
         return self._call("call", payload, ranks, timeout)
 
-    def exec(self, source: str, ranks: Sequence[int] | None = None) -> list[Any]:
+    def spawn(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list[Any]:
+        """Call ``fn(rank, *args)`` on every rank, as ``torch.multiprocessing.spawn`` would
+        in fresh processes; the results ordered by rank."""
+        return self.run(_with_rank, fn, args, timeout=timeout)
+
+    def run_script(self, path: str | os.PathLike, *args: str, timeout: float | None = None) -> None:
+        """Run the torchrun-style script at ``path`` with command-line ``args`` on every rank,
+        as ``torchrun --nproc-per-node N path args...`` would, on these warm ranks.
+
+        The script sees ``__name__ == "__main__"``, ``sys.argv == [path, *args]``, torchrun's
+        environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...), its own folder as the
+        working directory and first on ``sys.path``; its ``init_process_group`` uses the
+        cluster's group and its ``destroy_process_group`` leaves it (``pdlab.scripts``).
+        ``sys.exit(0)`` is success; another exit code raises ``RankError`` naming the rank.
+        Modules it imports from its folder are read again when their files change.
+        """
+        from pdlab.scripts import run_script
+
+        script = os.path.abspath(path)
+        if not os.path.isfile(script):
+            raise FileNotFoundError(f"no script at {script}")
+        self.run(run_script, script, [str(a) for a in args], timeout=timeout)
+
+    def exec(
+        self, source: str, ranks: Sequence[int] | None = None, timeout: float | None = None
+    ) -> list[Any]:
         """Run Python ``source`` in each rank's persistent namespace (what ``%%ranks`` does).
 
-        Returns the value of a final expression on each rank, like a notebook cell.
+        Returns the value of a final expression on each rank, like a notebook cell. The
+        namespace's ``__name__`` is ``"__main__"``: a whole script pasted in runs its main block.
         """
-        return self._call("exec", source, ranks, None)
+        return self._call("exec", source, ranks, timeout)
 
     def interrupt(self) -> None:
         """Raise KeyboardInterrupt in the code every rank is running (as the ■ button does).
@@ -422,8 +449,13 @@ class Cluster:
             self._ensure_running()
             targets = self._check_ranks(ranks)
             call = _Call(self, next(self._calls), targets, timeout)
+            workdir = (os.getcwd(), list(sys.path))
             for rank in targets:
-                self._resources.links[rank].send(protocol.Call(call.call_id, kind, payload))
+                # The kernel's working directory and sys.path, when they changed since the
+                # rank last heard them: a rank's relative paths and imports work as here.
+                heard, self._workdirs[rank] = self._workdirs.get(rank), workdir
+                update = workdir if heard != workdir else None
+                self._resources.links[rank].send(protocol.Call(call.call_id, kind, payload, update))
             try:
                 return call.wait()
             finally:
@@ -505,8 +537,33 @@ class Cluster:
         for link in self._resources.links:
             link.send(protocol.Abort())
         self._resources.close(polite=False)
-        self._broken_reason = reason
+        self._mark_broken(reason)
+
+    def _mark_broken(self, reason: str) -> None:
+        """The group can't be used: ``status()`` says why, and the next call restarts it."""
+        if self._broken_reason is None:
+            self._broken_reason = reason
         self.state = "broken"
+
+
+def _where_the_kernel_imports(traceback: str) -> str:
+    """For a rank that can't import a module: where the kernel has it from, and the fix."""
+    name = traceback.strip().splitlines()[-1].partition("No module named ")[2].strip("'\"")
+    module = sys.modules.get(name) or sys.modules.get(name.partition(".")[0])
+    where = getattr(module, "__file__", None)
+    if not name or where is None:
+        return ""
+    return (
+        f"\nThe kernel imports {name!r} from {where}. Ranks import from the kernel's working "
+        "directory and sys.path (sent with each call); make that file reachable there (the "
+        "same path on every host), or define what you need inside the function you run."
+    )
+
+
+def _with_rank(fn: Callable[..., Any], args: tuple) -> Any:
+    from pdlab import runtime
+
+    return fn(runtime.rank(), *args)
 
 
 class _Call:
@@ -522,6 +579,7 @@ class _Call:
         # Values the kernel could not unpickle: the rank is fine and so is the group, so the
         # call runs to its end, then raises.
         self.undecodable: list[RankError] = []
+        self.group_problems: dict[int, str] = {}  # ranks that left the process group unusable
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self._stopped_since: dict[int, float] = {}
         self._next_look = 0.0
@@ -529,10 +587,19 @@ class _Call:
     def wait(self) -> list[Any]:
         """The results by rank; raises RankError, CallTimeout or KeyboardInterrupt."""
         try:
+            return self._wait()
+        finally:
+            if self.group_problems:  # the next call starts fresh ranks
+                problem = next(iter(self.group_problems.values()))
+                self.cluster._mark_broken(f"{problem} on rank(s) {sorted(self.group_problems)}")
+
+    def _wait(self) -> list[Any]:
+        try:
             while self.pending and not self.failures:
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self._timed_out()
                 self._take(0.05)
+                self.cluster._output.release()
                 self._look_for_stopped_ranks()
         except KeyboardInterrupt:
             self.cluster.interrupt()
@@ -554,7 +621,7 @@ class _Call:
         except queue.Empty:
             return
         if isinstance(message, protocol.Output):
-            self.cluster._output.write(rank, message.stream, message.text)
+            self.cluster._output.write(rank, message.stream, message.text, message.at)
         elif isinstance(message, protocol.Undecodable):
             self._undecodable(rank, message.what, message.types, message.error)
         elif isinstance(message, protocol.Lost) and rank in self.pending:
@@ -568,6 +635,8 @@ class _Call:
         ):
             self.pending.discard(rank)
             self.counts[rank] = message.counts
+            if message.group_problem:
+                self.group_problems[rank] = message.group_problem
             if isinstance(message, protocol.Result):
                 try:
                     self.results[rank] = cloudpickle.loads(message.value)
@@ -630,6 +699,8 @@ class _Call:
         self._finish_within(GRACE_S)
         first = min(self.failures, key=lambda f: f.blame)
         message = first.summary + (f":\n{first.traceback}" if first.traceback else "")
+        if first.exc_type == "ModuleNotFoundError":
+            message += _where_the_kernel_imports(first.traceback)
         others = [
             f"rank {f.rank}: {(f.traceback or f.summary).splitlines()[-1]}"
             for f in self.failures

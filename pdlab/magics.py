@@ -1,4 +1,4 @@
-"""IPython magics: ``%pdlab start|status|restart|stop`` and the ``%%ranks`` cell magic."""
+"""IPython magics: ``%pdlab start|status|restart|stop|script|timeout`` and ``%%ranks``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from pdlab import cluster as cluster_module
 from pdlab.cluster import Cluster
+
+USAGE = (
+    "usage: %pdlab start N [--backend gloo|nccl] [--device cpu|cuda] | status | restart | stop"
+    " | script PATH [ARGS...] | timeout [SECONDS|off]"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,22 +42,45 @@ def parse_ranks(spec: str) -> list[int] | None:
     return ranks
 
 
+def parse_cell_line(line: str) -> tuple[list[int] | None, float | None]:
+    """``%%ranks``'s line: which ranks (all by default), and ``--timeout S``."""
+    words = shlex.split(line)
+    timeout = None
+    if "--timeout" in words:
+        at = words.index("--timeout")
+        try:
+            timeout = float(words[at + 1])
+        except (IndexError, ValueError):
+            raise ValueError(
+                "write %%ranks --timeout SECONDS, e.g. %%ranks 0,1 --timeout 30"
+            ) from None
+        del words[at : at + 2]
+    return parse_ranks(" ".join(words)), timeout
+
+
 @magics_class
 class PdlabMagics(Magics):
     """``%pdlab`` manages the cluster it started (or the current one); ``%%ranks`` runs on
     the most recently started cluster, whichever way it was created."""
 
     started: Cluster | None = None
+    timeout: float | None = None  # %%ranks's default; `%pdlab timeout S` sets it
 
     @line_magic
     def pdlab(self, line: str) -> None:
-        """%pdlab start N [--backend B --device D] | status | restart | stop"""
+        """%pdlab start N [--backend B --device D] | status | restart | stop
+        | script PATH [ARGS...] | timeout [SECONDS|off]"""
+        words = shlex.split(line)
+        if words[:1] == ["script"] and len(words) > 1:
+            cluster_module.current().run_script(words[1], *words[2:], timeout=self.timeout)
+            return
+        if words[:1] == ["timeout"]:
+            self._set_timeout(words[1:])
+            return
         try:
-            args = _parser().parse_args(shlex.split(line))
+            args = _parser().parse_args(words)
         except (argparse.ArgumentError, SystemExit):
-            print(
-                "usage: %pdlab start N [--backend gloo|nccl] [--device cpu|cuda] | status | restart | stop"
-            )
+            print(USAGE)
             return
         if args.command == "start":
             if self.started is not None:
@@ -71,12 +99,26 @@ class PdlabMagics(Magics):
             self.started = None
             print("pdlab cluster stopped")
 
+    def _set_timeout(self, words: list[str]) -> None:
+        if words and words[0] != "off":
+            try:
+                PdlabMagics.timeout = float(words[0])
+            except ValueError:
+                print(USAGE)
+                return
+        elif words:
+            PdlabMagics.timeout = None
+        shown = "none" if self.timeout is None else f"{self.timeout:g} s"
+        print(f"%%ranks timeout: {shown}")
+
     @cell_magic
     def ranks(self, line: str, cell: str) -> None:
-        """%%ranks [0,2]: run the cell on those ranks (all by default), each in its own namespace."""
-        targets = parse_ranks(line)
+        """%%ranks [0,2] [--timeout S]: run the cell on those ranks (all by default), each in
+        its own namespace; ``--timeout`` (or ``%pdlab timeout S``) stops a cell that hangs."""
+        targets, timeout = parse_cell_line(line)
         cluster = cluster_module.current()
-        results = cluster.exec(cell, ranks=targets)
+        # One blank line for the %%ranks line, so tracebacks give the cell's own line numbers.
+        results = cluster.exec("\n" + cell, ranks=targets, timeout=timeout or self.timeout)
         shown = targets if targets is not None else range(cluster.world_size)
         for rank, value in zip(sorted(set(shown)), results, strict=True):
             if value is not None:

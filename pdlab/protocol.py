@@ -53,10 +53,12 @@ class StartFailed:
 
 @dataclass(frozen=True)
 class Output:
-    """A chunk of what the rank wrote to fd 1 or 2 (not split into lines)."""
+    """A chunk of what the rank wrote to fd 1 or 2 (not split into lines), and when the rank
+    read it (``time.time()``), so the kernel can show the ranks' lines in printed order."""
 
     stream: str  # "stdout" or "stderr"
     text: str
+    at: float
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Result:
     value: bytes
     value_type: str  # for an error message if the kernel cannot unpickle ``value``
     counts: Counts
+    group_problem: str = ""  # why the process group is unusable after the call ('' if it isn't)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Error:
     exc_type: str
     traceback: str
     counts: Counts
+    group_problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,11 +111,15 @@ class Undecodable:
 
 @dataclass(frozen=True)
 class Call:
-    """Run ``payload`` on the rank: a pickled ``(fn, args, kwargs)``, or source to exec."""
+    """Run ``payload`` on the rank: a pickled ``(fn, args, kwargs)``, or source to exec.
+
+    ``workdir``: the kernel's working directory and ``sys.path``, when they changed since the
+    last call: the rank follows them, so relative paths and notebook-side modules work."""
 
     call_id: int
     kind: str  # "call" or "exec"
     payload: bytes | str
+    workdir: tuple[str, list[str]] | None = None
 
 
 @dataclass(frozen=True)

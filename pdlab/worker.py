@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import ctypes
 import linecache
 import os
@@ -72,7 +73,7 @@ class OutputPump:
         while chunk := os.read(read_end, 65536):
             text = chunk.replace(_FLUSH_MARK, b"")
             if text:
-                self.channel.send(protocol.Output(name, text.decode(errors="replace")))
+                self.channel.send(protocol.Output(name, text.decode(errors="replace"), time.time()))
             if len(text) != len(chunk):
                 self._flushed[fd].set()
 
@@ -143,10 +144,22 @@ def _run_source(source: str, namespace: dict, call_id: int) -> Any:
     return None
 
 
+def _follow(workdir: tuple[str, list[str]]) -> None:
+    """Work in the kernel's directory, and import from every folder the kernel imports from
+    (its order first): a notebook's relative paths and modules beside it work on the rank."""
+    cwd, path = workdir
+    with contextlib.suppress(OSError):  # a rank on another host may not have that folder
+        os.chdir(cwd)
+    sys.path[:] = [*path, *(p for p in sys.path if p not in path)]
+
+
 def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any:
     """Run one call; always returns the reply to send (a result or the error's traceback)."""
     from pdlab.runtime import collective_counts
+    from pdlab.scripts import group_problem
 
+    if call.workdir is not None:
+        _follow(call.workdir)
     try:
         running.set()  # from here an interrupt may raise KeyboardInterrupt in user code
         try:
@@ -163,7 +176,11 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
             raise TypeError(f"the return value can't be pickled back to the kernel: {exc}") from exc
         # The kernel compares the counts after a failed call to tell if the group is in step.
         return protocol.Result(
-            call.call_id, pickled, protocol.type_name(value), collective_counts()
+            call.call_id,
+            pickled,
+            protocol.type_name(value),
+            collective_counts(),
+            group_problem(),
         )
     except BaseException as exc:  # KeyboardInterrupt too: report it, stay alive
         return protocol.Error(
@@ -171,6 +188,7 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
             type(exc).__name__,
             "".join(traceback.format_exception(exc)),
             collective_counts(),
+            group_problem(),
         )
 
 
@@ -180,10 +198,12 @@ def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:
 
 
 def _serve(channel: Channel, pump: OutputPump) -> None:
-    from pdlab import runtime
+    from pdlab import runtime, scripts
 
     runtime.bind(sink=lambda record: _send_metrics(channel, record))
-    namespace: dict[str, Any] = {"__name__": "__pdlab__"}
+    scripts.install()
+    # "__main__", so a whole script pasted into %%ranks runs its `if __name__ == "__main__":`
+    namespace: dict[str, Any] = {"__name__": "__main__"}
     exec("import torch, torch.distributed as dist, pdlab", namespace)
     calls: queue.Queue = queue.Queue()
     running = threading.Event()
