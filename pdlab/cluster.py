@@ -398,7 +398,9 @@ class Cluster:
 
     def spawn(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list[Any]:
         """Call ``fn(rank, *args)`` on every rank, as ``torch.multiprocessing.spawn`` would
-        in fresh processes; the results ordered by rank."""
+        in fresh processes; the results ordered by rank. ``fn`` may set up and tear down the
+        process group as spawned functions do: ``init_process_group`` finds the cluster's,
+        ``destroy_process_group`` leaves it."""
         return self.run(_with_rank, fn, args, timeout=timeout)
 
     def run_script(self, path: str | os.PathLike, *args: str, timeout: float | None = None) -> None:
@@ -561,9 +563,10 @@ def _where_the_kernel_imports(traceback: str) -> str:
 
 
 def _with_rank(fn: Callable[..., Any], args: tuple) -> Any:
-    from pdlab import runtime
+    from pdlab import runtime, scripts
 
-    return fn(runtime.rank(), *args)
+    with scripts.keeping_the_group():  # spawned functions end with destroy_process_group()
+        return fn(runtime.rank(), *args)
 
 
 class _Call:

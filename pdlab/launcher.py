@@ -229,7 +229,7 @@ def torchrun_environment(rank: int, world_size: int, master_port: int) -> dict[s
     return {
         **{k: str(v) for k, v in {**ranks, **sizes, "ROLE_WORLD_SIZE": world_size}.items()},
         "ROLE_NAME": "default",
-        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_ADDR": "localhost",  # what torchrun --standalone sets
         "MASTER_PORT": str(master_port),
         "TORCHELASTIC_RESTART_COUNT": "0",
         "TORCHELASTIC_MAX_RESTARTS": "0",

@@ -8,7 +8,7 @@ outlive the script, so this module (imported by every rank, ``install()`` once):
 - makes ``init_process_group`` a no-op when asked for what the cluster already has (a
   compatible backend, the same world size), and an error naming the fix otherwise;
 - makes ``destroy_process_group()`` leave the cluster's group alone while a script runs
-  (``run_script``); called from other code, it does what it says, and the kernel notices
+  (``run_script``, ``Cluster.spawn``: ``keeping_the_group``); called from other code, it does what it says, and the kernel notices
   after the call that the group is gone (``group_problem``) and restarts the ranks;
 - runs a script as torchrun would (``run_script``): ``__name__ == "__main__"``, ``sys.argv``,
   the script's folder as working directory and first on ``sys.path`` (both restored after),
@@ -129,17 +129,27 @@ def _remember_modules(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _as_torchrun_would(script: Path, args: list[str]) -> Iterator[None]:
+def keeping_the_group() -> Iterator[None]:
+    """Code run inside may call ``destroy_process_group()`` (torchrun scripts and
+    ``mp.spawn``-style functions end with it): the cluster's group stays."""
     global _in_script
-    saved = os.getcwd(), list(sys.path), sys.argv
-    os.chdir(script.parent)
-    sys.path.insert(0, str(script.parent))
-    sys.argv = [str(script), *args]
     _in_script = True
     try:
         yield
     finally:
         _in_script = False
+
+
+@contextlib.contextmanager
+def _as_torchrun_would(script: Path, args: list[str]) -> Iterator[None]:
+    saved = os.getcwd(), list(sys.path), sys.argv
+    os.chdir(script.parent)
+    sys.path.insert(0, str(script.parent))
+    sys.argv = [str(script), *args]
+    try:
+        with keeping_the_group():
+            yield
+    finally:
         os.chdir(saved[0])
         sys.path[:], sys.argv = saved[1], saved[2]
 

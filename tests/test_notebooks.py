@@ -14,7 +14,14 @@ LABS = Path(__file__).resolve().parent.parent / "labs"
 RUNS = {
     "00_start_here": (
         {"world_size": 2},
-        ["all 2 ranks agree: sum = 9", "[rank 1] after all_reduce: [3.0, 3.0, 3.0]"],
+        [
+            "all 2 ranks agree: sum = 9",
+            "[rank 1] after all_reduce: [3.0, 3.0, 3.0]",
+            "[rank 1] epoch 2 loss",
+            "snapshot.pt",
+            "hidden 32",
+            "rerun took",
+        ],
     ),
     "05_strategy_explorer": (
         {"world_size": 2, "steps": 5},

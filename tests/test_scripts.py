@@ -14,7 +14,7 @@ import torch
 
 import pdlab
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_toy"
+SCRIPT = Path(__file__).resolve().parent.parent / "labs" / "scripts" / "ddp_toy"
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_torchrun_variables_are_set_from_the_start(cluster2):
     for rank, env in enumerate(got):
         assert env["RANK"] == env["LOCAL_RANK"] == str(rank)
         assert env["WORLD_SIZE"] == env["LOCAL_WORLD_SIZE"] == "2"
-        assert env["MASTER_ADDR"] == "127.0.0.1"
+        assert env["MASTER_ADDR"] == "localhost"
 
 
 def test_a_pasted_script_runs_its_main_block(cluster2, capfd):

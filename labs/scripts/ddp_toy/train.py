@@ -1,6 +1,7 @@
-"""A torchrun script in the style of PyTorch's DDP tutorials, for pdlab's tests: it reads
-torchrun's environment, parses its arguments, creates and destroys the process group itself,
-imports its model from beside it and saves a snapshot to a relative path.
+"""A torchrun script in the style of PyTorch's DDP tutorials (lab 00 runs it, so do the
+tests): it reads torchrun's environment, parses its arguments, creates and destroys the
+process group itself, imports its model from beside it and saves a snapshot to a relative
+path.
 
     torchrun --nproc-per-node 2 train.py 3 --batch-size 20
 """
@@ -20,8 +21,8 @@ def main(epochs: int, batch_size: int) -> None:
     env = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     assert os.environ["MASTER_ADDR"] and int(os.environ["MASTER_PORT"]) > 0
     init_process_group(backend="gloo")
-    rank = dist.get_rank()
-    print(f"rank {rank} of {dist.get_world_size()}, env {env}, hidden {HIDDEN}")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    print(f"rank {rank} of {world}, env {env}, hidden {HIDDEN}")
     torch.manual_seed(0)
     model = DDP(ToyModel())
     optimizer = optim.SGD(model.parameters(), lr=0.01)
@@ -30,7 +31,7 @@ def main(epochs: int, batch_size: int) -> None:
         x = torch.randn(batch_size, 10, generator=data)
         y = torch.randn(batch_size, 5, generator=data)
         optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x[rank::2]), y[rank::2])
+        loss = nn.functional.mse_loss(model(x[rank::world]), y[rank::world])
         loss.backward()
         optimizer.step()
         print(f"epoch {epoch} loss {loss.item():.6f}")
