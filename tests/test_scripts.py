@@ -154,6 +154,22 @@ def test_spawn_calls_fn_with_the_rank(cluster2):
     assert cluster2.spawn(lambda rank, scale: rank * scale, 10) == [0, 10]
 
 
+def test_a_spawned_tutorial_function_sets_up_and_tears_down_as_written(cluster2):
+    # "Getting started with DDP": setup() inits the group, cleanup() destroys it.
+    def demo_basic(rank, world_size):
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "localhost", "12355"
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(10, 5))
+        model(torch.randn(20, 10)).sum().backward()
+        torch.distributed.destroy_process_group()
+        return rank
+
+    pids = cluster2.run(os.getpid)
+    assert cluster2.spawn(demo_basic, 2) == [0, 1]
+    assert "broken" not in str(cluster2.status())
+    assert cluster2.run(os.getpid) == pids
+
+
 def test_ranks_cell_timeout_and_the_cells_own_line_numbers(cluster2):
     from IPython.core.interactiveshell import InteractiveShell
 
