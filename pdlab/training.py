@@ -61,7 +61,7 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
     checkpoint.check(config)  # resume's value; resuming, steps must go past the checkpoint
     if isinstance(config.lr, bool) or not (isinstance(config.lr, int | float) and config.lr > 0):
-        raise ValueError(f"lr must be a number > 0, got {config.lr!r}")
+        raise ValueError(f"lr must be > 0 (a number), got {config.lr!r}")
     if not math.isfinite(config.lr):
         raise ValueError(f"lr must be finite, got {config.lr!r}: try 0.01")
     strategy = registry.get(config.strategy)
