@@ -20,6 +20,10 @@ Conventions (nccl-tests, doc/PERFORMANCE.md), for a group of N ranks:
 - ``seconds``: issue to completion where the backend reports completion (a Work future:
   gloo and NCCL collectives; DTensor ops until their ``wait_tensor``). Gloo p2p Works have no
   future, so a send/recv's seconds are only the time to issue it (the wait comes later).
+- ``busy``: the seconds the metering thread had computed (run or waited for a core, not
+  slept: ``pdlab.busy``) since the meter was entered, when the op was issued; ``peer``: the
+  global rank a send goes to or a recv comes from (-1 for collectives). ``pdlab.predict``
+  replays a step from these.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from pdlab import compat
+from pdlab.busy import BusyClock
 from pdlab.compat import TorchDispatchMode, tree_flatten
 
 
@@ -52,6 +57,8 @@ class CommEvent:
     bus_bytes: float
     seconds: float = 0.0
     start: float = 0.0  # time.time() at issue
+    busy: float = 0.0  # the rank's compute seconds in this step before the op was issued
+    peer: int = -1  # send/recv: the other rank (global); collectives: -1
 
 
 def bus_bytes(op: str, payload_bytes: int, group_size: int) -> float:
@@ -149,7 +156,7 @@ _FUNCTIONAL_OPS = {
 }
 
 
-_COMM_NAMESPACES = ("c10d", "_c10d_functional")
+COMM_NAMESPACES = ("c10d", "_c10d_functional")
 
 
 def _nbytes(x: Any) -> int:
@@ -173,7 +180,10 @@ def _describe(func: Any, args: tuple, kwargs: dict) -> CommEvent | None:
     bound = dict(zip(compat.op_arguments(func), args, strict=False)) | kwargs
     pg = compat.process_group(bound.get("process_group", bound.get("group_name")))
     payload = _nbytes(bound[payload_arg]) * (pg.size() if scales else 1) if payload_arg else 0
-    return CommEvent(op, group_label(pg), pg.size(), payload, bus_bytes(op, payload, pg.size()))
+    e = CommEvent(op, group_label(pg), pg.size(), payload, bus_bytes(op, payload, pg.size()))
+    if (peer := bound.get("dst", bound.get("src"))) is not None:
+        e.peer = dist.get_global_rank(pg, peer)
+    return e
 
 
 # ---- the meter ---------------------------------------------------------------------------
@@ -205,6 +215,7 @@ def record(
             nbytes,
             bus_bytes(op, nbytes, pg.size()),
             start=time.time(),
+            busy=meter.clock(),
         )
         if future is not None:
             _time_until_done(e, time.perf_counter(), future)
@@ -229,20 +240,20 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace not in _COMM_NAMESPACES:  # the hot path: every aten op comes here
+        if func.namespace not in COMM_NAMESPACES:  # the hot path: every aten op comes here
             return func(*args, **kwargs)
         # Let DTensor desugar into plain ops first (we see those); other subclasses (the
         # FakeTensors DTensor's sharding propagation runs on) just run.
         if DTensor in types:
             return NotImplemented
         e = None if getattr(_paused, "on", False) else _describe(func, args, kwargs)
-        start, t0 = time.time(), time.perf_counter()
+        busy, start, t0 = self.meter.clock(), time.time(), time.perf_counter()
         out = func(*args, **kwargs)
         if compat.is_wait_tensor(func):
             self._finish(args[0])
         if e is None:
             return out
-        e.start, e.seconds = start, time.perf_counter() - t0
+        e.start, e.seconds, e.busy = start, time.perf_counter() - t0, busy
         self.meter.events.append(e)
         if func.namespace == "_c10d_functional":  # timed at its wait_tensor
             for t in tree_flatten(out)[0]:
@@ -276,6 +287,8 @@ class CommMeter:
         own communication (DDP's comm hook), it spares every other op the dispatch mode's
         Python round trip (the mode costs a few microseconds per op, each op)."""
         self.events: list[CommEvent] = []
+        self.busy = 0.0  # after the block: the entering thread's compute seconds inside it
+        self.clock: BusyClock | None = None  # while entered
         self._mode = _Mode(self) if dispatch else None
         self._names = {pg.group_name: name for pg, name in (names or {}).items()}
         self._outer_names: dict[str, str | None] = {}
@@ -283,6 +296,7 @@ class CommMeter:
     def __enter__(self) -> CommMeter:
         self._outer_names = {k: _group_names.get(k) for k in self._names}
         _group_names.update(self._names)
+        self.clock = BusyClock()
         _active.append(self)
         if self._mode is not None:
             self._mode.__enter__()
@@ -293,6 +307,8 @@ class CommMeter:
             self._mode.__exit__(*exc)
             self._mode.waiting.clear()
         _active.remove(self)
+        self.busy = self.clock()
+        self.clock.close()
         for key, name in self._outer_names.items():
             if name is None:
                 del _group_names[key]

@@ -27,10 +27,12 @@ from torch.utils._pytree import tree_flatten
 __all__ = [
     "TorchDispatchMode",
     "all_gather",
+    "flop_formulas",
     "initialize_pipeline_stage",
     "is_wait_tensor",
     "op_arguments",
     "op_name",
+    "op_packet",
     "process_group",
     "reduce_scatter",
     "replicate",
@@ -56,6 +58,19 @@ def op_name(func: Any) -> str:
 def op_arguments(func: Any) -> list[str]:
     """The names of an op's positional arguments, from its schema (2.0 to 2.13)."""
     return [a.name for a in func._schema.arguments]
+
+
+def op_packet(func: Any) -> Any:
+    """The overload packet of an op (``aten.mm`` for ``aten.mm.default``; 1.13 to 2.13)."""
+    return func._overloadpacket
+
+
+def flop_formulas() -> dict:
+    """torch's FLOP formula for each op it counts, keyed by overload packet: the table
+    ``FlopCounterMode`` builds (its ``flop_registry``, 2.1 to 2.13)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return dict(FlopCounterMode(display=False).flop_registry)
 
 
 def is_wait_tensor(func: Any) -> bool:

@@ -23,6 +23,7 @@ so its errors surface before any rank starts work.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -35,6 +36,7 @@ from pdlab import checkpoint, memory, runtime
 from pdlab.comm import CommEvent, CommMeter
 from pdlab.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.data import load_dataset
+from pdlab.flops import FlopCounter
 from pdlab.models import build_model
 from pdlab.parallel import registry
 from pdlab.parallel.base import Implementation, Layout, Mesh
@@ -114,13 +116,16 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     first = checkpoint.load(strategy, config.checkpoint_dir) if config.resume else 0
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
     records = []
+    counted = None  # (FLOPs, kernels) of this rank's first step: a counted step runs slower
     for step in range(first, config.steps):
         x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
+        counter = FlopCounter() if counted is None else contextlib.nullcontext()
         start = time.perf_counter()
-        with CommMeter(dispatch=not strategy.counts_own_comm, names=names) as meter:
+        with CommMeter(dispatch=not strategy.counts_own_comm, names=names) as meter, counter:
             out = strategy.train_step(x.to(device), y.to(device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the step is done when the GPU is
+        counted = counted or (counter.flops, counter.kernels)
         record = {
             "strategy": config.strategy,
             "impl": config.impl,
@@ -128,6 +133,9 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
             "loss": out.loss,
             "samples": out.samples,
             "step_time": time.perf_counter() - start,
+            "busy": meter.busy,  # seconds computing, not blocked on communication (pdlab.busy)
+            "flops": counted[0],  # this rank's FLOPs and kernels a step (pdlab.flops)
+            "kernels": counted[1],
             "comm": [asdict(e) for e in meter.events],
             "memory": memory.measure(strategy.module, strategy.optimizer, device),
             "timeline": out.timeline,
@@ -180,7 +188,10 @@ def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent])
         for rec in out["records"]:
             where = {"step": rec["step"], "rank": out["rank"]}
             ops += [{**where, **e} for e in rec["comm"]]
-            row = {**where, **{k: rec[k] for k in ("loss", "samples", "step_time")}}
+            row = {
+                **where,
+                **{k: rec[k] for k in ("loss", "samples", "step_time", "busy", "flops", "kernels")},
+            }
             row["samples_per_s"] = rec["samples"] / rec["step_time"]
             row["comm_bytes"] = sum(e["payload_bytes"] for e in rec["comm"])
             row["bus_bytes"] = sum(e["bus_bytes"] for e in rec["comm"])
