@@ -61,6 +61,12 @@ class TrainConfig:
     checkpoint_dir: str | None = _field(None, "where checkpoints are saved and resumed (all ranks)")
     checkpoint_every: int = _field(0, "save after every this many steps (0: never)")
     resume: bool = _field(False, "start from the newest complete checkpoint in checkpoint_dir")
+    link: str | None = _field(
+        None,
+        "emulate this link on the ranks: a preset (nvlink4, eth25, ...) or a rate with an "
+        "optional latency ('100Mbit/s', '25Gbit/s@5us'); ':shared' for one medium all ranks "
+        "share (pdlab.emulation)",
+    )
 
 
 def choices(f: Field) -> tuple[str, ...] | None:

@@ -38,8 +38,10 @@ MEMORY_PARTS = {
 
 
 def run_name(config: TrainConfig) -> str:
-    """A short label for a run: ``dp/scratch gpt w2``."""
-    return f"{config.strategy}/{config.impl} {config.model} w{config.world_size}"
+    """A short label for a run: ``dp/scratch gpt w2``, ``dp/scratch gpt w2 @100Mbit/s`` on an
+    emulated link."""
+    link = f" @{config.link}" if config.link else ""
+    return f"{config.strategy}/{config.impl} {config.model} w{config.world_size}{link}"
 
 
 def _named(runs: Runs) -> dict[str, TrainResult]:

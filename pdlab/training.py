@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pdlab import checkpoint, memory, runtime
+from pdlab import checkpoint, emulation, memory, runtime
 from pdlab.comm import CommEvent, CommMeter
 from pdlab.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.data import load_dataset
@@ -56,6 +56,8 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
     if not config.lr > 0:
         raise ValueError(f"lr must be > 0, got {config.lr!r}")
+    if config.link is not None:
+        emulation.parse(config.link)
     strategy = registry.get(config.strategy)
     strategy.check_world_size(config.world_size)
     layout = strategy.layout(config.world_size)
@@ -115,35 +117,37 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
     first = checkpoint.load(strategy, config.checkpoint_dir) if config.resume else 0
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
+    dispatch = not strategy.counts_own_comm
     records = []
     counted = None  # (FLOPs, kernels) of this rank's first step: a counted step runs slower
-    for step in range(first, config.steps):
-        x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
-        counter = FlopCounter() if counted is None else contextlib.nullcontext()
-        start = time.perf_counter()
-        with CommMeter(dispatch=not strategy.counts_own_comm, names=names) as meter, counter:
-            out = strategy.train_step(x.to(device), y.to(device))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the step is done when the GPU is
-        counted = counted or (counter.flops, counter.kernels)
-        record = {
-            "strategy": config.strategy,
-            "impl": config.impl,
-            "step": step,
-            "loss": out.loss,
-            "samples": out.samples,
-            "step_time": time.perf_counter() - start,
-            "busy": meter.busy,  # seconds computing, not blocked on communication (pdlab.busy)
-            "flops": counted[0],  # this rank's FLOPs and kernels a step (pdlab.flops)
-            "kernels": counted[1],
-            "comm": [asdict(e) for e in meter.events],
-            "memory": memory.measure(strategy.module, strategy.optimizer, device),
-            "timeline": out.timeline,
-        }
-        runtime.log(**record)
-        records.append(record)
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            checkpoint.save(strategy, config.checkpoint_dir, step + 1)
+    with emulation.emulating(config.link) as emulator:
+        for step in range(first, config.steps):
+            x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
+            counter = FlopCounter() if counted is None else contextlib.nullcontext()
+            start = time.perf_counter()
+            with CommMeter(dispatch, names, emulator) as meter, counter:
+                out = strategy.train_step(x.to(device), y.to(device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the step is done when the GPU is
+            counted = counted or (counter.flops, counter.kernels)
+            record = {
+                "strategy": config.strategy,
+                "impl": config.impl,
+                "step": step,
+                "loss": out.loss,
+                "samples": out.samples,
+                "step_time": time.perf_counter() - start,
+                "busy": meter.busy,  # seconds computing, not blocked on communication
+                "flops": counted[0],  # this rank's FLOPs and kernels a step (pdlab.flops)
+                "kernels": counted[1],
+                "comm": [asdict(e) for e in meter.events],
+                "memory": memory.measure(strategy.module, strategy.optimizer, device),
+                "timeline": out.timeline,
+            }
+            runtime.log(**record)
+            records.append(record)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                checkpoint.save(strategy, config.checkpoint_dir, step + 1)
     state = strategy.full_state_dict() if full_state else None  # a collective: all ranks
     return {
         "rank": mesh.rank,

@@ -1,0 +1,270 @@
+"""Link emulation: the ranks' real ops, completing as late as they would on a slower link.
+
+    pdlab.train(cluster, strategy="dp", link="100Mbit/s")         # a 100 Mbit/s link per rank
+    pdlab.train(cluster, strategy="dp", link="100Mbit/s:shared")  # one 100 Mbit/s medium for all
+    python -m pdlab run --strategy dp --world-size 2 --model gpt --link 25Gbit/s@5us
+
+A link is what ``pdlab.topology.parse_link`` reads (a preset such as ``nvlink4``, or a rate
+with an optional latency), optionally followed by ``:shared``. The ops themselves run as
+before over loopback (same bytes, same results); only their completion moves. For an op of a
+step (everything ``pdlab.comm.CommMeter`` records: c10d and functional collectives, p2p, and
+DDP's buckets through its comm hook), with ``model`` its time on the link:
+
+    ready = when the op really completed here (every participant had joined and the bytes
+            had crossed loopback)
+    start = max(ready, when this rank's link is done with the ops before it)
+    done  = start + model
+
+``ready`` stands for "every participant is there": gloo (like NCCL) moves bytes only once both
+ends of a transfer have posted it, so a collective or a send on the slow link would start no
+earlier. The loopback transfer itself is counted on top of the model: it is mostly CPU work
+(copies, the reduction's additions) that the slow link needs too. A rank's link carries one
+op at a time (first ready, first served): DDP's buckets queue behind each other as they would
+on the wire. Per rank, sends use the outgoing direction, receives the incoming one and
+collectives both (links are full duplex).
+
+How ops complete late without blocking anyone who does not wait for them: an op's Work is
+swapped for one made from a future that a timer thread completes at ``done`` (async ops,
+isend, DDP's bucket futures, FSDP2's async collectives: the issuing thread carries on and
+overlap with compute shows as on the link; sync ops wait on it like on the real Work). A
+functional collective (DTensor) is held at its ``wait_tensor``, its ready time being when that
+wait returned. Ops outside a training step (building a strategy, ``full_state_dict``) are not
+emulated.
+
+Each op's event (``pdlab.comm.CommEvent``, a row of ``TrainResult.comm``) records
+``model_seconds`` (its time on the link) and ``added_seconds`` (``done - ready``: what the
+emulation added, queueing included). ``seconds - added_seconds`` is what it took here; where
+that exceeds ``model_seconds`` the emulated link is faster than this machine's transport and
+the op ran at this machine's pace plus the model (``summary`` counts them).
+
+``:shared`` is one medium that all ranks' bytes cross, as a loopback device throttled by the
+kernel (``tc qdisc ... tbf``, benchmarks/emulation.py) is: an op takes the bytes *all* its
+participants put on the medium divided by the rate (``costmodel.shared_medium_op_time``), and
+each rank's sends, receives and collectives queue on one clock. At world size 2 that clock
+sees every transfer on the medium; with more ranks, ops of disjoint groups running at once
+(two pipelines, a hybrid's tp groups) don't slow each other down here as they would there.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pdlab import compat
+from pdlab.costmodel import link_op_time, shared_medium_op_time
+from pdlab.topology import LINK_FORMS, LINKS, Link, parse_link
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pdlab.comm import CommEvent
+
+SHARED = ":shared"
+# Python hands the GIL between threads every 5 ms by default: a completion noticed by the
+# timer or a gloo thread while the main thread computes would wait that long. 0.5 ms while
+# emulating keeps the completions within a millisecond of their time.
+SWITCH_INTERVAL_S = 0.0005
+
+
+@dataclass(frozen=True)
+class EmulatedLink:
+    """A link to emulate: one per rank (``shared=False``) or one medium all ranks share."""
+
+    link: Link
+    shared: bool = False
+
+    def op_seconds(self, op: str, nbytes: float, group_size: int) -> float:
+        """``op``'s time on this link; ``nbytes`` is the payload (for a recv: bytes received)."""
+        time_on = shared_medium_op_time if self.shared else link_op_time
+        return time_on(op, nbytes, group_size, self.link)
+
+
+def parse(spec: str | EmulatedLink) -> EmulatedLink:
+    """An ``EmulatedLink`` from ``"100Mbit/s"``, ``"25Gbit/s@5us:shared"``, ``"nvlink4"``, ...;
+    ValueError naming the accepted forms otherwise."""
+    if isinstance(spec, EmulatedLink):
+        return spec
+    text = str(spec).strip()
+    shared = text.endswith(SHARED)
+    try:
+        return EmulatedLink(parse_link(text.removesuffix(SHARED)), shared)
+    except ValueError:
+        forms = LINK_FORMS.format(presets=", ".join(LINKS))
+        raise ValueError(
+            f"can't read link {spec!r}: write {forms}; add ':shared' for one medium all ranks "
+            f"share ('100Mbit/s:shared')"
+        ) from None
+
+
+class _Timer:
+    """Runs callbacks at ``time.perf_counter()`` deadlines, on one daemon thread."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()  # ties keep their order; callbacks are never compared
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="pdlab-link", daemon=True)
+        self._thread.start()
+
+    def at(self, deadline: float, callback: Callable[[], None]) -> None:
+        with self._wake:
+            if self._closed:
+                deadline = 0.0  # closing: run it now, never strand a waiter
+            heapq.heappush(self._due, (deadline, next(self._order), callback))
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Run everything still pending now, then stop the thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due or (not self._closed and self._due[0][0] > time.perf_counter()):
+                    if self._closed and not self._due:
+                        return
+                    timeout = self._due[0][0] - time.perf_counter() if self._due else None
+                    self._wake.wait(timeout)
+                _, _, callback = heapq.heappop(self._due)
+            callback()
+
+
+def _forward(source: torch.futures.Future, target: torch.futures.Future) -> None:
+    """Complete ``target`` as ``source`` completed: same value, or same error."""
+    try:
+        value = source.value()
+    except Exception as exc:
+        target.set_exception(exc)
+    else:
+        target.set_result(value)
+
+
+def _future_of(work: Any, value: list[torch.Tensor]) -> torch.futures.Future:
+    """A future completing with ``value`` when ``work`` does, for Works that have none (gloo's
+    send and recv): a thread waits on it."""
+    future = torch.futures.Future()
+
+    def wait() -> None:
+        try:
+            work.wait()
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    threading.Thread(target=wait, name="pdlab-p2p-wait", daemon=True).start()
+    return future
+
+
+class Emulator:
+    """One rank's side of an emulated link: when each op it issues completes.
+
+    ``pdlab.comm.CommMeter(emulator=...)`` calls it for every op it records; the training
+    loop keeps one per run (``emulating``), so the link's queue carries across steps.
+    """
+
+    def __init__(self, emulated: EmulatedLink):
+        self.emulated = emulated
+        self._free: dict[str, float] = {}  # direction -> perf_counter() when it is next free
+        self._lock = threading.Lock()
+        self._timer = _Timer()
+
+    def price(self, event: CommEvent, nbytes: float) -> None:
+        """Set ``event.model_seconds``: its time on the link (``nbytes``: payload, or received)."""
+        event.model_seconds = self.emulated.op_seconds(event.op, nbytes, event.group_size)
+
+    def delay_future(
+        self, event: CommEvent, future: torch.futures.Future, issued: float
+    ) -> torch.futures.Future:
+        """A future completing like ``future`` but at the op's emulated time (module docstring);
+        ``event.seconds`` becomes the time from ``issued`` (``perf_counter()``) until then."""
+        late = torch.futures.Future()
+
+        def complete() -> None:
+            # Before completing: whoever waits on ``late`` may read the event at once.
+            event.seconds = time.perf_counter() - issued
+            _forward(future, late)
+
+        future.add_done_callback(lambda _: self._timer.at(self._reserve(event), complete))
+        return late
+
+    def delay_works(
+        self, event: CommEvent, out: Any, tensors: list[torch.Tensor], issued: float
+    ) -> Any:
+        """``out`` (an eager c10d op's result) with its boxed Work swapped for a late one.
+        ``tensors``: what a Work without a future of its own completes with."""
+
+        def late(boxed: torch.ScriptObject) -> torch.ScriptObject:
+            work = compat.unbox_work(boxed)
+            try:
+                future = work.get_future()
+            except RuntimeError:  # gloo's p2p Works: "getFuture not implemented"
+                future = _future_of(work, tensors)
+            return compat.work_from_future(self.delay_future(event, future, issued))
+
+        return compat.tree_map_only(torch.ScriptObject, late, out)
+
+    def hold(self, event: CommEvent) -> None:
+        """Block until the op, just waited for here, completes on the link (functional ops)."""
+        time.sleep(max(0.0, self._reserve(event) - time.perf_counter()))
+
+    def close(self) -> None:
+        self._timer.close()
+
+    def _reserve(self, event: CommEvent) -> float:
+        """The op is ready now: queue it on its directions of the link; when it is done."""
+        ready = time.perf_counter()
+        if self.emulated.shared:
+            directions = ("medium",)
+        else:
+            directions = {"send": ("out",), "recv": ("in",)}.get(event.op, ("out", "in"))
+        with self._lock:
+            done = max(ready, *(self._free.get(d, 0.0) for d in directions)) + event.model_seconds
+            self._free.update(dict.fromkeys(directions, done))
+        event.added_seconds = done - ready
+        return done
+
+
+@contextmanager
+def emulating(spec: str | EmulatedLink | None) -> Iterator[Emulator | None]:
+    """An ``Emulator`` for ``spec`` for the duration (None for None); on exit, ops still
+    pending complete at once and the timer thread stops."""
+    if spec is None:
+        yield None
+        return
+    emulator, interval = Emulator(parse(spec)), sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        yield emulator
+    finally:
+        sys.setswitchinterval(interval)
+        emulator.close()
+
+
+def summary(comm: pd.DataFrame) -> dict[str, float]:
+    """What emulation did in a run, from its ``TrainResult.comm``: per step (median over steps)
+    the most any rank's ops were delayed in total, and how many ops took longer here than on
+    the link (an emulated link faster than this machine's transport)."""
+    here = comm.seconds - comm.added_seconds
+    per_step = comm.groupby(["step", "rank"]).added_seconds.sum().groupby("step").max()
+    return {
+        "model_seconds_per_step": float(
+            comm.groupby(["step", "rank"]).model_seconds.sum().groupby("step").max().median()
+        ),
+        "added_seconds_per_step": float(per_step.median()),
+        "ops": len(comm),
+        "ops_slower_here": int((here > comm.model_seconds).sum()),
+    }
