@@ -3,7 +3,8 @@
 ``FlopCounter`` counts with torch's own formulas (``torch.utils.flop_counter``: matmuls,
 convolutions, attention; elementwise ops count 0), on the tensors this rank holds. Unlike
 torch's ``FlopCounterMode`` it counts a DTensor op on the local shards it turns into, not on
-the DTensor's global shape (which would count tensor parallelism's matmuls ``tp`` times).
+the DTensor's global shape (which would count tensor parallelism's matmuls ``tp`` times),
+and skips the ops DTensor runs on FakeTensors to infer shapes.
 CPU attention (``_scaled_dot_product_flash_attention_for_cpu``), which torch's table lacks,
 counts as its matmuls do: 4·b·h·s_q·s_k·d forward and 10·b·h·s_q·s_k·d backward (the
 scores recomputed, then four products), as torch counts its GPU flash kernels.
@@ -21,6 +22,9 @@ from torch.distributed.tensor import DTensor
 from pdlab import compat
 from pdlab.comm import COMM_NAMESPACES
 from pdlab.compat import TorchDispatchMode
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensors holding data (others: shapes only)
+_ASYNC_COLLECTIVE_TENSOR = compat.async_collective_tensor()
 
 
 def _attention_products(query: torch.Tensor, key: torch.Tensor) -> int:
@@ -58,8 +62,12 @@ class FlopCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if DTensor in types:  # let DTensor turn it into ops on local shards; count those
+        # DTensor turns its ops into ops on local shards (counted then), a functional
+        # collective's result waits and unwraps into a plain tensor.
+        if DTensor in types or _ASYNC_COLLECTIVE_TENSOR in types:
             return NotImplemented
+        if any(t not in _PLAIN for t in types):  # FakeTensors: DTensor inferring shapes
+            return func(*args, **kwargs)
         formula = self._formulas.get(compat.op_packet(func))
         if formula is None:  # a composite op (sdpa's math path) may decompose into counted ones
             with self:

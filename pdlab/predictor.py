@@ -1,9 +1,10 @@
 """Step time on a cluster you choose, predicted from a run: ``pdlab.predict(result, topology)``.
 
     result = pdlab.train(cluster, strategy="dp", impl="torch", model="gpt", steps=20)
-    pdlab.predict(result, pdlab.Topology.this_machine(cluster))   # this machine's compute
-    pdlab.predict(result, "8xH100")                                # the run's FLOPs on H100s
-    pdlab.predict(result, here("100Mbit/s", 2))                    # this machine, a slow link
+    calibration = pdlab.calibration.calibrate(cluster)    # this machine's link and matmuls
+    pdlab.predict(result, calibration=calibration)        # this machine (or the run's --link)
+    pdlab.predict(result, "100Mbit/s", calibration=calibration)   # this machine, a slow link
+    pdlab.predict(result, "8xH100")                       # the run's FLOPs on 8 H100s
 
 One row a step, like ``result.steps``: ``compute``, ``exposed_comm`` and ``bubble`` of the
 rank that finishes last (they add up to its time), ``step_time``, ``samples_per_s``, ``mfu``,
@@ -21,18 +22,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from pdlab.costmodel import op_time
+from pdlab import emulation
+from pdlab.costmodel import link_op_time, op_time
+from pdlab.emulation import SHARED, EmulatedLink
 from pdlab.parallel.registry import layout_for
-from pdlab.topology import THIS_MACHINE, Device, Link, Topology, parse_link
+from pdlab.topology import THIS_MACHINE, Device, Topology
 
 if TYPE_CHECKING:
+    from pdlab.calibration import Calibration
     from pdlab.cluster import Cluster
+    from pdlab.config import TrainConfig
     from pdlab.training import TrainResult
 
 
@@ -103,8 +108,8 @@ class Compute:
 
 @dataclass(frozen=True)
 class Issue:
-    """Start op ``key``. ``ranks``: a collective's members, or ``(sender, receiver)`` of a
-    send; the receiving side of a send issues nothing and only waits."""
+    """Post op ``key`` from this rank. ``ranks``: every rank that posts it — a collective's
+    members, or ``(sender, receiver)`` of a send and its recv. It starts once all have."""
 
     key: Hashable
     op: str
@@ -128,15 +133,13 @@ class RankTime:
     compute: float = 0.0
     exposed_comm: float = 0.0
     bubble: float = 0.0
-    comm: float = 0.0  # seconds its links were busy, hidden or not
+    comm: float = 0.0  # seconds its links carried its ops, hidden or not
     transfers: list[tuple[float, float]] = field(default_factory=list)
     blocked: list[tuple[float, float]] = field(default_factory=list)
 
 
-def _union_overlap(
-    intervals: list[tuple[float, float]], windows: list[tuple[float, float]]
-) -> float:
-    """Seconds of ``windows`` (disjoint) covered by the union of ``intervals``."""
+def _covered(intervals: list[tuple[float, float]], windows: list[tuple[float, float]]) -> float:
+    """Seconds of ``windows`` (disjoint) that the union of ``intervals`` covers."""
     merged: list[list[float]] = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
@@ -146,31 +149,44 @@ def _union_overlap(
     return sum(max(0.0, min(b, e) - max(a, s)) for a, b in windows for s, e in merged)
 
 
-def replay(
-    programs: dict[int, Sequence[Instruction]], seconds: Callable[[Issue], float]
-) -> dict[int, RankTime]:
-    """Run every rank's program from time 0; ``seconds(issue)`` is an op's transfer time.
+def duplex(issue: Issue) -> list[Hashable]:
+    """The links an op occupies when every rank has its own full-duplex link: a send the
+    sender's outgoing and the receiver's incoming direction, a collective both of every member."""
+    if issue.op == "send":
+        sender, receiver = issue.ranks
+        return [(sender, "out"), (receiver, "in")]
+    return [(rank, way) for rank in issue.ranks for way in ("out", "in")]
 
-    A collective's key is issued by every rank in its ``ranks``; it starts when the last has
-    and its channel (the key's ``channel``: the group) is free. A send (``op == "send"``) is
-    issued by its sender alone and starts at once, after earlier sends on its pair. A rank
-    reaching ``Wait(key)`` resumes when that op has ended.
+
+def replay(
+    programs: dict[int, Sequence[Instruction]],
+    seconds: Callable[[Issue], float],
+    links: Callable[[Issue], list[Hashable]] = duplex,
+) -> dict[int, RankTime]:
+    """Run every rank's program from time 0 (a discrete-event simulation).
+
+    An op starts when every rank in its ``ranks`` has posted it and every link it occupies
+    (``links(issue)``) is done with earlier ops; it takes ``seconds(issue)``. A rank at
+    ``Wait(key)`` resumes when that op has ended. RuntimeError if the ranks wait on each
+    other for ever (programs that don't match).
     """
     time = dict.fromkeys(programs, 0.0)
     pc = dict.fromkeys(programs, 0)
     out = {rank: RankTime() for rank in programs}
-    arrived: dict[Hashable, dict[int, float]] = defaultdict(dict)
+    posted: dict[Hashable, dict[int, float]] = defaultdict(dict)
+    payload: dict[Hashable, float] = defaultdict(float)  # a recv posts 0: its send the bytes
     ended: dict[Hashable, float] = {}
-    free: dict[Hashable, float] = defaultdict(float)  # channel -> when its last op ends
+    free: dict[Hashable, float] = defaultdict(float)  # link -> when its last op ends
 
-    def start(key: Hashable, issue: Issue, at: float) -> None:
-        channel = issue.ranks if issue.op != "send" else ("p2p", *issue.ranks)
-        begin = max(at, free[channel])
-        free[channel] = ended[key] = begin + seconds(issue)
-        for rank in issue.ranks:
-            if rank in out:
-                out[rank].transfers.append((begin, ended[key]))
-                out[rank].comm += ended[key] - begin
+    def start(issue: Issue) -> None:
+        issue = replace(issue, payload=payload[issue.key])
+        occupied = links(issue)
+        begin = max(*posted[issue.key].values(), *(free[link] for link in occupied))
+        end = ended[issue.key] = begin + seconds(issue)
+        free.update(dict.fromkeys(occupied, end))
+        for rank in set(issue.ranks) & set(out):
+            out[rank].transfers.append((begin, end))
+            out[rank].comm += end - begin
 
     while any(pc[r] < len(programs[r]) for r in programs):
         progressed = False
@@ -181,26 +197,24 @@ def replay(
                     time[rank] += step.seconds
                     out[rank].compute += step.seconds
                 elif isinstance(step, Issue):
-                    arrived[step.key][rank] = now
-                    members = step.ranks[:1] if step.op == "send" else step.ranks
-                    if len(arrived[step.key]) == len(members):
-                        start(step.key, step, max(arrived[step.key].values()))
+                    posted[step.key][rank] = now
+                    payload[step.key] = max(payload[step.key], step.payload)
+                    if len(posted[step.key]) == len(step.ranks):
+                        start(step)
                 elif step.key not in ended:
-                    break  # blocked: another rank has yet to issue this op
-                else:
-                    if ended[step.key] > now:
-                        out[rank].blocked.append((now, ended[step.key]))
-                        time[rank] = ended[step.key]
+                    break  # blocked: a rank has yet to post this op
+                elif ended[step.key] > now:
+                    out[rank].blocked.append((now, ended[step.key]))
+                    time[rank] = ended[step.key]
                 pc[rank] += 1
                 progressed = True
         if not progressed:
             stuck = {r: programs[r][pc[r]] for r in programs if pc[r] < len(programs[r])}
-            raise RuntimeError(f"the replay deadlocked: ranks wait for ops never issued: {stuck}")
+            raise RuntimeError(f"the replay deadlocked: ranks wait for ops never posted: {stuck}")
     for rank, timing in out.items():
         timing.finish = time[rank]
-        waited = sum(b - a for a, b in timing.blocked)
-        timing.exposed_comm = _union_overlap(timing.transfers, timing.blocked)
-        timing.bubble = waited - timing.exposed_comm
+        timing.exposed_comm = _covered(timing.transfers, timing.blocked)
+        timing.bubble = sum(b - a for a, b in timing.blocked) - timing.exposed_comm
     return out
 
 
@@ -261,8 +275,8 @@ def program(
             pair = (rank, int(e.peer)) if e.op == "send" else (int(e.peer), rank)
             counts[pair] += 1
             key: Hashable = ("p2p", *pair, counts[pair])
-            if e.op == "recv":
-                steps.append(Wait(key))
+            if e.op == "recv":  # posted, then waited for: the send carries the bytes
+                steps += [Issue(key, "send", 0, pair), Wait(key)]
                 continue
             issue = Issue(key, "send", e.payload_bytes, pair)
         else:
@@ -289,70 +303,136 @@ def program(
 # ---- predict ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a run is predicted: what each op costs, which links it occupies, the device."""
+
+    name: str
+    seconds: Callable[[Issue], float]
+    links: Callable[[Issue], list[Hashable]]
+    device: Device | None
+    measured: bool  # compute: the run's own (this machine), or its FLOPs on ``device``
+
+
+def on_topology(topology: Topology, algorithm: str = "ring") -> Target:
+    """Ranks placed on ``topology``: ``costmodel.op_time``; each rank a full-duplex link per
+    level (intra-node, inter-node), an op on the level its ranks span."""
+
+    def seconds(issue: Issue) -> float:
+        return op_time(issue.op, issue.payload, list(issue.ranks), topology, algorithm=algorithm)
+
+    def links(issue: Issue) -> list[Hashable]:
+        level = "inter" if len({topology.node_of(r) for r in issue.ranks}) > 1 else "intra"
+        return [(*link, level) for link in duplex(issue)]
+
+    return Target(topology.name, seconds, links, topology.device, measures_here(topology))
+
+
+def on_link(emulated: EmulatedLink, calibration: Calibration | None = None) -> Target:
+    """This machine's ranks over an emulated link, as ``pdlab.emulation`` runs them: an op
+    takes its time on the link plus, given a ``calibration``, this machine's own (emulation
+    delays an op after it really completed here); ``:shared``, one medium a rank."""
+    transport = calibration.link if calibration else None
+
+    def seconds(issue: Issue) -> float:
+        n = len(issue.ranks)
+        here = link_op_time(issue.op, issue.payload, n, transport) if transport else 0.0
+        return emulated.op_seconds(issue.op, issue.payload, n) + here
+
+    def links(issue: Issue) -> list[Hashable]:
+        return [(r, "medium") for r in issue.ranks] if emulated.shared else duplex(issue)
+
+    name = f"{THIS_MACHINE} over {emulated.link.name}{SHARED if emulated.shared else ''}"
+    return Target(name, seconds, links, calibration.topology.device if calibration else None, True)
+
+
 def measures_here(topology: Topology) -> bool:
     """Whether ``topology``'s device is this machine, so compute is the run's own."""
     return topology.device.name.startswith(THIS_MACHINE)
 
 
-def here(link: str | Link, world_size: int, device: Device | None = None) -> Topology:
-    """This machine's ranks, every pair joined by ``link`` (what ``--link`` emulates): compute
-    from the run's measured spans. ``device``: a calibrated one (``Topology.this_machine``)
-    gives MFU too."""
-    link = parse_link(link)
-    device = device or Device(f"{THIS_MACHINE}: measured compute", {}, 0.0, "the run's own")
-    return Topology(1, world_size, device, link, None, f"{THIS_MACHINE} over {link.name}")
+def resolve(
+    target: Target | Topology | str | None,
+    config: TrainConfig,
+    cluster: Cluster | None = None,
+    calibration: Calibration | None = None,
+    algorithm: str = "ring",
+) -> Target:
+    """``predict``'s ``target`` as a ``Target`` (see ``predict``)."""
+    if isinstance(target, Target):
+        return target
+    if target is None and config.world_size == 1:  # nothing to communicate: compute alone
+        device = calibration.topology.device if calibration else None
+        return Target(THIS_MACHINE, lambda issue: 0.0, duplex, device, True)
+    if target is None:
+        target = config.link or THIS_MACHINE
+    if isinstance(target, str) and target.strip().lower() == THIS_MACHINE and calibration:
+        target = calibration.topology
+    if isinstance(target, EmulatedLink):
+        return on_link(target, calibration)
+    try:
+        topology = Topology.parse(target, cluster)
+    except ValueError as not_a_topology:
+        try:
+            return on_link(emulation.parse(target), calibration)
+        except ValueError:
+            raise ValueError(
+                f"{not_a_topology}; or a link this machine's ranks emulate ('100Mbit/s', "
+                f"'25Gbit/s@5us:shared'; pdlab.emulation)"
+            ) from None
+    if config.world_size > topology.world_size:
+        raise ValueError(
+            f"the run has {config.world_size} ranks but {topology.name!r} only "
+            f"{topology.world_size} GPUs: predict on a topology with at least {config.world_size}"
+        )
+    return on_topology(topology, algorithm)
 
 
-def _target_compute(flops: float, kernels: float, topology: Topology, assume: Assumptions) -> float:
-    """Seconds a rank's step of ``flops`` in ``kernels`` ops takes on ``topology``'s device."""
-    peak = topology.device.peak(assume.dtype)
-    return flops / (peak * assume.efficiency) + kernels * assume.op_overhead
+def _target_compute(flops: float, kernels: float, device: Device, assume: Assumptions) -> float:
+    """Seconds a rank's step of ``flops`` in ``kernels`` ops takes on ``device``."""
+    return flops / (device.peak(assume.dtype) * assume.efficiency) + kernels * assume.op_overhead
 
 
 def predict(
     result: TrainResult,
-    topology: Topology | str,
+    target: Target | Topology | str | None = None,
     *,
     cluster: Cluster | None = None,
+    calibration: Calibration | None = None,
     assumptions: Assumptions | None = None,
 ) -> pd.DataFrame:
-    """Per step of ``result``: its predicted time on ``topology`` and where the time goes.
+    """Per step of ``result``: its predicted time on ``target`` and where the time goes.
 
-    ``topology``: a ``Topology``, anything ``Topology.parse`` reads ("this-machine" with
-    ``cluster=``), or ``here(link, world_size)``. See the module docstring and
-    ``Assumptions``.
+    ``target``: a ``Topology`` or anything ``Topology.parse`` reads ("this-machine" needs
+    ``cluster=`` or ``calibration=``); or a link this machine's ranks emulate
+    ("100Mbit/s", "1GB/s@10us:shared": ``pdlab.emulation``); by default the link the run
+    emulated, else this machine; or a ``Target`` of your own. ``calibration`` (``pdlab.calibration.calibrate``): this
+    machine's transport, added to an emulated link's ops as emulation does, and its
+    matmul rate for MFU. See the module docstring and ``Assumptions``.
     """
     from pdlab.flops import model_flops
 
     assume = assumptions or Assumptions()
-    topo = Topology.parse(topology, cluster)
     config = result.config
-    if config.world_size > topo.world_size:
-        raise ValueError(
-            f"the run has {config.world_size} ranks but {topo.name!r} only "
-            f"{topo.world_size} GPUs: predict on a topology with at least {config.world_size}"
-        )
+    where = resolve(target, config, cluster, calibration, assume.algorithm)
     layout = layout_for(config.strategy, config.world_size)
-    measured = measures_here(topo)
 
     def rule(op: str, group: str) -> str:
-        return wait_rule(config.strategy, config.impl, op, group, gpu=not measured)
-
-    def seconds(issue: Issue) -> float:
-        return op_time(issue.op, issue.payload, list(issue.ranks), topo, algorithm=assume.algorithm)
+        return wait_rule(config.strategy, config.impl, op, group, gpu=not where.measured)
 
     ops = dict(tuple(result.comm.groupby(["step", "rank"])))
     no_ops = result.comm.iloc[:0]
-    peak = topo.device.peak_flops.get(assume.dtype, float("nan"))
+    device = where.device
+    peak = device.peak_flops.get(assume.dtype, float("nan")) if device else float("nan")
     flops = model_flops(config)
     rows = []
     for step, ranks in result.ranks.groupby("step"):
         programs = {}
         for r in ranks.itertuples():
-            target = r.busy if measured else _target_compute(r.flops, r.kernels, topo, assume)
+            target_busy = r.busy if where.measured else _target_compute(r.flops, r.kernels, device, assume)  # fmt: skip
             events = ops.get((step, r.rank), no_ops)
-            programs[r.rank] = program(events, r.busy, rule, layout, r.rank, target / r.busy)
-        times = replay(programs, seconds)
+            programs[r.rank] = program(events, r.busy, rule, layout, r.rank, target_busy / r.busy)
+        times = replay(programs, where.seconds, where.links)
         critical = max(times, key=lambda rank: times[rank].finish)
         t = times[critical]
         rows.append(
@@ -369,5 +449,5 @@ def predict(
             }
         )
     table = pd.DataFrame(rows)
-    table.attrs.update(topology=str(topo), assumptions=assume)
+    table.attrs.update(target=where.name, assumptions=assume)
     return table
