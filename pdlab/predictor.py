@@ -31,6 +31,7 @@ import pandas as pd
 from pdlab import emulation
 from pdlab.costmodel import link_op_time, op_time
 from pdlab.emulation import SHARED, EmulatedLink
+from pdlab.parallel.base import Layout
 from pdlab.parallel.registry import layout_for
 from pdlab.topology import THIS_MACHINE, Device, Topology
 
@@ -46,9 +47,9 @@ class Assumptions:
     """Everything the predictor assumes, in one place.
 
     Compute
-    - On a topology whose device is this machine (``Topology.this_machine(cluster)`` or
-      ``here(...)``), a rank's compute between two of its ops is what it measured then: its
-      busy seconds (``pdlab.busy``: running, or waiting for a core — contention included).
+    - On this machine (``Topology.this_machine(cluster)``, or a link its ranks emulate), a
+      rank's compute between two of its ops is what it measured then: its busy seconds
+      (``pdlab.busy``: running, or waiting for a core — contention included).
     - On any other device, each rank's measured compute keeps its shape (where its ops fall)
       and is rescaled to ``flops / (peak[dtype] · efficiency) + kernels · op_overhead``: the
       FLOPs and kernel count of the rank's first step (``pdlab.flops``), the device's dense
@@ -58,15 +59,20 @@ class Assumptions:
       matmul rate (NaN without a calibration).
 
     Communication
-    - An op takes ``pdlab.costmodel.op_time`` for its exact payload on its group's ranks,
-      placed on the topology (rank r on node r // gpus_per_node; the run's ranks take the
-      first GPUs), with ``algorithm`` ("ring" or "hierarchical").
-    - Ops on one process group run one at a time, in issue order (gloo and NCCL queue them).
-      Different groups, and sends between different pairs of ranks (each direction), run
-      side by side without slowing each other (each has its own link).
-    - A collective starts when its last member has issued it and the group's previous op is
-      done; every member has it back at its end. A send starts when issued (no handshake);
-      the matching recv completes when that transfer does.
+    - On a topology an op takes ``pdlab.costmodel.op_time`` for its exact payload on its
+      group's ranks, placed on it (rank r on node r // gpus_per_node; the run's ranks take
+      the first GPUs), with ``algorithm`` ("ring" or "hierarchical"). On a link this
+      machine's ranks emulate, the link's time as ``pdlab.emulation`` computes it, plus,
+      given a calibration, this machine's own (emulation delays an op after it really
+      completed here).
+    - Each rank has a full-duplex link per level (intra-node, inter-node; one medium with
+      ":shared"). A collective occupies both directions of each member's link on the level
+      its group spans, a send the sender's outgoing and the receiver's incoming direction.
+      A link carries one op at a time, first posted first served (DDP's buckets queue);
+      different links, and different ranks' links, don't slow each other.
+    - A collective starts when its last member has posted it and its links are free; a send
+      when its receiver has posted the recv too (gloo and NCCL move bytes only then). Every
+      rank involved has it back at its end.
 
     Schedule: every op where and when the run issued it; a rank waits for an op
     - right after issuing it, unless listed below (TP's all-reduces, ZeRO's gathers and
@@ -181,7 +187,7 @@ def replay(
     def start(issue: Issue) -> None:
         issue = replace(issue, payload=payload[issue.key])
         occupied = links(issue)
-        begin = max(*posted[issue.key].values(), *(free[link] for link in occupied))
+        begin = max([*posted[issue.key].values(), *(free[link] for link in occupied)])
         end = ended[issue.key] = begin + seconds(issue)
         free.update(dict.fromkeys(occupied, end))
         for rank in set(issue.ranks) & set(out):
@@ -234,10 +240,15 @@ def wait_rule(strategy: str, impl: str, op: str, group: str, gpu: bool) -> str:
     return BLOCKING
 
 
-def group_ranks(layout, group: str, rank: int) -> tuple[int, ...]:
+def group_ranks(layout: Layout, group: str, rank: int) -> tuple[int, ...]:
     """The global ranks of ``rank``'s ``group`` ("dp", "pp", "tp" or "world") in ``layout``."""
     if group == "world":
         return tuple(range(layout.world_size))
+    if group not in ("dp", "pp", "tp"):
+        raise ValueError(
+            f"can't place an op of group {group!r} on the ranks: the replay knows pdlab's "
+            "groups, dp, pp, tp and world (name others with CommMeter(names=...))"
+        )
     grid = np.arange(layout.world_size).reshape(layout.dp, layout.pp, layout.tp)
     axis = ("dp", "pp", "tp").index(group)
     coords = list(layout.coords(rank))
@@ -249,7 +260,7 @@ def program(
     events: pd.DataFrame,
     busy: float,
     rule: Callable[[str, str], str],
-    layout,
+    layout: Layout,
     rank: int,
     scale: float = 1.0,
 ) -> list[Instruction]:
