@@ -80,9 +80,11 @@ class Assumptions:
     - gradient buckets (all-reduces on the dp group: DDP, scratch dp, the hybrids, ZeRO-1
       torch's DDP) are asynchronous and queue; the rank waits for them all right after
       issuing the last: what finishes after backward is exposed;
-    - pipeline sends (pp group) are asynchronous, waited at the end of the step; their
-      receives block, so a stage waits for its input (the bubble) through the measured
-      order of forward and backward micro-batches, with p2p time on each edge;
+    - pipeline sends (pp group) are asynchronous, waited at the end of the step (pdlab's
+      ``StageLink``, torch's GPipe) or, in torch's 1F1B, together with the next send or recv
+      it fuses them with; receives block, so a stage waits for its input (the bubble)
+      through the measured order of forward and backward micro-batches, with p2p time on
+      each edge;
     - FSDP2 (zero3 torch): on CPU ranks its collectives are synchronous (no streams:
       ``async_op=False``) and replayed so. On a GPU target it prefetches: each all-gather
       is issued as soon as the previous one is waited for and is waited for where the run
@@ -226,15 +228,17 @@ def replay(
 
 # ---- from a run to programs -------------------------------------------------------------------
 
-BLOCKING, BUCKETS, AT_END, PREFETCH = "blocking", "buckets", "at end", "prefetch"
+BLOCKING, BUCKETS, AT_END, WITH_NEXT, PREFETCH = (
+    "blocking", "buckets", "at end", "with the next", "prefetch"
+)  # fmt: skip
 
 
 def wait_rule(strategy: str, impl: str, op: str, group: str, gpu: bool) -> str:
     """When a rank waits for one of its ops (``Assumptions``, "Schedule")."""
     if op == "all_reduce" and group == "dp":
         return BUCKETS
-    if op == "send" and group == "pp":
-        return AT_END
+    if op == "send" and group == "pp":  # torch's 1F1B fuses each send with the next recv
+        return WITH_NEXT if (strategy, impl) == ("pp-1f1b", "torch") else AT_END
     if (strategy, impl) == ("zero3", "torch") and gpu:
         return PREFETCH if op == "all_gather" else AT_END
     return BLOCKING
@@ -256,6 +260,24 @@ def group_ranks(layout: Layout, group: str, rank: int) -> tuple[int, ...]:
     return tuple(int(r) for r in grid[tuple(coords)])
 
 
+def _posted(e, rank: int, layout: Layout, counts: dict[Hashable, int]) -> Issue:
+    """What ``rank`` posts for its event ``e``: a collective keyed by its group and how many
+    ops that group has had; a send or recv by its (sender, receiver) pair and its count there
+    (a recv posts 0 bytes: its send carries them)."""
+    if e.op in ("send", "recv"):
+        if e.peer < 0:
+            raise ValueError(
+                f"rank {rank}'s {e.op} on {e.group!r} was recorded without its peer: the "
+                "replay can't pair it (batched p2p ops are not replayed)"
+            )
+        pair = (rank, int(e.peer)) if e.op == "send" else (int(e.peer), rank)
+        counts[pair] += 1
+        return Issue(("p2p", *pair, counts[pair]), "send", e.payload_bytes, pair)
+    members = group_ranks(layout, e.group, rank)
+    counts[members] += 1
+    return Issue((members, counts[members]), e.op, e.payload_bytes, members)
+
+
 def program(
     events: pd.DataFrame,
     busy: float,
@@ -272,43 +294,30 @@ def program(
     last_bucket = max((i for i, kind in enumerate(kinds) if kind == BUCKETS), default=-1)
     buckets: list[Hashable] = []
     at_end: list[Hashable] = []
-    prefetch_at = None  # where the next all-gather is issued: after the last one's wait
+    with_next: list[Hashable] = []  # sends waited for once the next p2p op is posted
+    prefetch_at = None  # where the next all-gather is posted: after the last one's wait
     done = 0.0
     for i, (e, kind) in enumerate(zip(events.itertuples(), kinds, strict=True)):
         steps.append(Compute(max(0.0, e.busy - done) * scale))
         done = max(done, e.busy)
-        if e.op in ("send", "recv"):
-            if e.peer < 0:
-                raise ValueError(
-                    f"rank {rank}'s {e.op} on {e.group!r} was recorded without its peer: "
-                    "the replay can't pair it (batched p2p ops are not replayed)"
-                )
-            pair = (rank, int(e.peer)) if e.op == "send" else (int(e.peer), rank)
-            counts[pair] += 1
-            key: Hashable = ("p2p", *pair, counts[pair])
-            if e.op == "recv":  # posted, then waited for: the send carries the bytes
-                steps += [Issue(key, "send", 0, pair), Wait(key)]
-                continue
-            issue = Issue(key, "send", e.payload_bytes, pair)
-        else:
-            members = group_ranks(layout, e.group, rank)
-            counts[members] += 1
-            key = (members, counts[members])
-            issue = Issue(key, e.op, e.payload_bytes, members)
+        issue = _posted(e, rank, layout, counts)
         if kind == PREFETCH and prefetch_at is not None:
             steps.insert(prefetch_at, issue)
         else:
             steps.append(issue)
+        if e.op in ("send", "recv"):
+            steps += [Wait(k) for k in with_next]
+            with_next = []
         if kind in (BLOCKING, PREFETCH):
-            steps.append(Wait(key))
+            steps.append(Wait(issue.key))
             prefetch_at = len(steps) if kind == PREFETCH else prefetch_at
         elif kind == BUCKETS:
-            buckets.append(key)
+            buckets.append(issue.key)
             steps += [Wait(k) for k in buckets] if i == last_bucket else []
         else:
-            at_end.append(key)
+            (with_next if kind == WITH_NEXT else at_end).append(issue.key)
     steps.append(Compute(max(0.0, busy - done) * scale))
-    return steps + [Wait(k) for k in at_end]
+    return steps + [Wait(k) for k in at_end + with_next]
 
 
 # ---- predict ----------------------------------------------------------------------------------

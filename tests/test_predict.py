@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import pdlab
+from pdlab import flops, footprint
 from pdlab.__main__ import main
 from pdlab.busy import BusyClock
 from pdlab.flops import FlopCounter
@@ -128,6 +129,21 @@ def test_a_two_stage_gpipe_step_follows_its_dependencies():
     assert (times[0].compute, times[0].exposed_comm, times[0].bubble) == pytest.approx((12, 3, 7))
 
 
+def test_torch_1f1b_waits_for_a_send_with_the_next_p2p_op():
+    # Rank 0 sends x (1 KB: 1 s) at 0, posts a recv for y at 1, then computes 3 s. Rank 1
+    # sends y at 0 and posts its recv for x only at 5. y runs 1-2, x 5-6. torch's 1F1B waits
+    # for x along with y: rank 0 is blocked until 6 and finishes at 9. pdlab's StageLink
+    # waits for its sends at the end: rank 0 computes 2-5, waits for x until 6.
+    traces = {
+        0: trace(("send", "pp", 1000, 0.0, 1), ("recv", "pp", 0, 1.0, 1)),
+        1: trace(("send", "pp", 1000, 0.0, 0), ("recv", "pp", 0, 5.0, 0)),
+    }
+    for impl, finish in (("torch", 9.0), ("scratch", 6.0)):
+        rule = lambda op, group, impl=impl: wait_rule("pp-1f1b", impl, op, group, gpu=False)  # noqa: E731
+        times = replay_traces(traces, {0: 4.0, 1: 5.0}, Layout(pp=2), rule)
+        assert times[0].finish == pytest.approx(finish)
+
+
 def test_the_replay_refuses_programs_that_never_meet():
     programs = {0: [Issue("x", "all_reduce", 1, (0, 1)), Wait("x")], 1: [Compute(1.0)]}
     with pytest.raises(RuntimeError, match="deadlocked"):
@@ -138,6 +154,9 @@ def test_wait_rules_follow_each_strategy():
     assert wait_rule("dp", "torch", "all_reduce", "dp", gpu=False) == BUCKETS
     assert wait_rule("dp-tp", "scratch", "all_reduce", "tp", gpu=False) == BLOCKING
     assert wait_rule("pp-1f1b", "scratch", "recv", "pp", gpu=False) == BLOCKING
+    assert wait_rule("pp-1f1b", "scratch", "send", "pp", gpu=False) == "at end"
+    assert wait_rule("pp-1f1b", "torch", "send", "pp", gpu=False) == "with the next"
+    assert wait_rule("ps", "scratch", "send", "dp", gpu=False) == BLOCKING
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=False) == BLOCKING  # CPU: sync
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=True) == "prefetch"
 
@@ -193,6 +212,15 @@ def test_flop_counter_counts_matmuls_and_cpu_attention_by_hand():
     with FlopCounter() as counter:
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert counter.flops == 4 * 2 * 4 * 32 * 32 * 16  # two products of 2·b·h·s·s·d
+
+
+def test_model_flops_agree_with_the_planners_formula():
+    """The meta-device count (``flops.model_flops``) against the PaLM/Megatron formula the
+    planner uses (6 per matmul weight + 12·L·h·s per token), written independently."""
+    config = pdlab.TrainConfig(model="gpt", batch_size=32)
+    spec = footprint.model_spec("gpt")
+    formula = footprint.flops_per_token(spec, spec.context) * config.batch_size * spec.context
+    assert flops.model_flops(config) == pytest.approx(formula, rel=0.02)
 
 
 # ---- real runs -------------------------------------------------------------------------------
