@@ -254,17 +254,28 @@ def emulating(spec: str | EmulatedLink | None) -> Iterator[Emulator | None]:
         emulator.close()
 
 
-def summary(comm: pd.DataFrame) -> dict[str, float]:
-    """What emulation did in a run, from its ``TrainResult.comm``: per step (median over steps)
-    the most any rank's ops were delayed in total, and how many ops took longer here than on
-    the link (an emulated link faster than this machine's transport)."""
-    here = comm.seconds - comm.added_seconds
-    per_step = comm.groupby(["step", "rank"]).added_seconds.sum().groupby("step").max()
-    return {
-        "model_seconds_per_step": float(
-            comm.groupby(["step", "rank"]).model_seconds.sum().groupby("step").max().median()
+def held_back(events: pd.DataFrame) -> float:
+    """Wall seconds during which at least one of ``events`` (one rank's) was being held back:
+    the union of their ``[done - added_seconds, done]`` spans (queued ops overlap)."""
+    done = events.start + events.seconds
+    total, reach = 0.0, float("-inf")
+    for low, high in sorted(zip(done - events.added_seconds, done, strict=True)):
+        total += max(0.0, high - max(low, reach))
+        reach = max(reach, high)
+    return total
+
+
+def summary(comm: pd.DataFrame) -> dict[str, float | int]:
+    """What emulation did in a run, from its ``TrainResult.comm``: per step (the median over
+    steps) the busiest rank's modelled seconds and the time its ops were held back; and how
+    many ops took longer here (loopback, waiting for peers included) than on the link."""
+    per_rank = comm.groupby(["step", "rank"])
+    per_step = {
+        "model_seconds_per_step": per_rank.model_seconds.sum(),
+        "held_back_seconds_per_step": per_rank[["start", "seconds", "added_seconds"]].apply(
+            held_back
         ),
-        "added_seconds_per_step": float(per_step.median()),
-        "ops": len(comm),
-        "ops_slower_here": int((here > comm.model_seconds).sum()),
     }
+    medians = {k: float(v.groupby("step").max().median()) for k, v in per_step.items()}
+    slower_here = (comm.seconds - comm.added_seconds > comm.model_seconds).sum()
+    return {**medians, "ops": len(comm), "ops_slower_here": int(slower_here)}
