@@ -77,7 +77,7 @@ def throttled_loopback(rate: str) -> Iterator[str]:
     lets a pipeline's 64 KB activation through at once, at no rate at all.
     """
     if why := cannot_throttle():
-        raise PermissionError(why)
+        raise RuntimeError(f"can't throttle loopback: {why}")
     bits_per_s = round(parse_link(rate).bandwidth * 8)
     name = f"{NETNS_PREFIX}{os.getpid()}"
     _remove_stale_namespaces()

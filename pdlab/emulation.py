@@ -21,7 +21,8 @@ earlier. The loopback transfer itself is counted on top of the model: it is most
 (copies, the reduction's additions) that the slow link needs too. A rank's link carries one
 op at a time (first ready, first served): DDP's buckets queue behind each other as they would
 on the wire. Per rank, sends use the outgoing direction, receives the incoming one and
-collectives both (links are full duplex).
+collectives both (links are full duplex). ``added_seconds`` is measured when the op is let
+through, so it includes the timer's lateness (under a millisecond on an idle machine).
 
 How ops complete late without blocking anyone who does not wait for them: an op's Work is
 swapped for one made from a future that a timer thread completes at ``done`` (async ops,
@@ -40,9 +41,10 @@ the op ran at this machine's pace plus the model (``summary`` counts them).
 ``:shared`` is one medium that all ranks' bytes cross, as a loopback device throttled by the
 kernel (``tc qdisc ... tbf``, benchmarks/emulation.py) is: an op takes the bytes *all* its
 participants put on the medium divided by the rate (``costmodel.shared_medium_op_time``), and
-each rank's sends, receives and collectives queue on one clock. At world size 2 that clock
-sees every transfer on the medium; with more ranks, ops of disjoint groups running at once
-(two pipelines, a hybrid's tp groups) don't slow each other down here as they would there.
+a rank's ops in flight at once share the rate (``_Medium``). At world size 2 every transfer on
+the medium involves both ranks, so each rank sees them all; with more ranks, ops of disjoint
+groups running at once (the stages of a longer pipeline, a hybrid's tp groups) don't slow
+each other down here as they would there.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ import torch
 
 from pdlab import compat
 from pdlab.costmodel import link_op_time, shared_medium_op_time
-from pdlab.topology import LINK_FORMS, LINKS, Link, parse_link
+from pdlab.topology import Link, parse_link
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,8 +72,7 @@ if TYPE_CHECKING:
 
 SHARED = ":shared"
 # Python hands the GIL between threads every 5 ms by default: a completion noticed by the
-# timer or a gloo thread while the main thread computes would wait that long. 0.5 ms while
-# emulating keeps the completions within a millisecond of their time.
+# timer or a gloo thread while the main thread computes could wait that long for it.
 SWITCH_INTERVAL_S = 0.0005
 
 
@@ -97,11 +98,9 @@ def parse(spec: str | EmulatedLink) -> EmulatedLink:
     shared = text.endswith(SHARED)
     try:
         return EmulatedLink(parse_link(text.removesuffix(SHARED)), shared)
-    except ValueError:
-        forms = LINK_FORMS.format(presets=", ".join(LINKS))
+    except ValueError as exc:
         raise ValueError(
-            f"can't read link {spec!r}: write {forms}; add ':shared' for one medium all ranks "
-            f"share ('100Mbit/s:shared')"
+            f"{exc}; add ':shared' for one medium all ranks share ('100Mbit/s:shared')"
         ) from None
 
 
@@ -122,6 +121,10 @@ class _Timer:
                 deadline = 0.0  # closing: run it now, never strand a waiter
             heapq.heappush(self._due, (deadline, next(self._order), callback))
             self._wake.notify()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Run everything still pending now, then stop the thread."""
@@ -169,6 +172,68 @@ def _future_of(work: Any, value: list[torch.Tensor]) -> torch.futures.Future:
     return future
 
 
+class _Link:
+    """A link per rank: each direction carries one op at a time, first ready first served
+    (sends go out, receives come in, collectives use both)."""
+
+    def __init__(self, timer: _Timer):
+        self._timer = timer
+        self._free: dict[str, float] = {}  # direction -> perf_counter() when it is next free
+        self._lock = threading.Lock()
+
+    def start(self, event: CommEvent, done: Callable[[], None]) -> None:
+        directions = {"send": ("out",), "recv": ("in",)}.get(event.op, ("out", "in"))
+        with self._lock:
+            start = max(time.perf_counter(), *(self._free.get(d, 0.0) for d in directions))
+            self._free.update(dict.fromkeys(directions, start + event.model_seconds))
+        self._timer.at(start + event.model_seconds, done)
+
+
+class _Medium:
+    """One medium for everything this rank sends or receives: the ops on it share its rate
+    equally (processor sharing: what TCP flows through one qdisc roughly get), so two
+    transfers at once both take twice as long, rather than one after the other."""
+
+    def __init__(self, timer: _Timer):
+        self._timer = timer
+        self._left: dict[int, list] = {}  # op -> [seconds of work left at the full rate, done]
+        self._ids = itertools.count()
+        self._since = 0.0  # when ``_left`` was last brought up to date
+        self._version = 0  # of the pending wake-up; only the newest one acts
+        self._lock = threading.Lock()
+
+    def start(self, event: CommEvent, done: Callable[[], None]) -> None:
+        with self._lock:
+            self._update()
+            self._left[next(self._ids)] = [event.model_seconds, done]
+            self._wake_at_next_finish()
+
+    def _update(self) -> None:
+        now = time.perf_counter()
+        for left in self._left.values():
+            left[0] -= (now - self._since) / len(self._left)
+        self._since = now
+
+    def _wake_at_next_finish(self) -> None:
+        self._version += 1
+        if self._left:
+            soonest = max(0.0, min(left for left, _ in self._left.values()))
+            version = self._version
+            self._timer.at(self._since + soonest * len(self._left), lambda: self._finish(version))
+
+    def _finish(self, version: int) -> None:
+        with self._lock:
+            if version != self._version:  # an op started since: a later wake-up is due
+                return
+            self._update()
+            closing = self._timer.closed  # then everything is through at once
+            finished = [op for op, (left, _) in self._left.items() if left <= 1e-9 or closing]
+            callbacks = [self._left.pop(op)[1] for op in finished]
+            self._wake_at_next_finish()
+        for done in callbacks:
+            done()
+
+
 class Emulator:
     """One rank's side of an emulated link: when each op it issues completes.
 
@@ -178,9 +243,8 @@ class Emulator:
 
     def __init__(self, emulated: EmulatedLink):
         self.emulated = emulated
-        self._free: dict[str, float] = {}  # direction -> perf_counter() when it is next free
-        self._lock = threading.Lock()
         self._timer = _Timer()
+        self._link = (_Medium if emulated.shared else _Link)(self._timer)
 
     def price(self, event: CommEvent, nbytes: float) -> None:
         """Set ``event.model_seconds``: its time on the link (``nbytes``: payload, or received)."""
@@ -198,7 +262,15 @@ class Emulator:
             event.seconds = time.perf_counter() - issued
             _forward(future, late)
 
-        future.add_done_callback(lambda _: self._timer.at(self._reserve(event), complete))
+        def ready(_: torch.futures.Future) -> None:
+            try:
+                future.value()
+            except Exception:  # a failed op (a peer died) costs no link time: report it now
+                complete()
+            else:
+                self._start(event, complete)
+
+        future.add_done_callback(ready)
         return late
 
     def delay_works(
@@ -219,23 +291,23 @@ class Emulator:
 
     def hold(self, event: CommEvent) -> None:
         """Block until the op, just waited for here, completes on the link (functional ops)."""
-        time.sleep(max(0.0, self._reserve(event) - time.perf_counter()))
+        done = threading.Event()
+        self._start(event, done.set)
+        done.wait()
 
     def close(self) -> None:
         self._timer.close()
 
-    def _reserve(self, event: CommEvent) -> float:
-        """The op is ready now: queue it on its directions of the link; when it is done."""
+    def _start(self, event: CommEvent, done: Callable[[], None]) -> None:
+        """The op is ready (really complete here): put it on the link; ``done()`` when it is
+        through, having noted in ``event.added_seconds`` how long that took."""
         ready = time.perf_counter()
-        if self.emulated.shared:
-            directions = ("medium",)
-        else:
-            directions = {"send": ("out",), "recv": ("in",)}.get(event.op, ("out", "in"))
-        with self._lock:
-            done = max(ready, *(self._free.get(d, 0.0) for d in directions)) + event.model_seconds
-            self._free.update(dict.fromkeys(directions, done))
-        event.added_seconds = done - ready
-        return done
+
+        def through() -> None:
+            event.added_seconds = time.perf_counter() - ready
+            done()
+
+        self._link.start(event, through)
 
 
 @contextmanager
