@@ -51,7 +51,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import mmap
+import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +63,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from pdlab import compat
 from pdlab.costmodel import link_op_time, shared_medium_op_time
@@ -189,37 +193,96 @@ class _Link:
         self._timer.at(start + event.model_seconds, done)
 
 
-class _Medium:
-    """One medium for everything this rank sends or receives: the ops on it share its rate
-    equally (processor sharing: what TCP flows through one qdisc roughly get), so two
-    transfers at once both take twice as long, rather than one after the other."""
+class _Board:
+    """How many ops are on a shared medium, over all ranks of a run on this machine: a file
+    in /dev/shm that every rank maps, a float64 a rank holding its share of the ops in flight
+    (1/2 for each end of a send, 1/n for each of a collective's n ranks)."""
 
-    def __init__(self, timer: _Timer):
-        self._timer = timer
-        self._left: dict[int, list] = {}  # op -> [seconds of work left at the full rate, done]
+    def __init__(self, path: str, rank: int, world_size: int):
+        with open(path, "r+b") as file:
+            self._map = mmap.mmap(file.fileno(), 8 * world_size)
+        self._slots = memoryview(self._map).cast("d")
+        self._rank = rank
+
+    @classmethod
+    def create(cls, group: dist.ProcessGroup) -> _Board:
+        """One board for ``group``'s ranks (a collective: each of them calls it). The file is
+        gone once all have mapped it, so nothing is left behind, even by a crash."""
+        rank, shm = dist.get_rank(group), "/dev/shm" if os.path.isdir("/dev/shm") else None
+        path = [None]
+        if rank == 0:
+            fd, path[0] = tempfile.mkstemp(prefix="pdlab-medium-", dir=shm)
+            os.ftruncate(fd, 8 * group.size())
+            os.close(fd)
+        dist.broadcast_object_list(path, src=dist.get_global_rank(group, 0), group=group)
+        if not os.path.exists(path[0]):
+            raise ValueError(
+                "a ':shared' link is one machine's medium, but this rank runs on another "
+                "machine than rank 0: emulate a link per rank (drop ':shared')"
+            )
+        board = cls(path[0], rank, group.size())
+        dist.barrier(group)
+        if rank == 0:
+            os.unlink(path[0])
+        return board
+
+    def set(self, flows: float) -> None:
+        self._slots[self._rank] = flows
+
+    def total(self) -> float:
+        return sum(self._slots)
+
+    def close(self) -> None:
+        self._slots.release()
+        self._map.close()
+
+
+class _Medium:
+    """One medium for everything every rank sends or receives: the ops on it share its rate
+    equally (processor sharing: what TCP flows through one qdisc roughly get), so two
+    transfers at once both take twice as long, rather than one after the other.
+
+    This rank tracks its own ops; with a ``board`` it counts those of all ranks (at world
+    size 2 every transfer involves both ranks, so its own are all there are) and looks again
+    every ``POLL_S`` while it has ops in flight, as others start and finish theirs."""
+
+    POLL_S = 0.002
+
+    def __init__(self, timer: _Timer, board: _Board | None = None):
+        self._timer, self._board = timer, board
+        self._left: dict[int, list] = {}  # op -> [seconds of work left at full rate, done, share]
         self._ids = itertools.count()
         self._since = 0.0  # when ``_left`` was last brought up to date
         self._version = 0  # of the pending wake-up; only the newest one acts
         self._lock = threading.Lock()
 
     def start(self, event: CommEvent, done: Callable[[], None]) -> None:
+        share = 0.5 if event.op in ("send", "recv") else 1 / event.group_size
         with self._lock:
             self._update()
-            self._left[next(self._ids)] = [event.model_seconds, done]
+            self._left[next(self._ids)] = [event.model_seconds, done, share]
             self._wake_at_next_finish()
 
+    def _flows(self) -> float:
+        """Ops on the medium now, all ranks'."""
+        return self._board.total() if self._board is not None else len(self._left)
+
     def _update(self) -> None:
-        now = time.perf_counter()
+        now, flows = time.perf_counter(), self._flows()
         for left in self._left.values():
-            left[0] -= (now - self._since) / len(self._left)
+            left[0] -= (now - self._since) / flows
         self._since = now
 
     def _wake_at_next_finish(self) -> None:
+        if self._board is not None:
+            self._board.set(sum(share for _, _, share in self._left.values()))
         self._version += 1
         if self._left:
-            soonest = max(0.0, min(left for left, _ in self._left.values()))
+            soonest = max(0.0, min(left for left, _, _ in self._left.values())) * self._flows()
+            if self._board is not None:
+                soonest = min(soonest, self.POLL_S)
             version = self._version
-            self._timer.at(self._since + soonest * len(self._left), lambda: self._finish(version))
+            self._timer.at(self._since + soonest, lambda: self._finish(version))
 
     def _finish(self, version: int) -> None:
         with self._lock:
@@ -227,7 +290,7 @@ class _Medium:
                 return
             self._update()
             closing = self._timer.closed  # then everything is through at once
-            finished = [op for op, (left, _) in self._left.items() if left <= 1e-9 or closing]
+            finished = [op for op, (left, *_) in self._left.items() if left <= 1e-9 or closing]
             callbacks = [self._left.pop(op)[1] for op in finished]
             self._wake_at_next_finish()
         for done in callbacks:
@@ -241,10 +304,16 @@ class Emulator:
     loop keeps one per run (``emulating``), so the link's queue carries across steps.
     """
 
-    def __init__(self, emulated: EmulatedLink):
+    def __init__(self, emulated: EmulatedLink, group: dist.ProcessGroup | None = None):
+        """``group``: all ranks of the run, for a shared medium to count each other's ops
+        (a collective: each of them builds its Emulator at once)."""
         self.emulated = emulated
         self._timer = _Timer()
-        self._link = (_Medium if emulated.shared else _Link)(self._timer)
+        self._board = _Board.create(group) if emulated.shared and group is not None else None
+        if emulated.shared:
+            self._link = _Medium(self._timer, self._board)
+        else:
+            self._link = _Link(self._timer)
 
     def price(self, event: CommEvent, nbytes: float) -> None:
         """Set ``event.model_seconds``: its time on the link (``nbytes``: payload, or received)."""
@@ -297,6 +366,8 @@ class Emulator:
 
     def close(self) -> None:
         self._timer.close()
+        if self._board is not None:
+            self._board.close()
 
     def _start(self, event: CommEvent, done: Callable[[], None]) -> None:
         """The op is ready (really complete here): put it on the link; ``done()`` when it is
@@ -311,13 +382,16 @@ class Emulator:
 
 
 @contextmanager
-def emulating(spec: str | EmulatedLink | None) -> Iterator[Emulator | None]:
-    """An ``Emulator`` for ``spec`` for the duration (None for None); on exit, ops still
-    pending complete at once and the timer thread stops."""
+def emulating(
+    spec: str | EmulatedLink | None, group: dist.ProcessGroup | None = None
+) -> Iterator[Emulator | None]:
+    """An ``Emulator`` for ``spec`` for the duration (None for None); ``group``: the run's
+    ranks, which all enter together (see ``Emulator``). On exit, ops still pending complete
+    at once and the timer thread stops."""
     if spec is None:
         yield None
         return
-    emulator, interval = Emulator(parse(spec)), sys.getswitchinterval()
+    emulator, interval = Emulator(parse(spec), group), sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         yield emulator

@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from pdlab import checkpoint, emulation, memory, runtime
 from pdlab.comm import CommEvent, CommMeter
@@ -117,7 +118,8 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
     dispatch = not strategy.counts_own_comm
     records = []
-    with emulation.emulating(config.link) as emulator:
+    group = dist.group.WORLD if layout.world_size > 1 else None  # the run's ranks
+    with emulation.emulating(config.link, group) as emulator:
         for step in range(first, config.steps):
             x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
             start = time.perf_counter()

@@ -335,3 +335,31 @@ def test_the_throttled_namespace_is_removed_even_on_failure():
         assert netns in namespaces()
         raise RuntimeError("a failure inside")
     assert netns not in namespaces()
+
+
+def _pairs_send_at_once(link: str) -> float:
+    """Ranks 2k send 250 kB to ranks 2k+1, all pairs at once; seconds until each is through."""
+    import torch.distributed as dist
+
+    from pdlab.comm import CommMeter
+
+    rank, t = dist.get_rank(), torch.ones(62_500)
+    with emulation.emulating(link, dist.group.WORLD) as emulator:
+        dist.barrier()
+        with CommMeter(emulator=emulator):
+            start = time.perf_counter()
+            if rank % 2 == 0:
+                dist.send(t, dst=rank + 1)
+            else:
+                dist.recv(t, src=rank - 1)
+            return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_transfers_at_once_share_a_shared_medium_even_between_other_ranks(request, world_size):
+    cluster = request.getfixturevalue(f"cluster{world_size}")
+    # 250 kB at 1 MB/s: MODEL_S alone; the world_size/2 pairs share the medium.
+    for seconds in cluster.run(_pairs_send_at_once, "8Mbit/s:shared"):
+        assert seconds >= world_size / 2 * MODEL_S * 0.9
+    for seconds in cluster.run(_pairs_send_at_once, "8Mbit/s"):  # a link per rank: no sharing
+        assert MODEL_S <= seconds < 1.5 * MODEL_S
