@@ -39,7 +39,7 @@ WARMUP = 2  # steps left out of each run's median: lazy init, first DDP construc
 CASES = (
     "dp:scratch:2:100Mbit/s", "dp:torch:2:100Mbit/s", "tp:scratch:2:100Mbit/s",
     "pp-1f1b:scratch:2:20Mbit/s", "dp:scratch:4:100Mbit/s", "tp:scratch:4:400Mbit/s",
-    "pp-1f1b:scratch:4:20Mbit/s",
+    "pp-1f1b:scratch:4:20Mbit/s", "dp-tp:scratch:4:200Mbit/s", "dp-pp:scratch:4:50Mbit/s",
 )  # fmt: skip
 NETNS_PREFIX = "pdlab-tbf-"
 
