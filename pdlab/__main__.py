@@ -15,7 +15,7 @@ import sys
 import types
 from dataclasses import asdict, fields, replace
 
-from pdlab import planner
+from pdlab import emulation, planner
 from pdlab.config import TrainConfig, choices, field_types
 from pdlab.predictor import predict
 from pdlab.training import TrainResult, train, validate
@@ -67,6 +67,7 @@ def summary(result: TrainResult) -> dict:
         "comm_bytes_per_step": float(steps.comm_bytes.median()),
         "expected_comm_bytes_per_step": float(steps.expected_comm_bytes.iloc[0]),
         "samples_per_s": float(steps.samples_per_s.median()),
+        **({"emulation": emulation.summary(result.comm)} if result.config.link else {}),
     }
 
 

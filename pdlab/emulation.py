@@ -21,7 +21,8 @@ earlier. The loopback transfer itself is counted on top of the model: it is most
 (copies, the reduction's additions) that the slow link needs too. A rank's link carries one
 op at a time (first ready, first served): DDP's buckets queue behind each other as they would
 on the wire. Per rank, sends use the outgoing direction, receives the incoming one and
-collectives both (links are full duplex).
+collectives both (links are full duplex). ``added_seconds`` is measured when the op is let
+through, so it includes the timer's lateness (under a millisecond on an idle machine).
 
 How ops complete late without blocking anyone who does not wait for them: an op's Work is
 swapped for one made from a future that a timer thread completes at ``done`` (async ops,
@@ -40,16 +41,20 @@ the op ran at this machine's pace plus the model (``summary`` counts them).
 ``:shared`` is one medium that all ranks' bytes cross, as a loopback device throttled by the
 kernel (``tc qdisc ... tbf``, benchmarks/emulation.py) is: an op takes the bytes *all* its
 participants put on the medium divided by the rate (``costmodel.shared_medium_op_time``), and
-each rank's sends, receives and collectives queue on one clock. At world size 2 that clock
-sees every transfer on the medium; with more ranks, ops of disjoint groups running at once
-(two pipelines, a hybrid's tp groups) don't slow each other down here as they would there.
+a rank's ops in flight at once share the rate (``_Medium``). At world size 2 every transfer on
+the medium involves both ranks, so each rank sees them all; with more ranks, ops of disjoint
+groups running at once (the stages of a longer pipeline, a hybrid's tp groups) don't slow
+each other down here as they would there.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import mmap
+import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -58,10 +63,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from pdlab import compat
 from pdlab.costmodel import link_op_time, shared_medium_op_time
-from pdlab.topology import LINK_FORMS, LINKS, Link, parse_link
+from pdlab.topology import Link, parse_link
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,8 +76,7 @@ if TYPE_CHECKING:
 
 SHARED = ":shared"
 # Python hands the GIL between threads every 5 ms by default: a completion noticed by the
-# timer or a gloo thread while the main thread computes would wait that long. 0.5 ms while
-# emulating keeps the completions within a millisecond of their time.
+# timer or a gloo thread while the main thread computes could wait that long for it.
 SWITCH_INTERVAL_S = 0.0005
 
 
@@ -97,11 +102,9 @@ def parse(spec: str | EmulatedLink) -> EmulatedLink:
     shared = text.endswith(SHARED)
     try:
         return EmulatedLink(parse_link(text.removesuffix(SHARED)), shared)
-    except ValueError:
-        forms = LINK_FORMS.format(presets=", ".join(LINKS))
+    except ValueError as exc:
         raise ValueError(
-            f"can't read link {spec!r}: write {forms}; add ':shared' for one medium all ranks "
-            f"share ('100Mbit/s:shared')"
+            f"{exc}; add ':shared' for one medium all ranks share ('100Mbit/s:shared')"
         ) from None
 
 
@@ -122,6 +125,10 @@ class _Timer:
                 deadline = 0.0  # closing: run it now, never strand a waiter
             heapq.heappush(self._due, (deadline, next(self._order), callback))
             self._wake.notify()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Run everything still pending now, then stop the thread."""
@@ -169,6 +176,127 @@ def _future_of(work: Any, value: list[torch.Tensor]) -> torch.futures.Future:
     return future
 
 
+class _Link:
+    """A link per rank: each direction carries one op at a time, first ready first served
+    (sends go out, receives come in, collectives use both)."""
+
+    def __init__(self, timer: _Timer):
+        self._timer = timer
+        self._free: dict[str, float] = {}  # direction -> perf_counter() when it is next free
+        self._lock = threading.Lock()
+
+    def start(self, event: CommEvent, done: Callable[[], None]) -> None:
+        directions = {"send": ("out",), "recv": ("in",)}.get(event.op, ("out", "in"))
+        with self._lock:
+            start = max(time.perf_counter(), *(self._free.get(d, 0.0) for d in directions))
+            self._free.update(dict.fromkeys(directions, start + event.model_seconds))
+        self._timer.at(start + event.model_seconds, done)
+
+
+class _Board:
+    """How many ops are on a shared medium, over all ranks of a run on this machine: a file
+    in /dev/shm that every rank maps, a float64 a rank holding its share of the ops in flight
+    (1/2 for each end of a send, 1/n for each of a collective's n ranks)."""
+
+    def __init__(self, path: str, rank: int, world_size: int):
+        with open(path, "r+b") as file:
+            self._map = mmap.mmap(file.fileno(), 8 * world_size)
+        self._slots = memoryview(self._map).cast("d")
+        self._rank = rank
+
+    @classmethod
+    def create(cls, group: dist.ProcessGroup) -> _Board:
+        """One board for ``group``'s ranks (a collective: each of them calls it). The file is
+        gone once all have mapped it, so nothing is left behind, even by a crash."""
+        rank, shm = dist.get_rank(group), "/dev/shm" if os.path.isdir("/dev/shm") else None
+        path = [None]
+        if rank == 0:
+            fd, path[0] = tempfile.mkstemp(prefix="pdlab-medium-", dir=shm)
+            os.ftruncate(fd, 8 * group.size())
+            os.close(fd)
+        dist.broadcast_object_list(path, src=dist.get_global_rank(group, 0), group=group)
+        if not os.path.exists(path[0]):
+            raise ValueError(
+                "a ':shared' link is one machine's medium, but this rank runs on another "
+                "machine than rank 0: emulate a link per rank (drop ':shared')"
+            )
+        board = cls(path[0], rank, group.size())
+        dist.barrier(group)
+        if rank == 0:
+            os.unlink(path[0])
+        return board
+
+    def set(self, flows: float) -> None:
+        self._slots[self._rank] = flows
+
+    def total(self) -> float:
+        return sum(self._slots)
+
+    def close(self) -> None:
+        self._slots.release()
+        self._map.close()
+
+
+class _Medium:
+    """One medium for everything every rank sends or receives: the ops on it share its rate
+    equally (processor sharing: what TCP flows through one qdisc roughly get), so two
+    transfers at once both take twice as long, rather than one after the other.
+
+    This rank tracks its own ops; with a ``board`` it counts those of all ranks (at world
+    size 2 every transfer involves both ranks, so its own are all there are) and looks again
+    every ``POLL_S`` while it has ops in flight, as others start and finish theirs."""
+
+    POLL_S = 0.002
+
+    def __init__(self, timer: _Timer, board: _Board | None = None):
+        self._timer, self._board = timer, board
+        self._left: dict[int, list] = {}  # op -> [seconds of work left at full rate, done, share]
+        self._ids = itertools.count()
+        self._since = 0.0  # when ``_left`` was last brought up to date
+        self._version = 0  # of the pending wake-up; only the newest one acts
+        self._lock = threading.Lock()
+
+    def start(self, event: CommEvent, done: Callable[[], None]) -> None:
+        share = 0.5 if event.op in ("send", "recv") else 1 / event.group_size
+        with self._lock:
+            self._update()
+            self._left[next(self._ids)] = [event.model_seconds, done, share]
+            self._wake_at_next_finish()
+
+    def _flows(self) -> float:
+        """Ops on the medium now, all ranks'."""
+        return self._board.total() if self._board is not None else len(self._left)
+
+    def _update(self) -> None:
+        now, flows = time.perf_counter(), self._flows()
+        for left in self._left.values():
+            left[0] -= (now - self._since) / flows
+        self._since = now
+
+    def _wake_at_next_finish(self) -> None:
+        if self._board is not None:
+            self._board.set(sum(share for _, _, share in self._left.values()))
+        self._version += 1
+        if self._left:
+            soonest = max(0.0, min(left for left, _, _ in self._left.values())) * self._flows()
+            if self._board is not None:
+                soonest = min(soonest, self.POLL_S)
+            version = self._version
+            self._timer.at(self._since + soonest, lambda: self._finish(version))
+
+    def _finish(self, version: int) -> None:
+        with self._lock:
+            if version != self._version:  # an op started since: a later wake-up is due
+                return
+            self._update()
+            closing = self._timer.closed  # then everything is through at once
+            finished = [op for op, (left, *_) in self._left.items() if left <= 1e-9 or closing]
+            callbacks = [self._left.pop(op)[1] for op in finished]
+            self._wake_at_next_finish()
+        for done in callbacks:
+            done()
+
+
 class Emulator:
     """One rank's side of an emulated link: when each op it issues completes.
 
@@ -176,11 +304,16 @@ class Emulator:
     loop keeps one per run (``emulating``), so the link's queue carries across steps.
     """
 
-    def __init__(self, emulated: EmulatedLink):
+    def __init__(self, emulated: EmulatedLink, group: dist.ProcessGroup | None = None):
+        """``group``: all ranks of the run, for a shared medium to count each other's ops
+        (a collective: each of them builds its Emulator at once)."""
         self.emulated = emulated
-        self._free: dict[str, float] = {}  # direction -> perf_counter() when it is next free
-        self._lock = threading.Lock()
         self._timer = _Timer()
+        self._board = _Board.create(group) if emulated.shared and group is not None else None
+        if emulated.shared:
+            self._link = _Medium(self._timer, self._board)
+        else:
+            self._link = _Link(self._timer)
 
     def price(self, event: CommEvent, nbytes: float) -> None:
         """Set ``event.model_seconds``: its time on the link (``nbytes``: payload, or received)."""
@@ -198,7 +331,15 @@ class Emulator:
             event.seconds = time.perf_counter() - issued
             _forward(future, late)
 
-        future.add_done_callback(lambda _: self._timer.at(self._reserve(event), complete))
+        def ready(_: torch.futures.Future) -> None:
+            try:
+                future.value()
+            except Exception:  # a failed op (a peer died) costs no link time: report it now
+                complete()
+            else:
+                self._start(event, complete)
+
+        future.add_done_callback(ready)
         return late
 
     def delay_works(
@@ -219,33 +360,38 @@ class Emulator:
 
     def hold(self, event: CommEvent) -> None:
         """Block until the op, just waited for here, completes on the link (functional ops)."""
-        time.sleep(max(0.0, self._reserve(event) - time.perf_counter()))
+        done = threading.Event()
+        self._start(event, done.set)
+        done.wait()
 
     def close(self) -> None:
         self._timer.close()
+        if self._board is not None:
+            self._board.close()
 
-    def _reserve(self, event: CommEvent) -> float:
-        """The op is ready now: queue it on its directions of the link; when it is done."""
+    def _start(self, event: CommEvent, done: Callable[[], None]) -> None:
+        """The op is ready (really complete here): put it on the link; ``done()`` when it is
+        through, having noted in ``event.added_seconds`` how long that took."""
         ready = time.perf_counter()
-        if self.emulated.shared:
-            directions = ("medium",)
-        else:
-            directions = {"send": ("out",), "recv": ("in",)}.get(event.op, ("out", "in"))
-        with self._lock:
-            done = max(ready, *(self._free.get(d, 0.0) for d in directions)) + event.model_seconds
-            self._free.update(dict.fromkeys(directions, done))
-        event.added_seconds = done - ready
-        return done
+
+        def through() -> None:
+            event.added_seconds = time.perf_counter() - ready
+            done()
+
+        self._link.start(event, through)
 
 
 @contextmanager
-def emulating(spec: str | EmulatedLink | None) -> Iterator[Emulator | None]:
-    """An ``Emulator`` for ``spec`` for the duration (None for None); on exit, ops still
-    pending complete at once and the timer thread stops."""
+def emulating(
+    spec: str | EmulatedLink | None, group: dist.ProcessGroup | None = None
+) -> Iterator[Emulator | None]:
+    """An ``Emulator`` for ``spec`` for the duration (None for None); ``group``: the run's
+    ranks, which all enter together (see ``Emulator``). On exit, ops still pending complete
+    at once and the timer thread stops."""
     if spec is None:
         yield None
         return
-    emulator, interval = Emulator(parse(spec)), sys.getswitchinterval()
+    emulator, interval = Emulator(parse(spec), group), sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         yield emulator
@@ -254,17 +400,28 @@ def emulating(spec: str | EmulatedLink | None) -> Iterator[Emulator | None]:
         emulator.close()
 
 
-def summary(comm: pd.DataFrame) -> dict[str, float]:
-    """What emulation did in a run, from its ``TrainResult.comm``: per step (median over steps)
-    the most any rank's ops were delayed in total, and how many ops took longer here than on
-    the link (an emulated link faster than this machine's transport)."""
-    here = comm.seconds - comm.added_seconds
-    per_step = comm.groupby(["step", "rank"]).added_seconds.sum().groupby("step").max()
-    return {
-        "model_seconds_per_step": float(
-            comm.groupby(["step", "rank"]).model_seconds.sum().groupby("step").max().median()
+def held_back(events: pd.DataFrame) -> float:
+    """Wall seconds during which at least one of ``events`` (one rank's) was being held back:
+    the union of their ``[done - added_seconds, done]`` spans (queued ops overlap)."""
+    done = events.start + events.seconds
+    total, reach = 0.0, float("-inf")
+    for low, high in sorted(zip(done - events.added_seconds, done, strict=True)):
+        total += max(0.0, high - max(low, reach))
+        reach = max(reach, high)
+    return total
+
+
+def summary(comm: pd.DataFrame) -> dict[str, float | int]:
+    """What emulation did in a run, from its ``TrainResult.comm``: per step (the median over
+    steps) the busiest rank's modelled seconds and the time its ops were held back; and how
+    many ops took longer here (loopback, waiting for peers included) than on the link."""
+    per_rank = comm.groupby(["step", "rank"])
+    per_step = {
+        "model_seconds_per_step": per_rank.model_seconds.sum(),
+        "held_back_seconds_per_step": per_rank[["start", "seconds", "added_seconds"]].apply(
+            held_back
         ),
-        "added_seconds_per_step": float(per_step.median()),
-        "ops": len(comm),
-        "ops_slower_here": int((here > comm.model_seconds).sum()),
     }
+    medians = {k: float(v.groupby("step").max().median()) for k, v in per_step.items()}
+    slower_here = (comm.seconds - comm.added_seconds > comm.model_seconds).sum()
+    return {**medians, "ops": len(comm), "ops_slower_here": int(slower_here)}

@@ -31,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from pdlab import checkpoint, emulation, memory, runtime
 from pdlab.comm import CommEvent, CommMeter
@@ -120,7 +121,8 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     dispatch = not strategy.counts_own_comm
     records = []
     counted = None  # (FLOPs, kernels) of this rank's first step: a counted step runs slower
-    with emulation.emulating(config.link) as emulator:
+    group = dist.group.WORLD if layout.world_size > 1 else None  # the run's ranks
+    with emulation.emulating(config.link, group) as emulator:
         for step in range(first, config.steps):
             x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
             counter = FlopCounter() if counted is None else contextlib.nullcontext()
