@@ -65,8 +65,8 @@ class Assumptions:
       machine's ranks emulate, the link's time as ``pdlab.emulation`` computes it, plus,
       given a calibration, this machine's own (emulation delays an op after it really
       completed here).
-    - Each rank has a full-duplex link per level (intra-node, inter-node; one medium with
-      ":shared"). A collective occupies both directions of each member's link on the level
+    - Each rank has a full-duplex link per level (intra-node, inter-node; with ":shared",
+      one medium for all ranks). A collective occupies both directions of each member's link on the level
       its group spans, a send the sender's outgoing and the receiver's incoming direction.
       A link carries one op at a time, first posted first served (DDP's buckets queue);
       different links, and different ranks' links, don't slow each other.
@@ -351,7 +351,9 @@ def on_topology(topology: Topology, algorithm: str = "ring") -> Target:
 def on_link(emulated: EmulatedLink, calibration: Calibration | None = None) -> Target:
     """This machine's ranks over an emulated link, as ``pdlab.emulation`` runs them: an op
     takes its time on the link plus, given a ``calibration``, this machine's own (emulation
-    delays an op after it really completed here); ``:shared``, one medium a rank."""
+    delays an op after it really completed here). ``:shared``: one medium for every op of
+    every rank, one op at a time (emulation shares its rate between the ops in flight: the
+    same total time, another order)."""
     transport = calibration.link if calibration else None
 
     def seconds(issue: Issue) -> float:
@@ -360,7 +362,7 @@ def on_link(emulated: EmulatedLink, calibration: Calibration | None = None) -> T
         return emulated.op_seconds(issue.op, issue.payload, n) + here
 
     def links(issue: Issue) -> list[Hashable]:
-        return [(r, "medium") for r in issue.ranks] if emulated.shared else duplex(issue)
+        return ["medium"] if emulated.shared else duplex(issue)
 
     name = f"{THIS_MACHINE} over {emulated.link.name}{SHARED if emulated.shared else ''}"
     return Target(name, seconds, links, calibration.topology.device if calibration else None, True)
