@@ -26,6 +26,7 @@ __all__ = [
     "load_ipython_extension",
     "log",
     "plan",
+    "predict",
     "rank",
     "train",
     "world_size",
@@ -49,6 +50,7 @@ _LAZY = {
     "TrainConfig": "pdlab.config",
     "Topology": "pdlab.topology",
     "plan": "pdlab.planner",
+    "predict": "pdlab.predictor",
     "Dashboard": "pdlab.dashboard",
 }
 

@@ -15,8 +15,9 @@ import sys
 import types
 from dataclasses import asdict, fields, replace
 
-from pdlab import planner
+from pdlab import emulation, planner
 from pdlab.config import TrainConfig, choices, field_types
+from pdlab.predictor import predict
 from pdlab.training import TrainResult, train, validate
 
 STEP_COLUMNS = [
@@ -24,6 +25,7 @@ STEP_COLUMNS = [
     "loss",
     "samples_per_s",
     "step_time",
+    "predicted_step_time",  # pdlab.predict: for the --link given, on this machine's compute
     "comm_bytes",
     "expected_comm_bytes",
     "bus_bytes",
@@ -70,6 +72,7 @@ def summary(result: TrainResult) -> dict:
         "comm_bytes_per_step": float(steps.comm_bytes.median()),
         "expected_comm_bytes_per_step": float(steps.expected_comm_bytes.iloc[0]),
         "samples_per_s": float(steps.samples_per_s.median()),
+        **({"emulation": emulation.summary(result.comm)} if result.config.link else {}),
     }
 
 
@@ -85,13 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    calibration = None
     if config.strategy == "single":
         result = train(config=config)
     else:
+        from pdlab.calibration import calibrate
         from pdlab.cluster import Cluster
 
         with Cluster(config.world_size) as cluster:
             result = train(cluster, config)
+            calibration = calibrate(cluster)  # this machine's link and matmuls, ~0.3 s
+    predicted = predict(result, calibration=calibration)[["step", "step_time"]]
+    result.steps = result.steps.merge(predicted, on="step", suffixes=("", "_predicted"))
+    result.steps = result.steps.rename(columns={"step_time_predicted": "predicted_step_time"})
     if args.json:
         for row in result.steps[STEP_COLUMNS].to_dict("records"):
             print(json.dumps(row))

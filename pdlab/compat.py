@@ -22,20 +22,26 @@ from torch.distributed import distributed_c10d as c10d
 # torch 1.13 to 2.13: the dispatch-mode base class and pytree live in private modules (torch
 # itself imports both, so this costs nothing).
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 __all__ = [
     "TorchDispatchMode",
     "all_gather",
+    "async_collective_tensor",
+    "flop_formulas",
     "initialize_pipeline_stage",
     "is_wait_tensor",
     "op_arguments",
     "op_name",
+    "op_packet",
     "process_group",
     "reduce_scatter",
     "replicate",
     "sequence_numbers",
     "tree_flatten",
+    "tree_map_only",
+    "unbox_work",
+    "work_from_future",
     "work_future",
 ]
 
@@ -58,9 +64,30 @@ def op_arguments(func: Any) -> list[str]:
     return [a.name for a in func._schema.arguments]
 
 
+def op_packet(func: Any) -> Any:
+    """The overload packet of an op (``aten.mm`` for ``aten.mm.default``; 1.13 to 2.13)."""
+    return func._overloadpacket
+
+
+def flop_formulas() -> dict:
+    """torch's FLOP formula for each op it counts, keyed by overload packet: the table
+    ``FlopCounterMode`` builds (its ``flop_registry``, 2.1 to 2.13)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return dict(FlopCounterMode(display=False).flop_registry)
+
+
 def is_wait_tensor(func: Any) -> bool:
     """Whether ``func`` is the functional collectives' ``wait_tensor`` (2.3 to 2.13)."""
     return func is torch.ops._c10d_functional.wait_tensor.default
+
+
+def async_collective_tensor() -> type[torch.Tensor]:
+    """The tensor a functional collective returns in eager mode, which calls ``wait_tensor``
+    when an op first uses it (a private module, 2.1 to 2.13; DTensor imports it anyway)."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return AsyncCollectiveTensor
 
 
 def process_group(arg: Any) -> dist.ProcessGroup:
@@ -73,10 +100,25 @@ def process_group(arg: Any) -> dist.ProcessGroup:
     return arg
 
 
+def unbox_work(boxed: torch.ScriptObject) -> dist.Work:
+    """The Work an eager c10d op returned, boxed for the dispatcher (``Work.unbox``: 2.0 to 2.13)."""
+    return c10d.Work.unbox(boxed)
+
+
 def work_future(boxed: torch.ScriptObject) -> torch.futures.Future:
     """The future of a boxed Work an eager c10d op returned (2.0 to 2.13). Raises
     RuntimeError where the backend has none (gloo's point-to-point Works)."""
-    return c10d.Work.unbox(boxed).get_future()
+    return unbox_work(boxed).get_future()
+
+
+def work_from_future(future: torch.futures.Future) -> torch.ScriptObject:
+    """A boxed Work that completes when ``future`` does, to return from a dispatch mode in
+    place of an op's own (pdlab.emulation). ``_create_work_from_future`` is private (1.13 to
+    2.13; torch's own Python process groups use it); ``Work.boxed`` is 2.0 to 2.13. The
+    future's value is what ``Work.result()`` gives: a list of tensors."""
+    from torch._C._distributed_c10d import _create_work_from_future
+
+    return _create_work_from_future(future).boxed()
 
 
 # ---- process groups (pdlab.runtime) ---------------------------------------------------------

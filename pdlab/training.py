@@ -23,6 +23,7 @@ so its errors surface before any rank starts work.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -31,11 +32,13 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 
-from pdlab import checkpoint, memory, runtime
+from pdlab import checkpoint, emulation, memory, runtime
 from pdlab.comm import CommEvent, CommMeter
 from pdlab.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.data import load_dataset
+from pdlab.flops import FlopCounter
 from pdlab.models import build_model
 from pdlab.parallel import registry
 from pdlab.parallel.base import Implementation, Layout, Mesh
@@ -64,6 +67,8 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"lr must be > 0 (a number), got {config.lr!r}")
     if not math.isfinite(config.lr):
         raise ValueError(f"lr must be finite, got {config.lr!r}: try 0.01")
+    if config.link is not None:
+        emulation.parse(config.link)
     strategy = registry.get(config.strategy)
     if config.micro_batches != 1 and not strategy.micro_batched:
         raise ValueError(
@@ -129,29 +134,40 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
     first = checkpoint.resume(strategy, config)
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
+    dispatch = not strategy.counts_own_comm
     records = []
-    for step in range(first, config.steps):
-        x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
-        start = time.perf_counter()
-        with CommMeter(dispatch=not strategy.counts_own_comm, names=names) as meter:
-            out = strategy.train_step(x.to(device), y.to(device))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the step is done when the GPU is
-        record = {
-            "strategy": config.strategy,
-            "impl": config.impl,
-            "step": step,
-            "loss": out.loss,
-            "samples": out.samples,
-            "step_time": time.perf_counter() - start,
-            "comm": [asdict(e) for e in meter.events],
-            "memory": memory.measure(strategy.module, strategy.optimizer, device),
-            "timeline": out.timeline,
-        }
-        runtime.log(**record)
-        records.append(record)
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            checkpoint.save(strategy, config.checkpoint_dir, step + 1, alone=layout.world_size == 1)
+    counted = None  # (FLOPs, kernels) of this rank's first step: a counted step runs slower
+    group = dist.group.WORLD if layout.world_size > 1 else None  # the run's ranks
+    with emulation.emulating(config.link, group) as emulator:
+        for step in range(first, config.steps):
+            x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
+            counter = FlopCounter() if counted is None else contextlib.nullcontext()
+            start = time.perf_counter()
+            with CommMeter(dispatch, names, emulator) as meter, counter:
+                out = strategy.train_step(x.to(device), y.to(device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the step is done when the GPU is
+            counted = counted or (counter.flops, counter.kernels)
+            record = {
+                "strategy": config.strategy,
+                "impl": config.impl,
+                "step": step,
+                "loss": out.loss,
+                "samples": out.samples,
+                "step_time": time.perf_counter() - start,
+                "busy": meter.busy,  # seconds computing, not blocked on communication
+                "flops": counted[0],  # this rank's FLOPs and kernels a step (pdlab.flops)
+                "kernels": counted[1],
+                "comm": [asdict(e) for e in meter.events],
+                "memory": memory.measure(strategy.module, strategy.optimizer, device),
+                "timeline": out.timeline,
+            }
+            runtime.log(**record)
+            records.append(record)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                checkpoint.save(
+                    strategy, config.checkpoint_dir, step + 1, alone=layout.world_size == 1
+                )
     state = strategy.full_state_dict() if full_state else None  # a collective: all ranks
     return {
         "rank": mesh.rank,
@@ -196,7 +212,10 @@ def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent])
         for rec in out["records"]:
             where = {"step": rec["step"], "rank": out["rank"]}
             ops += [{**where, **e} for e in rec["comm"]]
-            row = {**where, **{k: rec[k] for k in ("loss", "samples", "step_time")}}
+            row = {
+                **where,
+                **{k: rec[k] for k in ("loss", "samples", "step_time", "busy", "flops", "kernels")},
+            }
             row["samples_per_s"] = rec["samples"] / rec["step_time"]
             row["comm_bytes"] = sum(e["payload_bytes"] for e in rec["comm"])
             row["bus_bytes"] = sum(e["bus_bytes"] for e in rec["comm"])

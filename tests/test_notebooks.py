@@ -71,6 +71,16 @@ RUNS = {
             "measured bytes == predicted: True",
         ],
     ),
+    "07_what_if": (
+        {"world_size": 2, "steps": 4, "strategies": ["dp", "tp"], "use_solutions": True},
+        [
+            "median error of the predictions:",
+            "fastest layout that fits on 8xH100:",
+            "fastest layout that fits on 2x8xH100-ib-ndr400:",
+            "PASS all-reduce time",
+            "emulated all-reduce: measured",
+        ],
+    ),
     "06_hybrid_and_beyond": (
         {"world_size": 4, "steps": 5},
         [
