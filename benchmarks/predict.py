@@ -49,7 +49,8 @@ def one_round(cluster: pdlab.Cluster, args: argparse.Namespace) -> dict:
     cells = {}
     for strategy, impl in strategies(cluster.world_size, args.impls.split(",")):
         run = dict(strategy=strategy, impl=impl, model=args.model, steps=args.steps)
-        run |= dict(micro_batches=args.micro_batches, batch_size=args.batch_size)
+        split = args.micro_batches if registry.get(strategy).micro_batched else 1
+        run |= dict(micro_batches=split, batch_size=args.batch_size)
         for mode, link in (("emulated", args.link), ("this machine", None)):
             result = pdlab.train(cluster, link=link, **run)
             predicted = pdlab.predict(result, calibration=calibration)  # the run's link, or none
