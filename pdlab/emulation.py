@@ -21,8 +21,7 @@ earlier. The loopback transfer itself is counted on top of the model: it is most
 (copies, the reduction's additions) that the slow link needs too. A rank's link carries one
 op at a time (first ready, first served): DDP's buckets queue behind each other as they would
 on the wire. Per rank, sends use the outgoing direction, receives the incoming one and
-collectives both (links are full duplex). ``added_seconds`` is measured when the op is let
-through, so it includes the timer's lateness (under a millisecond on an idle machine).
+collectives both (links are full duplex).
 
 How ops complete late without blocking anyone who does not wait for them: an op's Work is
 swapped for one made from a future that a timer thread completes at ``done`` (async ops,
@@ -33,18 +32,17 @@ wait returned. Ops outside a training step (building a strategy, ``full_state_di
 emulated.
 
 Each op's event (``pdlab.comm.CommEvent``, a row of ``TrainResult.comm``) records
-``model_seconds`` (its time on the link) and ``added_seconds`` (``done - ready``: what the
-emulation added, queueing included). ``seconds - added_seconds`` is what it took here; where
-that exceeds ``model_seconds`` the emulated link is faster than this machine's transport and
-the op ran at this machine's pace plus the model (``summary`` counts them).
+``model_seconds`` (its time on the link) and ``added_seconds`` (``done - ready`` as the timer
+thread let it through: what the emulation added, queueing included). ``seconds -
+added_seconds`` is what it took here, waiting for its peers included; where that exceeds
+``model_seconds`` the emulated link is faster than this machine's transport and the op ran at
+this machine's pace plus the model (``summary`` counts such ops).
 
 ``:shared`` is one medium that all ranks' bytes cross, as a loopback device throttled by the
 kernel (``tc qdisc ... tbf``, benchmarks/emulation.py) is: an op takes the bytes *all* its
 participants put on the medium divided by the rate (``costmodel.shared_medium_op_time``), and
-a rank's ops in flight at once share the rate (``_Medium``). At world size 2 every transfer on
-the medium involves both ranks, so each rank sees them all; with more ranks, ops of disjoint
-groups running at once (the stages of a longer pipeline, a hybrid's tp groups) don't slow
-each other down here as they would there.
+the ops of all ranks in flight at once share the rate equally (``_Medium``; the ranks count
+each other's on a ``_Board`` in /dev/shm, so all must run on one machine).
 """
 
 from __future__ import annotations
