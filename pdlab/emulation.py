@@ -157,10 +157,12 @@ def _forward(source: torch.futures.Future, target: torch.futures.Future) -> None
         target.set_result(value)
 
 
-def _future_of(work: Any, value: list[torch.Tensor]) -> torch.futures.Future:
+def _future_of(
+    work: Any, value: list[torch.Tensor], devices: list[torch.device] | None
+) -> torch.futures.Future:
     """A future completing with ``value`` when ``work`` does, for Works that have none (gloo's
     send and recv): a thread waits on it."""
-    future = torch.futures.Future()
+    future = torch.futures.Future(devices=devices)
 
     def wait() -> None:
         try:
@@ -302,10 +304,17 @@ class Emulator:
     loop keeps one per run (``emulating``), so the link's queue carries across steps.
     """
 
-    def __init__(self, emulated: EmulatedLink, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        emulated: EmulatedLink,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | None = None,
+    ):
         """``group``: all ranks of the run, for a shared medium to count each other's ops
-        (a collective: each of them builds its Emulator at once)."""
+        (a collective: each of them builds its Emulator at once). ``device``: where the ops'
+        tensors live (a future holding CUDA tensors must name its GPU)."""
         self.emulated = emulated
+        self._devices = [device] if device is not None and device.type == "cuda" else None
         self._timer = _Timer()
         self._board = _Board.create(group) if emulated.shared and group is not None else None
         if emulated.shared:
@@ -322,7 +331,7 @@ class Emulator:
     ) -> torch.futures.Future:
         """A future completing like ``future`` but at the op's emulated time (module docstring);
         ``event.seconds`` becomes the time from ``issued`` (``perf_counter()``) until then."""
-        late = torch.futures.Future()
+        late = torch.futures.Future(devices=self._devices)
 
         def complete() -> None:
             # Before completing: whoever waits on ``late`` may read the event at once.
@@ -351,7 +360,7 @@ class Emulator:
             try:
                 future = work.get_future()
             except RuntimeError:  # gloo's p2p Works: "getFuture not implemented"
-                future = _future_of(work, tensors)
+                future = _future_of(work, tensors, self._devices)
             return compat.work_from_future(self.delay_future(event, future, issued))
 
         return compat.tree_map_only(torch.ScriptObject, late, out)
@@ -381,15 +390,17 @@ class Emulator:
 
 @contextmanager
 def emulating(
-    spec: str | EmulatedLink | None, group: dist.ProcessGroup | None = None
+    spec: str | EmulatedLink | None,
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[Emulator | None]:
-    """An ``Emulator`` for ``spec`` for the duration (None for None); ``group``: the run's
-    ranks, which all enter together (see ``Emulator``). On exit, ops still pending complete
-    at once and the timer thread stops."""
+    """An ``Emulator`` for ``spec`` for the duration (None for None); ``group`` and ``device``
+    as for ``Emulator`` (the ranks of ``group`` all enter together). On exit, ops still
+    pending complete at once and the timer thread stops."""
     if spec is None:
         yield None
         return
-    emulator, interval = Emulator(parse(spec), group), sys.getswitchinterval()
+    emulator, interval = Emulator(parse(spec), group, device), sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         yield emulator
@@ -423,3 +434,17 @@ def summary(comm: pd.DataFrame) -> dict[str, float | int]:
     medians = {k: float(v.groupby("step").max().median()) for k, v in per_step.items()}
     slower_here = (comm.seconds - comm.added_seconds > comm.model_seconds).sum()
     return {**medians, "ops": len(comm), "ops_slower_here": int(slower_here)}
+
+
+def faster_than_here(comm: pd.DataFrame, link: str) -> str | None:
+    """A warning when most of a run's ops took longer here than on the emulated ``link``:
+    its step times then show this machine's transport, not the link."""
+    counts = summary(comm) if len(comm) else {"ops": 0, "ops_slower_here": 0}
+    if counts["ops_slower_here"] <= counts["ops"] / 2:
+        return None
+    return (
+        f"the emulated link {link} is faster than this machine's transport: "
+        f"{counts['ops_slower_here']} of {counts['ops']} ops took longer here than on it, and "
+        f"ran at this machine's pace (plus the link's time). Step times show this machine, "
+        f"not {link}; pdlab.costmodel predicts the link itself."
+    )

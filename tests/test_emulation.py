@@ -9,6 +9,7 @@ import os
 import subprocess
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -284,6 +285,15 @@ def test_the_bound_fails_a_run_without_the_delays(cluster2):
     slowed, plain = train(cluster2, config, link=SLOW), train(cluster2, config)
     modelled = busiest_direction(slowed.comm[slowed.comm.step.eq(1) & slowed.comm["rank"].eq(0)])
     assert plain.ranks.step_time.max() < modelled
+
+
+def test_a_link_faster_than_this_machine_is_called_out(cluster2):
+    config = TrainConfig(strategy="dp", model="mlp", steps=2)
+    with pytest.warns(UserWarning, match="the emulated link nvlink4 is faster than this machine"):
+        train(cluster2, config, link="nvlink4")  # 450 GB/s: loopback can't keep up
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(cluster2, config, link=SLOW)
 
 
 def test_the_cli_run_is_slowed_by_the_link(capsys):
