@@ -119,10 +119,13 @@ class _Timer:
 
     def at(self, deadline: float, callback: Callable[[], None]) -> None:
         with self._wake:
-            if self._closed:
-                deadline = 0.0  # closing: run it now, never strand a waiter
-            heapq.heappush(self._due, (deadline, next(self._order), callback))
-            self._wake.notify()
+            if not self._closed:
+                heapq.heappush(self._due, (deadline, next(self._order), callback))
+                self._wake.notify()
+                return
+        # Closed (an op that really completed after its run ended): now, never strand a
+        # waiter; on a thread of its own, as callers may hold locks the callback takes.
+        threading.Thread(target=callback, daemon=True).start()
 
     @property
     def closed(self) -> bool:
