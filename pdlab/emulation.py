@@ -21,8 +21,7 @@ earlier. The loopback transfer itself is counted on top of the model: it is most
 (copies, the reduction's additions) that the slow link needs too. A rank's link carries one
 op at a time (first ready, first served): DDP's buckets queue behind each other as they would
 on the wire. Per rank, sends use the outgoing direction, receives the incoming one and
-collectives both (links are full duplex). ``added_seconds`` is measured when the op is let
-through, so it includes the timer's lateness (under a millisecond on an idle machine).
+collectives both (links are full duplex).
 
 How ops complete late without blocking anyone who does not wait for them: an op's Work is
 swapped for one made from a future that a timer thread completes at ``done`` (async ops,
@@ -33,18 +32,17 @@ wait returned. Ops outside a training step (building a strategy, ``full_state_di
 emulated.
 
 Each op's event (``pdlab.comm.CommEvent``, a row of ``TrainResult.comm``) records
-``model_seconds`` (its time on the link) and ``added_seconds`` (``done - ready``: what the
-emulation added, queueing included). ``seconds - added_seconds`` is what it took here; where
-that exceeds ``model_seconds`` the emulated link is faster than this machine's transport and
-the op ran at this machine's pace plus the model (``summary`` counts them).
+``model_seconds`` (its time on the link) and ``added_seconds`` (``done - ready`` as the timer
+thread let it through: what the emulation added, queueing included). ``seconds -
+added_seconds`` is what it took here, waiting for its peers included; where that exceeds
+``model_seconds`` the emulated link is faster than this machine's transport and the op ran at
+this machine's pace plus the model (``summary`` counts such ops).
 
 ``:shared`` is one medium that all ranks' bytes cross, as a loopback device throttled by the
 kernel (``tc qdisc ... tbf``, benchmarks/emulation.py) is: an op takes the bytes *all* its
 participants put on the medium divided by the rate (``costmodel.shared_medium_op_time``), and
-a rank's ops in flight at once share the rate (``_Medium``). At world size 2 every transfer on
-the medium involves both ranks, so each rank sees them all; with more ranks, ops of disjoint
-groups running at once (the stages of a longer pipeline, a hybrid's tp groups) don't slow
-each other down here as they would there.
+the ops of all ranks in flight at once share the rate equally (``_Medium``; the ranks count
+each other's on a ``_Board`` in /dev/shm, so all must run on one machine).
 """
 
 from __future__ import annotations
@@ -121,10 +119,13 @@ class _Timer:
 
     def at(self, deadline: float, callback: Callable[[], None]) -> None:
         with self._wake:
-            if self._closed:
-                deadline = 0.0  # closing: run it now, never strand a waiter
-            heapq.heappush(self._due, (deadline, next(self._order), callback))
-            self._wake.notify()
+            if not self._closed:
+                heapq.heappush(self._due, (deadline, next(self._order), callback))
+                self._wake.notify()
+                return
+        # Closed (an op that really completed after its run ended): now, never strand a
+        # waiter; on a thread of its own, as callers may hold locks the callback takes.
+        threading.Thread(target=callback, daemon=True).start()
 
     @property
     def closed(self) -> bool:
@@ -159,10 +160,12 @@ def _forward(source: torch.futures.Future, target: torch.futures.Future) -> None
         target.set_result(value)
 
 
-def _future_of(work: Any, value: list[torch.Tensor]) -> torch.futures.Future:
+def _future_of(
+    work: Any, value: list[torch.Tensor], devices: list[torch.device] | None
+) -> torch.futures.Future:
     """A future completing with ``value`` when ``work`` does, for Works that have none (gloo's
     send and recv): a thread waits on it."""
-    future = torch.futures.Future()
+    future = torch.futures.Future(devices=devices)
 
     def wait() -> None:
         try:
@@ -304,10 +307,17 @@ class Emulator:
     loop keeps one per run (``emulating``), so the link's queue carries across steps.
     """
 
-    def __init__(self, emulated: EmulatedLink, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        emulated: EmulatedLink,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | None = None,
+    ):
         """``group``: all ranks of the run, for a shared medium to count each other's ops
-        (a collective: each of them builds its Emulator at once)."""
+        (a collective: each of them builds its Emulator at once). ``device``: where the ops'
+        tensors live (a future holding CUDA tensors must name its GPU)."""
         self.emulated = emulated
+        self._devices = [device] if device is not None and device.type == "cuda" else None
         self._timer = _Timer()
         self._board = _Board.create(group) if emulated.shared and group is not None else None
         if emulated.shared:
@@ -324,7 +334,7 @@ class Emulator:
     ) -> torch.futures.Future:
         """A future completing like ``future`` but at the op's emulated time (module docstring);
         ``event.seconds`` becomes the time from ``issued`` (``perf_counter()``) until then."""
-        late = torch.futures.Future()
+        late = torch.futures.Future(devices=self._devices)
 
         def complete() -> None:
             # Before completing: whoever waits on ``late`` may read the event at once.
@@ -353,7 +363,7 @@ class Emulator:
             try:
                 future = work.get_future()
             except RuntimeError:  # gloo's p2p Works: "getFuture not implemented"
-                future = _future_of(work, tensors)
+                future = _future_of(work, tensors, self._devices)
             return compat.work_from_future(self.delay_future(event, future, issued))
 
         return compat.tree_map_only(torch.ScriptObject, late, out)
@@ -383,15 +393,17 @@ class Emulator:
 
 @contextmanager
 def emulating(
-    spec: str | EmulatedLink | None, group: dist.ProcessGroup | None = None
+    spec: str | EmulatedLink | None,
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[Emulator | None]:
-    """An ``Emulator`` for ``spec`` for the duration (None for None); ``group``: the run's
-    ranks, which all enter together (see ``Emulator``). On exit, ops still pending complete
-    at once and the timer thread stops."""
+    """An ``Emulator`` for ``spec`` for the duration (None for None); ``group`` and ``device``
+    as for ``Emulator`` (the ranks of ``group`` all enter together). On exit, ops still
+    pending complete at once and the timer thread stops."""
     if spec is None:
         yield None
         return
-    emulator, interval = Emulator(parse(spec), group), sys.getswitchinterval()
+    emulator, interval = Emulator(parse(spec), group, device), sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         yield emulator
@@ -425,3 +437,17 @@ def summary(comm: pd.DataFrame) -> dict[str, float | int]:
     medians = {k: float(v.groupby("step").max().median()) for k, v in per_step.items()}
     slower_here = (comm.seconds - comm.added_seconds > comm.model_seconds).sum()
     return {**medians, "ops": len(comm), "ops_slower_here": int(slower_here)}
+
+
+def faster_than_here(comm: pd.DataFrame, link: str) -> str | None:
+    """A warning when most of a run's ops took longer here than on the emulated ``link``:
+    its step times then show this machine's transport, not the link."""
+    counts = summary(comm) if len(comm) else {"ops": 0, "ops_slower_here": 0}
+    if counts["ops_slower_here"] <= counts["ops"] / 2:
+        return None
+    return (
+        f"the emulated link {link} is faster than this machine's transport: "
+        f"{counts['ops_slower_here']} of {counts['ops']} ops took longer here than on it, and "
+        f"ran at this machine's pace (plus the link's time). Step times show this machine, "
+        f"not {link}; pdlab.costmodel predicts the link itself."
+    )

@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -138,7 +139,7 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     records = []
     counted = None  # (FLOPs, kernels) of this rank's first step: a counted step runs slower
     group = dist.group.WORLD if layout.world_size > 1 else None  # the run's ranks
-    with emulation.emulating(config.link, group) as emulator:
+    with emulation.emulating(config.link, group, device) as emulator:
         for step in range(first, config.steps):
             x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
             counter = FlopCounter() if counted is None else contextlib.nullcontext()
@@ -296,7 +297,10 @@ def train(
     else:
         ranks = [0] if config.strategy == "single" else None
         outputs = cluster.run(run_on_rank, config, full_state, ranks=ranks, timeout=timeout)
-    return results(config, outputs, expected)
+    result = results(config, outputs, expected)
+    if config.link and (note := emulation.faster_than_here(result.comm, config.link)):
+        warnings.warn(note, stacklevel=2)
+    return result
 
 
 # help(train) and Jupyter's tooltip list TrainConfig's fields (with their defaults) as keywords.

@@ -9,6 +9,7 @@ import os
 import subprocess
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_a_bad_link_fails_before_any_rank_starts(capsys):
     assert "can't read link '100Mb/s'" in capsys.readouterr().err
 
 
-def test_a_shared_medium_carries_every_ranks_bytes_in_turn():
+def test_a_shared_medium_carries_the_bytes_of_all_ranks():
     s = 1e6  # bytes; at 1 MB/s each byte costs a microsecond
     assert shared_medium_op_time("all_reduce", s, 2, MB_PER_S) == pytest.approx(2.0)  # 2 x S
     assert shared_medium_op_time("all_reduce", s, 4, MB_PER_S) == pytest.approx(6.0)  # 4 x 1.5 S
@@ -93,6 +94,16 @@ def test_a_late_future_keeps_the_value_an_error_comes_at_once_and_closing_releas
     emulator.close()  # pending ops complete at once: nobody waits forever
     assert late.wait()[0].tolist() == [1.0, 1.0]
     assert 0.05 < events[0].added_seconds < 30.0  # held until the close, not the 30 s
+
+
+def test_an_op_that_completes_after_the_run_ended_is_not_stranded():
+    for spec in ("1MB/s", "1MB/s:shared"):
+        emulator = Emulator(parse(spec))
+        emulator.close()
+        real = torch.futures.Future()
+        late = emulator.delay_future(_event(model=30.0), real, time.perf_counter())
+        real.set_result([torch.ones(1)])
+        assert late.wait()[0].item() == 1.0  # at once, not after 30 s, and no deadlock
 
 
 def _through(spec: str, ops: list[tuple[str, float]]) -> list[float]:
@@ -287,6 +298,15 @@ def test_the_bound_fails_a_run_without_the_delays(cluster2):
     assert plain.ranks.step_time.max() < modelled
 
 
+def test_a_link_faster_than_this_machine_is_called_out(cluster2):
+    config = TrainConfig(strategy="dp", model="mlp", steps=2)
+    with pytest.warns(UserWarning, match="the emulated link nvlink4 is faster than this machine"):
+        train(cluster2, config, link="nvlink4")  # 450 GB/s: loopback can't keep up
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(cluster2, config, link=SLOW)
+
+
 def test_the_cli_run_is_slowed_by_the_link(capsys):
     argv = ["run", "--strategy", "dp", "--world-size", "2", "--model", "gpt", "--steps", "3"]
     assert main([*argv, "--link", "100Mbit/s", "--json"]) == 0
@@ -296,6 +316,34 @@ def test_the_cli_run_is_slowed_by_the_link(capsys):
     assert link["model_seconds_per_step"] == pytest.approx(835_072 / 12.5e6)
     assert all(step["step_time"] >= link["model_seconds_per_step"] for step in steps)
     assert summary["summary"]["link"] == "100Mbit/s"
+
+
+def _pairs_send_at_once(link: str) -> float:
+    """Ranks 2k send 250 kB to ranks 2k+1, all pairs at once; seconds until each is through."""
+    import torch.distributed as dist
+
+    from pdlab.comm import CommMeter
+
+    rank, t = dist.get_rank(), torch.ones(62_500)
+    with emulation.emulating(link, dist.group.WORLD) as emulator:
+        dist.barrier()
+        with CommMeter(emulator=emulator):
+            start = time.perf_counter()
+            if rank % 2 == 0:
+                dist.send(t, dst=rank + 1)
+            else:
+                dist.recv(t, src=rank - 1)
+            return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_transfers_at_once_share_a_shared_medium_even_between_other_ranks(request, world_size):
+    cluster = request.getfixturevalue(f"cluster{world_size}")
+    # 250 kB at 1 MB/s: MODEL_S alone; the world_size/2 pairs share the medium.
+    for seconds in cluster.run(_pairs_send_at_once, "8Mbit/s:shared"):
+        assert seconds >= world_size / 2 * MODEL_S * 0.9
+    for seconds in cluster.run(_pairs_send_at_once, "8Mbit/s"):  # a link per rank: no sharing
+        assert MODEL_S <= seconds < 1.5 * MODEL_S
 
 
 # ---- against a loopback the kernel throttles (root only: CI runs as root) --------------------
@@ -336,31 +384,3 @@ def test_the_throttled_namespace_is_removed_even_on_failure():
         assert netns in namespaces()
         raise RuntimeError("a failure inside")
     assert netns not in namespaces()
-
-
-def _pairs_send_at_once(link: str) -> float:
-    """Ranks 2k send 250 kB to ranks 2k+1, all pairs at once; seconds until each is through."""
-    import torch.distributed as dist
-
-    from pdlab.comm import CommMeter
-
-    rank, t = dist.get_rank(), torch.ones(62_500)
-    with emulation.emulating(link, dist.group.WORLD) as emulator:
-        dist.barrier()
-        with CommMeter(emulator=emulator):
-            start = time.perf_counter()
-            if rank % 2 == 0:
-                dist.send(t, dst=rank + 1)
-            else:
-                dist.recv(t, src=rank - 1)
-            return time.perf_counter() - start
-
-
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_transfers_at_once_share_a_shared_medium_even_between_other_ranks(request, world_size):
-    cluster = request.getfixturevalue(f"cluster{world_size}")
-    # 250 kB at 1 MB/s: MODEL_S alone; the world_size/2 pairs share the medium.
-    for seconds in cluster.run(_pairs_send_at_once, "8Mbit/s:shared"):
-        assert seconds >= world_size / 2 * MODEL_S * 0.9
-    for seconds in cluster.run(_pairs_send_at_once, "8Mbit/s"):  # a link per rank: no sharing
-        assert MODEL_S <= seconds < 1.5 * MODEL_S
