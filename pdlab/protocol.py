@@ -89,6 +89,15 @@ class Error:
 
 
 @dataclass(frozen=True)
+class Here:
+    """The answer to ``Where``: a ``pdlab.flight.Location``, sent by the rank's reader thread
+    while its main thread runs on (or waits in a collective)."""
+
+    request_id: int
+    location: Any
+
+
+@dataclass(frozen=True)
 class Lost:
     """Made by the kernel, never sent: the rank's connection ended."""
 
@@ -117,6 +126,13 @@ class Call:
 @dataclass(frozen=True)
 class Interrupt:
     """Raise KeyboardInterrupt in the code the rank is running (ignored between calls)."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """Say where you are now (answered with ``Here``, without stopping the call)."""
+
+    request_id: int
 
 
 @dataclass(frozen=True)

@@ -107,8 +107,10 @@ def _init_process_group(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from pdlab import runtime
+    from pdlab import flight, runtime
 
+    if os.environ.get("PDLAB_FLIGHT_RECORDER") != "0":  # "0": off, for benchmarks to compare
+        flight.install()  # before the group forms: its first barrier is op #1
     torch.set_num_threads(args.threads)
     timeout = timedelta(seconds=args.timeout)
     if args.device == "cuda":
@@ -174,6 +176,16 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
         )
 
 
+def _locate(in_call: bool) -> Any:
+    """Where this rank is (``pdlab.flight.locate``), from the reader thread; never raises."""
+    from pdlab import flight, runtime
+
+    try:
+        return flight.locate(threading.main_thread().ident, in_call)
+    except Exception as exc:  # a broken answer must not end the reader, and so the rank
+        return flight.Location(runtime.rank(), "unknown", line=f"locate failed: {exc!r}")
+
+
 def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:
     types = ", ".join(f"{k}: {protocol.type_name(v)}" for k, v in record.items())
     channel.send(protocol.Metrics(cloudpickle.dumps(record), types))
@@ -206,6 +218,8 @@ def _serve(channel: Channel, pump: OutputPump) -> None:
                     signal.pthread_kill(main_thread, signal.SIGINT)
                 elif isinstance(message, protocol.Abort):
                     os._exit(1)
+                elif isinstance(message, protocol.Where):
+                    channel.send(protocol.Here(message.request_id, _locate(running.is_set())))
                 else:
                     calls.put(message)
                     if isinstance(message, protocol.Shutdown):
