@@ -433,6 +433,14 @@ class Cluster:
         self._ensure_started()
         return Locations(place for place, _ in self._ask_where(range(self.world_size), timeout))
 
+    def profile(self, path: str | os.PathLike | None = None) -> Any:
+        """torch.profiler on every rank, merged into one Chrome/Perfetto trace (``path``):
+        ``with cluster.profile("run.json"): cluster.run(fn)``, or ``.start()`` and
+        ``.stop()`` around ``%%ranks`` cells. See ``pdlab.trace.Profile``."""
+        from pdlab.trace import Profile
+
+        return Profile(self, path)
+
     def clock_offsets(self) -> dict[int, float]:
         """Seconds each rank's ``time.time()`` is ahead of this kernel's.
 

@@ -36,6 +36,7 @@ __all__ = [
     "op_name",
     "process_group",
     "process_groups",
+    "queue_backward_callback",
     "reduce_scatter",
     "replicate",
     "sequence_number",
@@ -158,6 +159,17 @@ def functional_collectives() -> Any:
     import torch.distributed._functional_collectives as funcol
 
     return funcol
+
+
+# ---- autograd (pdlab.trace) ----------------------------------------------------------------
+
+
+def queue_backward_callback(callback: Any) -> None:
+    """Run ``callback()`` when the backward pass now running ends, before callbacks queued
+    later (DDP queues its gradient wait when its last bucket launches). Called from inside
+    backward (a hook). The engine's ``queue_callback`` is private; DDP and FSDP2 use it
+    (1.x to 2.13)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 # ---- pipelining and FSDP2 (pdlab.parallel) --------------------------------------------------

@@ -26,7 +26,8 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -40,6 +41,7 @@ from pdlab.models import build_model
 from pdlab.parallel import registry
 from pdlab.parallel.base import Implementation, Layout, Mesh
 from pdlab.parallel.registry import layout_for
+from pdlab.trace import StepSpans
 
 
 def validate(config: TrainConfig) -> None:
@@ -129,11 +131,15 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
     first = checkpoint.resume(strategy, config)
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
+    spans = StepSpans(strategy)  # forward, backward and optimizer times, for traces
     records = []
     for step in range(first, config.steps):
         x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
         start = time.perf_counter()
-        with CommMeter(dispatch=not strategy.counts_own_comm, names=names) as meter:
+        with (
+            spans.step() as timed,
+            CommMeter(dispatch=not strategy.counts_own_comm, names=names) as meter,
+        ):
             out = strategy.train_step(x.to(device), y.to(device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the step is done when the GPU is
@@ -147,11 +153,13 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
             "comm": [asdict(e) for e in meter.events],
             "memory": memory.measure(strategy.module, strategy.optimizer, device),
             "timeline": out.timeline,
+            "spans": timed,
         }
         runtime.log(**record)
         records.append(record)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             checkpoint.save(strategy, config.checkpoint_dir, step + 1, alone=layout.world_size == 1)
+    spans.close()
     state = strategy.full_state_dict() if full_state else None  # a collective: all ranks
     return {
         "rank": mesh.rank,
@@ -179,6 +187,17 @@ class TrainResult:
     max_rank_param_bytes: int
     # Pipelines: {"rank", "step", "timeline": [F/B events]} a rank and step (pdlab.plots.timeline)
     timeline: list[dict]
+    # One row a compute span a step and rank: forward/backward (per micro-batch), optimizer,
+    # and the whole step; start, end (time.time()) and the thread's CPU seconds (pdlab.trace)
+    spans: pd.DataFrame = field(default_factory=pd.DataFrame)
+    clock_offsets: dict[int, float] = field(default_factory=dict)  # attached ranks' clocks
+
+    def trace(self, path: str | Path) -> Path:
+        """Write the run as a Chrome/Perfetto trace (open it at https://ui.perfetto.dev):
+        a process per rank, its compute and communication spans on their own tracks."""
+        from pdlab import trace
+
+        return trace.write(trace.chrome_trace(self), path)
 
     def __repr__(self) -> str:
         c = self.config
@@ -191,11 +210,12 @@ class TrainResult:
 
 def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent]) -> TrainResult:
     """Tables from what the ranks returned (or logged so far: the dashboard builds live ones)."""
-    rows, ops = [], []
+    rows, ops, spans = [], [], []
     for out in outputs:
         for rec in out["records"]:
             where = {"step": rec["step"], "rank": out["rank"]}
             ops += [{**where, **e} for e in rec["comm"]]
+            spans += [{**where, **span} for span in rec["spans"]]
             row = {**where, **{k: rec[k] for k in ("loss", "samples", "step_time")}}
             row["samples_per_s"] = rec["samples"] / rec["step_time"]
             row["comm_bytes"] = sum(e["payload_bytes"] for e in rec["comm"])
@@ -242,6 +262,7 @@ def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent])
             for rec in out["records"]
             if rec["timeline"]
         ],
+        pd.DataFrame(spans, columns=["step", "rank", "name", "mb", "start", "end", "cpu"]),
     )
 
 
@@ -277,7 +298,10 @@ def train(
     else:
         ranks = [0] if config.strategy == "single" else None
         outputs = cluster.run(run_on_rank, config, full_state, ranks=ranks, timeout=timeout)
-    return results(config, outputs, expected)
+    result = results(config, outputs, expected)
+    if cluster is not None and cluster.attach:
+        result.clock_offsets = cluster.clock_offsets()
+    return result
 
 
 # help(train) and Jupyter's tooltip list TrainConfig's fields (with their defaults) as keywords.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import signal
 import threading
 import time
@@ -12,18 +11,13 @@ import pytest
 import pdlab
 from pdlab.flight import Location, Op, summarize
 
+from .helpers import line_of
+
 
 @pytest.fixture(scope="module")
 def cluster3():
     with pdlab.Cluster(3) as c:
         yield c
-
-
-def line_in_this_file(fn, text: str) -> str:
-    """``test_flight.py:N``: the line of ``fn`` holding ``text``."""
-    source, first = inspect.getsourcelines(fn)
-    offset = next(i for i, line in enumerate(source) if text in line)
-    return f"test_flight.py:{first + offset}"
 
 
 def skip_the_second_all_reduce_on_rank_1():
@@ -47,7 +41,7 @@ def test_a_rank_that_skips_a_collective_is_named_and_the_cluster_works_after(clu
     second = where[0].seq
     assert where[2].seq == second and where[1].seq == second - 1  # rank 1's last: the first
     assert where[1].counts["world"] == second - 1 and where[0].counts["world"] == second
-    line = line_in_this_file(skip_the_second_all_reduce_on_rank_1, "# the second")
+    line = line_of(skip_the_second_all_reduce_on_rank_1, "# the second")
     assert where[0].line == where[2].line == line
     assert where[0].shape == "[4] float32"
     message = str(info.value)
