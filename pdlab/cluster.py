@@ -633,6 +633,8 @@ class _Call:
             return
         if isinstance(message, protocol.Output):
             self.cluster._output.write(rank, message.stream, message.text)
+        elif isinstance(message, protocol.Display | protocol.WidgetState):
+            self.cluster._output.show(rank, message)
         elif isinstance(message, protocol.Undecodable):
             self._undecodable(rank, message.what, message.types, message.error)
         elif isinstance(message, protocol.Lost) and rank in self.pending:

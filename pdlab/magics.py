@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.display import display
 
 from pdlab import cluster as cluster_module
+from pdlab import rich_output
 from pdlab.cluster import Cluster
 
 
@@ -73,13 +76,23 @@ class PdlabMagics(Magics):
 
     @cell_magic
     def ranks(self, line: str, cell: str) -> None:
-        """%%ranks [0,2]: run the cell on those ranks (all by default), each in its own namespace."""
-        targets = parse_ranks(line)
+        """%%ranks [0,2] [--tabs]: run the cell on those ranks (all by default), each in its
+        own namespace; --tabs shows each rank's output in a tab of its own."""
+        words = line.split()
+        targets = parse_ranks(" ".join(w for w in words if w != "--tabs"))
         cluster = cluster_module.current()
-        results = cluster.exec(cell, ranks=targets)
-        shown = targets if targets is not None else range(cluster.world_size)
-        for rank, value in zip(sorted(set(shown)), results, strict=True):
-            if value is not None:
+        shown = sorted(set(targets if targets is not None else range(cluster.world_size)))
+        view = rich_output.Tabs(shown) if "--tabs" in words else None
+        if view is not None:
+            display(view)
+        with rich_output.routed(cluster, view) if view else contextlib.nullcontext():
+            results = cluster.exec(cell, ranks=targets)
+        for rank, value in zip(shown, results, strict=True):
+            if value is None:
+                continue
+            if view is not None:
+                view.lines(rank, "stdout", [f"Out: {value!r}"])
+            else:
                 print(f"[rank {rank}] Out: {value!r}")
 
 

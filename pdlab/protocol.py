@@ -60,6 +60,25 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Display:
+    """A rank's ``display(obj)``: the object pickled (b"" if it would not pickle) and its
+    ``repr``, shown instead when the kernel can't unpickle it."""
+
+    value: bytes
+    text: str
+
+
+@dataclass(frozen=True)
+class WidgetState:
+    """A rank's ipywidgets widget (``module.name``), new or changed: its synced state."""
+
+    model_id: str
+    module: str
+    name: str
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Metrics:
     """A ``pdlab.log`` record, pickled by the rank; ``types`` names its values' types, for an
     error message if the kernel cannot unpickle them."""

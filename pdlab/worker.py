@@ -192,10 +192,11 @@ def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:
 
 
 def _serve(channel: Channel, pump: OutputPump) -> None:
-    from pdlab import runtime
+    from pdlab import rich_output, runtime
 
     runtime.bind(sink=lambda record: _send_metrics(channel, record))
-    namespace: dict[str, Any] = {"__name__": "__pdlab__"}
+    rich_output.bind(channel.send, pump.flush)
+    namespace: dict[str, Any] = {"__name__": "__pdlab__", "display": rich_output.display}
     exec("import torch, torch.distributed as dist, pdlab", namespace)
     calls: queue.Queue = queue.Queue()
     running = threading.Event()
@@ -230,6 +231,7 @@ def _serve(channel: Channel, pump: OutputPump) -> None:
     threading.Thread(target=read, daemon=True).start()
     while isinstance(call := calls.get(), protocol.Call):
         reply = _call(call, namespace, running)
+        rich_output.flush()  # a widget's last change
         pump.flush()
         channel.send(reply)
 
