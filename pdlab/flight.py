@@ -30,7 +30,7 @@ import sysconfig
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 RING = 1024  # ops kept per rank
@@ -40,17 +40,21 @@ STACK = 6  # innermost frames of the user's code in an answer
 # ---- what is reported --------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Op:
-    """One collective or point-to-point op a rank issued."""
+    """One collective or point-to-point op a rank issued.
+
+    As recorded, ``group`` is c10d's name of the group and ``shape`` the tensor's (size,
+    dtype): formatting costs microseconds an op, so ``reported`` does it when asked.
+    """
 
     op: str  # all_reduce, broadcast, send, ...
-    group: str  # the process group's name in c10d ("0"); ``Location`` reports carry labels
+    group: str  # the group's label ("world", "dp", ...) in reports; c10d's name ("0") as recorded
     seq: int  # c10d's sequence number of the op in its group (compat.sequence_numbers)
     nbytes: int  # of the op's first tensor argument (the output, for gathers)
-    shape: str  # of that tensor: "[4, 8] float32"
+    shape: Any  # of that tensor: "[4, 8] float32" in reports
     start: float  # time.time() at issue
-    end: float | None = None  # when seen complete (None: not yet)
+    end: float | None = None  # when a wait on it returned, else when first seen complete
     line: str = ""  # where the user's code issued it: "cell line 5", "train.py:42"
     handle: Any = field(default=None, repr=False)  # the Work (or tensor) until complete
 
@@ -228,17 +232,27 @@ def line_of(filename: str, lineno: int) -> str:
     return f"{os.path.basename(filename)}:{lineno}"
 
 
+_line_cache: dict[tuple[str, int], str] = {}  # line_of's answers: ops come from few lines
+
+
 def _issuer(frame: Any) -> str:
     """The innermost frame of the user's code (else of pdlab's) on ``frame``'s stack."""
     fallback = None
     while frame is not None:
         kind = _kind(frame.f_code.co_filename)
         if kind == USER:
-            return line_of(frame.f_code.co_filename, frame.f_lineno)
+            break
         if kind == PDLAB and fallback is None:
             fallback = frame
         frame = frame.f_back
-    return line_of(fallback.f_code.co_filename, fallback.f_lineno) if fallback else ""
+    frame = frame or fallback
+    if frame is None:
+        return ""
+    key = (frame.f_code.co_filename, frame.f_lineno)
+    line = _line_cache.get(key)
+    if line is None:
+        line = _line_cache[key] = line_of(*key)
+    return line
 
 
 def _first_tensor(args: tuple) -> Any:
@@ -253,26 +267,30 @@ def _first_tensor(args: tuple) -> Any:
 
 def _issued(op: str, group: str, seq: int, args: tuple, start: float, line: str) -> Op:
     t = _first_tensor(args)
-    nbytes = t.numel() * t.element_size() if t is not None else 0
-    shape = f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" if t is not None else ""
-    record = Op(op, group, seq, nbytes, shape, start, line=line)
+    if t is None:
+        record = Op(op, group, seq, 0, None, start, None, line)
+    else:
+        nbytes = t.numel() * t.element_size()
+        record = Op(op, group, seq, nbytes, (t.shape, t.dtype), start, None, line)
     _ring.append(record)
     return record
 
 
-def _track(record: Op, handle: Any) -> int:
-    """Keep ``record`` pending until ``handle`` (a Work or a tensor) is seen complete; the key."""
-    if len(_pending) > 256:  # works nobody waits on (a fire-and-forget isend): look at them
-        for key, op in list(_pending.items()):
-            if _done(op):
-                _finish(op, key)
+def _track(record: Op, handle: Any) -> None:
+    """Keep ``record`` pending until a wait on ``handle`` (a Work or a tensor) returns or it
+    is seen complete. Older ops are looked at first: a group's ops complete in order, so
+    the look stops at the first one still running. (No Python callback on c10d's threads:
+    on 2 ranks that doubled the cost of a small all-reduce.)"""
+    for key, op in list(_pending.items()):
+        if not _done(op):
+            break
+        _finish(op, key)
     record.handle = handle
     _pending[id(handle)] = record
-    return id(handle)
 
 
 def _finish(record: Op, key: int) -> None:
-    """``record`` is complete (its handle, the key's, is dropped: no reference cycle stays)."""
+    """``record`` is complete: its handle (the key's) is dropped."""
     if _pending.get(key) is record:
         _pending.pop(key, None)
     if record.end is None:
@@ -294,12 +312,7 @@ def _record_method(original: Any, op: str) -> Any:
         work = original(pg, *args, **kwargs)
         record = _issued(op, pg.group_name, compat.sequence_number(pg), args, start, line)
         if work is not None:
-            key = _track(record, work)
-            try:
-                future = work.get_future()
-            except RuntimeError:  # gloo's point-to-point Works have none: their wait tells
-                return work
-            future.add_done_callback(lambda _: _finish(record, key))
+            _track(record, work)
         return work
 
     return recorded
@@ -405,10 +418,14 @@ def group_labels() -> dict[str, str]:
     }
 
 
-def _relabel(record: Op, labels: dict[str, str]) -> Op:
-    return Op(
-        **{**record.__dict__, "group": labels.get(record.group, record.group), "handle": None}
-    )
+def reported(record: Op, labels: dict[str, str]) -> Op:
+    """``record`` as reports carry it: its group's label, its shape as text, no handle."""
+    shape = record.shape
+    if isinstance(shape, tuple):
+        size, dtype = shape
+        shape = f"{list(size)} {str(dtype).removeprefix('torch.')}"
+    group = labels.get(record.group, record.group)
+    return replace(record, group=group, shape=shape or "", handle=None)
 
 
 def _user_frames(frame: Any) -> list[str]:
@@ -436,7 +453,7 @@ def locate(main_thread: int, in_call: bool) -> Location:
     if not dist.is_initialized():
         return Location(rank, "running" if in_call else "finished", clock=time.time())
     labels = group_labels()
-    recent = [_relabel(r, labels) for r in list(_ring)[-RECENT:]]
+    recent = [reported(r, labels) for r in list(_ring)[-RECENT:]]
     frame = sys._current_frames().get(main_thread)
     waited = _waiting.get(main_thread)
     if (
@@ -450,7 +467,7 @@ def locate(main_thread: int, in_call: bool) -> Location:
         live = [o for o in list(_pending.values()) if not _done(o)]
         waited = min(live, key=lambda o: o.start) if live else None
     state = "finished" if not in_call else "waiting" if waited is not None else "running"
-    last = _relabel(waited, labels) if waited is not None else recent[-1] if recent else None
+    last = reported(waited, labels) if waited is not None else recent[-1] if recent else None
     stack = _user_frames(frame) if in_call else []
     line = _issuer(frame) if state == "running" else last.line if last else None
     counts = {labels.get(name, name): n for name, n in compat.sequence_numbers().items()}

@@ -410,9 +410,7 @@ def _stop_profiler() -> dict:
             trace = json.load(f)
     labels = flight.group_labels()
     ops = [
-        {**asdict(op), "group": labels.get(op.group, op.group), "handle": None}
-        for op in flight.ops()
-        if op.start >= _profiling_since
+        asdict(flight.reported(op, labels)) for op in flight.ops() if op.start >= _profiling_since
     ]
     return {"rank": runtime.rank(), "trace": trace, "ops": ops}
 
