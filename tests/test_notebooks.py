@@ -29,6 +29,7 @@ RUNS = {
             "DDP: measured bytes == predicted: True",
             "ranks end with identical weights: True",
             "ps and ring: measured bytes == predicted: True",
+            "of its all-reduce time ran behind the backward",
         ],
     ),
     "02_tensor_parallel": (
@@ -62,6 +63,8 @@ RUNS = {
                 for s in ("DP", "ZeRO-1", "ZeRO-1 (ZeroRedundancyOptimizer)", "ZeRO-3", "FSDP2")
             ),
             "measured bytes == predicted: True",
+            "FSDP2: ",
+            "of its communication overlapped compute",
         ],
     ),
     "06_hybrid_and_beyond": (
