@@ -38,11 +38,11 @@ from typing import Any
 
 import cloudpickle
 
-from pdlab import launcher, protocol
+from pdlab import flight, launcher, protocol
 from pdlab.control import ControlServer, RankLink
-from pdlab.flight import Location, Locations
 from pdlab.launcher import choose_backend
 from pdlab.output import RankOutput
+from pdlab.where import Location, Locations
 
 __all__ = ["CallTimeout", "Cluster", "ClusterStatus", "RankError", "choose_backend", "current"]
 
@@ -59,7 +59,7 @@ class RankError(RuntimeError):
 
     ``rank`` is the rank blamed; ``exc_type`` the name of the exception it raised (None if it
     died); ``remote_traceback`` its traceback as text. When peers were left blocked, ``where``
-    holds where each rank was (``pdlab.flight.Location``s), else None. The message holds all
+    holds where each rank was (``pdlab.where.Location``s), else None. The message holds all
     of it, and what happened to the other ranks.
     """
 
@@ -476,9 +476,16 @@ class Cluster:
                     continue
                 if here.request_id == question:  # else a late answer to an earlier question
                     answers[rank] = here.location, here.location.clock - (asked + received) / 2
-        return [
-            answers.get(r, (Location(r, "unknown" if r in alive else "dead"), 0.0)) for r in ranks
-        ]
+        labels = next((place.groups for place, _ in answers.values()), {})
+        return [answers.get(r, (self._silent(r, alive, labels), 0.0)) for r in ranks]
+
+    def _silent(self, rank: int, alive: list[int], labels: dict[str, str]) -> Location:
+        """A rank that did not answer: unknown if alive; if dead, what its black box says."""
+        local = self._resources.local
+        if rank in alive or local is None:
+            return Location(rank, "unknown" if rank in alive else "dead")
+        ops = flight.read_black_box(flight.black_box_path(local.tmpdir, rank))
+        return flight.dead(rank, ops, labels)
 
     def _locate(self, ranks: Sequence[int]) -> Locations:
         return Locations(place for place, _ in self._ask_where(ranks, WHERE_S))
@@ -718,13 +725,18 @@ class _Call:
         if others:
             message += "\nThe other failures of this call:\n  " + "\n  ".join(others)
         where = None
-        if self.pending:
+        died = any(f.blame is protocol.Blame.DIED for f in self.failures)
+        if self.pending or died:  # peers blocked, or a death to explain: where was everyone?
             where = self.cluster._locate(self.ranks)
             ends = {f.rank: f"raised {f.exc_type}" for f in self.failures if f.exc_type}
-            message += (
-                f"\nrank(s) {sorted(self.pending)} were still running: {where.summary(ends)}. "
-                "They were stopped; the cluster restarts on the next run (or call .restart())."
-            )
+            if self.pending:
+                message += (
+                    f"\nrank(s) {sorted(self.pending)} were still running: "
+                    f"{where.summary(ends)}. They were stopped; the cluster restarts on the "
+                    "next run (or call .restart())."
+                )
+            else:
+                message += f"\nWhere the ranks were: {where.summary(ends)}."
         broken = bool(self.pending) or any(f.blame.breaks_group for f in self.failures)
         message += self.cluster._settle(broken, f"rank {first.rank} failed", self.counts)
         raise RankError(first.rank, message, first.exc_type, first.traceback, where)

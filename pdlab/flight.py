@@ -16,184 +16,35 @@ c10d's own counters, so those ops still count, and a gap between two records is 
 ``locate()`` runs on the rank's reader thread while its main thread may be blocked in a
 collective: the op the main thread waits in, else its Python stack, and the recent ops.
 
-In the kernel, ``Locations`` holds one ``Location`` a rank and says in one sentence what went
-wrong: who waits in which op, who never reached it and why, and ops that don't match.
+Each rank also keeps its last ``BOX_SLOTS`` ops in a black box: a small file (mmap) in the
+cluster's private temp dir, which the kernel reads when the rank has died (killed, or aborted
+by gloo on a collective mismatch) to say what it died in.
+
+``pdlab.where`` has the records (``Op``, ``Location``) and the sentence made of them.
 """
 
 from __future__ import annotations
 
 import functools
 import linecache
+import math
+import mmap
 import os
+import struct
 import sys
 import sysconfig
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
+
+from pdlab.where import Location, Op
 
 RING = 1024  # ops kept per rank
 RECENT = 32  # of them, sent with each answer
 STACK = 6  # innermost frames of the user's code in an answer
-
-# ---- what is reported --------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Op:
-    """One collective or point-to-point op a rank issued.
-
-    As recorded, ``group`` is c10d's name of the group and ``shape`` the tensor's (size,
-    dtype): formatting costs microseconds an op, so ``reported`` does it when asked.
-    """
-
-    op: str  # all_reduce, broadcast, send, ...
-    group: str  # the group's label ("world", "dp", ...) in reports; c10d's name ("0") as recorded
-    seq: int  # c10d's sequence number of the op in its group (compat.sequence_numbers)
-    nbytes: int  # of the op's first tensor argument (the output, for gathers)
-    shape: Any  # of that tensor: "[4, 8] float32" in reports
-    start: float  # time.time() at issue
-    end: float | None = None  # when a wait on it returned, else when first seen complete
-    line: str = ""  # where the user's code issued it: "cell line 5", "train.py:42"
-    handle: Any = field(default=None, repr=False)  # the Work (or tensor) until complete
-
-    def name(self) -> str:
-        """``all_reduce #3``."""
-        return f"{self.op} #{self.seq}"
-
-
-@dataclass
-class Location:
-    """Where one rank is. ``state``: waiting (blocked in ``op``), running (its code runs, at
-    ``line``), finished (no call in progress; ``op`` is its last), dead, or unknown (it did
-    not answer)."""
-
-    rank: int
-    state: str
-    op: str | None = None
-    group: str | None = None  # label: "world", "dp", "tp", ...
-    seq: int | None = None
-    line: str | None = None
-    shape: str | None = None
-    stack: list[str] = field(default_factory=list)  # innermost first: "cell line 5: x = f()"
-    recent: list[Op] = field(default_factory=list)  # oldest first, groups as labels
-    counts: dict[str, int] = field(default_factory=dict)  # ops issued per group label
-    clock: float = 0.0  # the rank's time.time() when it answered
-
-    def last_on(self, group: str) -> str:
-        """The last op this rank issued on ``group``: ``all_reduce #2``, ``op #5`` when it was
-        not recorded (C++ issued it), or ``no op``."""
-        count = self.counts.get(group, 0)
-        if count == 0:
-            return "no op"
-        op = next((o for o in self.recent if o.group == group and o.seq == count), None)
-        return op.name() if op else f"op #{count}"
-
-    def __str__(self) -> str:
-        op = f"{self.op} #{self.seq} on {self.group!r}"
-        if self.state == "waiting":
-            return f"rank {self.rank}: waiting in {op} ({self.shape}), issued at {self.line}"
-        if self.state == "running":
-            last = f" (last op: {op})" if self.op else ""
-            return f"rank {self.rank}: running at {self.line}{last}"
-        last = f"; last op {op} at {self.line}" if self.op else ""
-        return f"rank {self.rank}: {self.state}{last}"
-
-
-class Locations(list):
-    """One ``Location`` a rank; prints as a sentence, then a line a rank."""
-
-    def summary(self, outcomes: dict[int, str] | None = None) -> str:
-        return summarize(self, outcomes)
-
-    def __str__(self) -> str:
-        return "\n".join([self.summary(), *(f"  {place}" for place in self)])
-
-    __repr__ = __str__
-
-
-def _ranks(ranks: list[int]) -> str:
-    """ "rank 1", "ranks 0 and 2", "ranks 0, 2 and 3"."""
-    if len(ranks) == 1:
-        return f"rank {ranks[0]}"
-    return "ranks " + ", ".join(map(str, ranks[:-1])) + f" and {ranks[-1]}"
-
-
-def _lines(places: list[Location]) -> str:
-    lines = {p.line for p in places}
-    if lines == {None} or lines == {""}:
-        return ""
-    if len(lines) == 1:
-        return f" ({places[0].line})"
-    return " (" + ", ".join(f"rank {p.rank} at {p.line}" for p in places) + ")"
-
-
-def _elsewhere(place: Location, group: str, outcome: str | None) -> str:
-    """Why ``place``'s rank is not waiting with the others on ``group``."""
-    after = place.last_on(group)
-    if place.state == "dead":
-        return f"{_ranks([place.rank])} died"
-    if place.state == "unknown":
-        return f"{_ranks([place.rank])} did not answer"
-    if place.state == "running":
-        return f"{_ranks([place.rank])} is running{_lines([place])}, after {after}"
-    return f"{_ranks([place.rank])} never reached it: it {outcome or 'finished'} after {after}"
-
-
-def _waits_on(group: str, waiting: list[Location]) -> str:
-    """What the ranks waiting on ``group`` wait in, naming ops or shapes that don't match."""
-    by_seq: dict[int, list[Location]] = {}
-    for p in waiting:
-        by_seq.setdefault(p.seq, []).append(p)
-    if len(by_seq) > 1:
-        parts = ", ".join(f"{_ranks([p.rank])} in {p.op} #{p.seq}" for p in waiting)
-        return f"ranks wait at different ops of group {group!r}: {parts}"
-    seq = next(iter(by_seq))
-    ops = {p.op for p in waiting}
-    if len(ops) > 1:
-        parts = ", ".join(
-            f"{_ranks([p.rank for p in waiting if p.op == op])} in {op}" for op in sorted(ops)
-        )
-        return f"mismatched collectives at #{seq} on group {group!r}: {parts}"
-    shapes = {p.shape for p in waiting}
-    ranks = [p.rank for p in waiting]
-    text = f"{_ranks(ranks)} wait{'s' if len(ranks) == 1 else ''} in {waiting[0].op} #{seq} on group {group!r}"
-    if len(shapes) > 1:
-        parts = ", ".join(f"rank {p.rank} {p.shape}" for p in waiting)
-        return f"{text} with mismatched shapes: {parts}"
-    return text + _lines(waiting)
-
-
-def summarize(places: list[Location], outcomes: dict[int, str] | None = None) -> str:
-    """One sentence: who waits in which op, who never reached it and why; else what each
-    rank is doing. ``outcomes`` words a rank's end ("raised ValueError") instead of
-    "finished"."""
-    outcomes = outcomes or {}
-    waiting = [p for p in places if p.state == "waiting"]
-    clauses, told = [], {p.rank for p in waiting}
-    for group in dict.fromkeys(p.group for p in waiting):
-        mine = [p for p in waiting if p.group == group]
-        clauses.append(_waits_on(group, mine))
-        for p in places:
-            if p.rank not in told and group in p.counts:
-                clauses.append(_elsewhere(p, group, outcomes.get(p.rank)))
-                told.add(p.rank)
-    by_state: dict[tuple[str, str], list[Location]] = {}
-    for p in places:
-        if p.rank not in told:
-            by_state.setdefault((p.state, outcomes.get(p.rank, "")), []).append(p)
-    for (state, outcome), same in by_state.items():
-        ranks = [p.rank for p in same]
-        if state == "running":
-            clauses.append(
-                f"{_ranks(ranks)} {'is' if len(ranks) == 1 else 'are'} running{_lines(same)}"
-            )
-        else:
-            verb = {"dead": "died", "unknown": "did not answer"}.get(state, "finished")
-            clauses.append(f"{_ranks(ranks)} {outcome or verb}")
-    return "; ".join(clauses)
-
+BOX_SLOTS, SLOT_BYTES = 64, 256  # the black box: the last ops, a fixed-size slot each
 
 # ---- the recorder (on a rank) ------------------------------------------------------------
 
@@ -265,14 +116,21 @@ def _first_tensor(args: tuple) -> Any:
     return None
 
 
+_shapes: dict[tuple, str] = {}  # (size, dtype) -> "[4, 8] float32": a step repeats its shapes
+
+
 def _issued(op: str, group: str, seq: int, args: tuple, start: float, line: str) -> Op:
     t = _first_tensor(args)
-    if t is None:
-        record = Op(op, group, seq, 0, None, start, None, line)
-    else:
-        nbytes = t.numel() * t.element_size()
-        record = Op(op, group, seq, nbytes, (t.shape, t.dtype), start, None, line)
+    nbytes, shape = 0, ""
+    if t is not None:
+        nbytes, key = t.numel() * t.element_size(), (t.shape, t.dtype)
+        shape = _shapes.get(key)
+        if shape is None:
+            shape = _shapes[key] = f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+    record = Op(op, group, seq, nbytes, shape, start, None, line)
     _ring.append(record)
+    if _box is not None:
+        _box.write(record)
     return record
 
 
@@ -295,7 +153,17 @@ def _finish(record: Op, key: int) -> None:
         _pending.pop(key, None)
     if record.end is None:
         record.end = time.time()
+        if _box is not None:
+            _box.update(record)
     record.handle = None
+
+
+def _withdraw(record: Op) -> None:
+    """Forget ``record``: its op was never issued."""
+    _ring.remove(record)
+    if _box is not None:
+        record.seq = -1  # a void slot
+        _box.update(record)
 
 
 def _done(record: Op) -> bool:
@@ -308,9 +176,20 @@ def _record_method(original: Any, op: str) -> Any:
     def recorded(pg: Any, *args: Any, **kwargs: Any) -> Any:
         from pdlab import compat
 
+        # Recorded before it is issued: a rank that gloo aborts inside the op (a size
+        # mismatch) leaves it in its black box. The next number is its, mostly: c10d's says.
         start, line = time.time(), _issuer(sys._getframe(1))
-        work = original(pg, *args, **kwargs)
-        record = _issued(op, pg.group_name, compat.sequence_number(pg), args, start, line)
+        record = _issued(op, pg.group_name, compat.sequence_number(pg) + 1, args, start, line)
+        try:
+            work = original(pg, *args, **kwargs)
+        except BaseException:  # refused (bad arguments): never issued
+            _withdraw(record)
+            raise
+        seq = compat.sequence_number(pg)
+        if seq != record.seq:
+            record.seq = seq
+            if _box is not None:
+                _box.update(record)
         if work is not None:
             _track(record, work)
         return work
@@ -354,11 +233,96 @@ def _record_wait(original: Any) -> Any:
     return wait
 
 
-def install() -> None:
-    """Start recording this process's collectives and point-to-point ops (idempotent)."""
-    global _installed, _library_dirs
+# ---- the black box ----------------------------------------------------------------------------
+
+_SLOT = struct.Struct("<qqdd")  # seq, nbytes, start, end (NaN: not complete); then text
+_COUNT = struct.Struct("<q")  # ops written so far: the file's first 8 bytes
+
+
+def black_box_path(directory: str, rank: int) -> str:
+    """Where rank ``rank`` keeps its black box, in a cluster's private temp dir."""
+    return os.path.join(directory, f"flight-{rank}")
+
+
+class BlackBox:
+    """The last ``BOX_SLOTS`` ops in a file: a shared mapping outlives the process, so the
+    kernel can read it after a SIGKILL or an abort."""
+
+    def __init__(self, path: str):
+        size = _COUNT.size + BOX_SLOTS * SLOT_BYTES
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.count = 0
+        self.lock = threading.Lock()  # DDP's comm hook may record from an autograd thread
+
+    def write(self, record: Op) -> None:
+        text = "\x1f".join((record.op, record.group, record.shape, record.line)).encode()
+        with self.lock:
+            record.box = at = _COUNT.size + self.count % BOX_SLOTS * SLOT_BYTES
+            _SLOT.pack_into(self.map, at, record.seq, record.nbytes, record.start, math.nan)
+            body = text[: SLOT_BYTES - _SLOT.size]
+            self.map[at + _SLOT.size : at + SLOT_BYTES] = body.ljust(SLOT_BYTES - _SLOT.size, b"\0")
+            self.count += 1
+            _COUNT.pack_into(self.map, 0, self.count)
+
+    def update(self, record: Op) -> None:
+        """Its sequence number and end time now, unless a newer op has taken its slot."""
+        with self.lock:
+            start = _SLOT.unpack_from(self.map, record.box)[2]
+            if start == record.start:
+                end = math.nan if record.end is None else record.end
+                _SLOT.pack_into(self.map, record.box, record.seq, record.nbytes, start, end)
+
+
+def read_black_box(path: str) -> list[Op]:
+    """A black box's ops, oldest first (groups as c10d names); [] if there is none."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    if len(data) < _COUNT.size:
+        return []
+    count = _COUNT.unpack_from(data)[0]
+    ops = []
+    for i in range(max(0, count - BOX_SLOTS), count):
+        at = _COUNT.size + i % BOX_SLOTS * SLOT_BYTES
+        seq, nbytes, start, end = _SLOT.unpack_from(data, at)
+        if seq < 0:
+            continue  # withdrawn
+        text = data[at + _SLOT.size : at + SLOT_BYTES].rstrip(b"\0").decode(errors="replace")
+        op, group, shape, line = (*text.split("\x1f", 3), "", "", "")[:4]
+        ops.append(Op(op, group, seq, nbytes, shape, start, None if math.isnan(end) else end, line))
+    return ops
+
+
+def dead(rank: int, ops: list[Op], labels: dict[str, str]) -> Location:
+    """A dead rank's ``Location`` from its black box's ops, groups labelled by ``labels``
+    (a live rank's: group names are the same on every rank)."""
+    recent = [replace(op, group=labels.get(op.group, op.group)) for op in ops]
+    if not recent:
+        return Location(rank, "dead")
+    last = recent[-1]
+    counts = {op.group: op.seq for op in recent}
+    return Location(rank, "dead", last.op, last.group, last.seq, last.line, last.shape,
+                    recent=recent, counts=counts)  # fmt: skip
+
+
+_box: BlackBox | None = None
+
+
+def install(black_box: str | None = None) -> None:
+    """Start recording this process's collectives and point-to-point ops (idempotent); keep
+    the last ones in a black box file at ``black_box`` too, if given."""
+    global _installed, _library_dirs, _box
     if _installed:
         return
+    if black_box is not None:
+        _box = BlackBox(black_box)
     import torch
     import torch.distributed as dist
 
@@ -419,13 +383,8 @@ def group_labels() -> dict[str, str]:
 
 
 def reported(record: Op, labels: dict[str, str]) -> Op:
-    """``record`` as reports carry it: its group's label, its shape as text, no handle."""
-    shape = record.shape
-    if isinstance(shape, tuple):
-        size, dtype = shape
-        shape = f"{list(size)} {str(dtype).removeprefix('torch.')}"
-    group = labels.get(record.group, record.group)
-    return replace(record, group=group, shape=shape or "", handle=None)
+    """``record`` as reports carry it: its group's label, no handle."""
+    return replace(record, group=labels.get(record.group, record.group), handle=None, box=-1)
 
 
 def _user_frames(frame: Any) -> list[str]:
@@ -482,5 +441,6 @@ def locate(main_thread: int, in_call: bool) -> Location:
         stack,
         recent,
         counts,
+        labels,
         time.time(),
     )

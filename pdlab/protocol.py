@@ -109,7 +109,7 @@ class Error:
 
 @dataclass(frozen=True)
 class Here:
-    """The answer to ``Where``: a ``pdlab.flight.Location``, sent by the rank's reader thread
+    """The answer to ``Where``: a ``pdlab.where.Location``, sent by the rank's reader thread
     while its main thread runs on (or waits in a collective)."""
 
     request_id: int

@@ -110,7 +110,10 @@ def _init_process_group(args: argparse.Namespace) -> None:
     from pdlab import flight, runtime
 
     if os.environ.get("PDLAB_FLIGHT_RECORDER") != "0":  # "0": off, for benchmarks to compare
-        flight.install()  # before the group forms: its first barrier is op #1
+        # Before the group forms: its first barrier is op #1. The black box goes beside the
+        # store, in the cluster's private temp dir (ranks torchrun started have none).
+        box = args.store and flight.black_box_path(os.path.dirname(args.store), args.rank)
+        flight.install(black_box=box or None)
     torch.set_num_threads(args.threads)
     timeout = timedelta(seconds=args.timeout)
     if args.device == "cuda":
@@ -179,11 +182,12 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
 def _locate(in_call: bool) -> Any:
     """Where this rank is (``pdlab.flight.locate``), from the reader thread; never raises."""
     from pdlab import flight, runtime
+    from pdlab.where import Location
 
     try:
         return flight.locate(threading.main_thread().ident, in_call)
     except Exception as exc:  # a broken answer must not end the reader, and so the rank
-        return flight.Location(runtime.rank(), "unknown", line=f"locate failed: {exc!r}")
+        return Location(runtime.rank(), "unknown", line=f"locate failed: {exc!r}")
 
 
 def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -9,7 +10,8 @@ import time
 import pytest
 
 import pdlab
-from pdlab.flight import Location, Op, summarize
+from pdlab.flight import BOX_SLOTS, BlackBox, dead, read_black_box
+from pdlab.where import Location, Op, summarize
 
 from .helpers import line_of
 
@@ -176,11 +178,79 @@ def test_ddp_buckets_are_recorded_at_pdlabs_comm_hook(cluster2):
     assert any(o.op == "all_reduce" and o.line.startswith("pdlab/parallel/data.py") for o in ops)
 
 
+# ---- a dead rank's black box ------------------------------------------------------------------
+
+
+def test_a_dead_ranks_black_box_says_what_it_died_in(cluster2):
+    cluster2.run(pdlab.rank)  # warm: an earlier test may have left it to restart
+    victim = cluster2.run(os.getpid)[1]
+
+    def rank_1_waits_alone():
+        import torch
+        import torch.distributed as dist
+
+        if pdlab.rank() == 1:
+            dist.all_reduce(torch.ones(3))  # alone: rank 0 sleeps
+        else:
+            time.sleep(30)
+
+    threading.Timer(2.0, os.kill, (victim, signal.SIGKILL)).start()
+    with pytest.raises(pdlab.RankError, match="rank 1 died: it was killed by SIGKILL") as info:
+        cluster2.run(rank_1_waits_alone)
+    rank0, rank1 = info.value.where
+    line = line_of(rank_1_waits_alone, "# alone")
+    assert (rank1.state, rank1.op, rank1.group, rank1.line) == ("dead", "all_reduce", "world", line)
+    assert rank1.shape == "[3] float32" and rank1.recent[-1].end is None
+    assert f"rank 1 died in all_reduce #{rank1.seq} ({line})" in str(info.value)
+    assert rank0.state == "running"
+
+
+def test_gloos_abort_on_mismatched_shapes_is_named_as_such(cluster2):
+    cluster2.run(pdlab.rank)
+
+    def all_reduce_of_different_sizes():
+        import torch
+        import torch.distributed as dist
+
+        dist.all_reduce(torch.ones(4 * (1 + pdlab.rank())))
+
+    with pytest.raises(pdlab.RankError, match="killed by SIGABRT") as info:
+        cluster2.run(all_reduce_of_different_sizes)  # gloo aborts a rank: sizes don't match
+    seq = info.value.where[0].recent[-1].seq
+    assert (
+        f"mismatched shapes in all_reduce #{seq} on group 'world': "
+        "rank 0 [4] float32, rank 1 [8] float32"
+    ) in str(info.value)
+
+
+def test_the_black_box_keeps_the_last_ops_in_order(tmp_path):
+    box = BlackBox(str(tmp_path / "box"))
+    ops = [
+        Op("all_reduce", "0", seq, 4 * seq, f"[{seq}] float32", float(seq)) for seq in range(1, 101)
+    ]
+    for op in ops:
+        box.write(op)
+    ops[-1].end = 1000.0
+    box.update(ops[-1])
+    ops[0].end = 5.0
+    box.update(ops[0])  # its slot was taken long ago: nothing changes
+    back = read_black_box(str(tmp_path / "box"))
+    assert [o.seq for o in back] == list(range(101 - BOX_SLOTS, 101))
+    assert back[-1].end == 1000.0 and back[-2].end is None
+    assert (back[-1].op, back[-1].group, back[-1].shape, back[-1].nbytes) == (
+        "all_reduce", "0", "[100] float32", 400,
+    )  # fmt: skip
+    assert read_black_box(str(tmp_path / "missing")) == []
+
+
 # ---- the sentence, from made-up answers ------------------------------------------------------
 
 
 def waiting(rank, op="all_reduce", seq=3, shape="[4] float32", line="cell line 5"):
-    return Location(rank, "waiting", op, "world", seq, line, shape, counts={"world": seq})
+    issued = Op(op, "world", seq, 16, shape, 0.0, None, line)
+    return Location(
+        rank, "waiting", op, "world", seq, line, shape, recent=[issued], counts={"world": seq}
+    )
 
 
 def test_the_sentence_names_what_does_not_match():
@@ -188,15 +258,22 @@ def test_the_sentence_names_what_does_not_match():
         "ranks 0 and 1 wait in all_reduce #3 on group 'world' (cell line 5)"
     )
     assert summarize([waiting(0), waiting(1, shape="[8] float32")]) == (
-        "ranks 0 and 1 wait in all_reduce #3 on group 'world' with mismatched shapes: "
-        "rank 0 [4] float32, rank 1 [8] float32"
+        "mismatched shapes in all_reduce #3 on group 'world': rank 0 [4] float32, "
+        "rank 1 [8] float32; ranks 0 and 1 wait in all_reduce #3 on group 'world' (cell line 5)"
     )
-    assert summarize([waiting(0), waiting(1, op="broadcast")]) == (
-        "mismatched collectives at #3 on group 'world': rank 0 in all_reduce, rank 1 in broadcast"
+    assert summarize([waiting(0), waiting(1, op="broadcast", line="cell line 6")]) == (
+        "mismatched collectives at #3 on group 'world': rank 0 in all_reduce, rank 1 in "
+        "broadcast; rank 0 waits in all_reduce #3 on group 'world' (cell line 5); rank 1 "
+        "waits in broadcast #3 on group 'world' (cell line 6)"
     )
     assert summarize([waiting(0), waiting(1, seq=4, line="cell line 7")]) == (
-        "ranks wait at different ops of group 'world': rank 0 in all_reduce #3, "
-        "rank 1 in all_reduce #4"
+        "rank 0 waits in all_reduce #3 on group 'world' (cell line 5); "
+        "rank 1 waits in all_reduce #4 on group 'world' (cell line 7)"
+    )
+    # A send and its recv share a sequence number: no mismatch.
+    assert summarize([waiting(0, op="send", seq=2), waiting(1, op="recv", seq=2)]) == (
+        "rank 0 waits in send #2 on group 'world' (cell line 5); "
+        "rank 1 waits in recv #2 on group 'world' (cell line 5)"
     )
 
 
@@ -204,11 +281,15 @@ def test_the_sentence_says_why_a_rank_is_not_there():
     last = [Op("broadcast", "world", 2, 16, "[4] float32", 0.0, 1.0, "cell line 3")]
     finished = Location(1, "finished", counts={"world": 2}, recent=last)
     running = Location(2, "running", line="cell line 9", counts={"world": 1})
-    dead = Location(3, "dead")
-    assert summarize([waiting(0), finished, running, dead], {1: "raised ValueError"}) == (
+    died_in = dead(
+        3, [Op("all_reduce", "0", 3, 16, "[4] float32", 0.0, None, "cell line 5")], {"0": "world"}
+    )
+    assert summarize(
+        [waiting(0), finished, running, died_in, Location(4, "dead")], {1: "raised ValueError"}
+    ) == (
         "rank 0 waits in all_reduce #3 on group 'world' (cell line 5); rank 1 never reached "
         "it: it raised ValueError after broadcast #2; rank 2 is running (cell line 9), after "
-        "op #1; rank 3 died"
+        "op #1; rank 3 died in all_reduce #3 (cell line 5); rank 4 died"
     )
     assert summarize([Location(0, "unknown"), Location(1, "finished")]) == (
         "rank 0 did not answer; rank 1 finished"
