@@ -436,8 +436,8 @@ class Cluster:
     def profile(self, path: str | os.PathLike | None = None) -> Any:
         """torch.profiler on every rank, merged into one Chrome/Perfetto trace (``path``):
         ``with cluster.profile("run.json"): cluster.run(fn)``, or ``.start()`` and
-        ``.stop()`` around ``%%ranks`` cells. See ``pdlab.trace.Profile``."""
-        from pdlab.trace import Profile
+        ``.stop()`` around ``%%ranks`` cells. See ``pdlab.profiling``."""
+        from pdlab.profiling import Profile
 
         return Profile(self, path)
 

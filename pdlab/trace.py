@@ -9,9 +9,7 @@ into compute, exposed communication and idle (as Holistic Trace Analysis does fo
   compute on one track, its communication (op, group, bytes) on others; ``breakdown(result)``
   splits each rank's step time. ``TrainResult.trace(path)`` and ``python -m pdlab run
   --trace PATH`` write the trace.
-- ``Profile`` (``cluster.profile()``) runs torch.profiler on every rank around any code run
-  with ``cluster.run`` or ``%%ranks`` and merges the ranks' traces into one, with the flight
-  recorder's ops (``pdlab.flight``) on a track of their own.
+- ``cluster.profile()`` does it for any code (``pdlab.profiling``).
 
 Clocks: ranks stamp events with ``time.time()``, which processes on one machine share. Ranks
 attached from other hosts are shifted by ``Cluster.clock_offsets()`` (each rank's clock
@@ -25,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -234,18 +231,20 @@ def breakdown(result: Any) -> pd.DataFrame:
 # ---- in the kernel: the trace ----------------------------------------------------------------
 
 
-def _process(pid: int, name: str, threads: dict[int, str]) -> list[dict]:
-    """Metadata naming a process (sorted by ``pid``) and its threads."""
-    events = [
-        {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}},
-        {
-            "ph": "M",
-            "name": "process_sort_index",
-            "pid": pid,
-            "tid": 0,
-            "args": {"sort_index": pid},
-        },
-    ]
+def process(pid: int, name: str | None, threads: dict[int, str]) -> list[dict]:
+    """Metadata naming a process (sorted by ``pid``; None: named already) and its threads."""
+    events = []
+    if name is not None:
+        events += [
+            {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}},
+            {
+                "ph": "M",
+                "name": "process_sort_index",
+                "pid": pid,
+                "tid": 0,
+                "args": {"sort_index": pid},
+            },
+        ]
     for tid, thread in threads.items():
         events.append(
             {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": thread}}
@@ -278,7 +277,7 @@ def _slice(
     }
 
 
-def _comm_slices(
+def comm_slices(
     pid: int, first_tid: int, ops: list[dict], us: Any
 ) -> tuple[list[dict], dict[int, str]]:
     """``ops`` (with start, end, name, args) as slices on as many communication tracks as
@@ -358,8 +357,8 @@ def chrome_trace(result: Any) -> dict:
             }
             for op in comm[comm["rank"] == rank].itertuples()
         ]
-        slices, tracks = _comm_slices(rank, 1, ops, us)
-        events += _process(rank, f"rank {rank}", {0: "compute", **tracks}) + slices
+        slices, tracks = comm_slices(rank, 1, ops, us)
+        events += process(rank, f"rank {rank}", {0: "compute", **tracks}) + slices
     return {
         "traceEvents": events,
         "displayTimeUnit": "ms",
@@ -372,122 +371,3 @@ def write(trace: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.write_text(json.dumps(trace))
     return path
-
-
-# ---- torch.profiler on every rank --------------------------------------------------------
-
-_profiler: Any = None  # on a rank, between Profile.start and Profile.stop
-_profiling_since = 0.0
-
-
-def _start_profiler() -> None:
-    global _profiler, _profiling_since
-    import torch
-
-    from pdlab import runtime
-
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if runtime.device().type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    _profiler = torch.profiler.profile(activities=activities)
-    _profiler.start()
-    _profiling_since = time.time()
-
-
-def _stop_profiler() -> dict:
-    """This rank's trace (torch.profiler's JSON) and the ops it issued meanwhile."""
-    global _profiler
-    from pdlab import flight, runtime
-
-    profiler, _profiler = _profiler, None
-    if profiler is None:
-        raise RuntimeError("no profile is running on this rank: call Profile.start() first")
-    profiler.stop()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        profiler.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
-    labels = flight.group_labels()
-    ops = [
-        asdict(flight.reported(op, labels)) for op in flight.ops() if op.start >= _profiling_since
-    ]
-    return {"rank": runtime.rank(), "trace": trace, "ops": ops}
-
-
-def merge(parts: list[dict], offsets: dict[int, float]) -> dict:
-    """The ranks' torch.profiler traces as one: each rank's processes renumbered under it
-    (rank r's own is process r), times moved to the kernel's clock, and the flight
-    recorder's ops on tracks of their own."""
-    events: list[dict] = []
-    for part in sorted(parts, key=lambda p: p["rank"]):
-        rank, trace = part["rank"], part["trace"]
-        # torch.profiler's "ts" is µs after baseTimeNanoseconds (2.x; 0 in older exports).
-        base_us = trace.get("baseTimeNanoseconds", 0) / 1e3 - offsets.get(rank, 0.0) * 1e6
-        pids: dict[Any, int] = {}
-        for e in trace.get("traceEvents", []):
-            e = dict(e)
-            if "pid" in e:
-                # The rank's own process is pid `rank`; others (GPUs) get their own numbers.
-                e["pid"] = pids.setdefault(
-                    e["pid"], rank if not pids else 1000 * (rank + 1) + len(pids)
-                )
-            if "ts" in e:
-                e["ts"] = e["ts"] + base_us
-            for key in ("id", "bind_id"):  # flow ids: unique per rank, so per rank here
-                if isinstance(e.get(key), int):
-                    e[key] += rank << 40
-            if e.get("ph") == "M" and e.get("name") == "process_name" and e["pid"] == rank:
-                e["args"] = {"name": f"rank {rank}"}
-            events.append(e)
-        ops = [
-            {
-                "name": op["op"],
-                "start": op["start"],
-                "end": op["end"] if op["end"] is not None else time.time(),
-                "args": {k: op[k] for k in ("group", "seq", "nbytes", "shape", "line")},
-            }
-            for op in part["ops"]
-        ]
-        slices, tracks = _comm_slices(rank, 1, ops, lambda t: t * 1e6)
-        events += (
-            _process(rank, f"rank {rank}", {t: f"pdlab {n}" for t, n in tracks.items()})[2:]
-            + slices
-        )
-    t0 = min((e["ts"] for e in events if "ts" in e and e.get("ph") != "M"), default=0.0)
-    for e in events:
-        if "ts" in e:
-            e["ts"] = round(e["ts"] - t0, 3)
-    return {"traceEvents": events, "displayTimeUnit": "ms"}
-
-
-class Profile:
-    """torch.profiler on every rank while it runs, merged into one trace (see the module).
-
-    ``with cluster.profile("cells.json"): cluster.run(fn)``; across notebook cells (%%ranks),
-    ``profile = cluster.profile("cells.json"); profile.start()`` ... ``profile.stop()``.
-    ``trace`` holds the merged trace once stopped.
-    """
-
-    def __init__(self, cluster: Any, path: str | os.PathLike | None = None):
-        self.cluster, self.path = cluster, path
-        self.trace: dict | None = None
-
-    def start(self) -> Profile:
-        self.cluster.run(_start_profiler)
-        return self
-
-    def stop(self) -> dict:
-        """Stop the profilers, merge their traces (and write them to ``path``, if given)."""
-        parts = self.cluster.run(_stop_profiler)
-        offsets = self.cluster.clock_offsets() if self.cluster.attach else {}
-        self.trace = merge(parts, offsets)
-        if self.path is not None:
-            write(self.trace, self.path)
-        return self.trace
-
-    def __enter__(self) -> Profile:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
