@@ -55,7 +55,7 @@ _installed = False
 
 LIBRARY, PDLAB, USER = 0, 1, 2
 _kinds: dict[str, int] = {}  # filename -> kind
-_library_dirs: tuple[str, ...] = ()
+_stdlib = tuple(sysconfig.get_paths()[key] + os.sep for key in ("stdlib", "platstdlib"))
 _pdlab_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -66,8 +66,8 @@ def _kind(filename: str) -> int:
             kind = LIBRARY
         elif filename.startswith(_pdlab_dir):
             kind = PDLAB
-        elif filename.startswith(_library_dirs) or "-packages" + os.sep in filename:
-            kind = LIBRARY  # torch, the standard library, installed packages
+        elif filename.startswith(_stdlib) or "-packages" + os.sep in filename:
+            kind = LIBRARY  # the standard library, installed packages (torch)
         else:
             kind = USER
         _kinds[filename] = kind
@@ -318,20 +318,15 @@ _box: BlackBox | None = None
 def install(black_box: str | None = None) -> None:
     """Start recording this process's collectives and point-to-point ops (idempotent); keep
     the last ones in a black box file at ``black_box`` too, if given."""
-    global _installed, _library_dirs, _box
+    global _installed, _box
     if _installed:
         return
     if black_box is not None:
         _box = BlackBox(black_box)
-    import torch
     import torch.distributed as dist
 
     from pdlab import compat
 
-    paths = sysconfig.get_paths()
-    _library_dirs = tuple(
-        d + os.sep for d in (os.path.dirname(torch.__file__), paths["stdlib"], paths["platstdlib"])
-    )
     for method, op in compat.PROCESS_GROUP_OPS.items():
         if hasattr(dist.ProcessGroup, method):
             setattr(
