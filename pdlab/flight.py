@@ -174,8 +174,6 @@ def _done(record: Op) -> bool:
 def _record_method(original: Any, op: str) -> Any:
     @functools.wraps(original)
     def recorded(pg: Any, *args: Any, **kwargs: Any) -> Any:
-        from pdlab import compat
-
         # Recorded before it is issued: a rank that gloo aborts inside the op (a size
         # mismatch) leaves it in its black box. The next number is its, mostly: c10d's says.
         start, line = time.time(), _issuer(sys._getframe(1))
@@ -200,8 +198,6 @@ def _record_method(original: Any, op: str) -> Any:
 def _record_functional(original: Any, op: str) -> Any:
     @functools.wraps(original)
     def recorded(*args: Any, **kwargs: Any) -> Any:
-        from pdlab import compat
-
         start, line = time.time(), _issuer(sys._getframe(1))
         before = compat.sequence_numbers()  # the group came in any of five forms: see which
         out = original(*args, **kwargs)
@@ -260,12 +256,12 @@ class BlackBox:
         self.lock = threading.Lock()  # DDP's comm hook may record from an autograd thread
 
     def write(self, record: Op) -> None:
-        text = "\x1f".join((record.op, record.group, record.shape, record.line)).encode()
+        text = f"{record.op}\x1f{record.group}\x1f{record.shape}\x1f{record.line}".encode()
+        text = text[: SLOT_BYTES - _SLOT.size - 1] + b"\0"
         with self.lock:
             record.box = at = _COUNT.size + self.count % BOX_SLOTS * SLOT_BYTES
             _SLOT.pack_into(self.map, at, record.seq, record.nbytes, record.start, math.nan)
-            body = text[: SLOT_BYTES - _SLOT.size]
-            self.map[at + _SLOT.size : at + SLOT_BYTES] = body.ljust(SLOT_BYTES - _SLOT.size, b"\0")
+            self.map[at + _SLOT.size : at + _SLOT.size + len(text)] = text
             self.count += 1
             _COUNT.pack_into(self.map, 0, self.count)
 
@@ -294,7 +290,7 @@ def read_black_box(path: str) -> list[Op]:
         seq, nbytes, start, end = _SLOT.unpack_from(data, at)
         if seq < 0:
             continue  # withdrawn
-        text = data[at + _SLOT.size : at + SLOT_BYTES].rstrip(b"\0").decode(errors="replace")
+        text = data[at + _SLOT.size : at + SLOT_BYTES].partition(b"\0")[0].decode(errors="replace")
         op, group, shape, line = (*text.split("\x1f", 3), "", "", "")[:4]
         ops.append(Op(op, group, seq, nbytes, shape, start, None if math.isnan(end) else end, line))
     return ops
@@ -313,6 +309,7 @@ def dead(rank: int, ops: list[Op], labels: dict[str, str]) -> Location:
 
 
 _box: BlackBox | None = None
+compat: Any = None  # pdlab.compat, imported by install (it imports torch)
 
 
 def install(black_box: str | None = None) -> None:
@@ -325,6 +322,7 @@ def install(black_box: str | None = None) -> None:
         _box = BlackBox(black_box)
     import torch.distributed as dist
 
+    global compat
     from pdlab import compat
 
     for method, op in compat.PROCESS_GROUP_OPS.items():
