@@ -312,31 +312,49 @@ _box: BlackBox | None = None
 compat: Any = None  # pdlab.compat, imported by install (it imports torch)
 
 
+_replaced: list[tuple[Any, str, Any]] = []  # (owner, name, what it held): uninstall puts back
+
+
+def _replace(owner: Any, name: str, recorder: Any, *args: Any) -> None:
+    """``owner.name`` (a method of a pybind class, or a module's function) wrapped in
+    ``recorder``; the attribute as ``owner`` held it is kept (a pybind method fetched
+    through the class is a plain function: set back, it would not bind ``self``)."""
+    _replaced.append((owner, name, vars(owner)[name]))
+    setattr(owner, name, recorder(getattr(owner, name), *args))
+
+
 def install(black_box: str | None = None) -> None:
     """Start recording this process's collectives and point-to-point ops (idempotent); keep
     the last ones in a black box file at ``black_box`` too, if given."""
-    global _installed, _box
+    global _installed, _box, compat
     if _installed:
         return
-    if black_box is not None:
-        _box = BlackBox(black_box)
     import torch.distributed as dist
 
-    global compat
     from pdlab import compat
 
+    if black_box is not None:
+        _box = BlackBox(black_box)
     for method, op in compat.PROCESS_GROUP_OPS.items():
-        if hasattr(dist.ProcessGroup, method):
-            setattr(
-                dist.ProcessGroup, method, _record_method(getattr(dist.ProcessGroup, method), op)
-            )
-    dist.Work.wait = _record_wait(dist.Work.wait)
+        if method in vars(dist.ProcessGroup):
+            _replace(dist.ProcessGroup, method, _record_method, op)
+    _replace(dist.Work, "wait", _record_wait)
     funcol = compat.functional_collectives()
     for function, op in compat.FUNCTIONAL_OPS.items():
         if hasattr(funcol, function):
-            setattr(funcol, function, _record_functional(getattr(funcol, function), op))
-    funcol.wait_tensor = _record_wait(funcol.wait_tensor)
+            _replace(funcol, function, _record_functional, op)
+    _replace(funcol, "wait_tensor", _record_wait)
     _installed = True
+
+
+def uninstall() -> None:
+    """Stop recording (``benchmarks/flight.py`` compares with and without)."""
+    global _installed, _box
+    while _replaced:
+        owner, name, held = _replaced.pop()
+        setattr(owner, name, held)
+    _pending.clear()
+    _box, _installed = None, False
 
 
 def ops() -> list[Op]:
