@@ -58,9 +58,9 @@ class RankError(RuntimeError):
     """A rank failed a call.
 
     ``rank`` is the rank blamed; ``exc_type`` the name of the exception it raised (None if it
-    died); ``remote_traceback`` its traceback as text. When peers were left blocked, ``where``
-    holds where each rank was (``pdlab.where.Location``s), else None. The message holds all
-    of it, and what happened to the other ranks.
+    died); ``remote_traceback`` its traceback as text. When peers were left blocked or a rank
+    died, ``where`` holds where each rank was (``pdlab.where.Location``s), else None. The
+    message holds all of it, and what happened to the other ranks.
     """
 
     def __init__(
@@ -464,7 +464,8 @@ class Cluster:
         links, server = self._resources.links, self._resources.server
         with self._asking:
             question, asked = next(self._questions), time.time()
-            alive = [r for r in ranks if links[r].alive and links[r].conn is not None]
+            # (No links at all once a failed call has stopped every rank.)
+            alive = [r for r in ranks if r < len(links) and links[r].alive and links[r].conn]
             for rank in alive:
                 links[rank].send(protocol.Where(question))
             answers: dict[int, tuple[Location, float]] = {}

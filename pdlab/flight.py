@@ -423,24 +423,28 @@ def locate(main_thread: int, in_call: bool) -> Location:
     if not dist.is_initialized():
         return Location(rank, "running" if in_call else "finished", clock=time.time())
     labels = group_labels()
-    recent = [reported(r, labels) for r in list(_ring)[-RECENT:]]
-    frame = sys._current_frames().get(main_thread)
-    waited = _waiting.get(main_thread)
-    if (
-        in_call
-        and waited is None
-        and frame is not None
-        and _kind(frame.f_code.co_filename) == LIBRARY
-    ):
-        # Blocked inside torch but not in a wait we see (DDP's reducer waits in C++): the
-        # oldest op still in flight is what it waits for.
-        live = [o for o in list(_pending.values()) if not _done(o)]
-        waited = min(live, key=lambda o: o.start) if live else None
+    for _ in range(3):  # one moment: look again if the main thread issued an op meanwhile
+        issued = compat.sequence_numbers()
+        recent = [reported(r, labels) for r in list(_ring)[-RECENT:]]
+        frame = sys._current_frames().get(main_thread)
+        waited = _waiting.get(main_thread)
+        if (
+            in_call
+            and waited is None
+            and frame is not None
+            and _kind(frame.f_code.co_filename) == LIBRARY
+        ):
+            # Blocked inside torch but not in a wait we see (DDP's reducer waits in C++): the
+            # oldest op still in flight is what it waits for.
+            live = [o for o in list(_pending.values()) if not _done(o)]
+            waited = min(live, key=lambda o: o.start) if live else None
+        if compat.sequence_numbers() == issued:
+            break
     state = "finished" if not in_call else "waiting" if waited is not None else "running"
     last = reported(waited, labels) if waited is not None else recent[-1] if recent else None
     stack = _user_frames(frame) if in_call else []
     line = _issuer(frame) if state == "running" else last.line if last else None
-    counts = {labels.get(name, name): n for name, n in compat.sequence_numbers().items()}
+    counts = {labels.get(name, name): n for name, n in issued.items()}
     return Location(
         rank,
         state,
