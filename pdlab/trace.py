@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,8 +40,6 @@ COMPUTE = ("forward", "backward", "optimizer")  # span names; "step" spans the w
 
 
 def _clock() -> tuple[float, float, int]:
-    import threading
-
     return time.time(), time.thread_time(), threading.get_ident()
 
 

@@ -129,6 +129,13 @@ def test_tabs_replace_a_bar_in_place():
     assert tabs.outputs[0].outputs == ()
 
 
+def test_display_outside_a_rank_prints(capsys):
+    import pdlab
+
+    pdlab.display({"a": 1})  # no rank, no notebook: plain print
+    assert capsys.readouterr().out == "{'a': 1}\n"
+
+
 def test_only_widgets_are_mirrored():
     state = protocol.WidgetState("m1", "ipywidgets", "IntProgress", {"value": 3, "max": 5})
     widget, new = mirror(7, state)
