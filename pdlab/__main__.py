@@ -4,6 +4,7 @@
     python -m pdlab run --strategy tp --impl torch --world-size 2 --model gpt --json
 
 ``--json`` prints one JSON object a step, then ``{"summary": {...}}``; otherwise a table.
+``--trace PATH`` also writes the run as a Chrome/Perfetto trace (see ``pdlab.trace``).
 ``single`` runs in this process (no ranks are started).
 """
 
@@ -59,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
         )
     run.set_defaults(world_size=2)  # a run from the shell starts a cluster: 2 ranks unless told
     run.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    run.add_argument(
+        "--trace", metavar="PATH", help="write a Chrome/Perfetto trace of the run (JSON)"
+    )
     planner.add_command(commands)
     return p
 
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     predicted = predict(result, calibration=calibration)[["step", "step_time"]]
     result.steps = result.steps.merge(predicted, on="step", suffixes=("", "_predicted"))
     result.steps = result.steps.rename(columns={"step_time_predicted": "predicted_step_time"})
+    if args.trace:
+        result.trace(args.trace)
     if args.json:
         for row in result.steps[STEP_COLUMNS].to_dict("records"):
             print(json.dumps(row))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.display import display
 
 from pdlab import cluster as cluster_module
+from pdlab import rich_output
 from pdlab.cluster import Cluster
 
 USAGE = (
@@ -42,9 +45,11 @@ def parse_ranks(spec: str) -> list[int] | None:
     return ranks
 
 
-def parse_cell_line(line: str) -> tuple[list[int] | None, float | None]:
-    """``%%ranks``'s line: which ranks (all by default), and ``--timeout S``."""
+def parse_cell_line(line: str) -> tuple[list[int] | None, float | None, bool]:
+    """``%%ranks``'s line: which ranks (all by default), ``--timeout S``, ``--tabs``."""
     words = shlex.split(line)
+    tabs = "--tabs" in words
+    words = [w for w in words if w != "--tabs"]
     timeout = None
     if "--timeout" in words:
         at = words.index("--timeout")
@@ -55,7 +60,7 @@ def parse_cell_line(line: str) -> tuple[list[int] | None, float | None]:
                 "write %%ranks --timeout SECONDS, e.g. %%ranks 0,1 --timeout 30"
             ) from None
         del words[at : at + 2]
-    return parse_ranks(" ".join(words)), timeout
+    return parse_ranks(" ".join(words)), timeout, tabs
 
 
 @magics_class
@@ -113,15 +118,24 @@ class PdlabMagics(Magics):
 
     @cell_magic
     def ranks(self, line: str, cell: str) -> None:
-        """%%ranks [0,2] [--timeout S]: run the cell on those ranks (all by default), each in
-        its own namespace; ``--timeout`` (or ``%pdlab timeout S``) stops a cell that hangs."""
-        targets, timeout = parse_cell_line(line)
+        """%%ranks [0,2] [--timeout S] [--tabs]: run the cell on those ranks (all by default),
+        each in its own namespace. ``--timeout`` (or ``%pdlab timeout S``) stops a cell that
+        hangs; ``--tabs`` shows each rank's output in a tab of its own."""
+        targets, timeout, tabs = parse_cell_line(line)
         cluster = cluster_module.current()
-        # One blank line for the %%ranks line, so tracebacks give the cell's own line numbers.
-        results = cluster.exec("\n" + cell, ranks=targets, timeout=timeout or self.timeout)
-        shown = targets if targets is not None else range(cluster.world_size)
-        for rank, value in zip(sorted(set(shown)), results, strict=True):
-            if value is not None:
+        shown = sorted(set(targets if targets is not None else range(cluster.world_size)))
+        view = rich_output.Tabs(shown) if tabs else None
+        if view is not None:
+            display(view)
+        with rich_output.routed(cluster, view) if view else contextlib.nullcontext():
+            # One blank line for the %%ranks line: tracebacks give the cell's own line numbers.
+            results = cluster.exec("\n" + cell, ranks=targets, timeout=timeout or self.timeout)
+        for rank, value in zip(shown, results, strict=True):
+            if value is None:
+                continue
+            if view is not None:
+                view.lines(rank, "stdout", [f"Out: {value!r}"])
+            else:
                 print(f"[rank {rank}] Out: {value!r}")
 
 

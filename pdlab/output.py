@@ -9,25 +9,32 @@ every connection to deliver what was printed by then), and shows them in time or
 pieces of an unfinished line are joined once, when it ends, so one huge line costs time
 linear in its length. Ranks on one machine share its clock; ranks attached from other hosts
 are ordered as well as their clocks agree.
+
+A line redrawn with ``\\r`` (a tqdm progress bar) is kept as its latest state only and shown
+live as it changes. Where lines, displays and widgets go is the ``view``'s business
+(``pdlab.rich_output``: the cell, or a tab a rank).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import sys
 import time
+
+from pdlab import protocol
+from pdlab.rich_output import Printed, View
 
 HOLD_S = 0.05
 
 
 class RankOutput:
-    """Assembles chunks into lines per ``(rank, stream)``; prints them prefixed, in time order."""
+    """Assembles chunks into lines per ``(rank, stream)``; hands them to ``view`` in time order."""
 
     def __init__(self) -> None:
         self._unfinished: dict[tuple[int, str], list[str]] = {}
         self._ready: list[tuple[float, int, int, str, str]] = []  # (at, seq, rank, stream, line)
         self._seq = itertools.count()  # keeps lines of equal stamps in arrival order
+        self.view: View = Printed()
 
     def write(self, rank: int, stream: str, text: str, at: float | None = None) -> None:
         """Take a chunk the rank read at ``at`` (``time.time()``; now if None). A line is
@@ -38,28 +45,49 @@ class RankOutput:
         pieces = self._unfinished.setdefault((rank, stream), [])
         for line in complete:
             pieces.append(line)
-            heapq.heappush(self._ready, (at, next(self._seq), rank, stream, "".join(pieces)))
+            whole = "".join(pieces)
             pieces.clear()
+            if "\r" in whole:
+                self.view.progress(rank, stream, _latest(whole), done=True)
+            else:
+                heapq.heappush(self._ready, (at, next(self._seq), rank, stream, whole))
         if rest:
             pieces.append(rest)
+            if "\r" in rest:  # keep the latest state only: a bar redraws thousands of times
+                redrawn = "".join(pieces)
+                pieces[:] = [redrawn[redrawn.rindex("\r") :]]
+                self.view.progress(rank, stream, _latest(redrawn), done=False)
+
+    def show(self, rank: int, message: protocol.Display | protocol.WidgetState) -> None:
+        """A rank's ``display()`` of an object or a widget, after the lines printed before it."""
+        self._show_until(float("inf"))
+        self.view.show(rank, message)
 
     def release(self, hold: float = HOLD_S) -> None:
-        """Print the complete lines stamped more than ``hold`` seconds ago, oldest first."""
-        self._print_until(time.time() - hold)
+        """Show the complete lines stamped more than ``hold`` seconds ago, oldest first."""
+        self._show_until(time.time() - hold)
 
     def flush(self) -> None:
-        """Print everything, unfinished lines too (a call has ended: nothing more will join)."""
+        """Show everything, unfinished lines too (a call has ended: nothing more will join)."""
         for (rank, stream), pieces in list(self._unfinished.items()):
             if pieces:
                 self.write(rank, stream, "\n")
-        self._print_until(float("inf"))
+        self._show_until(float("inf"))
 
-    def _print_until(self, until: float) -> None:
-        streams = {"stdout": sys.stdout, "stderr": sys.stderr}
-        written = set()
+    def _show_until(self, until: float) -> None:
+        run: list[str] = []  # consecutive lines of one rank and stream, handed over together
+        source = None
         while self._ready and self._ready[0][0] <= until:
             _, _, rank, stream, line = heapq.heappop(self._ready)
-            streams[stream].write(f"[rank {rank}] {line}\n")
-            written.add(stream)
-        for stream in written:
-            streams[stream].flush()
+            if source != (rank, stream) and run:
+                self.view.lines(*source, run)
+                run = []
+            source = rank, stream
+            run.append(line)
+        if run:
+            self.view.lines(*source, run)
+
+
+def _latest(line: str) -> str:
+    """What a terminal shows of a line redrawn with ``\\r``: its last non-empty state."""
+    return next((part for part in reversed(line.split("\r")) if part), "")

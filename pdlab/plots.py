@@ -250,3 +250,50 @@ def plan_layouts(rows: pd.DataFrame, title: str = "Every layout of the plan") ->
         shown, x="GB", y="step_time", color="fits", hover_name="layout", title=title,
         labels={"GB": "GB a GPU", "step_time": "s a step"}, height=HEIGHT + 80,
     )  # fmt: skip
+
+
+BREAKDOWN_PARTS = {
+    "compute_ms": ("compute", "#4C78A8"),
+    "exposed_comm_ms": ("exposed communication", "#E45756"),
+    "idle_ms": ("idle", "#BAB0AC"),
+}
+
+
+def breakdown(result: TrainResult) -> go.Figure:
+    """Where each rank's step went (``pdlab.trace.breakdown``): compute, communication the
+    rank waited for (exposed) and idle, stacked to the step time; beside them, the
+    communication that ran behind compute (overlapped: DDP's buckets during backward, FSDP's
+    prefetched gathers)."""
+    from pdlab.trace import breakdown as split
+
+    table = split(result)
+    ranks = table.index.astype(str)
+    overlap = table.overlapped_comm_ms.sum() / max(table.comm_ms.sum(), 1e-12)
+    fig = _figure(
+        f"Where the step went — {run_name(result.config)}: {overlap:.0%} of communication "
+        "overlapped compute",
+        "rank",
+        "ms per step",
+    )
+    base = 0
+    for column, (label, color) in BREAKDOWN_PARTS.items():
+        fig.add_bar(
+            x=ranks,
+            y=table[column],
+            base=base,
+            name=label,
+            marker_color=color,
+            offset=-0.4,
+            width=0.5,
+        )
+        base = base + table[column].to_numpy()
+    fig.add_bar(
+        x=ranks,
+        y=table.overlapped_comm_ms,
+        name="communication overlapped",
+        offset=0.1,
+        width=0.3,
+        marker_color=BREAKDOWN_PARTS["exposed_comm_ms"][1],
+        marker_pattern_shape="/",
+    )
+    return fig

@@ -62,6 +62,25 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Display:
+    """A rank's ``display(obj)``: the object pickled (b"" if it would not pickle) and its
+    ``repr``, shown instead when the kernel can't unpickle it."""
+
+    value: bytes
+    text: str
+
+
+@dataclass(frozen=True)
+class WidgetState:
+    """A rank's ipywidgets widget (``module.name``), new or changed: its synced state."""
+
+    model_id: str
+    module: str
+    name: str
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Metrics:
     """A ``pdlab.log`` record, pickled by the rank; ``types`` names its values' types, for an
     error message if the kernel cannot unpickle them."""
@@ -90,6 +109,15 @@ class Error:
     traceback: str
     counts: Counts
     group_problem: str = ""
+
+
+@dataclass(frozen=True)
+class Here:
+    """The answer to ``Where``: a ``pdlab.where.Location``, sent by the rank's reader thread
+    while its main thread runs on (or waits in a collective)."""
+
+    request_id: int
+    location: Any
 
 
 @dataclass(frozen=True)
@@ -125,6 +153,13 @@ class Call:
 @dataclass(frozen=True)
 class Interrupt:
     """Raise KeyboardInterrupt in the code the rank is running (ignored between calls)."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """Say where you are now (answered with ``Here``, without stopping the call)."""
+
+    request_id: int
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ import inspect
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -44,6 +45,7 @@ from pdlab.models import build_model
 from pdlab.parallel import registry
 from pdlab.parallel.base import Implementation, Layout, Mesh
 from pdlab.parallel.registry import layout_for
+from pdlab.trace import StepSpans
 
 
 def validate(config: TrainConfig) -> None:
@@ -136,6 +138,7 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     first = checkpoint.resume(strategy, config)
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
     dispatch = not strategy.counts_own_comm
+    spans = StepSpans(strategy)  # forward, backward and optimizer times, for traces
     records = []
     counted = None  # (FLOPs, kernels) of this rank's first step: a counted step runs slower
     group = dist.group.WORLD if layout.world_size > 1 else None  # the run's ranks
@@ -144,7 +147,7 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
             x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
             counter = FlopCounter() if counted is None else contextlib.nullcontext()
             start = time.perf_counter()
-            with CommMeter(dispatch, names, emulator) as meter, counter:
+            with spans.step() as timed, CommMeter(dispatch, names, emulator) as meter, counter:
                 out = strategy.train_step(x.to(device), y.to(device))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the step is done when the GPU is
@@ -162,6 +165,7 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
                 "comm": [asdict(e) for e in meter.events],
                 "memory": memory.measure(strategy.module, strategy.optimizer, device),
                 "timeline": out.timeline,
+                "spans": timed,
             }
             runtime.log(**record)
             records.append(record)
@@ -169,6 +173,7 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
                 checkpoint.save(
                     strategy, config.checkpoint_dir, step + 1, alone=layout.world_size == 1
                 )
+    spans.close()
     state = strategy.full_state_dict() if full_state else None  # a collective: all ranks
     return {
         "rank": mesh.rank,
@@ -196,6 +201,17 @@ class TrainResult:
     max_rank_param_bytes: int
     # Pipelines: {"rank", "step", "timeline": [F/B events]} a rank and step (pdlab.plots.timeline)
     timeline: list[dict]
+    # One row a compute span a step and rank: forward/backward (per micro-batch), optimizer,
+    # and the whole step; start, end (time.time()) and the thread's CPU seconds (pdlab.trace)
+    spans: pd.DataFrame = field(default_factory=pd.DataFrame)
+    clock_offsets: dict[int, float] = field(default_factory=dict)  # attached ranks' clocks
+
+    def trace(self, path: str | Path) -> Path:
+        """Write the run as a Chrome/Perfetto trace (open it at https://ui.perfetto.dev):
+        a process per rank, its compute and communication spans on their own tracks."""
+        from pdlab import trace
+
+        return trace.write(trace.chrome_trace(self), path)
 
     def __repr__(self) -> str:
         c = self.config
@@ -208,11 +224,12 @@ class TrainResult:
 
 def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent]) -> TrainResult:
     """Tables from what the ranks returned (or logged so far: the dashboard builds live ones)."""
-    rows, ops = [], []
+    rows, ops, spans = [], [], []
     for out in outputs:
         for rec in out["records"]:
             where = {"step": rec["step"], "rank": out["rank"]}
             ops += [{**where, **e} for e in rec["comm"]]
+            spans += [{**where, **span} for span in rec["spans"]]
             row = {
                 **where,
                 **{k: rec[k] for k in ("loss", "samples", "step_time", "busy", "flops", "kernels")},
@@ -262,6 +279,7 @@ def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent])
             for rec in out["records"]
             if rec["timeline"]
         ],
+        pd.DataFrame(spans, columns=["step", "rank", "name", "mb", "start", "end", "cpu"]),
     )
 
 
@@ -300,6 +318,8 @@ def train(
     result = results(config, outputs, expected)
     if config.link and (note := emulation.faster_than_here(result.comm, config.link)):
         warnings.warn(note, stacklevel=2)
+    if cluster is not None and cluster.attach:
+        result.clock_offsets = cluster.clock_offsets()
     return result
 
 

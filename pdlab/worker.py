@@ -108,8 +108,13 @@ def _init_process_group(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from pdlab import runtime
+    from pdlab import flight, runtime
 
+    if os.environ.get("PDLAB_FLIGHT_RECORDER") != "0":  # "0": off, for benchmarks to compare
+        # Before the group forms: its first barrier is op #1. The black box goes beside the
+        # store, in the cluster's private temp dir (ranks torchrun started have none).
+        box = args.store and flight.black_box_path(os.path.dirname(args.store), args.rank)
+        flight.install(black_box=box or None)
     torch.set_num_threads(args.threads)
     timeout = timedelta(seconds=args.timeout)
     if args.device == "cuda":
@@ -192,18 +197,30 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
         )
 
 
+def _locate(in_call: bool) -> Any:
+    """Where this rank is (``pdlab.flight.locate``), from the reader thread; never raises."""
+    from pdlab import flight, runtime
+    from pdlab.where import Location
+
+    try:
+        return flight.locate(threading.main_thread().ident, in_call)
+    except Exception as exc:  # a broken answer must not end the reader, and so the rank
+        return Location(runtime.rank(), "unknown", line=f"locate failed: {exc!r}")
+
+
 def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:
     types = ", ".join(f"{k}: {protocol.type_name(v)}" for k, v in record.items())
     channel.send(protocol.Metrics(cloudpickle.dumps(record), types))
 
 
 def _serve(channel: Channel, pump: OutputPump) -> None:
-    from pdlab import runtime, scripts
+    from pdlab import rich_output, runtime, scripts
 
     runtime.bind(sink=lambda record: _send_metrics(channel, record))
+    rich_output.bind(channel.send, pump.flush)
     scripts.install()
     # "__main__", so a whole script pasted into %%ranks runs its `if __name__ == "__main__":`
-    namespace: dict[str, Any] = {"__name__": "__main__"}
+    namespace: dict[str, Any] = {"__name__": "__main__", "display": rich_output.display}
     exec("import torch, torch.distributed as dist, pdlab", namespace)
     calls: queue.Queue = queue.Queue()
     running = threading.Event()
@@ -226,6 +243,8 @@ def _serve(channel: Channel, pump: OutputPump) -> None:
                     signal.pthread_kill(main_thread, signal.SIGINT)
                 elif isinstance(message, protocol.Abort):
                     os._exit(1)
+                elif isinstance(message, protocol.Where):
+                    channel.send(protocol.Here(message.request_id, _locate(running.is_set())))
                 else:
                     calls.put(message)
                     if isinstance(message, protocol.Shutdown):
@@ -236,6 +255,7 @@ def _serve(channel: Channel, pump: OutputPump) -> None:
     threading.Thread(target=read, daemon=True).start()
     while isinstance(call := calls.get(), protocol.Call):
         reply = _call(call, namespace, running)
+        rich_output.flush()  # a widget's last change
         pump.flush()
         channel.send(reply)
 

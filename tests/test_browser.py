@@ -123,42 +123,49 @@ def stop_with_children(server: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_dashboard_runs_in_jupyterlab(jupyter):
+@contextlib.contextmanager
+def all_cells_run(url: str, height: int = 1800):
+    """A headless Chromium page on the notebook at ``url``, Run All started."""
     from playwright.sync_api import sync_playwright
 
-    out = ROOT / "test-output" / "browser"
-    out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.goto(jupyter)
+            page = browser.new_page(viewport={"width": 1400, "height": height})
+            page.goto(url)
             # Idle shows before a kernel session exists; Run All then would be dropped.
             page.get_by_text(IDLE).wait_for(timeout=120_000)
             page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            page.get_by_text("status: stopped").wait_for(timeout=240_000)
-            page.get_by_text(IDLE).wait_for(timeout=60_000)
-            before = dict(page.evaluate(LOSS_TRACES))
-            assert before, "the loss plot shows no run after Run All"
-
-            dashboard = page.locator(".jp-OutputArea-output", has=page.locator(".js-plotly-plot"))
-            strategy = dashboard.locator(".widget-dropdown", has_text="strategy").locator("select")
-            strategy.select_option(label="pipeline 1F1B")
-            for name, value in {"micro-batches": "2", "steps": "5"}.items():
-                box = dashboard.locator(".widget-inline-hbox", has_text=name).locator("input")
-                box.fill(value)
-                box.press("Enter")  # a text box sends its value to the kernel on Enter
-            dashboard.locator("button.jupyter-button", has_text="Start").click()
-            page.wait_for_function(
-                f"() => ({LOSS_TRACES})().some(([name, n]) => name.includes('pp-1f1b') && n === 5)",
-                timeout=180_000,
-            )
-            page.get_by_text("pp-1f1b/scratch gpt w2 done after 5 step(s)").wait_for(timeout=60_000)
-            after = dict(page.evaluate(LOSS_TRACES))
-            gantt = page.evaluate(GANTT_TRACES)
-            dashboard.screenshot(path=out / "dashboard.png")
+            yield page
         finally:
             browser.close()
+
+
+def test_dashboard_runs_in_jupyterlab(jupyter):
+    out = ROOT / "test-output" / "browser"
+    out.mkdir(parents=True, exist_ok=True)
+    with all_cells_run(jupyter) as page:
+        page.get_by_text("status: stopped").wait_for(timeout=240_000)
+        page.get_by_text(IDLE).wait_for(timeout=60_000)
+        before = dict(page.evaluate(LOSS_TRACES))
+        assert before, "the loss plot shows no run after Run All"
+
+        dashboard = page.locator(".jp-OutputArea-output", has=page.locator(".js-plotly-plot"))
+        strategy = dashboard.locator(".widget-dropdown", has_text="strategy").locator("select")
+        strategy.select_option(label="pipeline 1F1B")
+        for name, value in {"micro-batches": "2", "steps": "5"}.items():
+            box = dashboard.locator(".widget-inline-hbox", has_text=name).locator("input")
+            box.fill(value)
+            box.press("Enter")  # a text box sends its value to the kernel on Enter
+        dashboard.locator("button.jupyter-button", has_text="Start").click()
+        page.wait_for_function(
+            f"() => ({LOSS_TRACES})().some(([name, n]) => name.includes('pp-1f1b') && n === 5)",
+            timeout=180_000,
+        )
+        page.get_by_text("pp-1f1b/scratch gpt w2 done after 5 step(s)").wait_for(timeout=60_000)
+        after = dict(page.evaluate(LOSS_TRACES))
+        gantt = page.evaluate(GANTT_TRACES)
+        dashboard.screenshot(path=out / "dashboard.png")
     new = {name: n for name, n in after.items() if name not in before}
     assert list(new.values()) == [5] and "pp-1f1b" in next(iter(new)), after
     assert gantt == ["forward", "backward"]

@@ -36,6 +36,7 @@ RUNS = {
             "DDP: measured bytes == predicted: True",
             "ranks end with identical weights: True",
             "ps and ring: measured bytes == predicted: True",
+            "of its all-reduce time ran behind the backward",
         ],
     ),
     "02_tensor_parallel": (
@@ -69,6 +70,8 @@ RUNS = {
                 for s in ("DP", "ZeRO-1", "ZeRO-1 (ZeroRedundancyOptimizer)", "ZeRO-3", "FSDP2")
             ),
             "measured bytes == predicted: True",
+            "FSDP2: ",
+            "of its communication overlapped compute",
         ],
     ),
     "07_what_if": (
