@@ -5,9 +5,9 @@
     cluster.run(fn)                         # fn on every rank; results ordered by rank
     cluster.shutdown()
 
-Inside a rank: ``pdlab.rank()``, ``pdlab.world_size()``, ``pdlab.device()`` and
-``pdlab.log(**metrics)``. In IPython: ``%load_ext pdlab``, then ``%pdlab start 4`` and
-``%%ranks``.
+Inside a rank: ``pdlab.rank()``, ``pdlab.world_size()``, ``pdlab.device()``,
+``pdlab.log(**metrics)`` and ``pdlab.display(obj)``. In IPython: ``%load_ext pdlab``, then
+``%pdlab start 4`` and ``%%ranks``.
 """
 
 import importlib
@@ -22,10 +22,12 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "device",
+    "display",
     "expected_comm",
     "load_ipython_extension",
     "log",
     "plan",
+    "predict",
     "rank",
     "train",
     "world_size",
@@ -40,6 +42,7 @@ _LAZY = {
     "ClusterStatus": "pdlab.cluster",
     "RankError": "pdlab.cluster",
     "device": "pdlab.runtime",
+    "display": "pdlab.rich_output",
     "log": "pdlab.runtime",
     "rank": "pdlab.runtime",
     "world_size": "pdlab.runtime",
@@ -49,6 +52,7 @@ _LAZY = {
     "TrainConfig": "pdlab.config",
     "Topology": "pdlab.topology",
     "plan": "pdlab.planner",
+    "predict": "pdlab.predictor",
     "Dashboard": "pdlab.dashboard",
 }
 

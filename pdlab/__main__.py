@@ -4,6 +4,7 @@
     python -m pdlab run --strategy tp --impl torch --world-size 2 --model gpt --json
 
 ``--json`` prints one JSON object a step, then ``{"summary": {...}}``; otherwise a table.
+``--trace PATH`` also writes the run as a Chrome/Perfetto trace (see ``pdlab.trace``).
 ``single`` runs in this process (no ranks are started).
 """
 
@@ -16,8 +17,9 @@ import sys
 import types
 from dataclasses import asdict, fields, replace
 
-from pdlab import planner
+from pdlab import emulation, planner
 from pdlab.config import TrainConfig, choices, field_types
+from pdlab.predictor import predict
 from pdlab.training import TrainResult, train, validate
 
 STEP_COLUMNS = [
@@ -25,6 +27,7 @@ STEP_COLUMNS = [
     "loss",
     "samples_per_s",
     "step_time",
+    "predicted_step_time",  # pdlab.predict: for the --link given, on this machine's compute
     "comm_bytes",
     "expected_comm_bytes",
     "bus_bytes",
@@ -73,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
         )
     run.set_defaults(world_size=2)  # a run from the shell starts a cluster: 2 ranks unless told
     run.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    run.add_argument(
+        "--trace", metavar="PATH", help="write a Chrome/Perfetto trace of the run (JSON)"
+    )
     planner.add_command(commands)
     return p
 
@@ -90,6 +96,7 @@ def summary(result: TrainResult) -> dict:
         "wire_sent_bytes_per_step": _number(steps.wire_sent_bytes.median()),
         "max_rank_wire_sent_bytes_per_step": _number(steps.max_rank_wire_sent_bytes.median()),
         "samples_per_s": float(steps.samples_per_s.median()),
+        **({"emulation": emulation.summary(result.comm)} if result.config.link else {}),
     }
 
 
@@ -105,13 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    calibration = None
     if config.strategy == "single":
         result = train(config=config)
     else:
+        from pdlab.calibration import calibrate
         from pdlab.cluster import Cluster
 
         with Cluster(config.world_size) as cluster:
             result = train(cluster, config)
+            calibration = calibrate(cluster)  # this machine's link and matmuls, ~0.3 s
+    predicted = predict(result, calibration=calibration)[["step", "step_time"]]
+    result.steps = result.steps.merge(predicted, on="step", suffixes=("", "_predicted"))
+    result.steps = result.steps.rename(columns={"step_time_predicted": "predicted_step_time"})
+    if args.trace:
+        result.trace(args.trace)
     if args.json:
         for row in result.steps[STEP_COLUMNS].to_dict("records"):
             print(

@@ -38,16 +38,18 @@ from typing import Any
 
 import cloudpickle
 
-from pdlab import launcher, protocol
+from pdlab import flight, launcher, protocol
 from pdlab.control import ControlServer, RankLink
 from pdlab.launcher import choose_backend
 from pdlab.output import RankOutput
+from pdlab.where import Location, Locations
 
 __all__ = ["CallTimeout", "Cluster", "ClusterStatus", "RankError", "choose_backend", "current"]
 
 START_TIMEOUT_S = 120.0
 GRACE_S = 1.0  # how long peers of a failed rank may take to finish before the group is reset
 STOPPED_S = 2.0  # a rank stopped this long during a call fails it: its peers can only wait
+WHERE_S = 2.0  # how long ranks may take to say where they are
 
 _current: Cluster | None = None
 
@@ -56,25 +58,34 @@ class RankError(RuntimeError):
     """A rank failed a call.
 
     ``rank`` is the rank blamed; ``exc_type`` the name of the exception it raised (None if it
-    died); ``remote_traceback`` its traceback as text. The message holds all of it, and what
-    happened to the other ranks.
+    died); ``remote_traceback`` its traceback as text. When peers were left blocked or a rank
+    died, ``where`` holds where each rank was (``pdlab.where.Location``s), else None. The
+    message holds all of it, and what happened to the other ranks.
     """
 
     def __init__(
-        self, rank: int, message: str, exc_type: str | None = None, remote_traceback: str = ""
+        self,
+        rank: int,
+        message: str,
+        exc_type: str | None = None,
+        remote_traceback: str = "",
+        where: Locations | None = None,
     ):
         super().__init__(message)
         self.rank = rank
         self.exc_type = exc_type
         self.remote_traceback = remote_traceback
+        self.where = where
 
 
 class CallTimeout(TimeoutError):
-    """A call's ranks did not all finish in time; ``.ranks`` are the ones still running."""
+    """A call's ranks did not all finish in time; ``.ranks`` are the ones still running,
+    ``.where`` where every rank of the call was when time ran out."""
 
-    def __init__(self, ranks: list[int], message: str):
+    def __init__(self, ranks: list[int], message: str, where: Locations | None = None):
         super().__init__(message)
         self.ranks = ranks
+        self.where = where
 
 
 def current() -> Cluster:
@@ -198,6 +209,8 @@ class Cluster:
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._calls = itertools.count(1)
         self._busy = threading.Lock()  # one call at a time: replies share one event queue
+        self._asking = threading.Lock()  # one where() at a time: answers share one queue
+        self._questions = itertools.count(1)
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.close, False)
         self.state = "stopped"
@@ -211,6 +224,7 @@ class Cluster:
         self._token = secrets.token_hex(32).encode()
         self._events: queue.Queue = queue.Queue()
         self._output = RankOutput()
+        self._workdirs: dict[int, tuple[str, list[str]]] = {}  # what each rank was last sent
         # Each rank's operations per process group when the ranks were last known in step.
         self._in_step_counts: dict[int, protocol.Counts] = {}
         res = self._resources
@@ -246,7 +260,7 @@ class Cluster:
                 links[rank].ready = True
                 self._in_step_counts[rank] = message.counts
             elif isinstance(message, protocol.Output):
-                self._output.write(rank, message.stream, message.text)
+                self._output.write(rank, message.stream, message.text, message.at)
             elif isinstance(message, protocol.StartFailed):
                 self._fail_start(
                     f"rank {rank} died while starting: it could not join the process group:\n"
@@ -395,12 +409,40 @@ class Cluster:
             ) from exc
         return self._call("call", payload, ranks, timeout)
 
-    def exec(self, source: str, ranks: Sequence[int] | None = None) -> list[Any]:
+    def spawn(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list[Any]:
+        """Call ``fn(rank, *args)`` on every rank, as ``torch.multiprocessing.spawn`` would
+        in fresh processes; the results ordered by rank. ``fn`` may set up and tear down the
+        process group as spawned functions do: ``init_process_group`` finds the cluster's,
+        ``destroy_process_group`` leaves it."""
+        return self.run(_with_rank, fn, args, timeout=timeout)
+
+    def run_script(self, path: str | os.PathLike, *args: str, timeout: float | None = None) -> None:
+        """Run the torchrun-style script at ``path`` with command-line ``args`` on every rank,
+        as ``torchrun --nproc-per-node N path args...`` would, on these warm ranks.
+
+        The script sees ``__name__ == "__main__"``, ``sys.argv == [path, *args]``, torchrun's
+        environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...), its own folder as the
+        working directory and first on ``sys.path``; its ``init_process_group`` uses the
+        cluster's group and its ``destroy_process_group`` leaves it (``pdlab.scripts``).
+        ``sys.exit(0)`` is success; another exit code raises ``RankError`` naming the rank.
+        Modules it imports from its folder are read again when their files change.
+        """
+        from pdlab.scripts import run_script
+
+        script = os.path.abspath(path)
+        if not os.path.isfile(script):
+            raise FileNotFoundError(f"no script at {script}")
+        self.run(run_script, script, [str(a) for a in args], timeout=timeout)
+
+    def exec(
+        self, source: str, ranks: Sequence[int] | None = None, timeout: float | None = None
+    ) -> list[Any]:
         """Run Python ``source`` in each rank's persistent namespace (what ``%%ranks`` does).
 
-        Returns the value of a final expression on each rank, like a notebook cell.
+        Returns the value of a final expression on each rank, like a notebook cell. The
+        namespace's ``__name__`` is ``"__main__"``: a whole script pasted in runs its main block.
         """
-        return self._call("exec", source, ranks, None)
+        return self._call("exec", source, ranks, timeout)
 
     def interrupt(self) -> None:
         """Raise KeyboardInterrupt in the code every rank is running (as the ■ button does).
@@ -409,6 +451,74 @@ class Cluster:
         """
         for link in self._resources.links:
             link.send(protocol.Interrupt())
+
+    def where(self, timeout: float = WHERE_S) -> Locations:
+        """Where every rank is now: the op it waits in, else the line its code runs (and its
+        innermost frames), and its recent ops; prints as one sentence and a line a rank.
+
+        Safe from any thread while a call runs (a dashboard asks when a step is slow): the
+        ranks answer from their reader threads and nothing is stopped.
+        """
+        self._ensure_started()
+        return Locations(place for place, _ in self._ask_where(range(self.world_size), timeout))
+
+    def profile(self, path: str | os.PathLike | None = None) -> Any:
+        """torch.profiler on every rank, merged into one Chrome/Perfetto trace (``path``):
+        ``with cluster.profile("run.json"): cluster.run(fn)``, or ``.start()`` and
+        ``.stop()`` around ``%%ranks`` cells. See ``pdlab.profiling``."""
+        from pdlab.profiling import Profile
+
+        return Profile(self, path)
+
+    def clock_offsets(self) -> dict[int, float]:
+        """Seconds each rank's ``time.time()`` is ahead of this kernel's.
+
+        Ranks on this machine share its clock (0). Attached ranks on other hosts are asked
+        three times; each offset is the median of the rank's clock minus the midpoint of the
+        question's round trip (Cristian's algorithm: as accurate as half a round trip).
+        """
+        here = os.uname().nodename
+        away = [r.rank for r in self._resources.links if r.host not in (None, here)]
+        offsets = dict.fromkeys(range(self.world_size), 0.0)
+        if away:
+            samples = [dict(self._ask_where(away, WHERE_S)) for _ in range(3)]
+            for rank in away:
+                found = sorted(s[rank] for s in samples if rank in s)
+                offsets[rank] = found[len(found) // 2] if found else 0.0
+        return offsets
+
+    def _ask_where(self, ranks: Sequence[int], timeout: float) -> list[tuple[Location, float]]:
+        """Each rank's ``Location`` and clock offset (the rank's clock minus the midpoint of
+        the round trip); dead ranks and ranks silent for ``timeout`` s say so."""
+        links, server = self._resources.links, self._resources.server
+        with self._asking:
+            question, asked = next(self._questions), time.time()
+            # (No links at all once a failed call has stopped every rank.)
+            alive = [r for r in ranks if r < len(links) and links[r].alive and links[r].conn]
+            for rank in alive:
+                links[rank].send(protocol.Where(question))
+            answers: dict[int, tuple[Location, float]] = {}
+            deadline = time.monotonic() + timeout
+            while server is not None and len(answers) < len(alive) and time.monotonic() < deadline:
+                try:
+                    rank, here, received = server.answers.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if here.request_id == question:  # else a late answer to an earlier question
+                    answers[rank] = here.location, here.location.clock - (asked + received) / 2
+        labels = next((place.groups for place, _ in answers.values()), {})
+        return [answers.get(r, (self._silent(r, alive, labels), 0.0)) for r in ranks]
+
+    def _silent(self, rank: int, alive: list[int], labels: dict[str, str]) -> Location:
+        """A rank that did not answer: unknown if alive; if dead, what its black box says."""
+        local = self._resources.local
+        if rank in alive or local is None:
+            return Location(rank, "unknown" if rank in alive else "dead")
+        ops = flight.read_black_box(flight.black_box_path(local.tmpdir, rank))
+        return flight.dead(rank, ops, labels)
+
+    def _locate(self, ranks: Sequence[int]) -> Locations:
+        return Locations(place for place, _ in self._ask_where(ranks, WHERE_S))
 
     def _call(
         self, kind: str, payload: bytes | str, ranks: Sequence[int] | None, timeout: float | None
@@ -422,8 +532,13 @@ class Cluster:
             self._ensure_running()
             targets = self._check_ranks(ranks)
             call = _Call(self, next(self._calls), targets, timeout)
+            workdir = (os.getcwd(), list(sys.path))
             for rank in targets:
-                self._resources.links[rank].send(protocol.Call(call.call_id, kind, payload))
+                # The kernel's working directory and sys.path, when they changed since the
+                # rank last heard them: a rank's relative paths and imports work as here.
+                heard, self._workdirs[rank] = self._workdirs.get(rank), workdir
+                update = workdir if heard != workdir else None
+                self._resources.links[rank].send(protocol.Call(call.call_id, kind, payload, update))
             try:
                 return call.wait()
             finally:
@@ -431,13 +546,16 @@ class Cluster:
         finally:
             self._busy.release()
 
-    def _ensure_running(self) -> None:
+    def _ensure_started(self) -> None:
         if self.state == "stopped":
             raise RuntimeError(
                 "this cluster was shut down: call .restart() or create a new pdlab.Cluster"
             )
         if self.attach and self.state == "starting":
             self._wait_ready()
+
+    def _ensure_running(self) -> None:
+        self._ensure_started()
         dead = [r.rank for r in self._resources.links if not r.alive]
         if self._broken_reason is None and dead:
             self._broken_reason = f"rank(s) {dead} died"
@@ -505,8 +623,34 @@ class Cluster:
         for link in self._resources.links:
             link.send(protocol.Abort())
         self._resources.close(polite=False)
-        self._broken_reason = reason
+        self._mark_broken(reason)
+
+    def _mark_broken(self, reason: str) -> None:
+        """The group can't be used: ``status()`` says why, and the next call restarts it."""
+        if self._broken_reason is None:
+            self._broken_reason = reason
         self.state = "broken"
+
+
+def _where_the_kernel_imports(traceback: str) -> str:
+    """For a rank that can't import a module: where the kernel has it from, and the fix."""
+    name = traceback.strip().splitlines()[-1].partition("No module named ")[2].strip("'\"")
+    module = sys.modules.get(name) or sys.modules.get(name.partition(".")[0])
+    where = getattr(module, "__file__", None)
+    if not name or where is None:
+        return ""
+    return (
+        f"\nThe kernel imports {name!r} from {where}. Ranks import from the kernel's working "
+        "directory and sys.path (sent with each call); make that file reachable there (the "
+        "same path on every host), or define what you need inside the function you run."
+    )
+
+
+def _with_rank(fn: Callable[..., Any], args: tuple) -> Any:
+    from pdlab import runtime, scripts
+
+    with scripts.keeping_the_group():  # spawned functions end with destroy_process_group()
+        return fn(runtime.rank(), *args)
 
 
 class _Call:
@@ -514,7 +658,7 @@ class _Call:
     failure means for the group (see the module docstring)."""
 
     def __init__(self, cluster: Cluster, call_id: int, ranks: list[int], timeout: float | None):
-        self.cluster, self.call_id = cluster, call_id
+        self.cluster, self.call_id, self.ranks = cluster, call_id, ranks
         self.pending = set(ranks)
         self.results: dict[int, Any] = {}
         self.counts: dict[int, protocol.Counts] = {}  # each reply's operations per group
@@ -522,6 +666,7 @@ class _Call:
         # Values the kernel could not unpickle: the rank is fine and so is the group, so the
         # call runs to its end, then raises.
         self.undecodable: list[RankError] = []
+        self.group_problems: dict[int, str] = {}  # ranks that left the process group unusable
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self._stopped_since: dict[int, float] = {}
         self._next_look = 0.0
@@ -529,12 +674,23 @@ class _Call:
     def wait(self) -> list[Any]:
         """The results by rank; raises RankError, CallTimeout or KeyboardInterrupt."""
         try:
+            return self._wait()
+        finally:
+            if self.group_problems:  # the next call starts fresh ranks
+                problem = next(iter(self.group_problems.values()))
+                self.cluster._mark_broken(f"{problem} on rank(s) {sorted(self.group_problems)}")
+
+    def _wait(self) -> list[Any]:
+        try:
             while self.pending and not self.failures:
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self._timed_out()
                 self._take(0.05)
+                self.cluster._output.release()
                 self._look_for_stopped_ranks()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupted:
+            interrupted.where = self.cluster._locate(self.ranks)  # before the interrupt moves them
+            print(f"pdlab: interrupted: {interrupted.where.summary()}", file=sys.stderr)
             self.cluster.interrupt()
             self._finish_within(GRACE_S * 3)
             self.cluster._settle(
@@ -554,7 +710,9 @@ class _Call:
         except queue.Empty:
             return
         if isinstance(message, protocol.Output):
-            self.cluster._output.write(rank, message.stream, message.text)
+            self.cluster._output.write(rank, message.stream, message.text, message.at)
+        elif isinstance(message, protocol.Display | protocol.WidgetState):
+            self.cluster._output.show(rank, message)
         elif isinstance(message, protocol.Undecodable):
             self._undecodable(rank, message.what, message.types, message.error)
         elif isinstance(message, protocol.Lost) and rank in self.pending:
@@ -568,6 +726,8 @@ class _Call:
         ):
             self.pending.discard(rank)
             self.counts[rank] = message.counts
+            if message.group_problem:
+                self.group_problems[rank] = message.group_problem
             if isinstance(message, protocol.Result):
                 try:
                     self.results[rank] = cloudpickle.loads(message.value)
@@ -630,6 +790,8 @@ class _Call:
         self._finish_within(GRACE_S)
         first = min(self.failures, key=lambda f: f.blame)
         message = first.summary + (f":\n{first.traceback}" if first.traceback else "")
+        if first.exc_type == "ModuleNotFoundError":
+            message += _where_the_kernel_imports(first.traceback)
         others = [
             f"rank {f.rank}: {(f.traceback or f.summary).splitlines()[-1]}"
             for f in self.failures
@@ -637,18 +799,26 @@ class _Call:
         ]
         if others:
             message += "\nThe other failures of this call:\n  " + "\n  ".join(others)
-        if self.pending:
-            message += (
-                f"\nrank(s) {sorted(self.pending)} were still running (likely waiting for "
-                f"rank {first.rank} in a collective) and were stopped; the cluster restarts on "
-                "the next run (or call .restart())."
-            )
+        where = None
+        died = any(f.blame is protocol.Blame.DIED for f in self.failures)
+        if self.pending or died:  # peers blocked, or a death to explain: where was everyone?
+            where = self.cluster._locate(self.ranks)
+            ends = {f.rank: f"raised {f.exc_type}" for f in self.failures if f.exc_type}
+            if self.pending:
+                message += (
+                    f"\nrank(s) {sorted(self.pending)} were still running: "
+                    f"{where.summary(ends)}. They were stopped; the cluster restarts on the "
+                    "next run (or call .restart())."
+                )
+            else:
+                message += f"\nWhere the ranks were: {where.summary(ends)}."
         broken = bool(self.pending) or any(f.blame.breaks_group for f in self.failures)
         message += self.cluster._settle(broken, f"rank {first.rank} failed", self.counts)
-        raise RankError(first.rank, message, first.exc_type, first.traceback)
+        raise RankError(first.rank, message, first.exc_type, first.traceback, where)
 
     def _timed_out(self) -> None:
         running = sorted(self.pending)
+        where = self.cluster._locate(self.ranks)  # before the interrupt moves them
         for rank in running:
             self.cluster._resources.links[rank].send(protocol.Interrupt())
         self._finish_within(GRACE_S * 3)
@@ -656,7 +826,8 @@ class _Call:
         skew = self.cluster._settle(stuck, f"a call timed out on ranks {running}", self.counts)
         raise CallTimeout(
             running,
-            f"ranks {running} did not finish in time; they were interrupted"
+            f"ranks {running} did not finish in time: {where.summary()}. They were interrupted"
             + (" and, stuck, stopped: the cluster restarts on the next run." if stuck else ".")
             + skew,
+            where,
         )

@@ -22,7 +22,15 @@ Conventions (nccl-tests, doc/PERFORMANCE.md), for a group of N ranks:
   ``pdlab.wire`` measures on gloo's sockets, up to gloo's message headers.
 - ``seconds``: issue to completion where the backend reports completion (a Work future:
   gloo and NCCL collectives; DTensor ops until their ``wait_tensor``). Gloo p2p Works have no
-  future, so a send/recv's seconds are only the time to issue it (the wait comes later).
+  future, so a send/recv's seconds are only the time to issue it (the wait comes later),
+  except on an emulated link, which waits for them.
+- ``busy``: the seconds the metering thread had computed (run or waited for a core, not
+  slept: ``pdlab.busy``) since the meter was entered, when the op was issued; ``peer``: the
+  global rank a send goes to or a recv comes from (-1 for collectives). ``pdlab.predict``
+  replays a step from these.
+
+A meter given an emulator (``CommMeter(emulator=...)``, ``pdlab.emulation``) also makes every
+op it records complete as late as it would on the emulated link, and notes by how much.
 """
 
 from __future__ import annotations
@@ -35,14 +43,18 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from pdlab import compat
+from pdlab.busy import BusyClock
 from pdlab.compat import TorchDispatchMode, tree_flatten
+
+if TYPE_CHECKING:
+    from pdlab.emulation import Emulator
 
 
 @dataclass
@@ -56,6 +68,10 @@ class CommEvent:
     bus_bytes: float
     seconds: float = 0.0
     start: float = 0.0  # time.time() at issue
+    busy: float = 0.0  # the rank's compute seconds in this step before the op was issued
+    peer: int = -1  # send/recv: the other rank (global); collectives: -1
+    model_seconds: float = 0.0  # its time on the emulated link (pdlab.emulation), else 0
+    added_seconds: float = 0.0  # how much later than here the emulated link completed it
     sent_bytes: float = 0.0  # this rank's link, out and in (``traffic``)
     received_bytes: float = 0.0
     rank: int | None = None  # the rank that issues it (None: a formula that doesn't say)
@@ -242,7 +258,8 @@ _FUNCTIONAL_OPS = {
 }
 
 
-_COMM_NAMESPACES = ("c10d", "_c10d_functional")
+COMM_NAMESPACES = ("c10d", "_c10d_functional")
+_ASYNC_COLLECTIVE_TENSOR = compat.async_collective_tensor()
 
 
 def _nbytes(x: Any) -> int:
@@ -290,7 +307,10 @@ def _describe(func: Any, args: tuple, kwargs: dict) -> CommEvent | None:
     bound = dict(zip(compat.op_arguments(func), args, strict=False)) | kwargs
     pg = compat.process_group(bound.get("process_group", bound.get("group_name")))
     nbytes = _nbytes(bound[tensor_arg]) * (pg.size() if scales else 1) if tensor_arg else 0
-    return measured(op, nbytes, pg, bound.get("root_rank", bound.get("src")))
+    e = measured(op, nbytes, pg, bound.get("root_rank", bound.get("src")))
+    if (peer := bound.get("dst", bound.get("src"))) is not None:
+        e.peer = dist.get_global_rank(pg, peer)
+    return e
 
 
 # ---- the meter ---------------------------------------------------------------------------
@@ -306,20 +326,26 @@ def _time_until_done(event: CommEvent, t0: float, future: torch.futures.Future) 
     future.add_done_callback(done)
 
 
-def record(
-    op: str, nbytes: int, group: dist.ProcessGroup | None = None, future: Any = None
-) -> None:
+def record(op: str, nbytes: int, group: dist.ProcessGroup | None = None, future: Any = None) -> Any:
     """Count an op by hand in every active meter (for code outside the dispatcher).
 
-    ``future`` (optional) completes with the op; the event is timed until then.
+    ``future`` (optional) completes with the op; the event is timed until then. Returns the
+    future to hand on in its place: ``future`` itself, or on an emulated link a later one.
     """
+    if not _active:
+        return future
     pg = group or dist.group.WORLD
+    e = measured(op, nbytes, pg)
+    e.start, e.busy, t0 = time.time(), _active[0].clock(), time.perf_counter()
+    emulator = next((m.emulator for m in _active if m.emulator is not None), None)
+    if future is not None and emulator is not None:
+        emulator.price(e, nbytes)
+        future = emulator.delay_future(e, future, t0)
+    elif future is not None:
+        _time_until_done(e, t0, future)
     for meter in _active:
-        e = measured(op, nbytes, pg)
-        e.start = time.time()
-        if future is not None:
-            _time_until_done(e, time.perf_counter(), future)
         meter.events.append(e)
+    return future
 
 
 @contextmanager
@@ -332,32 +358,46 @@ def unmetered() -> Iterator[None]:
         _paused.on = False
 
 
+def _storage(t: torch.Tensor) -> int:
+    """What a functional collective's output and its views share (c10d waits by storage too)."""
+    return t.untyped_storage().data_ptr()
+
+
 class _Mode(TorchDispatchMode):
     def __init__(self, meter: CommMeter):
         super().__init__()
         self.meter = meter
-        self.waiting: dict[int, tuple[torch.Tensor, CommEvent, float]] = {}
+        self.waiting: dict[int, tuple[torch.Tensor, CommEvent, float]] = {}  # by storage
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace not in _COMM_NAMESPACES:  # the hot path: every aten op comes here
+        # A functional collective's result waits (wait_tensor) when an op first uses it:
+        # let the wrapper do that with this mode still on, so the wait is seen here.
+        if _ASYNC_COLLECTIVE_TENSOR in types:
+            return NotImplemented
+        if func.namespace not in COMM_NAMESPACES:  # the hot path: every aten op comes here
             return func(*args, **kwargs)
         # Let DTensor desugar into plain ops first (we see those); other subclasses (the
         # FakeTensors DTensor's sharding propagation runs on) just run.
         if DTensor in types:
             return NotImplemented
         e = None if getattr(_paused, "on", False) else _describe(func, args, kwargs)
-        start, t0 = time.time(), time.perf_counter()
+        busy, start, t0 = self.meter.clock(), time.time(), time.perf_counter()
         out = func(*args, **kwargs)
         if compat.is_wait_tensor(func):
             self._finish(args[0])
         if e is None:
             return out
-        e.start, e.seconds = start, time.perf_counter() - t0
+        e.start, e.seconds, e.busy = start, time.perf_counter() - t0, busy
         self.meter.events.append(e)
-        if func.namespace == "_c10d_functional":  # timed at its wait_tensor
+        if func.namespace == "_c10d_functional":  # timed (and emulated) at its wait_tensor
             for t in tree_flatten(out)[0]:
-                self.waiting[id(t)] = (t, e, t0)
+                self.waiting[_storage(t)] = (t, e, t0)
+        if (emulator := self.meter.emulator) is not None:
+            emulator.price(e, _nbytes(args[0]) if e.op == "recv" else e.payload_bytes)
+            if func.namespace == "c10d":
+                return emulator.delay_works(e, out, args[0], t0)  # it times them
+            return out
         for w in tree_flatten(out)[0]:
             if isinstance(w, torch.ScriptObject):  # eager ops return a boxed Work
                 # Gloo p2p Works raise "getFuture not implemented": those stay launch-timed.
@@ -366,8 +406,10 @@ class _Mode(TorchDispatchMode):
         return out
 
     def _finish(self, tensor: torch.Tensor) -> None:
-        if (pending := self.waiting.pop(id(tensor), None)) is not None:
+        if (pending := self.waiting.pop(_storage(tensor), None)) is not None:
             _, e, t0 = pending
+            if self.meter.emulator is not None:
+                self.meter.emulator.hold(e)
             e.seconds = time.perf_counter() - t0
 
 
@@ -378,15 +420,23 @@ class CommMeter:
     """
 
     def __init__(
-        self, dispatch: bool = True, names: dict[dist.ProcessGroup, str] | None = None
+        self,
+        dispatch: bool = True,
+        names: dict[dist.ProcessGroup, str] | None = None,
+        emulator: Emulator | None = None,
     ) -> None:
         """``names`` labels groups for this meter only (``{tp_group: "tp"}``): one group can
         be "dp" in one run and "pp" in the next (a mesh dim spanning all ranks is the world).
 
         ``dispatch=False`` collects only ``record``-ed events: for code that counts all its
         own communication (DDP's comm hook), it spares every other op the dispatch mode's
-        Python round trip (the mode costs a few microseconds per op, each op)."""
+        Python round trip (the mode costs a few microseconds per op, each op).
+
+        ``emulator`` (``pdlab.emulation.emulating``) delays every op recorded here."""
         self.events: list[CommEvent] = []
+        self.busy = 0.0  # after the block: the entering thread's compute seconds inside it
+        self.clock: BusyClock | None = None  # while entered
+        self.emulator = emulator
         self._mode = _Mode(self) if dispatch else None
         self._names = {pg.group_name: name for pg, name in (names or {}).items()}
         self._outer_names: dict[str, str | None] = {}
@@ -394,6 +444,7 @@ class CommMeter:
     def __enter__(self) -> CommMeter:
         self._outer_names = {k: _group_names.get(k) for k in self._names}
         _group_names.update(self._names)
+        self.clock = BusyClock()
         _active.append(self)
         if self._mode is not None:
             self._mode.__enter__()
@@ -404,6 +455,8 @@ class CommMeter:
             self._mode.__exit__(*exc)
             self._mode.waiting.clear()
         _active.remove(self)
+        self.busy = self.clock()
+        self.clock.close()
         for key, name in self._outer_names.items():
             if name is None:
                 del _group_names[key]

@@ -22,20 +22,32 @@ from torch.distributed import distributed_c10d as c10d
 # torch 1.13 to 2.13: the dispatch-mode base class and pytree live in private modules (torch
 # itself imports both, so this costs nothing).
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 __all__ = [
+    "FUNCTIONAL_OPS",
+    "PROCESS_GROUP_OPS",
     "TorchDispatchMode",
     "all_gather",
+    "async_collective_tensor",
+    "flop_formulas",
+    "functional_collectives",
     "initialize_pipeline_stage",
     "is_wait_tensor",
     "op_arguments",
     "op_name",
+    "op_packet",
     "process_group",
+    "process_groups",
+    "queue_backward_callback",
     "reduce_scatter",
     "replicate",
+    "sequence_number",
     "sequence_numbers",
     "tree_flatten",
+    "tree_map_only",
+    "unbox_work",
+    "work_from_future",
     "work_future",
 ]
 
@@ -58,9 +70,30 @@ def op_arguments(func: Any) -> list[str]:
     return [a.name for a in func._schema.arguments]
 
 
+def op_packet(func: Any) -> Any:
+    """The overload packet of an op (``aten.mm`` for ``aten.mm.default``; 1.13 to 2.13)."""
+    return func._overloadpacket
+
+
+def flop_formulas() -> dict:
+    """torch's FLOP formula for each op it counts, keyed by overload packet: the table
+    ``FlopCounterMode`` builds (its ``flop_registry``, 2.1 to 2.13)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return dict(FlopCounterMode(display=False).flop_registry)
+
+
 def is_wait_tensor(func: Any) -> bool:
     """Whether ``func`` is the functional collectives' ``wait_tensor`` (2.3 to 2.13)."""
     return func is torch.ops._c10d_functional.wait_tensor.default
+
+
+def async_collective_tensor() -> type[torch.Tensor]:
+    """The tensor a functional collective returns in eager mode, which calls ``wait_tensor``
+    when an op first uses it (a private module, 2.1 to 2.13; DTensor imports it anyway)."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return AsyncCollectiveTensor
 
 
 def process_group(arg: Any) -> dist.ProcessGroup:
@@ -73,23 +106,112 @@ def process_group(arg: Any) -> dist.ProcessGroup:
     return arg
 
 
+def unbox_work(boxed: torch.ScriptObject) -> dist.Work:
+    """The Work an eager c10d op returned, boxed for the dispatcher (``Work.unbox``: 2.0 to 2.13)."""
+    return c10d.Work.unbox(boxed)
+
+
 def work_future(boxed: torch.ScriptObject) -> torch.futures.Future:
     """The future of a boxed Work an eager c10d op returned (2.0 to 2.13). Raises
     RuntimeError where the backend has none (gloo's point-to-point Works)."""
-    return c10d.Work.unbox(boxed).get_future()
+    return unbox_work(boxed).get_future()
+
+
+def work_from_future(future: torch.futures.Future) -> torch.ScriptObject:
+    """A boxed Work that completes when ``future`` does, to return from a dispatch mode in
+    place of an op's own (pdlab.emulation). ``_create_work_from_future`` is private (1.13 to
+    2.13; torch's own Python process groups use it); ``Work.boxed`` is 2.0 to 2.13. The
+    future's value is what ``Work.result()`` gives: a list of tensors."""
+    from torch._C._distributed_c10d import _create_work_from_future
+
+    return _create_work_from_future(future).boxed()
 
 
 # ---- process groups (pdlab.runtime) ---------------------------------------------------------
 
 
-def sequence_numbers() -> dict[str, int]:
-    """How many operations each of this process's groups has issued, by group name.
-
-    Reads c10d's private registry of groups (``_world``: 2.0 to 2.13) and each group's
-    private sequence counter (1.10 to 2.13).
-    """
+def process_groups() -> dict[str, dist.ProcessGroup]:
+    """This process's groups by name, from c10d's private registry (``_world``: 2.0 to 2.13)."""
     world = c10d._world
-    return {world.pg_names[pg]: pg._get_sequence_number_for_group() for pg in world.pg_map}
+    return {world.pg_names[pg]: pg for pg in world.pg_map}
+
+
+def sequence_number(pg: dist.ProcessGroup) -> int:
+    """How many operations ``pg`` has issued: its private sequence counter (1.10 to 2.13)."""
+    return pg._get_sequence_number_for_group()
+
+
+def sequence_numbers() -> dict[str, int]:
+    """How many operations each of this process's groups has issued, by group name."""
+    return {name: sequence_number(pg) for name, pg in process_groups().items()}
+
+
+# ---- where every collective and p2p op passes (pdlab.flight) ------------------------------
+
+# ProcessGroup method -> the op it issues. Every eager torch.distributed function (and DDP's
+# comm hook, FSDP2, pipelining) ends in one of these methods of the public ProcessGroup class
+# (2.0 to 2.13; ``_allgather_base``/``_reduce_scatter_base`` are private, the ``*_single``
+# ones appeared in 2.12). Names the installed torch lacks are skipped.
+PROCESS_GROUP_OPS = {
+    "allreduce": "all_reduce",
+    "allreduce_coalesced": "all_reduce",
+    "broadcast": "broadcast",
+    "reduce": "reduce",
+    "allgather": "all_gather",
+    "_allgather_base": "all_gather",
+    "allgather_coalesced": "all_gather",
+    "allgather_into_tensor_coalesced": "all_gather",
+    "all_gather_single": "all_gather",
+    "all_gather_single_coalesced": "all_gather",
+    "reduce_scatter": "reduce_scatter",
+    "_reduce_scatter_base": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter",
+    "reduce_scatter_single": "reduce_scatter",
+    "reduce_scatter_single_coalesced": "reduce_scatter",
+    "alltoall": "all_to_all",
+    "alltoall_base": "all_to_all",
+    "all_to_all_single": "all_to_all",
+    "gather": "gather",
+    "scatter": "scatter",
+    "send": "send",
+    "recv": "recv",
+    "recv_anysource": "recv",
+    "barrier": "barrier",
+    "monitored_barrier": "barrier",
+}
+
+# The functional collectives DTensor issues, in a private module (2.3 to 2.13): function ->
+# op. Their result is waited on by the module's ``wait_tensor``.
+FUNCTIONAL_OPS = {
+    "all_reduce": "all_reduce",
+    "all_reduce_coalesced": "all_reduce",
+    "all_gather_tensor": "all_gather",
+    "all_gather_single": "all_gather",
+    "all_gather_into_tensor_coalesced": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "reduce_scatter_single": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter",
+    "all_to_all_single": "all_to_all",
+    "broadcast": "broadcast",
+}
+
+
+def functional_collectives() -> Any:
+    """``torch.distributed._functional_collectives`` (private; 2.3 to 2.13)."""
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol
+
+
+# ---- autograd (pdlab.trace) ----------------------------------------------------------------
+
+
+def queue_backward_callback(callback: Any) -> None:
+    """Run ``callback()`` when the backward pass now running ends, before callbacks queued
+    later (DDP queues its gradient wait when its last bucket launches). Called from inside
+    backward (a hook). The engine's ``queue_callback`` is private; DDP and FSDP2 use it
+    (1.x to 2.13)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 # ---- pipelining and FSDP2 (pdlab.parallel) --------------------------------------------------

@@ -65,6 +65,12 @@ class TrainConfig:
         "start from the newest complete checkpoint in checkpoint_dir (refused if it is "
         "damaged); 'latest-valid': from the newest complete and undamaged one",
     )
+    link: str | None = _field(
+        None,
+        "emulate this link on the ranks: a preset (nvlink4, eth25, ...) or a rate with an "
+        "optional latency ('100Mbit/s', '25Gbit/s@5us'); ':shared' for one medium all ranks "
+        "share (pdlab.emulation)",
+    )
 
 
 def choices(f: Field) -> tuple[str, ...] | None:

@@ -3,7 +3,8 @@
 ``ControlServer`` listens (loopback by default), authenticates each peer before anything it
 sends is unpickled (``protocol.accept_rank``), and gives every rank a reader thread that puts
 ``(rank, message)`` on the cluster's event queue — except ``pdlab.log`` records, which go
-straight to the metrics callback so a long run's records never queue behind a call.
+straight to the metrics callback so a long run's records never queue behind a call, and
+answers to ``Where``, which go to ``answers`` for whichever thread asked.
 
 Strangers are cheap to turn away: a handshake must finish within ``HANDSHAKE_S``, at most
 ``MAX_PENDING`` run at once (more connections are closed on arrival), and ``close`` ends
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -91,6 +93,7 @@ class ControlServer:
             ) from exc
         self.port: int = self.listener.getsockname()[1]
         self.links, self.token, self.events, self.publish = links, token, events, publish
+        self.answers: queue.Queue = queue.Queue()  # (rank, Here, time received)
         self._pending: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True, name="pdlab-accept").start()
@@ -128,7 +131,9 @@ class ControlServer:
         try:
             while True:
                 message = protocol.recv(link.conn)
-                if not isinstance(message, protocol.Metrics):
+                if isinstance(message, protocol.Here):  # asked from any thread, any time
+                    self.answers.put((link.rank, message, time.time()))
+                elif not isinstance(message, protocol.Metrics):
                     self.events.put((link.rank, message))
                 elif (deliver := self.publish()) is not None:
                     deliver(link.rank, message)

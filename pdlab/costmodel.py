@@ -32,11 +32,14 @@ The two entry points, for link emulation and the step-time predictor:
         ``nodes`` = how many nodes it spans (ranks spread evenly over them).
     link_op_time(op, payload_bytes, group_size, link) -> seconds
         every rank pair joined by this one link: what ``--link 100Mbit/s`` means on one machine.
+    shared_medium_op_time(op, payload_bytes, group_size, link) -> seconds
+        all ranks' bytes cross one medium of ``link``'s rate (``--link 100Mbit/s:shared``; a
+        loopback device throttled by the kernel): the op's bytes from every rank, in turn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pdlab.comm import bus_bytes
 from pdlab.topology import Link, Topology, whole_number
@@ -67,12 +70,17 @@ def wire_bytes(op: str, payload_bytes: float, group_size: int) -> float:
     return bus_bytes("send" if op == "recv" else op, payload_bytes, group_size)
 
 
-def link_op_time(op: str, payload_bytes: float, group_size: int, link: Link) -> float:
-    """Seconds ``op`` takes on ``group_size`` ranks all joined by ``link``."""
+def _alpha_beta(op: str, group_size: int, link: Link, nbytes: Callable[[], float]) -> float:
+    """Latency per ring step plus ``nbytes()`` at the link's bandwidth; 0 on one rank."""
     steps = ring_steps(op, group_size)  # an unknown op fails even on one rank
     if whole_number("group_size", group_size) == 1:
         return 0.0
-    return steps * link.latency + wire_bytes(op, payload_bytes, group_size) / link.bandwidth
+    return steps * link.latency + nbytes() / link.bandwidth
+
+
+def link_op_time(op: str, payload_bytes: float, group_size: int, link: Link) -> float:
+    """Seconds ``op`` takes on ``group_size`` ranks all joined by ``link``."""
+    return _alpha_beta(op, group_size, link, lambda: wire_bytes(op, payload_bytes, group_size))
 
 
 def slowest(a: Link, b: Link) -> Link:
@@ -124,3 +132,21 @@ def op_time(
     inside = link_op_time("reduce_scatter", payload_bytes, per_node, topology.intra)
     across = link_op_time("all_reduce", payload_bytes / per_node, spanned, topology.inter)
     return inside + across + link_op_time("all_gather", payload_bytes, per_node, topology.intra)
+
+
+def medium_bytes(op: str, payload_bytes: float, group_size: int) -> float:
+    """Bytes all ``group_size`` ranks together put on a medium they share for ``op``: every
+    rank's ``wire_bytes`` for the ring collectives (all-reduce 2(n-1)·S, all-gather,
+    reduce-scatter, all-to-all (n-1)·S); S from each of n-1 ranks for broadcast and reduce;
+    the root's (n-1)/n·S for gather and scatter; one message for send and recv."""
+    wire = wire_bytes(op, payload_bytes, group_size)
+    if op in ("send", "recv", "barrier", "gather", "scatter"):
+        return wire  # one message, or everything through the root's link
+    if op in ("broadcast", "reduce"):
+        return (group_size - 1) * wire
+    return group_size * wire
+
+
+def shared_medium_op_time(op: str, payload_bytes: float, group_size: int, link: Link) -> float:
+    """Seconds ``op`` takes when its ranks' bytes all cross one medium of ``link``'s rate."""
+    return _alpha_beta(op, group_size, link, lambda: medium_bytes(op, payload_bytes, group_size))

@@ -11,7 +11,9 @@ records arrive through ``cluster.subscribe``; the plots are redrawn from them at
 ``refresh_s`` seconds, in a thread of their own, so drawing never holds a rank up. Stop calls
 ``cluster.interrupt()``: every rank gets a KeyboardInterrupt, and the steps done so far stay
 on the plots. A world size other than the cluster's starts a new cluster of that size
-(``dashboard.cluster``) and shuts the old one down.
+(``dashboard.cluster``) and shuts the old one down. Under the controls, a table says where
+each rank's step went (``pdlab.trace.breakdown``); when a step takes far longer than the
+recent ones, the dashboard asks the ranks where they are (``cluster.where()``) and says it.
 
 The dashboard owns the clusters it starts: ``close()`` stops its run and shuts them down
 (the controls stay: Start then starts a fresh cluster), and a new ``Dashboard`` closes the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import statistics
 import threading
 import time
 import traceback
@@ -43,6 +46,7 @@ from pdlab.cluster import Cluster
 from pdlab.comm import CommEvent
 from pdlab.config import TrainConfig, choices
 from pdlab.parallel import registry
+from pdlab.trace import breakdown
 from pdlab.training import TrainResult, expected_comm, results, train, validate
 
 # The controls' first values: TrainConfig's defaults, but a run worth watching (the GPT, a
@@ -63,6 +67,28 @@ WIDTH = 820
 QUIET = {"loss"}  # same runs and colors as the throughput plot: its legend is enough
 LEGEND_FONT = 10
 _dashboards: weakref.WeakSet[Dashboard] = weakref.WeakSet()  # every open dashboard
+SLOW, SLOW_MIN_S = 10, 2.0  # a step this many times the recent ones (and this long) is stuck?
+
+
+@dataclass
+class SlowStep:
+    """Tells when a step takes far longer than the recent ones: ``SLOW`` times their pace,
+    and at least ``SLOW_MIN_S``."""
+
+    steps: int = 0
+    since: float | None = None  # when ``steps`` were first seen done
+    told: bool = False
+
+    def check(self, steps: int, pace: float | None, now: float) -> float | None:
+        """The seconds the current step has taken, the first time it is slow against
+        ``pace`` (seconds a step; None: not known yet); else None."""
+        if self.since is None or steps != self.steps:
+            self.steps, self.since, self.told = steps, now, False
+            return None
+        if self.told or pace is None or now - self.since <= max(SLOW * pace, SLOW_MIN_S):
+            return None
+        self.told = True
+        return now - self.since
 
 
 @dataclass
@@ -81,6 +107,7 @@ class Run:
     error: BaseException | None = None
     stop_requested: bool = False
     started: float = field(default_factory=time.monotonic)
+    slow: SlowStep = field(default_factory=SlowStep)
 
     @property
     def ranks(self) -> list[int]:
@@ -90,6 +117,15 @@ class Run:
         """Steps every rank has reported."""
         records = list(self.records)
         return min(sum(rec["rank"] == r for rec in records) for r in self.ranks)
+
+    def pace(self) -> float | None:
+        """Median seconds of the last five steps (the slowest rank's), the first step left
+        out: it warms up. None before there are any."""
+        times: dict[int, float] = {}
+        for rec in list(self.records):
+            times[rec["step"]] = max(times.get(rec["step"], 0.0), rec["step_time"])
+        recent = [times[step] for step in sorted(times)[1:][-5:]]
+        return statistics.median(recent) if recent else None
 
     def snapshot(self) -> TrainResult | None:
         """The result so far, over the steps every rank has reported (None before the first)."""
@@ -275,6 +311,7 @@ class Dashboard:
         self.stop_button.on_click(lambda _: self.stop())
         self.progress = widgets.IntProgress(0, min=0, max=1, description="step 0")
         self.message = widgets.HTML()
+        self.breakdown = widgets.HTML()  # where the live (or last) run's steps went, per rank
         before_any_run = {
             "loss": plots.loss({}),
             "throughput": plots.throughput({}),
@@ -288,6 +325,7 @@ class Dashboard:
                 widgets.Box(list(self.controls.values()), layout={"flex_flow": "row wrap"}),
                 widgets.HBox([self.start_button, self.stop_button, self.progress]),
                 self.message,
+                self.breakdown,
                 self.figure,
             ]
         )
@@ -402,8 +440,8 @@ class Dashboard:
         browser's messages may change while the painter thread draws.
         """
         for run in reversed(self.runs):
-            if (figure := self._plots(run)) is not None:
-                return figure
+            if (current := run.snapshot()) is not None:
+                return self._plots(run, current)
         return go.Figure(self.figure)  # no run yet: the empty plots
 
     def table(self) -> pd.DataFrame:
@@ -475,14 +513,18 @@ class Dashboard:
             run.records.append(record)
 
     def _paint_until(self, run: Run, done: threading.Event) -> None:
-        painted, wait_s = 0, self.refresh_s
-        while not done.wait(wait_s):
-            if len(run.records) != painted:  # new records since the last drawing
+        painted, next_paint = 0, 0.0
+        while not done.wait(self.refresh_s):
+            began = time.monotonic()
+            stuck_s = run.slow.check(run.steps_done(), run.pace(), began)
+            if stuck_s is not None:
+                self._where(run, stuck_s)
+            # New records since the last drawing, and drawing (which shares the CPU with the
+            # ranks) kept under a fifth of one core.
+            if len(run.records) != painted and began >= next_paint:
                 painted = len(run.records)
-                began = time.monotonic()
                 self._paint(run)
-                # Drawing shares the CPU with the ranks: keep it under a fifth of one core.
-                wait_s = max(self.refresh_s, 4 * (time.monotonic() - began))
+                next_paint = began + 5 * (time.monotonic() - began)
 
     def _paint(self, run: Run) -> None:
         steps = run.steps_done()
@@ -490,15 +532,19 @@ class Dashboard:
         self.progress.description = f"step {steps}"
         if run.status == "running" and not run.stop_requested:
             self._say(f"{run.name} running: step {steps} of {run.config.steps}")
-        figure = self._plots(run)
-        if figure is not None:
-            _show(self.figure, figure)
-
-    def _plots(self, run: Run) -> go.Figure | None:
-        """The plots with ``run`` as the current run (None before its first step)."""
         current = run.snapshot()
         if current is None:
-            return None
+            return
+        _show(self.figure, self._plots(run, current))
+        if not current.spans.empty:
+            table = breakdown(current).round(2)
+            self.breakdown.value = (
+                f"<b>Where each rank's step went</b> (ms, {html.escape(run.name)}; "
+                "pdlab.trace.breakdown)" + table.to_html()
+            )
+
+    def _plots(self, run: Run, current: TrainResult) -> go.Figure:
+        """The plots with ``run`` as the current run, ``current`` its result so far."""
         results = {r.name: current if r is run else r.result for r in self.runs}
         named = {name: result for name, result in results.items() if result is not None}
         figures = {
@@ -509,6 +555,14 @@ class Dashboard:
             "timeline": plots.timeline(run.records),
         }
         return _combine(figures)
+
+    def _where(self, run: Run, stuck_s: float) -> None:
+        """Say where every rank is when a step takes far longer than the recent ones."""
+        where = self.cluster.where()
+        self._say(
+            f"{run.name}: step {run.slow.steps + 1} has taken {stuck_s:.0f} s, far longer than "
+            f"the last ones: {where.summary()}\n{where}"
+        )
 
     def _finish(self, run: Run) -> None:
         if run.result is None:

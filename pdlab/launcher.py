@@ -166,6 +166,7 @@ class LocalRanks:
         self.settings = settings
         self.control_port = control_port
         self.tmpdir = tmpdir
+        self.master_port = free_loopback_port()  # for scripts that read it; nothing listens
 
     def spawn(self, rank: int) -> subprocess.Popen:
         """Start rank ``rank`` (from the long-lived spawner thread; see the module docstring)."""
@@ -183,7 +184,7 @@ class LocalRanks:
             PYTHONPATH=os.pathsep.join(p for p in paths if p),
             PYTHONUNBUFFERED="1",
             OMP_NUM_THREADS=str(s.threads),
-            LOCAL_RANK=str(rank),
+            **torchrun_environment(rank, s.world_size, self.master_port),
         )
         if lo := loopback_interface():
             env["GLOO_SOCKET_IFNAME"] = lo  # gloo binds the hostname's address otherwise
@@ -219,6 +220,28 @@ class LocalRanks:
     def startup_log(self, rank: int) -> str:
         with open(self.log_path(rank), errors="replace") as f:
             return f.read().strip()
+
+
+def torchrun_environment(rank: int, world_size: int, master_port: int) -> dict[str, str]:
+    """The variables torchrun sets for a rank on a single node, which scripts read."""
+    ranks = {"RANK": rank, "LOCAL_RANK": rank, "GROUP_RANK": 0, "ROLE_RANK": rank}
+    sizes = {"WORLD_SIZE": world_size, "LOCAL_WORLD_SIZE": world_size, "GROUP_WORLD_SIZE": 1}
+    return {
+        **{k: str(v) for k, v in {**ranks, **sizes, "ROLE_WORLD_SIZE": world_size}.items()},
+        "ROLE_NAME": "default",
+        "MASTER_ADDR": "localhost",  # what torchrun --standalone sets
+        "MASTER_PORT": str(master_port),
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_RUN_ID": "pdlab",
+    }
+
+
+def free_loopback_port() -> int:
+    """A port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---- torchrun, for ranks on other hosts ---------------------------------------------------

@@ -1,14 +1,22 @@
-"""IPython magics: ``%pdlab start|status|restart|stop`` and the ``%%ranks`` cell magic."""
+"""IPython magics: ``%pdlab start|status|restart|stop|script|timeout`` and ``%%ranks``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.display import display
 
 from pdlab import cluster as cluster_module
+from pdlab import rich_output
 from pdlab.cluster import Cluster
+
+USAGE = (
+    "usage: %pdlab start N [--backend gloo|nccl] [--device cpu|cuda] | status | restart | stop"
+    " | script PATH [ARGS...] | timeout [SECONDS|off]"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,22 +45,47 @@ def parse_ranks(spec: str) -> list[int] | None:
     return ranks
 
 
+def parse_cell_line(line: str) -> tuple[list[int] | None, float | None, bool]:
+    """``%%ranks``'s line: which ranks (all by default), ``--timeout S``, ``--tabs``."""
+    words = shlex.split(line)
+    tabs = "--tabs" in words
+    words = [w for w in words if w != "--tabs"]
+    timeout = None
+    if "--timeout" in words:
+        at = words.index("--timeout")
+        try:
+            timeout = float(words[at + 1])
+        except (IndexError, ValueError):
+            raise ValueError(
+                "write %%ranks --timeout SECONDS, e.g. %%ranks 0,1 --timeout 30"
+            ) from None
+        del words[at : at + 2]
+    return parse_ranks(" ".join(words)), timeout, tabs
+
+
 @magics_class
 class PdlabMagics(Magics):
     """``%pdlab`` manages the cluster it started (or the current one); ``%%ranks`` runs on
     the most recently started cluster, whichever way it was created."""
 
     started: Cluster | None = None
+    timeout: float | None = None  # %%ranks's default; `%pdlab timeout S` sets it
 
     @line_magic
     def pdlab(self, line: str) -> None:
-        """%pdlab start N [--backend B --device D] | status | restart | stop"""
+        """%pdlab start N [--backend B --device D] | status | restart | stop
+        | script PATH [ARGS...] | timeout [SECONDS|off]"""
+        words = shlex.split(line)
+        if words[:1] == ["script"] and len(words) > 1:
+            cluster_module.current().run_script(words[1], *words[2:], timeout=self.timeout)
+            return
+        if words[:1] == ["timeout"]:
+            self._set_timeout(words[1:])
+            return
         try:
-            args = _parser().parse_args(shlex.split(line))
+            args = _parser().parse_args(words)
         except (argparse.ArgumentError, SystemExit):
-            print(
-                "usage: %pdlab start N [--backend gloo|nccl] [--device cpu|cuda] | status | restart | stop"
-            )
+            print(USAGE)
             return
         if args.command == "start":
             if self.started is not None:
@@ -71,15 +104,38 @@ class PdlabMagics(Magics):
             self.started = None
             print("pdlab cluster stopped")
 
+    def _set_timeout(self, words: list[str]) -> None:
+        if words and words[0] != "off":
+            try:
+                PdlabMagics.timeout = float(words[0])
+            except ValueError:
+                print(USAGE)
+                return
+        elif words:
+            PdlabMagics.timeout = None
+        shown = "none" if self.timeout is None else f"{self.timeout:g} s"
+        print(f"%%ranks timeout: {shown}")
+
     @cell_magic
     def ranks(self, line: str, cell: str) -> None:
-        """%%ranks [0,2]: run the cell on those ranks (all by default), each in its own namespace."""
-        targets = parse_ranks(line)
+        """%%ranks [0,2] [--timeout S] [--tabs]: run the cell on those ranks (all by default),
+        each in its own namespace. ``--timeout`` (or ``%pdlab timeout S``) stops a cell that
+        hangs; ``--tabs`` shows each rank's output in a tab of its own."""
+        targets, timeout, tabs = parse_cell_line(line)
         cluster = cluster_module.current()
-        results = cluster.exec(cell, ranks=targets)
-        shown = targets if targets is not None else range(cluster.world_size)
-        for rank, value in zip(sorted(set(shown)), results, strict=True):
-            if value is not None:
+        shown = sorted(set(targets if targets is not None else range(cluster.world_size)))
+        view = rich_output.Tabs(shown) if tabs else None
+        if view is not None:
+            display(view)
+        with rich_output.routed(cluster, view) if view else contextlib.nullcontext():
+            # One blank line for the %%ranks line: tracebacks give the cell's own line numbers.
+            results = cluster.exec("\n" + cell, ranks=targets, timeout=timeout or self.timeout)
+        for rank, value in zip(shown, results, strict=True):
+            if value is None:
+                continue
+            if view is not None:
+                view.lines(rank, "stdout", [f"Out: {value!r}"])
+            else:
                 print(f"[rank {rank}] Out: {value!r}")
 
 

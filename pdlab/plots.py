@@ -56,8 +56,10 @@ COLORS = {"wire": "#555555", "formula": "#000000", "received": "#BAB0AC"}
 
 
 def run_name(config: TrainConfig) -> str:
-    """A short label for a run: ``dp/scratch gpt w2``."""
-    return f"{config.strategy}/{config.impl} {config.model} w{config.world_size}"
+    """A short label for a run: ``dp/scratch gpt w2``, ``dp/scratch gpt w2 @100Mbit/s`` on an
+    emulated link."""
+    link = f" @{config.link}" if config.link else ""
+    return f"{config.strategy}/{config.impl} {config.model} w{config.world_size}{link}"
 
 
 def _named(runs: Runs) -> dict[str, TrainResult]:
@@ -294,3 +296,104 @@ def compare(runs: Runs) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows).set_index("run")
+
+
+# ---- predicted time (pdlab.predict) --------------------------------------------------------
+
+TIME_PARTS = {
+    "compute": ("compute", "#4C78A8"),
+    "exposed_comm": ("exposed communication", "#F58518"),
+    "bubble": ("waiting for other ranks (bubble)", "#BAB0AC"),
+}
+
+
+def where_time_goes(predictions: Mapping[str, pd.DataFrame]) -> go.Figure:
+    """One bar a run: its mean predicted step (``pdlab.predict``) split into compute,
+    communication the compute does not hide, and time waiting for other ranks."""
+    names = list(predictions)
+    fig = _figure("Where the time goes (predicted, mean step)", "ms a step", "")
+    base = [0.0] * len(names)
+    for column, (label, color) in TIME_PARTS.items():
+        # The mean (parts add up to the step) over the steps after the first, a warm-up.
+        ms = [1e3 * p[column].iloc[1 if len(p) > 1 else 0 :].mean() for p in predictions.values()]
+        fig.add_bar(y=names, x=ms, base=base, name=label, orientation="h", marker_color=color)
+        base = [b + v for b, v in zip(base, ms, strict=True)]
+    fig.update_layout(yaxis_autorange="reversed", height=max(HEIGHT, 40 * len(names) + 120))
+    return fig
+
+
+def predicted_vs_measured(table: pd.DataFrame, color: str = "link") -> go.Figure:
+    """One point a run (``table``: ``measured`` and ``predicted`` seconds a step, a
+    ``strategy`` and a ``color`` column): on the diagonal, the prediction was right."""
+    fig = px.scatter(
+        table.assign(measured_ms=1e3 * table.measured, predicted_ms=1e3 * table.predicted),
+        x="measured_ms", y="predicted_ms", color=color, symbol="strategy",
+        log_x=True, log_y=True, height=HEIGHT + 100,
+        labels={"measured_ms": "measured ms a step", "predicted_ms": "predicted ms a step"},
+        title="Predicted vs measured step time (the line: a perfect prediction)",
+    )  # fmt: skip
+    both = 1e3 * table[["measured", "predicted"]].to_numpy()
+    ends = [both.min() / 1.5, both.max() * 1.5]
+    fig.add_scatter(
+        x=ends, y=ends, mode="lines", line={"dash": "dot", "color": "gray"}, name="exact"
+    )
+    return fig
+
+
+def plan_layouts(rows: pd.DataFrame, title: str = "Every layout of the plan") -> go.Figure:
+    """One point a layout of ``pdlab.plan``: memory per GPU across, step time up, colored by
+    whether it fits; hover for its grid."""
+    grid = " tp" + rows.tp.astype(str) + " pp" + rows.pp.astype(str)
+    recompute = rows.recompute.map({True: " +recompute"}).fillna("")
+    shown = rows.assign(layout=rows.strategy + grid + recompute, GB=rows.total_bytes / 1e9)
+    return px.scatter(
+        shown, x="GB", y="step_time", color="fits", hover_name="layout", title=title,
+        labels={"GB": "GB a GPU", "step_time": "s a step"}, height=HEIGHT + 80,
+    )  # fmt: skip
+
+
+BREAKDOWN_PARTS = {
+    "compute_ms": ("compute", "#4C78A8"),
+    "exposed_comm_ms": ("exposed communication", "#E45756"),
+    "idle_ms": ("idle", "#BAB0AC"),
+}
+
+
+def breakdown(result: TrainResult) -> go.Figure:
+    """Where each rank's step went (``pdlab.trace.breakdown``): compute, communication the
+    rank waited for (exposed) and idle, stacked to the step time; beside them, the
+    communication that ran behind compute (overlapped: DDP's buckets during backward, FSDP's
+    prefetched gathers)."""
+    from pdlab.trace import breakdown as split
+
+    table = split(result)
+    ranks = table.index.astype(str)
+    overlap = table.overlapped_comm_ms.sum() / max(table.comm_ms.sum(), 1e-12)
+    fig = _figure(
+        f"Where the step went — {run_name(result.config)}: {overlap:.0%} of communication "
+        "overlapped compute",
+        "rank",
+        "ms per step",
+    )
+    base = 0
+    for column, (label, color) in BREAKDOWN_PARTS.items():
+        fig.add_bar(
+            x=ranks,
+            y=table[column],
+            base=base,
+            name=label,
+            marker_color=color,
+            offset=-0.4,
+            width=0.5,
+        )
+        base = base + table[column].to_numpy()
+    fig.add_bar(
+        x=ranks,
+        y=table.overlapped_comm_ms,
+        name="communication overlapped",
+        offset=0.1,
+        width=0.3,
+        marker_color=BREAKDOWN_PARTS["exposed_comm_ms"][1],
+        marker_pattern_shape="/",
+    )
+    return fig

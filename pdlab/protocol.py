@@ -53,10 +53,31 @@ class StartFailed:
 
 @dataclass(frozen=True)
 class Output:
-    """A chunk of what the rank wrote to fd 1 or 2 (not split into lines)."""
+    """A chunk of what the rank wrote to fd 1 or 2 (not split into lines), and when the rank
+    read it (``time.time()``), so the kernel can show the ranks' lines in printed order."""
 
     stream: str  # "stdout" or "stderr"
     text: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Display:
+    """A rank's ``display(obj)``: the object pickled (b"" if it would not pickle) and its
+    ``repr``, shown instead when the kernel can't unpickle it."""
+
+    value: bytes
+    text: str
+
+
+@dataclass(frozen=True)
+class WidgetState:
+    """A rank's ipywidgets widget (``module.name``), new or changed: its synced state."""
+
+    model_id: str
+    module: str
+    name: str
+    state: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,7 @@ class Result:
     value: bytes
     value_type: str  # for an error message if the kernel cannot unpickle ``value``
     counts: Counts
+    group_problem: str = ""  # why the process group is unusable after the call ('' if it isn't)
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,16 @@ class Error:
     exc_type: str
     traceback: str
     counts: Counts
+    group_problem: str = ""
+
+
+@dataclass(frozen=True)
+class Here:
+    """The answer to ``Where``: a ``pdlab.where.Location``, sent by the rank's reader thread
+    while its main thread runs on (or waits in a collective)."""
+
+    request_id: int
+    location: Any
 
 
 @dataclass(frozen=True)
@@ -107,16 +139,27 @@ class Undecodable:
 
 @dataclass(frozen=True)
 class Call:
-    """Run ``payload`` on the rank: a pickled ``(fn, args, kwargs)``, or source to exec."""
+    """Run ``payload`` on the rank: a pickled ``(fn, args, kwargs)``, or source to exec.
+
+    ``workdir``: the kernel's working directory and ``sys.path``, when they changed since the
+    last call: the rank follows them, so relative paths and notebook-side modules work."""
 
     call_id: int
     kind: str  # "call" or "exec"
     payload: bytes | str
+    workdir: tuple[str, list[str]] | None = None
 
 
 @dataclass(frozen=True)
 class Interrupt:
     """Raise KeyboardInterrupt in the code the rank is running (ignored between calls)."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """Say where you are now (answered with ``Here``, without stopping the call)."""
+
+    request_id: int
 
 
 @dataclass(frozen=True)

@@ -23,24 +23,29 @@ so its errors surface before any rank starts work.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 
-from pdlab import checkpoint, memory, runtime, wire
+from pdlab import checkpoint, emulation, memory, runtime, wire
 from pdlab.comm import CommEvent, CommMeter, algorithms
 from pdlab.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.data import load_dataset
+from pdlab.flops import FlopCounter
 from pdlab.models import build_model
 from pdlab.parallel import registry
 from pdlab.parallel.base import Implementation, Layout, Mesh
 from pdlab.parallel.registry import layout_for
+from pdlab.trace import StepSpans
 
 
 def validate(config: TrainConfig) -> None:
@@ -62,9 +67,11 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
     checkpoint.check(config)  # resume's value; resuming, steps must go past the checkpoint
     if isinstance(config.lr, bool) or not (isinstance(config.lr, int | float) and config.lr > 0):
-        raise ValueError(f"lr must be a number > 0, got {config.lr!r}")
+        raise ValueError(f"lr must be > 0 (a number), got {config.lr!r}")
     if not math.isfinite(config.lr):
         raise ValueError(f"lr must be finite, got {config.lr!r}: try 0.01")
+    if config.link is not None:
+        emulation.parse(config.link)
     strategy = registry.get(config.strategy)
     if config.micro_batches != 1 and not strategy.micro_batched:
         raise ValueError(
@@ -141,34 +148,48 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
     first = checkpoint.resume(strategy, config)
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
+    dispatch = not strategy.counts_own_comm
+    spans = StepSpans(strategy)  # forward, backward and optimizer times, for traces
     records = []
-    for step in range(first, config.steps):
-        x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
-        before = wire_reading()
-        start = time.perf_counter()
-        with CommMeter(dispatch=not strategy.counts_own_comm, names=names) as meter:
-            out = strategy.train_step(x.to(device), y.to(device))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the step is done when the GPU is
-        step_time = time.perf_counter() - start
-        after = wire_reading()
-        record = {
-            "strategy": config.strategy,
-            "impl": config.impl,
-            "step": step,
-            "loss": out.loss,
-            "samples": out.samples,
-            "step_time": step_time,
-            "comm": [asdict(e) for e in meter.events],
-            # Bytes this rank sent on each TCP connection (None: not measurable, see wire_reading).
-            "wire": None if before is None or after is None else wire.sent_since(before, after),
-            "memory": memory.measure(strategy.module, strategy.optimizer, device),
-            "timeline": out.timeline,
-        }
-        runtime.log(**record)
-        records.append(record)
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            checkpoint.save(strategy, config.checkpoint_dir, step + 1, alone=layout.world_size == 1)
+    counted = None  # (FLOPs, kernels) of this rank's first step: a counted step runs slower
+    group = dist.group.WORLD if layout.world_size > 1 else None  # the run's ranks
+    with emulation.emulating(config.link, group, device) as emulator:
+        for step in range(first, config.steps):
+            x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
+            counter = FlopCounter() if counted is None else contextlib.nullcontext()
+            before = wire_reading()
+            start = time.perf_counter()
+            with spans.step() as timed, CommMeter(dispatch, names, emulator) as meter, counter:
+                out = strategy.train_step(x.to(device), y.to(device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the step is done when the GPU is
+            step_time = time.perf_counter() - start
+            after = wire_reading()
+            counted = counted or (counter.flops, counter.kernels)
+            record = {
+                "strategy": config.strategy,
+                "impl": config.impl,
+                "step": step,
+                "loss": out.loss,
+                "samples": out.samples,
+                "step_time": step_time,
+                "busy": meter.busy,  # seconds computing, not blocked on communication
+                "flops": counted[0],  # this rank's FLOPs and kernels a step (pdlab.flops)
+                "kernels": counted[1],
+                "comm": [asdict(e) for e in meter.events],
+                # Bytes sent on each TCP connection (None: not measurable, see wire_reading).
+                "wire": None if before is None or after is None else wire.sent_since(before, after),
+                "memory": memory.measure(strategy.module, strategy.optimizer, device),
+                "timeline": out.timeline,
+                "spans": timed,
+            }
+            runtime.log(**record)
+            records.append(record)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                checkpoint.save(
+                    strategy, config.checkpoint_dir, step + 1, alone=layout.world_size == 1
+                )
+    spans.close()
     state = strategy.full_state_dict() if full_state else None  # a collective: all ranks
     return {
         "rank": mesh.rank,
@@ -208,6 +229,17 @@ class TrainResult:
     max_rank_param_bytes: int
     # Pipelines: {"rank", "step", "timeline": [F/B events]} a rank and step (pdlab.plots.timeline)
     timeline: list[dict]
+    # One row a compute span a step and rank: forward/backward (per micro-batch), optimizer,
+    # and the whole step; start, end (time.time()) and the thread's CPU seconds (pdlab.trace)
+    spans: pd.DataFrame = field(default_factory=pd.DataFrame)
+    clock_offsets: dict[int, float] = field(default_factory=dict)  # attached ranks' clocks
+
+    def trace(self, path: str | Path) -> Path:
+        """Write the run as a Chrome/Perfetto trace (open it at https://ui.perfetto.dev):
+        a process per rank, its compute and communication spans on their own tracks."""
+        from pdlab import trace
+
+        return trace.write(trace.chrome_trace(self), path)
 
     def __repr__(self) -> str:
         c, steps = self.config, self.steps
@@ -223,13 +255,17 @@ class TrainResult:
 
 def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent]) -> TrainResult:
     """Tables from what the ranks returned (or logged so far: the dashboard builds live ones)."""
-    rows, ops = [], []
+    rows, ops, spans = [], [], []
     wire_sent: dict[int, dict[int, dict[str, int]]] = {}  # step -> rank -> its connections
     for out in outputs:
         for rec in out["records"]:
             where = {"step": rec["step"], "rank": out["rank"]}
             ops += [{**e, **where} for e in rec["comm"]]
-            row = {**where, **{k: rec[k] for k in ("loss", "samples", "step_time")}}
+            spans += [{**where, **span} for span in rec["spans"]]
+            row = {
+                **where,
+                **{k: rec[k] for k in ("loss", "samples", "step_time", "busy", "flops", "kernels")},
+            }
             row["samples_per_s"] = rec["samples"] / rec["step_time"]
             for column, key in COMM_COLUMNS.items():
                 row[column] = sum(e[key] for e in rec["comm"])
@@ -299,6 +335,7 @@ def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent])
             for rec in out["records"]
             if rec["timeline"]
         ],
+        pd.DataFrame(spans, columns=["step", "rank", "name", "mb", "start", "end", "cpu"]),
     )
 
 
@@ -334,7 +371,12 @@ def train(
     else:
         ranks = [0] if config.strategy == "single" else None
         outputs = cluster.run(run_on_rank, config, full_state, ranks=ranks, timeout=timeout)
-    return results(config, outputs, expected)
+    result = results(config, outputs, expected)
+    if config.link and (note := emulation.faster_than_here(result.comm, config.link)):
+        warnings.warn(note, stacklevel=2)
+    if cluster is not None and cluster.attach:
+        result.clock_offsets = cluster.clock_offsets()
+    return result
 
 
 # help(train) and Jupyter's tooltip list TrainConfig's fields (with their defaults) as keywords.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import ctypes
 import linecache
 import os
@@ -72,7 +73,7 @@ class OutputPump:
         while chunk := os.read(read_end, 65536):
             text = chunk.replace(_FLUSH_MARK, b"")
             if text:
-                self.channel.send(protocol.Output(name, text.decode(errors="replace")))
+                self.channel.send(protocol.Output(name, text.decode(errors="replace"), time.time()))
             if len(text) != len(chunk):
                 self._flushed[fd].set()
 
@@ -107,8 +108,13 @@ def _init_process_group(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from pdlab import runtime
+    from pdlab import flight, runtime
 
+    if os.environ.get("PDLAB_FLIGHT_RECORDER") != "0":  # "0": off, for benchmarks to compare
+        # Before the group forms: its first barrier is op #1. The black box goes beside the
+        # store, in the cluster's private temp dir (ranks torchrun started have none).
+        box = args.store and flight.black_box_path(os.path.dirname(args.store), args.rank)
+        flight.install(black_box=box or None)
     torch.set_num_threads(args.threads)
     timeout = timedelta(seconds=args.timeout)
     if args.device == "cuda":
@@ -143,10 +149,22 @@ def _run_source(source: str, namespace: dict, call_id: int) -> Any:
     return None
 
 
+def _follow(workdir: tuple[str, list[str]]) -> None:
+    """Work in the kernel's directory, and import from every folder the kernel imports from
+    (its order first): a notebook's relative paths and modules beside it work on the rank."""
+    cwd, path = workdir
+    with contextlib.suppress(OSError):  # a rank on another host may not have that folder
+        os.chdir(cwd)
+    sys.path[:] = [*path, *(p for p in sys.path if p not in path)]
+
+
 def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any:
     """Run one call; always returns the reply to send (a result or the error's traceback)."""
     from pdlab.runtime import collective_counts
+    from pdlab.scripts import group_problem
 
+    if call.workdir is not None:
+        _follow(call.workdir)
     try:
         running.set()  # from here an interrupt may raise KeyboardInterrupt in user code
         try:
@@ -163,7 +181,11 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
             raise TypeError(f"the return value can't be pickled back to the kernel: {exc}") from exc
         # The kernel compares the counts after a failed call to tell if the group is in step.
         return protocol.Result(
-            call.call_id, pickled, protocol.type_name(value), collective_counts()
+            call.call_id,
+            pickled,
+            protocol.type_name(value),
+            collective_counts(),
+            group_problem(),
         )
     except BaseException as exc:  # KeyboardInterrupt too: report it, stay alive
         return protocol.Error(
@@ -171,7 +193,19 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
             type(exc).__name__,
             "".join(traceback.format_exception(exc)),
             collective_counts(),
+            group_problem(),
         )
+
+
+def _locate(in_call: bool) -> Any:
+    """Where this rank is (``pdlab.flight.locate``), from the reader thread; never raises."""
+    from pdlab import flight, runtime
+    from pdlab.where import Location
+
+    try:
+        return flight.locate(threading.main_thread().ident, in_call)
+    except Exception as exc:  # a broken answer must not end the reader, and so the rank
+        return Location(runtime.rank(), "unknown", line=f"locate failed: {exc!r}")
 
 
 def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:
@@ -180,12 +214,15 @@ def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:
 
 
 def _serve(channel: Channel, pump: OutputPump) -> None:
-    from pdlab import runtime
+    from pdlab import rich_output, runtime, scripts
 
     runtime.bind(
         sink=lambda record: _send_metrics(channel, record), control_fd=channel.conn.fileno()
     )
-    namespace: dict[str, Any] = {"__name__": "__pdlab__"}
+    rich_output.bind(channel.send, pump.flush)
+    scripts.install()
+    # "__main__", so a whole script pasted into %%ranks runs its `if __name__ == "__main__":`
+    namespace: dict[str, Any] = {"__name__": "__main__", "display": rich_output.display}
     exec("import torch, torch.distributed as dist, pdlab", namespace)
     calls: queue.Queue = queue.Queue()
     running = threading.Event()
@@ -208,6 +245,8 @@ def _serve(channel: Channel, pump: OutputPump) -> None:
                     signal.pthread_kill(main_thread, signal.SIGINT)
                 elif isinstance(message, protocol.Abort):
                     os._exit(1)
+                elif isinstance(message, protocol.Where):
+                    channel.send(protocol.Here(message.request_id, _locate(running.is_set())))
                 else:
                     calls.put(message)
                     if isinstance(message, protocol.Shutdown):
@@ -218,6 +257,7 @@ def _serve(channel: Channel, pump: OutputPump) -> None:
     threading.Thread(target=read, daemon=True).start()
     while isinstance(call := calls.get(), protocol.Call):
         reply = _call(call, namespace, running)
+        rich_output.flush()  # a widget's last change
         pump.flush()
         channel.send(reply)
 

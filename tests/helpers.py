@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import torch
 
 from pdlab.comm import CommEvent, totals
@@ -26,3 +29,10 @@ def measured_per_step(result) -> list[dict]:
         totals(CommEvent(**e.drop(["step", "rank"]).to_dict()) for _, e in g.iterrows())
         for _, g in result.comm.groupby("step")
     ]
+
+
+def line_of(fn, text: str) -> str:
+    """``file.py:N``, as pdlab.flight names it: the line of ``fn`` holding ``text``."""
+    source, first = inspect.getsourcelines(fn)
+    offset = next(i for i, line in enumerate(source) if text in line)
+    return f"{Path(inspect.getsourcefile(fn)).name}:{first + offset}"

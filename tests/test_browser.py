@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nbformat
@@ -133,9 +133,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def with_parameters(lab: str, parameters: dict, to: Path) -> None:
-    """A copy of ``lab`` at ``to`` with ``parameters`` in a cell after its parameters cell."""
-    nb = nbformat.read(ROOT / "labs" / f"{lab}.ipynb", as_version=4)
+def with_parameters(notebook: Path, parameters: dict, to: Path) -> None:
+    """A copy of ``notebook`` at ``to`` with ``parameters`` in a cell after its parameters cell."""
+    nb = nbformat.read(notebook, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     values = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(values))  # as papermill injects them
@@ -148,12 +148,13 @@ def user_settings(config: Path, plugin: str, settings: dict) -> None:
     path.write_text(json.dumps(settings))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A private JupyterLab on 127.0.0.1 serving copies of the labs (small parameters)."""
-    root = tmp_path_factory.mktemp("lab")
-    for lab, parameters in LABS.items():
-        with_parameters(lab, parameters, root / f"{lab}.ipynb")
+@contextlib.contextmanager
+def jupyterlab(root: Path, notebooks: dict[str, tuple[Path, dict]]) -> Iterator[dict]:
+    """A private JupyterLab on 127.0.0.1 serving, from ``root``, a copy of each notebook
+    ``{name: (path, parameters)}`` as ``name.ipynb``. Yields its ``url`` (``.format(name)``
+    opens one), ``root`` and ``pid``."""
+    for name, (notebook, parameters) in notebooks.items():
+        with_parameters(notebook, parameters, root / f"{name}.ipynb")
     config = root / ".jupyter"
     # The news pop-up would cover the notebook's output; saved notebooks keep widget state.
     news_off = {"fetchNews": "false", "checkForUpdates": False}
@@ -196,6 +197,14 @@ def server(tmp_path_factory):
     finally:
         stop_with_children(process)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """JupyterLab serving copies of the labs (small parameters)."""
+    labs = {lab: (ROOT / "labs" / f"{lab}.ipynb", values) for lab, values in LABS.items()}
+    with jupyterlab(tmp_path_factory.mktemp("lab"), labs) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

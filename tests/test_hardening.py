@@ -221,7 +221,7 @@ def test_ranks_must_be_rank_numbers(cluster2):
         ({"steps": True}, "steps must be a whole number >= 1, got True"),
         ({"checkpoint_every": -1, "checkpoint_dir": "/tmp/x"}, "checkpoint_every must be"),
         ({"lr": float("inf")}, "lr must be finite"),
-        ({"lr": float("nan")}, "lr must be a number > 0"),
+        ({"lr": float("nan")}, r"lr must be > 0 \(a number\)"),
         ({"strategy": "dp", "micro_batches": 4}, "micro_batches=4 applies to pipelines only"),
     ],
 )

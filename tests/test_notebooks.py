@@ -14,7 +14,14 @@ LABS = Path(__file__).resolve().parent.parent / "labs"
 RUNS = {
     "00_start_here": (
         {"world_size": 2},
-        ["all 2 ranks agree: sum = 9", "[rank 1] after all_reduce: [3.0, 3.0, 3.0]"],
+        [
+            "all 2 ranks agree: sum = 9",
+            "[rank 1] after all_reduce: [3.0, 3.0, 3.0]",
+            "[rank 1] epoch 2 loss",
+            "snapshot.pt",
+            "hidden 32",
+            "rerun took",
+        ],
     ),
     "05_strategy_explorer": (
         {"world_size": 2, "steps": 5},
@@ -29,6 +36,7 @@ RUNS = {
             "DDP: measured bytes == predicted: True",
             "ranks end with identical weights: True",
             "ps and ring: measured bytes == predicted: True",
+            "of its all-reduce time ran behind the backward",
         ],
     ),
     "02_tensor_parallel": (
@@ -62,6 +70,18 @@ RUNS = {
                 for s in ("DP", "ZeRO-1", "ZeRO-1 (ZeroRedundancyOptimizer)", "ZeRO-3", "FSDP2")
             ),
             "measured bytes == predicted: True",
+            "FSDP2: ",
+            "of its communication overlapped compute",
+        ],
+    ),
+    "07_what_if": (
+        {"world_size": 2, "steps": 4, "strategies": ["dp", "tp"], "use_solutions": True},
+        [
+            "median error of the predictions:",
+            "fastest layout that fits on 8xH100:",
+            "fastest layout that fits on 2x8xH100-ib-ndr400:",
+            "PASS all-reduce time",
+            "emulated all-reduce: measured",
         ],
     ),
     "06_hybrid_and_beyond": (

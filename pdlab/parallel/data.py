@@ -154,12 +154,12 @@ def _counted_allreduce_hook(group, bucket):
     makes them strings; the second parameter must be named ``bucket``.
 
     The meter might not see ops the reducer issues from an autograd thread, so the bucket is
-    recorded here and the op itself runs unmetered: counted once either way.
+    recorded here and the op itself runs unmetered: counted once either way. On an emulated
+    link ``record`` hands back a future that completes when the link would have.
     """
     with comm.unmetered():
         future = default_hooks.allreduce_hook(group, bucket)
-    comm.record("all_reduce", _nbytes(bucket.buffer()), group, future=future)
-    return future
+    return comm.record("all_reduce", _nbytes(bucket.buffer()), group, future=future)
 
 
 class DDP(Single):

@@ -1,0 +1,158 @@
+"""The emulated link against a link the kernel really throttles, in one invocation (root only).
+
+    python benchmarks/emulation.py [--steps 10] [--repeats 3]
+        [--cases dp:scratch:2:100Mbit/s,tp:scratch:2:100Mbit/s,pp-1f1b:scratch:2:20Mbit/s]
+
+For each case (strategy:impl:world size:rate, the lab's GPT; the rates make communication
+most of a step):
+
+- *real*: ``python -m pdlab run ... --json`` inside a private network namespace whose loopback
+  is rate-limited by a ``tbf`` qdisc (``throttled_loopback``). The kernel process, its ranks,
+  their gloo sockets and the kernel-rank control channel all live there: every byte any of
+  them sends crosses the one qdisc (the control channel's per-step metrics, a few KB, too).
+- *emulated*: the same command on this machine's ordinary loopback with ``--link RATE:shared``:
+  pdlab's emulation of one medium of that rate shared by all ranks (``pdlab.emulation``).
+
+Each run's step time is the median over its steps after the first ``WARMUP``; runs alternate
+real and emulated, and the table shows the median over ``--repeats`` of each, and their ratio.
+The tbf rate counts IP and TCP headers and the ACKs coming back (about 6% of a bulk
+transfer: shared/FACTS.md measured 94 Mbit/s of payload through 100 Mbit/s), which the
+emulated medium, counting payload, leaves out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pdlab.topology import parse_link
+
+WARMUP = 2  # steps left out of each run's median: lazy init, first DDP constructor
+CASES = (
+    "dp:scratch:2:100Mbit/s", "dp:torch:2:100Mbit/s", "tp:scratch:2:100Mbit/s",
+    "pp-1f1b:scratch:2:20Mbit/s", "dp:scratch:4:100Mbit/s", "tp:scratch:4:400Mbit/s",
+    "pp-1f1b:scratch:4:20Mbit/s", "dp-tp:scratch:4:200Mbit/s", "dp-pp:scratch:4:50Mbit/s",
+)  # fmt: skip
+NETNS_PREFIX = "pdlab-tbf-"
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+def _remove_stale_namespaces() -> None:
+    """Namespaces this script made in processes that no longer exist (killed before cleanup)."""
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in (line.split()[0] for line in names.splitlines() if line.strip()):
+        pid = name.removeprefix(NETNS_PREFIX)
+        if name.startswith(NETNS_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def cannot_throttle() -> str | None:
+    """Why this process can't make a throttled namespace (not root, no ``ip``/``tc``), or None."""
+    if os.geteuid() != 0:
+        return "a tbf-throttled network namespace needs root (CI runs as root)"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        return f"{' and '.join(missing)} not found: install iproute2"
+    return None
+
+
+@contextmanager
+def throttled_loopback(rate: str) -> Iterator[str]:
+    """A private network namespace whose loopback sends at most ``rate`` (a pdlab link rate,
+    '100Mbit/s'), all senders together; yields its name. Removed on exit, even on failure.
+
+    lo gets MTU 1500: with its default 65,536 bytes a packet never fits the bucket and TCP
+    stalls (shared/FACTS.md). The bucket is 16 KB, not FACTS.md's 64 KB: a full 64 KB bucket
+    lets a pipeline's 64 KB activation through at once, at no rate at all.
+    """
+    if why := cannot_throttle():
+        raise RuntimeError(f"can't throttle loopback: {why}")
+    bits_per_s = round(parse_link(rate).bandwidth * 8)
+    name = f"{NETNS_PREFIX}{os.getpid()}"
+    _remove_stale_namespaces()
+    _sh("ip", "netns", "add", name)
+    try:
+        _sh("ip", "netns", "exec", name, "ip", "link", "set", "lo", "mtu", "1500", "up")
+        _sh("ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
+            "rate", f"{bits_per_s}bit", "burst", "16kb", "latency", "200ms")  # fmt: skip
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@dataclass(frozen=True)
+class Case:
+    strategy: str
+    impl: str
+    world_size: int
+    rate: str
+
+    @classmethod
+    def parse(cls, text: str) -> Case:
+        strategy, impl, world, rate = text.split(":")
+        return cls(strategy, impl, int(world), rate)
+
+    def __str__(self) -> str:
+        return f"{self.strategy}/{self.impl} w{self.world_size} @{self.rate}"
+
+
+def step_time(case: Case, steps: int, link: str | None = None, netns: str | None = None) -> float:
+    """Median step time (after ``WARMUP``) of one ``python -m pdlab run`` of ``case``."""
+    cmd = [sys.executable, "-m", "pdlab", "run", "--strategy", case.strategy,
+           "--impl", case.impl, "--world-size", str(case.world_size), "--model", "gpt",
+           "--steps", str(steps), "--json"]  # fmt: skip
+    if case.strategy.startswith("pp"):
+        cmd += ["--micro-batches", "4"]
+    if link:
+        cmd += ["--link", link]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if run.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {run.returncode}:\n{run.stderr[-3000:]}")
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"step"')]
+    return statistics.median(r["step_time"] for r in rows[WARMUP:])
+
+
+def compare(
+    case: Case, steps: int = 10, repeats: int = 1, mode: str = ":shared"
+) -> tuple[float, float]:
+    """``(real, emulated)`` median step times of ``case``; ``mode`` is the suffix of the
+    emulated link (":shared", or "" for a link per rank, which is not what tbf is)."""
+    real, emulated = [], []
+    with throttled_loopback(case.rate) as netns:
+        for _ in range(repeats):
+            real.append(step_time(case, steps, netns=netns))
+            emulated.append(step_time(case, steps, link=case.rate + mode))
+    return statistics.median(real), statistics.median(emulated)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cases", default=",".join(CASES))
+    args = p.parse_args()
+    if why := cannot_throttle():
+        sys.exit(f"error: {why}")
+    print(f"GPT, {args.steps} steps a run, median step time after {WARMUP}, median of "
+          f"{args.repeats} runs each; tbf at RATE vs --link RATE:shared")  # fmt: skip
+    print(f"{'case':<34} {'real tbf s':>10} {'emulated s':>10} {'emulated/real':>13}")
+    for case in map(Case.parse, args.cases.split(",")):
+        real, emulated = compare(case, args.steps, args.repeats)
+        print(f"{case!s:<34} {real:>10.4f} {emulated:>10.4f} {emulated / real:>13.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

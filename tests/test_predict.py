@@ -1,0 +1,284 @@
+"""The step-time predictor: its schedule logic on hand-computed steps, then real runs.
+
+The synthetic steps are written as a rank's trace would be: its ops in issue order, each
+with the compute (busy seconds) done before it. Every expected number is worked out by
+hand in the test's comment, not by the predictor's code.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import pdlab
+from pdlab import flops, footprint
+from pdlab.__main__ import main
+from pdlab.busy import BusyClock
+from pdlab.flops import FlopCounter
+from pdlab.parallel.base import Layout
+from pdlab.predictor import (
+    BLOCKING,
+    BUCKETS,
+    Assumptions,
+    Compute,
+    Issue,
+    Target,
+    Wait,
+    duplex,
+    on_link,
+    program,
+    replay,
+    wait_rule,
+)
+
+
+def trace(*ops: tuple) -> pd.DataFrame:
+    """Events of one rank: ``(op, group, payload, busy[, peer])`` in issue order."""
+    columns = ["op", "group", "payload_bytes", "busy", "peer"]
+    return pd.DataFrame([(*o, -1)[:5] for o in ops], columns=columns)
+
+
+def one_second_per_kb(issue: Issue) -> float:
+    return issue.payload / 1000
+
+
+def replay_traces(traces, busy, layout, rule, seconds=one_second_per_kb):
+    programs = {
+        rank: program(events, busy[rank], rule, layout, rank) for rank, events in traces.items()
+    }
+    return replay(programs, seconds)
+
+
+def ddp_rule(op: str, group: str) -> str:
+    return wait_rule("dp", "torch", op, group, gpu=False)
+
+
+# Both ranks: forward 10 s, then backward in three 5 s pieces, each ending in a 4 KB bucket
+# (4 s on the link), then a 2 s optimizer step: busy 27 s.
+DDP_TRACE = trace(
+    ("all_reduce", "dp", 4000, 15.0), ("all_reduce", "dp", 4000, 20.0), ("all_reduce", "dp", 4000, 25.0)
+)  # fmt: skip
+
+
+def test_ddp_buckets_overlap_backward():
+    # Bucket 1 runs 15-19 under backward, bucket 2 20-24, bucket 3 25-29; the rank waits for
+    # them after issuing the last (25 -> 29), then steps: 31 s. Exposed: the 4 s after backward.
+    times = replay_traces({0: DDP_TRACE, 1: DDP_TRACE}, {0: 27.0, 1: 27.0}, Layout(dp=2), ddp_rule)
+    for t in times.values():
+        assert t.finish == pytest.approx(31.0)
+        assert (t.compute, t.exposed_comm, t.bubble, t.comm) == pytest.approx((27, 4, 0, 12))
+
+
+def test_a_wrong_ddp_schedule_misses_the_hand_computed_step():
+    """Counting every bucket as exposed (waited as it is issued) gives 27 + 12 = 39 s: the
+    check above would catch a predictor that did that."""
+    times = replay_traces(
+        {0: DDP_TRACE, 1: DDP_TRACE}, {0: 27.0, 1: 27.0}, Layout(dp=2), lambda op, g: BLOCKING
+    )
+    assert times[0].finish == pytest.approx(39.0)
+    assert times[0].finish != pytest.approx(31.0)
+
+
+def test_buckets_queue_behind_each_other_on_a_slow_link():
+    # 10 KB buckets take 10 s: 15-25, 25-35, 35-45; waited from 25 to 45; finish 47.
+    slow = DDP_TRACE.assign(payload_bytes=10_000)
+    times = replay_traces({0: slow, 1: slow}, {0: 27.0, 1: 27.0}, Layout(dp=2), ddp_rule)
+    assert times[0].finish == pytest.approx(47.0)
+    assert times[0].exposed_comm == pytest.approx(20.0)
+
+
+def test_tensor_parallel_all_reduces_sit_on_the_critical_path():
+    # Rank 0 computes 3, all-reduce, 3, all-reduce, 1; rank 1 computes 4, 2, 1. Each 2 KB
+    # all-reduce takes 2 s once both have issued it: the first runs 4-6 (rank 0 waits 3-4
+    # for rank 1: bubble), then rank 0 computes to 9 and rank 1 to 8; the second runs 9-11
+    # (rank 1 waits 8-9); both finish at 12.
+    rule = lambda op, group: wait_rule("tp", "scratch", op, group, gpu=False)  # noqa: E731
+    traces = {
+        0: trace(("all_reduce", "tp", 2000, 3.0), ("all_reduce", "tp", 2000, 6.0)),
+        1: trace(("all_reduce", "tp", 2000, 4.0), ("all_reduce", "tp", 2000, 6.0)),
+    }
+    times = replay_traces(traces, {0: 7.0, 1: 7.0}, Layout(tp=2), rule)
+    assert times[0].finish == times[1].finish == pytest.approx(12.0)
+    assert (times[0].compute, times[0].exposed_comm, times[0].bubble) == pytest.approx((7, 4, 1))
+    assert (times[1].compute, times[1].exposed_comm, times[1].bubble) == pytest.approx((7, 4, 1))
+
+
+def test_a_two_stage_gpipe_step_follows_its_dependencies():
+    # GPipe, 2 micro-batches, 2 stages; forward 2 s, backward 4 s; every send 1 KB = 1 s.
+    # Stage 0: F0, send a0, F1, send a1, recv g0, B0, recv g1, B1 (busy 12).
+    # Stage 1: recv a0, F0, recv a1, F1, B0, send g0, B1, send g1 (busy 12).
+    # a0 runs 2-3; stage 1's F0 3-5; a1 waits for stage 1 to post its recv: 5-6; F1 6-8,
+    # B0 8-12, g0 12-13, B1 12-16, g1 posted at 16 but stage 0 posts its recv only after
+    # B0 (13-17): g1 17-18, B1 18-22. Stage 0: compute 12, blocked 4-13 and 17-18, of which
+    # its links carried a1, g0, g1: exposed 3, bubble 7.
+    rule = lambda op, group: wait_rule("pp-gpipe", "scratch", op, group, gpu=False)  # noqa: E731
+    traces = {
+        0: trace(("send", "pp", 1000, 2.0, 1), ("send", "pp", 1000, 4.0, 1),
+                 ("recv", "pp", 0, 4.0, 1), ("recv", "pp", 0, 8.0, 1)),
+        1: trace(("recv", "pp", 0, 0.0, 0), ("recv", "pp", 0, 2.0, 0),
+                 ("send", "pp", 1000, 8.0, 0), ("send", "pp", 1000, 12.0, 0)),
+    }  # fmt: skip
+    times = replay_traces(traces, {0: 12.0, 1: 12.0}, Layout(pp=2), rule)
+    assert times[0].finish == pytest.approx(22.0)
+    assert times[1].finish == pytest.approx(18.0)
+    assert (times[0].compute, times[0].exposed_comm, times[0].bubble) == pytest.approx((12, 3, 7))
+
+
+def test_torch_1f1b_waits_for_a_send_with_the_next_p2p_op():
+    # Rank 0 sends x (1 KB: 1 s) at 0, posts a recv for y at 1, then computes 3 s. Rank 1
+    # sends y at 0 and posts its recv for x only at 5. y runs 1-2, x 5-6. torch's 1F1B waits
+    # for x along with y: rank 0 is blocked until 6 and finishes at 9. pdlab's StageLink
+    # waits for its sends at the end: rank 0 computes 2-5, waits for x until 6.
+    traces = {
+        0: trace(("send", "pp", 1000, 0.0, 1), ("recv", "pp", 0, 1.0, 1)),
+        1: trace(("send", "pp", 1000, 0.0, 0), ("recv", "pp", 0, 5.0, 0)),
+    }
+    for impl, finish in (("torch", 9.0), ("scratch", 6.0)):
+        rule = lambda op, group, impl=impl: wait_rule("pp-1f1b", impl, op, group, gpu=False)  # noqa: E731
+        times = replay_traces(traces, {0: 4.0, 1: 5.0}, Layout(pp=2), rule)
+        assert times[0].finish == pytest.approx(finish)
+
+
+def test_the_replay_refuses_programs_that_never_meet():
+    programs = {0: [Issue("x", "all_reduce", 1, (0, 1)), Wait("x")], 1: [Compute(1.0)]}
+    with pytest.raises(RuntimeError, match="deadlocked"):
+        replay(programs, one_second_per_kb, duplex)
+
+
+def test_wait_rules_follow_each_strategy():
+    assert wait_rule("dp", "torch", "all_reduce", "dp", gpu=False) == BUCKETS
+    assert wait_rule("dp-tp", "scratch", "all_reduce", "tp", gpu=False) == BLOCKING
+    assert wait_rule("pp-1f1b", "scratch", "recv", "pp", gpu=False) == BLOCKING
+    assert wait_rule("pp-1f1b", "scratch", "send", "pp", gpu=False) == "at end"
+    assert wait_rule("pp-1f1b", "torch", "send", "pp", gpu=False) == "with the next"
+    assert wait_rule("ps", "scratch", "send", "dp", gpu=False) == BLOCKING
+    assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=False) == BLOCKING  # CPU: sync
+    assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=True) == "prefetch"
+
+
+def test_fsdp_prefetch_overlaps_the_next_gather_with_compute_on_a_gpu():
+    # Three 1 KB all-gathers (1 s) each followed by 3 s of compute. Synchronous: 3 x 4 = 12.
+    # Prefetched: gather k+1 is issued when gather k is waited for: g0 0-1, g1 1-2, g2 4-5:
+    # compute 1-4, 4-7, 7-10 (each gather done before its compute): 10 s.
+    events = trace(("all_gather", "dp", 1000, 0.0), ("all_gather", "dp", 1000, 3.0),
+                   ("all_gather", "dp", 1000, 6.0))  # fmt: skip
+    for gpu, step in ((False, 12.0), (True, 10.0)):
+        rule = lambda op, group, gpu=gpu: wait_rule("zero3", "torch", op, group, gpu=gpu)  # noqa: E731
+        times = replay_traces({0: events, 1: events}, {0: 9.0, 1: 9.0}, Layout(dp=2), rule)
+        assert times[0].finish == pytest.approx(step)
+
+
+# ---- measured inputs -------------------------------------------------------------------------
+
+
+def test_busy_clock_counts_compute_not_sleep():
+    clock = BusyClock()
+    try:
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.1:  # computing: running or waiting for a core
+            pass
+        computed = clock()
+        time.sleep(0.2)
+        slept = clock() - computed
+    finally:
+        clock.close()
+    assert computed >= 0.09
+    assert slept < 0.05
+
+
+def test_busy_clock_reads_another_threads_time():
+    clock = BusyClock()  # this thread's
+    try:
+        before = clock()
+        worker = threading.Thread(target=lambda: sum(range(3_000_000)))
+        worker.start()
+        worker.join()  # this thread sleeps meanwhile
+        assert clock() - before < 0.05
+    finally:
+        clock.close()
+
+
+def test_flop_counter_counts_matmuls_and_cpu_attention_by_hand():
+    x, w = torch.randn(8, 16), torch.randn(16, 32)
+    with FlopCounter() as counter:
+        x @ w
+    assert counter.flops == 2 * 8 * 16 * 32
+    q = k = v = torch.randn(2, 4, 32, 16)  # batch, heads, tokens, head dim
+    with FlopCounter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert counter.flops == 4 * 2 * 4 * 32 * 32 * 16  # two products of 2·b·h·s·s·d
+
+
+def test_model_flops_agree_with_the_planners_formula():
+    """The meta-device count (``flops.model_flops``) against the PaLM/Megatron formula the
+    planner uses (6 per matmul weight + 12·L·h·s per token), written independently."""
+    config = pdlab.TrainConfig(model="gpt", batch_size=32)
+    spec = footprint.model_spec("gpt")
+    formula = footprint.flops_per_token(spec, spec.context) * config.batch_size * spec.context
+    assert flops.model_flops(config) == pytest.approx(formula, rel=0.02)
+
+
+# ---- real runs -------------------------------------------------------------------------------
+
+SLOW = "30Mbit/s"  # GPT's 0.8 MB of gradients: ~0.22 s a step on it, several times the compute
+
+
+@pytest.fixture(scope="module")
+def slow_ddp(cluster2):
+    return pdlab.train(cluster2, strategy="dp", impl="torch", model="gpt", steps=6, link=SLOW)
+
+
+def _ratio(predicted: pd.DataFrame, result) -> float:
+    return predicted.step_time.iloc[2:].median() / result.steps.step_time.iloc[2:].median()
+
+
+def test_prediction_of_a_real_emulated_run_is_within_a_generous_factor(slow_ddp):
+    predicted = pdlab.predict(slow_ddp)  # the link the run emulated, this machine's compute
+    assert 1 / 1.5 < _ratio(predicted, slow_ddp) < 1.5
+    assert (predicted.compute + predicted.exposed_comm + predicted.bubble).to_numpy() == (
+        pytest.approx(predicted.step_time.to_numpy())
+    )
+
+
+def test_reading_bytes_as_bits_would_fail_that_check(slow_ddp):
+    right = on_link(pdlab.emulation.parse(SLOW))
+    as_bits = Target("bits", lambda issue: right.seconds(issue) / 8, right.links, None, True)
+    assert not 1 / 1.5 < _ratio(pdlab.predict(slow_ddp, as_bits), slow_ddp) < 1.5
+
+
+def test_predict_on_a_gpu_cluster_uses_the_runs_flops(slow_ddp):
+    h100 = pdlab.predict(slow_ddp, "2x1 h100-sxm nvlink4 ib-ndr400")
+    # Compute: 2 x 0.673 GFLOP at 0.5 x 67 TFLOP/s fp32 is 20 µs, far below the ~1,400
+    # kernels at 10 µs each; the 0.8 MB all-reduce over InfiniBand is ~17 µs.
+    kernels = slow_ddp.ranks.kernels.iloc[0]
+    assert 0.9 * kernels * 10e-6 < h100.compute.median() < 1.5 * kernels * 10e-6
+    assert (h100.mfu > 0).all() and (h100.mfu < 1).all()
+    faster = pdlab.predict(slow_ddp, "2x1 h100-sxm nvlink4 ib-ndr400", assumptions=Assumptions(op_overhead=0))  # fmt: skip
+    assert faster.compute.median() < h100.compute.median() / 10
+
+
+def test_predict_names_what_it_cannot_read(slow_ddp):
+    with pytest.raises(ValueError, match="emulate"):
+        pdlab.predict(slow_ddp, "a fast cluster")
+    with pytest.raises(ValueError, match="at least 2"):
+        pdlab.predict(slow_ddp, "1 h100-sxm nvlink4")
+
+
+def test_tensor_parallel_flops_are_counted_on_local_shards(cluster2):
+    runs = [
+        pdlab.train(cluster2, strategy="tp", impl=impl, model="gpt", steps=1)
+        for impl in ("scratch", "torch")
+    ]
+    scratch, torch_tp = (r.ranks.flops.iloc[0] for r in runs)
+    assert torch_tp == pytest.approx(scratch, rel=0.01)  # not twice: the DTensor global shape
+
+
+def test_cli_json_has_the_predicted_step_time(capsys):
+    assert main(["run", "--strategy", "single", "--model", "mlp", "--steps", "3", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()][:-1]
+    assert all(row["predicted_step_time"] > 0 and row["step_time"] > 0 for row in rows)
