@@ -105,7 +105,8 @@ def traffic(
 
     ``nbytes`` is the op's payload (a recv's: the tensor it receives); ``position`` is this
     rank's place from the root, ``(group rank - root) mod n``, for rooted ops. gloo, as its
-    sockets count it (``tests/test_wire.py`` checks each op at 2 to 5 ranks): ring all-reduce
+    sockets count it (``tests/test_traffic.py`` checks each op at 2 and 4 ranks; 3 and 5 were
+    measured once, by hand): ring all-reduce
     and all-gather; its reduce-scatter *is* an all-reduce (each rank keeps its slice, so it
     costs twice a ring reduce-scatter); a binomial-tree broadcast (the root sends S to
     ⌈log2 n⌉ ranks); reduce as a ring reduce-scatter, then every slice to the root. Other
