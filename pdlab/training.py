@@ -112,9 +112,13 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
 
     Logs one ``pdlab.log`` record a step (loss, samples, step_time, comm events, memory,
     timeline) and returns them, this rank's final memory, and (rank 0, ``full_state``) the
-    full trained parameters under the single-process names.
+    full trained parameters under the single-process names. Rank 0 also logs ``phase``
+    records ("building the model", "first step") for a dashboard to show while it waits.
     """
     validate(config)
+    announce = runtime.rank() == 0
+    if announce:
+        runtime.log(phase="building the model")
     layout = layout_for(config.strategy, config.world_size)
     if layout.world_size > 1 and runtime.world_size() != layout.world_size:
         raise ValueError(
@@ -131,6 +135,8 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
     records = []
     for step in range(first, config.steps):
+        if announce and step == first:
+            runtime.log(phase="first step")
         x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
         start = time.perf_counter()
         with CommMeter(dispatch=not strategy.counts_own_comm, names=names) as meter:
