@@ -302,6 +302,16 @@ def keep_fork_server(environment: dict[str, str]) -> None:
         _fork_server = _spawner.submit(forkserver.ForkServer, environment).result()
 
 
+def _forget_fork_server() -> None:
+    """In a process forked from this kernel (a DataLoader worker, a multiprocessing pool): the
+    fork server is its parent's, and so is the conversation with it."""
+    global _fork_server
+    _fork_server = None
+
+
+os.register_at_fork(after_in_child=_forget_fork_server)
+
+
 @atexit.register
 def stop_fork_server() -> None:
     """Stop the fork server (and any rank it forked still alive) and reap it."""

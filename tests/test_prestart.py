@@ -369,6 +369,23 @@ def test_the_server_refuses_to_fork_once_cuda_is_loaded(tmp_path):
     assert before == "False" and after.startswith("True") and "CUDA" in after
 
 
+def test_a_process_forked_from_the_kernel_leaves_its_fork_server_alone():
+    server = launcher.fork_server()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # as a DataLoader worker or a multiprocessing pool would be
+        os.write(write, b"1" if launcher.fork_server() is None else b"0")
+        launcher.stop_fork_server()  # what an atexit in the child would do
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(child, 0)
+    os.close(read)
+    assert launcher.fork_server() is server and not server.gone
+    with pdlab.Cluster(1) as c:
+        assert parents(c) == [server.pid]
+
+
 def test_leaked_servers_are_caught():
     server = launcher._spawner.submit(forkserver.ForkServer, launcher.rank_environment()).result()
     try:
