@@ -191,6 +191,7 @@ def test_a_forked_rank_starts_as_a_spawned_one_would():
                                 for s in (a, b))  # fmt: skip
         for s in (a, b):
             s["env"].pop("PDLAB_TOKEN", None)  # the worker pops it; a token per cluster
+            s["env"].pop("MASTER_PORT")  # a port per cluster, for scripts that read it
         assert a == b
     assert ours[1]["env"]["LOCAL_RANK"] == "1" and ours[1]["env"]["GLOO_SOCKET_IFNAME"] == "lo"
     assert ours[0]["threads"][0] == int(ours[0]["env"]["OMP_NUM_THREADS"])
