@@ -1,10 +1,21 @@
-"""Start-up and round-trip cost of a pdlab cluster, against torchrun as the baseline.
+"""Start-up and first-run cost of a pdlab cluster, against torchrun as the baseline.
 
-    python benchmarks/startup.py [--repeats 3] [--calls 200]
+    python benchmarks/startup.py [--repeats 5] [--idle 8] [--calls 200]
 
-Prints, in one invocation: cold start to the first barrier for world sizes 2 and 4 (pdlab and
-torchrun, with the ratio) and the warm round trip of a ``run`` at world size 4 that does
-nothing, prints a line, or logs a metric.
+Prints, in one invocation, medians over ``--repeats`` (and the load average before and after,
+since these are times on a shared machine):
+
+1. a kernel's first cluster to its first barrier at world sizes 2 and 4 (new processes, as
+   ``prestart=False`` starts every cluster), against torchrun starting as many ranks;
+2. on a fresh 2-rank cluster left idle ``--idle`` s, the first 1-step ``pdlab.train`` against
+   the second: in a fresh kernel (its first cluster, whose ranks warm themselves up), with
+   ``prestart=False`` (no warm-up), and on ranks forked from the fork server. The kernel's
+   own one-time costs (its first ``pdlab.train`` imports the trainer whatever the ranks do)
+   are paid before the cluster starts, and reported apart;
+3. the first run of each strategy on the same ranks (switching strategy), forked and plain;
+4. in a kernel that already ran a cluster, a new ``Cluster(n)`` to its first trained step,
+   against torchrun starting n ranks to a barrier, at n = 2 and 4;
+5. the warm round trip of a ``run`` at world size 4 that does nothing, prints or logs.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import statistics
 import subprocess
@@ -21,6 +33,8 @@ import textwrap
 import time
 
 import pdlab
+import pdlab.parallel.registry
+from pdlab import launcher
 
 TORCHRUN_SCRIPT = textwrap.dedent(
     """
@@ -34,6 +48,76 @@ TORCHRUN_SCRIPT = textwrap.dedent(
     dist.destroy_process_group()
     """
 )
+
+# A fresh kernel: pay the kernel's own one-time costs (importing the trainer, building a
+# model on the meta device for expected_comm, the first tables: what its first
+# ``pdlab.train`` pays whatever the ranks), start a cluster, leave it idle, then time two
+# 1-step runs.
+FRESH_KERNEL = textwrap.dedent(
+    """
+    import json, sys, time
+    start = time.perf_counter()
+    import pdlab
+    idle, mode, strategy, impl = sys.argv[1:]
+    config = dict(strategy=strategy, impl=impl, model="gpt")
+    pdlab.expected_comm(pdlab.TrainConfig(world_size=2, **config))
+    pdlab.train(None, strategy="single", model="gpt", steps=1)
+    kernel = time.perf_counter() - start
+    cluster = pdlab.Cluster(2, prestart=mode == "prestart")
+    time.sleep(float(idle))
+    runs = []
+    for _ in range(2):
+        start = time.perf_counter()
+        pdlab.train(cluster, steps=1, **config)
+        runs.append(time.perf_counter() - start)
+    cluster.shutdown()
+    print(json.dumps({"kernel": kernel, "runs": runs}))
+    """
+)
+# A fresh kernel's first cluster: no-op calls while its ranks warm up, then once they are warm.
+CALLS_WHILE_WARMING = textwrap.dedent(
+    """
+    import json, threading, time
+    import pdlab
+
+    def warming():
+        return any(t.name == "pdlab-warm-up" for t in threading.enumerate())
+
+    cluster = pdlab.Cluster(2)
+    during, after = [], []
+    while len(during) < 50 and all(cluster.run(warming)):
+        start = time.perf_counter()
+        cluster.run(int)
+        during.append(time.perf_counter() - start)
+    while any(cluster.run(warming)):
+        time.sleep(0.2)
+    for _ in range(50):
+        start = time.perf_counter()
+        cluster.run(int)
+        after.append(time.perf_counter() - start)
+    cluster.shutdown()
+    print(json.dumps({"during": during, "after": after}))
+    """
+)
+FIRST_RUNS = [("dp", "scratch"), ("dp", "torch")]
+SWITCHES = [
+    ("dp", "torch"),
+    ("tp", "scratch"),
+    ("tp", "torch"),
+    ("pp-1f1b", "scratch"),
+    ("pp-1f1b", "torch"),
+    ("zero1", "torch"),
+    ("zero3", "scratch"),
+    ("zero3", "torch"),
+]
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
 
 
 def torchrun_to_barrier(world_size: int, script: str) -> float:
@@ -57,9 +141,76 @@ def torchrun_to_barrier(world_size: int, script: str) -> float:
 
 
 def pdlab_to_barrier(world_size: int) -> float:
+    """A kernel's first cluster: new processes (``Cluster`` returns after every barrier)."""
     start = time.time()
-    cluster = pdlab.Cluster(world_size, device="cpu")  # returns after every rank's barrier
+    cluster = pdlab.Cluster(world_size, device="cpu", prestart=False)
     elapsed = time.time() - start
+    cluster.shutdown()
+    return elapsed
+
+
+def fresh_kernel_runs(idle: float, prestart: bool, strategy: str, impl: str) -> list[float]:
+    """First and second 1-step run on a fresh kernel's first cluster, idle ``idle`` s; the
+    kernel's own one-time costs (paid before) go to ``KERNEL_ONCE``."""
+    mode = "prestart" if prestart else "plain"
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH_KERNEL, str(idle), mode, strategy, impl],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = json.loads(out.stdout.splitlines()[-1])
+    KERNEL_ONCE.append(measured["kernel"])
+    return measured["runs"]
+
+
+KERNEL_ONCE: list[float] = []
+
+
+def calls_while_warming() -> dict[str, list[float]]:
+    """Seconds of no-op calls on a fresh kernel's first cluster, during its warm-up and after."""
+    out = subprocess.run(
+        [sys.executable, "-c", CALLS_WHILE_WARMING], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def step_seconds(cluster: pdlab.Cluster, strategy: str, impl: str) -> float:
+    pipelined = pdlab.parallel.registry.get(strategy).micro_batched
+    micro_batches = cluster.world_size if pipelined else 1  # torch's 1F1B needs one a stage
+    start = time.perf_counter()
+    pdlab.train(
+        cluster, strategy=strategy, impl=impl, model="gpt", steps=1, micro_batches=micro_batches
+    )
+    return time.perf_counter() - start
+
+
+def against_torchrun(ours, world_size: int, script: str, repeats: int) -> tuple[float, float]:
+    """Medians of ``ours(world_size)`` and of torchrun to a barrier, run alternately."""
+    pairs = [(ours(world_size), torchrun_to_barrier(world_size, script)) for _ in range(repeats)]
+    return median([a for a, _ in pairs]), median([b for _, b in pairs])
+
+
+def forked_runs(idle: float, strategy: str, impl: str) -> list[float]:
+    """First and second 1-step run on a cluster forked from the warm fork server."""
+    with pdlab.Cluster(2) as cluster:
+        time.sleep(idle)
+        return [step_seconds(cluster, strategy, impl) for _ in range(2)]
+
+
+def switching(world_size: int, prestart: bool) -> dict[str, float]:
+    """Each strategy's first 1-step run on the same ranks, after a dp run."""
+    with pdlab.Cluster(world_size, prestart=prestart) as cluster:
+        step_seconds(cluster, "dp", "scratch")
+        return {f"{s}/{i}": step_seconds(cluster, s, i) for s, i in SWITCHES}
+
+
+def to_first_step(world_size: int) -> float:
+    """A new ``Cluster(world_size)`` (forked: this kernel ran one) to its first trained step."""
+    start = time.perf_counter()
+    cluster = pdlab.Cluster(world_size)
+    pdlab.train(cluster, strategy="dp", model="gpt", steps=1)
+    elapsed = time.perf_counter() - start
     cluster.shutdown()
     return elapsed
 
@@ -80,37 +231,90 @@ def warm_round_trip_ms(world_size: int, calls: int) -> dict[str, float]:
     medians = {}
     with pdlab.Cluster(world_size, device="cpu") as cluster:
         for name, fn in WARM_CALLS.items():
-            cluster.run(fn)
             times = []
-            for _ in range(calls):
+            for _ in range(calls + 1):  # the first is not counted: it unpickles ``fn``
                 t = time.perf_counter()
                 with contextlib.redirect_stdout(io.StringIO()):  # the ranks' "[rank r] hello"
                     cluster.run(fn)
                 times.append(time.perf_counter() - t)
-            medians[name] = statistics.median(times) * 1000
+            medians[name] = median(times[1:]) * 1000
     return medians
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--idle", type=float, default=8.0, help="seconds a fresh cluster idles")
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
+    r = args.repeats
 
-    print(f"host: {os.cpu_count()} CPU(s), python {sys.version.split()[0]}")
+    print(f"host: {os.cpu_count()} CPU(s), python {sys.version.split()[0]}; {load()}")
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(TORCHRUN_SCRIPT)
-    print(f"{'world':>5} {'pdlab start s':>14} {'torchrun s':>11} {'ratio':>6}")
-    for world_size in (2, 4):
-        ours = statistics.median(pdlab_to_barrier(world_size) for _ in range(args.repeats))
-        base = statistics.median(
-            torchrun_to_barrier(world_size, f.name) for _ in range(args.repeats)
-        )
-        print(f"{world_size:>5} {ours:>14.2f} {base:>11.2f} {ours / base:>6.2f}")
+
+    print(f"\n1. a kernel's first cluster to its first barrier (new processes), median of {r}")
+    print(f"{'world':>5} {'pdlab s':>8} {'torchrun s':>11} {'ratio':>6}")
+    for n in (2, 4):
+        ours, base = against_torchrun(pdlab_to_barrier, n, f.name, r)
+        print(f"{n:>5} {ours:>8.2f} {base:>11.2f} {ours / base:>6.2f}")
+
+    print(
+        f"\n2. fresh 2-rank cluster idle {args.idle:g} s: first vs second 1-step run (gpt), median of {r}"
+    )
+    print(f"{'ranks':<34} {'run':<11} {'first s':>8} {'second s':>9} {'ratio':>6}")
+    kinds = {
+        "fresh kernel, warming up (default)": lambda s, i: fresh_kernel_runs(args.idle, True, s, i),
+        "fresh kernel, prestart=False": lambda s, i: fresh_kernel_runs(args.idle, False, s, i),
+        "forked from the fork server": lambda s, i: forked_runs(args.idle, s, i),
+    }
+    with pdlab.Cluster(1) as first:  # this kernel's first cluster: it starts the fork server
+        began = time.perf_counter()
+        # The kernel's own one-time costs, as FRESH_KERNEL pays them.
+        pdlab.expected_comm(pdlab.TrainConfig(strategy="dp", model="gpt", world_size=2))
+        pdlab.train(first, strategy="single", model="gpt", steps=1)
+    launcher.fork_server().warm.wait()
+    warm_after = time.perf_counter() - began
+    for name, runs in kinds.items():
+        for strategy, impl in FIRST_RUNS:
+            first, second = zip(*(runs(strategy, impl) for _ in range(r)), strict=True)
+            a, b = median(list(first)), median(list(second))
+            print(f"{name:<34} {strategy + '/' + impl:<11} {a:>8.3f} {b:>9.3f} {a / b:>6.2f}")
+    print(
+        f"(a fresh kernel's own one-time costs, paid before its cluster started: median "
+        f"{median(KERNEL_ONCE):.2f} s)"
+    )
+    calls = [calls_while_warming() for _ in range(r)]
+    during = [t * 1000 for c in calls for t in c["during"]]
+    after = [t * 1000 for c in calls for t in c["after"]]
+    print(
+        f"no-op call on a fresh kernel's first cluster while its ranks warm up: median "
+        f"{median(during):.1f} ms, max {max(during):.0f} ms ({len(during)} calls); once warm: "
+        f"median {median(after):.1f} ms, max {max(after):.0f} ms"
+    )
+
+    print(f"\n3. switching strategy: first 1-step run of each on the same ranks, median of {r}")
+    print(f"{'world':>5} {'ranks':<8} " + " ".join(f"{s + '/' + i:>15}" for s, i in SWITCHES))
+    for n in (2, 4):
+        for prestart, kind in ((True, "forked"), (False, "plain")):
+            runs = [switching(n, prestart) for _ in range(r)]
+            cells = " ".join(f"{median([run[k] for run in runs]):>15.2f}" for k in runs[0])
+            print(f"{n:>5} {kind:<8} {cells}")
+
+    print(
+        f"\n4. new Cluster(n) in a kernel that ran one (fork server warm {warm_after:.1f} s "
+        f"after its first cluster) to its first trained step (dp, gpt), median of {r}"
+    )
+    print(f"{'world':>5} {'pdlab s':>8} {'torchrun to barrier s':>22} {'ratio':>6}")
+    for n in (2, 4):
+        ours, base = against_torchrun(to_first_step, n, f.name, r)
+        print(f"{n:>5} {ours:>8.2f} {base:>22.2f} {ours / base:>6.2f}")
     os.unlink(f.name)
+
     medians = warm_round_trip_ms(4, args.calls)
     calls = ", ".join(f"{name} {ms:.3f} ms" for name, ms in medians.items())
-    print(f"warm run, world 4, median over {args.calls} calls: {calls}")
+    print(f"\n5. warm run, world 4, median over {args.calls} calls: {calls}")
+    print(f"\n{load()}")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,10 @@ class Cluster:
         keep_metrics: ``metrics`` keeps at least this many of the latest ``pdlab.log``
             records; older ones are dropped in batches (a long run streams one a step and
             rank; ``pdlab.train`` builds its result from the ranks' return values instead).
+        prestart: fork the ranks from a fork server that has imported torch and the training
+            stack (started after the kernel's first cluster, kept for the next), and let idle
+            ranks import the training stack; False starts each rank as a new process that
+            imports only what its calls need (see ``launcher``).
     """
 
     def __init__(
@@ -184,6 +188,7 @@ class Cluster:
         port: int = 0,
         threads: int | None = None,
         keep_metrics: int = 20_000,
+        prestart: bool = True,
     ):
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a whole number >= 1, got {world_size!r}")
@@ -206,6 +211,7 @@ class Cluster:
         self.threads = threads or max(1, (os.cpu_count() or 1) // world_size)
         self.metrics: list[dict[str, Any]] = []
         self.keep_metrics = keep_metrics
+        self.prestart = prestart
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._calls = itertools.count(1)
         self._busy = threading.Lock()  # one call at a time: replies share one event queue
@@ -240,13 +246,20 @@ class Cluster:
         _current = self
         if not self.attach:
             settings = launcher.RankSettings(
-                self.world_size, self.backend, self.device, self.timeout, self.threads, self._token
+                self.world_size,
+                self.backend,
+                self.device,
+                self.timeout,
+                self.threads,
+                self._token,
+                self.prestart,
             )
             launcher.remove_stale_dirs()  # left by kernels killed before they could clean up
             res.local = launcher.LocalRanks(settings, self.port, res.private_dir())
             for link in res.links:
                 link.process = res.local.spawn(link.rank)
             self._wait_ready()
+            res.local.prestart_next()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -504,12 +504,16 @@ class Dashboard:
     def _on_record(self, record: dict) -> None:
         run = self._live
         config = run.config if run is not None else None
+        if run is not None and not run.stop_requested and "phase" in record:
+            self._say(f"{run.name}: {record['phase']}")  # what the ranks do before step 1
         if (
             config is not None
             and record.get("strategy") == config.strategy
             and record.get("impl") == config.impl
             and "step" in record
         ):
+            if not run.records and not run.stop_requested:
+                self._say(f"{run.name}: training")
             run.records.append(record)
 
     def _paint_until(self, run: Run, done: threading.Event) -> None:

@@ -1,15 +1,22 @@
 """Starting ranks: which backend and device, the rank processes on this machine, and the
 torchrun command that starts them on other hosts instead.
 
-Local ranks are ``python -m pdlab.worker`` processes (never forked: the kernel has threads),
-one per rank, joined through a ``FileStore`` in a private temp dir, so nothing listens for
-rendezvous; gloo is pinned to the loopback interface. They are started from one long-lived
-thread: Linux's parent-death signal fires when the *thread* that started a child exits, so a
-cluster built from a short-lived thread (a dashboard callback) must not be their parent.
+Local ranks are ``pdlab.worker`` processes, one per rank, joined through a ``FileStore`` in a
+private temp dir, so nothing listens for rendezvous; gloo is pinned to the loopback interface.
+The first cluster of a kernel starts them as new processes (``python -m pdlab.worker``; never
+forked from the kernel, which has threads), then starts a fork server (``pdlab.forkserver``)
+that has imported torch and the training stack; later clusters, restarts and the
+dashboard's changes of size have their ranks forked from it, warm, in milliseconds.
+``Cluster(..., prestart=False)`` starts plain processes only.
+
+Processes are started from one long-lived thread: Linux's parent-death signal fires when the
+*thread* that started a child exits, so a cluster built from a short-lived thread (a
+dashboard callback) must not be their parent.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -18,10 +25,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from pdlab import forkserver
 
 BACKENDS = ("gloo", "nccl")
 DEVICES = ("cpu", "cuda")
@@ -115,6 +125,7 @@ class RankSettings:
     timeout: float  # seconds a collective may wait for peers
     threads: int  # CPU threads per rank
     token: bytes  # the control channel's shared secret
+    prestart: bool = True  # fork them from a warm fork server when one is ready; warm them up
 
 
 def private_dir() -> str:
@@ -159,6 +170,24 @@ def _start_time(pid: int) -> str:
         return ""
 
 
+def rank_environment() -> dict[str, str]:
+    """The environment every local rank starts from (before its per-rank variables): ours,
+    with pdlab and the working directory on the path, unbuffered output, gloo on loopback.
+
+    A fork server imports torch in exactly this environment, so it serves only clusters
+    whose ranks would start from the same one.
+    """
+    import pdlab
+
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(pdlab.__file__)))
+    paths = [package_root, os.getcwd(), env.get("PYTHONPATH", "")]
+    env.update(PYTHONPATH=os.pathsep.join(p for p in paths if p), PYTHONUNBUFFERED="1")
+    if lo := loopback_interface():
+        env["GLOO_SOCKET_IFNAME"] = lo  # gloo binds the hostname's address otherwise
+    return env
+
+
 class LocalRanks:
     """The rank processes of one cluster start on this machine; logs and store in ``tmpdir``."""
 
@@ -166,47 +195,61 @@ class LocalRanks:
         self.settings = settings
         self.control_port = control_port
         self.tmpdir = tmpdir
+        self.base_environment = rank_environment()
+        self.server = fork_server_for(self.base_environment) if settings.prestart else None
         self.master_port = free_loopback_port()  # for scripts that read it; nothing listens
 
-    def spawn(self, rank: int) -> subprocess.Popen:
-        """Start rank ``rank`` (from the long-lived spawner thread; see the module docstring)."""
+    def spawn(self, rank: int) -> subprocess.Popen | forkserver.ForkedRank:
+        """Start rank ``rank``: forked from the fork server when there is one for us, else a
+        new process (from the long-lived spawner thread; see the module docstring)."""
+        if self.server is not None:
+            args = self.arguments(rank, parent_pid=self.server.pid)
+            try:
+                return self.server.fork(
+                    args, self.environment(rank), os.getcwd(), self.log_path(rank)
+                )
+            except forkserver.ForkRefused:
+                self.server = None  # it exited, or can't fork safely: start processes
         return _spawner.submit(self._popen, rank).result()
 
-    def _popen(self, rank: int) -> subprocess.Popen:
-        import pdlab
+    def prestart_next(self) -> None:
+        """Have a fork server ready for the next cluster start (see ``keep_fork_server``)."""
+        if self.settings.prestart:
+            keep_fork_server(self.base_environment)
 
+    def arguments(self, rank: int, parent_pid: int) -> list[str]:
+        """``pdlab.worker``'s command-line arguments for rank ``rank``."""
         s = self.settings
-        env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(pdlab.__file__)))
-        paths = [package_root, os.getcwd(), env.get("PYTHONPATH", "")]
-        env.update(
-            PDLAB_TOKEN=s.token.decode(),
-            PYTHONPATH=os.pathsep.join(p for p in paths if p),
-            PYTHONUNBUFFERED="1",
-            OMP_NUM_THREADS=str(s.threads),
+        return [
+            f"--connect=127.0.0.1:{self.control_port}",
+            f"--rank={rank}",
+            f"--world-size={s.world_size}",
+            f"--backend={s.backend}",
+            f"--device={s.device}",
+            f"--store={os.path.join(self.tmpdir, 'store')}",
+            f"--timeout={s.timeout}",
+            f"--threads={s.threads}",
+            f"--parent-pid={parent_pid}",
+            *(["--warm-up"] if s.prestart else []),
+        ]
+
+    def environment(self, rank: int) -> dict[str, str]:
+        """Rank ``rank``'s whole environment."""
+        s = self.settings
+        return {
+            **self.base_environment,
+            "PDLAB_TOKEN": s.token.decode(),
+            "OMP_NUM_THREADS": str(s.threads),
             **torchrun_environment(rank, s.world_size, self.master_port),
-        )
-        if lo := loopback_interface():
-            env["GLOO_SOCKET_IFNAME"] = lo  # gloo binds the hostname's address otherwise
+        }
+
+    def _popen(self, rank: int) -> subprocess.Popen:
         with open(self.log_path(rank), "wb") as log:
             # A new session: the terminal's or Jupyter's process-group signals don't reach
             # ranks directly; the kernel forwards interrupts itself.
             return subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pdlab.worker",
-                    f"--connect=127.0.0.1:{self.control_port}",
-                    f"--rank={rank}",
-                    f"--world-size={s.world_size}",
-                    f"--backend={s.backend}",
-                    f"--device={s.device}",
-                    f"--store={os.path.join(self.tmpdir, 'store')}",
-                    f"--timeout={s.timeout}",
-                    f"--threads={s.threads}",
-                    f"--parent-pid={os.getpid()}",
-                ],
-                env=env,
+                [sys.executable, "-m", "pdlab.worker", *self.arguments(rank, os.getpid())],
+                env=self.environment(rank),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -242,6 +285,64 @@ def free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- the fork server: one a kernel, kept for the next cluster ------------------------------
+
+_fork_server: forkserver.ForkServer | None = None
+_fork_server_lock = threading.Lock()
+
+
+def fork_server() -> forkserver.ForkServer | None:
+    """This kernel's fork server, if it started one."""
+    return _fork_server
+
+
+def fork_server_for(environment: dict[str, str]) -> forkserver.ForkServer | None:
+    """The fork server that can fork ranks starting from ``environment`` now, if any: one
+    that has imported torch in that environment (``ForkServer.serves``)."""
+    server = _fork_server
+    if server is not None and server.ready.is_set() and server.serves(environment):
+        return server
+    return None
+
+
+def keep_fork_server(environment: dict[str, str]) -> None:
+    """Start a fork server for ranks starting from ``environment`` unless one runs already,
+    in the background (it imports torch, then the training stack). One that turns out to
+    serve another environment once its imports are done is replaced, but only once no rank
+    of its is left: they would die with it."""
+    global _fork_server
+    if not forkserver.supported():
+        return
+    with _fork_server_lock:
+        server = _fork_server
+        if server is not None:
+            settled = server.warm.is_set()  # until then its imports may set more variables
+            if not server.gone and (server.ranks or not settled or server.serves(environment)):
+                return
+            stop_fork_server()
+        _fork_server = _spawner.submit(forkserver.ForkServer, environment).result()
+
+
+def _forget_fork_server() -> None:
+    """In a process forked from this kernel (a DataLoader worker, a multiprocessing pool): the
+    fork server is its parent's, and so is the conversation with it."""
+    global _fork_server
+    _fork_server = None
+
+
+os.register_at_fork(after_in_child=_forget_fork_server)
+
+
+@atexit.register
+def stop_fork_server() -> None:
+    """Stop the fork server (and any rank it forked still alive) and reap it."""
+    global _fork_server
+    server, _fork_server = _fork_server, None
+    if server is not None:
+        server.close()
+        stop(server.process, time.monotonic() + 5.0)
 
 
 # ---- torchrun, for ranks on other hosts ---------------------------------------------------
@@ -319,7 +420,7 @@ def launch_local_nodes(
     ]
 
 
-def stop(process: subprocess.Popen, deadline: float) -> None:
+def stop(process: subprocess.Popen | forkserver.ForkedRank, deadline: float) -> None:
     """Give ``process`` until ``deadline`` (``time.monotonic()``) to exit, then end it and
     everything left in its process group — what it started (a ``sleep``, DataLoader workers)
     — and reap it. Only for processes started here with ``start_new_session``: their PID is
@@ -327,15 +428,20 @@ def stop(process: subprocess.Popen, deadline: float) -> None:
     the group is killed, so the ID can't be reused meanwhile)."""
     while time.monotonic() < deadline and not exited(process):
         time.sleep(0.01)
+    if isinstance(process, forkserver.ForkedRank):
+        process.end()  # its parent, the fork server, kills the group and reaps it
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
 
-def exited(process: subprocess.Popen) -> bool:
+def exited(process: subprocess.Popen | forkserver.ForkedRank) -> bool:
     """Whether ``process`` has exited, without reaping it (its zombie keeps the group ID)."""
     if process.returncode is not None:
         return True
+    if isinstance(process, forkserver.ForkedRank):
+        return False  # the fork server sets its returncode when it exits
     try:
         return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # reaped elsewhere

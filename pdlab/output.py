@@ -48,6 +48,7 @@ class RankOutput:
             whole = "".join(pieces)
             pieces.clear()
             if "\r" in whole:
+                self._show_until(at)  # the lines printed before the bar's last state
                 self.view.progress(rank, stream, _latest(whole), done=True)
             else:
                 heapq.heappush(self._ready, (at, next(self._seq), rank, stream, whole))
@@ -56,6 +57,7 @@ class RankOutput:
             if "\r" in rest:  # keep the latest state only: a bar redraws thousands of times
                 redrawn = "".join(pieces)
                 pieces[:] = [redrawn[redrawn.rindex("\r") :]]
+                self._show_until(at)
                 self.view.progress(rank, stream, _latest(redrawn), done=False)
 
     def show(self, rank: int, message: protocol.Display | protocol.WidgetState) -> None:

@@ -131,9 +131,13 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
 
     Logs one ``pdlab.log`` record a step (loss, samples, step_time, comm events, memory,
     timeline) and returns them, this rank's final memory, and (rank 0, ``full_state``) the
-    full trained parameters under the single-process names.
+    full trained parameters under the single-process names. Rank 0 also logs ``phase``
+    records ("building the model", "first step") for a dashboard to show while it waits.
     """
     validate(config)
+    announce = runtime.rank() == 0
+    if announce:
+        runtime.log(phase="building the model")
     layout = layout_for(config.strategy, config.world_size)
     if layout.world_size > 1 and runtime.world_size() != layout.world_size:
         raise ValueError(
@@ -155,6 +159,8 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
     group = dist.group.WORLD if layout.world_size > 1 else None  # the run's ranks
     with emulation.emulating(config.link, group, device) as emulator:
         for step in range(first, config.steps):
+            if announce and step == first:
+                runtime.log(phase="first step")
             x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
             counter = FlopCounter() if counted is None else contextlib.nullcontext()
             before = wire_reading()

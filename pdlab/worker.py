@@ -1,9 +1,10 @@
 """A rank process: joins the process group, then runs what the kernel sends until told to stop.
 
 Started by ``pdlab.Cluster`` as ``python -m pdlab.worker --connect 127.0.0.1:PORT`` (never
-forked: the kernel has threads), or by torchrun on another host to attach to a kernel's
-cluster. The connection to the kernel is authenticated (HMAC challenge with the cluster's
-token, from ``PDLAB_TOKEN``) before anything is unpickled on either side.
+forked from the kernel, which has threads; forked from ``pdlab.forkserver``, which has none),
+or by torchrun on another host to attach to a kernel's cluster. The connection to the kernel
+is authenticated (HMAC challenge with the cluster's token, from ``PDLAB_TOKEN``) before
+anything is unpickled on either side.
 
 Threads here, and why:
 - main: runs calls one at a time (user code expects the main thread: signals, CUDA init).
@@ -12,6 +13,7 @@ Threads here, and why:
 - output pump: fd 1 and 2 are pipes read here, so native output (gloo, NCCL, C extensions)
   reaches the kernel too, prefixed by rank, in order with the call's result.
 - watchdog: exits when the parent kernel dies, even before the connection exists.
+- warm-up (``--warm-up``): imports the training stack while no call runs (``pdlab.warmup``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import ast
 import contextlib
 import ctypes
+import gc
 import linecache
 import os
 import queue
@@ -87,8 +90,9 @@ class OutputPump:
             event.wait(5)
 
 
-def _set_parent_death_signal(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL us when the kernel dies (the watchdog covers other systems)."""
+def set_parent_death_signal(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL us when our parent (the kernel, or the fork server) dies; the
+    watchdog covers other systems."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -213,8 +217,8 @@ def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:
     channel.send(protocol.Metrics(cloudpickle.dumps(record), types))
 
 
-def _serve(channel: Channel, pump: OutputPump) -> None:
-    from pdlab import rich_output, runtime, scripts
+def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
+    from pdlab import rich_output, runtime, scripts, warmup
 
     runtime.bind(
         sink=lambda record: _send_metrics(channel, record), control_fd=channel.conn.fileno()
@@ -227,6 +231,8 @@ def _serve(channel: Channel, pump: OutputPump) -> None:
     calls: queue.Queue = queue.Queue()
     running = threading.Event()
     main_thread = threading.main_thread().ident
+    if warm_up:
+        warmup.in_background(busy=running)
 
     def on_interrupt(signum: int, frame: Any) -> None:
         # Only user code is interrupted: a late interrupt must not tear a reply mid-send
@@ -273,10 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout, s")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--parent-pid", type=int, help="exit when this process dies")
+    parser.add_argument(
+        "--warm-up", action="store_true", help="import the training stack while idle"
+    )
     args = parser.parse_args(argv)
 
     if args.parent_pid:
-        _set_parent_death_signal(args.parent_pid)
+        set_parent_death_signal(args.parent_pid)
         threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
     token = os.environ.pop("PDLAB_TOKEN", "").encode()
     if not token:
@@ -296,10 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     from pdlab.runtime import collective_counts  # torch is loaded by now
 
     channel.send(protocol.Ready(collective_counts()))
-    _serve(channel, pump)
+    _serve(channel, pump, args.warm_up)
     import torch.distributed as dist
 
     dist.destroy_process_group()
+    # The interpreter's last collections would walk every object of torch and the training
+    # stack: 1.5-3.5 s of CPU before a rank is gone, a change of ranks waiting on it.
+    gc.freeze()
 
 
 if __name__ == "__main__":

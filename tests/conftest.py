@@ -27,32 +27,44 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def worker_pids(pid: int) -> list[int]:
-    """Rank processes (``python -m pdlab.worker``) below ``pid``."""
+def pids_running(pid: int, module: bytes) -> list[int]:
+    """Processes below ``pid`` whose command line names ``module``."""
     pids = []
     for child in descendants(pid):
         try:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"pdlab.worker" in cmdline:
+        if module in cmdline:
             pids.append(child)
     return pids
 
 
+def worker_pids(pid: int) -> list[int]:
+    """Rank processes below ``pid``: ``python -m pdlab.worker``, or forked ones, which show
+    as ``pdlab.worker --rank=R``."""
+    return pids_running(pid, b"pdlab.worker")
+
+
+def leaked_processes() -> list[int]:
+    """Rank processes beyond the session clusters', and fork servers beyond the one this
+    kernel keeps for its next cluster."""
+    from pdlab import launcher
+
+    shared = {r.pid for c in _session_clusters for r in c.status().ranks}
+    kept = {server.pid} if (server := launcher.fork_server()) is not None else set()
+    ranks = [p for p in worker_pids(os.getpid()) if p not in shared]
+    return ranks + [p for p in pids_running(os.getpid(), b"pdlab.forkserver") if p not in kept]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def no_leaked_ranks():
-    """Fail a test module that leaves rank processes running (beyond the session clusters)."""
+    """Fail a test module that leaves rank processes or fork servers running."""
     yield
-
-    def leaked() -> list[int]:
-        shared = {r.pid for c in _session_clusters for r in c.status().ranks}
-        return [p for p in worker_pids(os.getpid()) if p not in shared]
-
     deadline = time.monotonic() + 5
-    while (left := leaked()) and time.monotonic() < deadline:
+    while (left := leaked_processes()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not left, f"rank processes leaked: {left}"
+    assert not left, f"rank processes or fork servers leaked: {left}"
 
 
 # One cluster of each size for the whole session: a rank start costs seconds, and tests that

@@ -32,7 +32,7 @@ def run_and_die_at(config, step: int):
     report = runtime.log
 
     def report_or_die(**record):
-        if record["step"] == step and runtime.rank() == 1:
+        if record.get("step") == step and runtime.rank() == 1:  # not a "phase" record
             os.kill(os.getpid(), signal.SIGKILL)
         report(**record)
 

@@ -102,6 +102,7 @@ def test_a_redrawn_line_is_kept_as_its_latest_state():
     for i in range(10_000):  # many redraws, one line: only the latest is kept
         output.write(1, "stderr", f"\r{i}")
     output.write(1, "stderr", "\r100%|###| 3/3\nafter\n")
+    output.flush()  # lines are held briefly, to be shown in the order the ranks printed them
     assert view.shown[0] == ("line", 1, "before")
     assert view.shown[1:3] == [("bar", 1, " 0%|"), ("bar", 1, " 33%|#")]
     assert view.shown[-2:] == [("done", 1, "100%|###| 3/3"), ("line", 1, "after")]

@@ -1,0 +1,68 @@
+"""What a rank imports before its first training run needs it, so that run costs what later
+ones do.
+
+A rank starts with torch alone (a cluster is up in about a second). The first ``pdlab.train``
+on it then imports the trainer, pandas and each strategy's torch machinery: DDP, FSDP,
+DTensor, pipelining, DCP. That is about 2.5 s a rank on these CPUs, and it is the same 1.1 s
+a first DDP constructor is known to cost: with the modules loaded, one takes ~5 ms.
+
+``modules()`` lists them, in steps of a second at most: the fork server
+(``pdlab.forkserver``) imports them between requests, so it waits for one step at most before
+it forks; a rank started with ``--warm-up`` imports whatever is still missing in a
+background thread (``in_background``), so a cluster answers its first call at once and is
+warm a few seconds later.
+
+Importing draws no random numbers: tests/test_prestart.py checks that torch's generator is
+as seeded at a rank's first call, during the warm-up and after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+# What every run imports (the trainer needs pandas, DTensor and DCP), each package a step of
+# its own so that no step is long; then ``modules()`` goes on with each strategy's module.
+PACKAGES = ("pandas", "torch.distributed.tensor", "torch.distributed.checkpoint")
+PAUSE_S = 0.05  # how often a paused warm-up looks whether the call has ended
+
+
+def modules() -> Iterator[str]:
+    """The modules a first training run would import: what every run needs, then each
+    strategy's module (its torch machinery: DDP, pipelining, FSDP...) in registry order."""
+    yield from PACKAGES
+    yield "pdlab.training"
+    from pdlab.parallel import registry
+
+    yield from dict.fromkeys(registry.get(name).module for name in registry.names())
+
+
+def load(name: str) -> None:
+    """Import ``name``, if it isn't yet. A module that fails here fails again, with its
+    traceback, in the call that needs it: a warm-up has no one to report to."""
+    if name not in sys.modules:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+
+
+def in_background(busy: threading.Event) -> threading.Thread:
+    """Import ``modules()`` in a daemon thread, pausing while ``busy`` (a call runs).
+
+    A call that arrives mid-step runs at once; it waits only where it imports the module
+    that step is importing, and only for that import (Python's per-module import locks). The
+    pause leaves it the CPU and the GIL after that.
+    """
+
+    def warm_up() -> None:
+        for name in modules():
+            while busy.is_set():
+                time.sleep(PAUSE_S)
+            load(name)
+
+    thread = threading.Thread(target=warm_up, daemon=True, name="pdlab-warm-up")
+    thread.start()
+    return thread

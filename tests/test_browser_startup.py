@@ -1,0 +1,100 @@
+"""How long a learner waits in the browser: Start to the first point on the loss plot, on the
+cluster the notebook started (after a few seconds of reading) and after choosing another
+number of ranks in the dashboard.
+
+Reported, not asserted (times on a shared machine): printed and written to
+``test-output/browser/startup.json``. Asserted: each run's first point arrives and the run
+finishes, and the ranks of the new size were forked from the kernel's fork server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from tests.conftest import descendants
+from tests.test_browser import (  # noqa: F401  (the fixture and its skip condition)
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    IDLE,
+    LOSS_TRACES,
+    ROOT,
+    jupyter,
+    pytestmark,
+)
+
+READING_S = 8  # a learner reads the dashboard before pressing Start
+
+
+def command_lines(pids: list[int]) -> dict[int, list[bytes]]:
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+    return found
+
+
+def forked_ranks() -> list[int]:
+    """Rank processes below this test whose parent is a fork server."""
+    lines = command_lines(descendants(os.getpid()))
+    servers = {pid for pid, args in lines.items() if b"pdlab.forkserver" in args}
+    return [
+        pid
+        for pid, args in lines.items()
+        if args[0] == b"pdlab.worker"
+        and int(Path(f"/proc/{pid}/stat").read_text().split()[3]) in servers
+    ]
+
+
+def test_start_to_first_point(jupyter):  # noqa: F811  (the imported fixture)
+    from playwright.sync_api import sync_playwright
+
+    out = ROOT / "test-output" / "browser"
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.goto(jupyter)
+            page.get_by_text(IDLE).wait_for(timeout=120_000)
+            # The cells up to the dashboard: the one after it runs the lab's own runs.
+            page.locator(".jp-Cell", has_text="for strategy in strategies").click()
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-above')")
+            dashboard = page.locator(".jp-OutputArea-output", has=page.locator(".js-plotly-plot"))
+            start = dashboard.locator("button.jupyter-button", has_text="Start")
+            start.wait_for(timeout=120_000)
+            page.get_by_text(IDLE).wait_for(timeout=60_000)
+            box = dashboard.locator(".widget-inline-hbox", has_text="steps").locator("input")
+            box.fill("5")
+            box.press("Enter")
+            time.sleep(READING_S)
+
+            def first_point(label: str, run: str, world_size: int) -> None:
+                began = time.monotonic()
+                start.click()
+                page.wait_for_function(
+                    f"() => ({LOSS_TRACES})().some(([name, n]) => name.startsWith('{run} ') "
+                    "&& n >= 1)",
+                    timeout=180_000,
+                )
+                seconds[label] = round(time.monotonic() - began, 2)
+                done = f"{run} dp/scratch gpt w{world_size} done after 5 step(s)"
+                page.get_by_text(done).wait_for(timeout=180_000)
+
+            first_point("warm ranks, 2", "#1", 2)
+            ranks = dashboard.locator(".widget-dropdown", has_text="ranks").locator("select")
+            ranks.select_option("4")
+            first_point("after a change to 4 ranks", "#2", 4)
+            forked = forked_ranks()
+            first_point("warm ranks, 4", "#3", 4)
+        finally:
+            browser.close()
+    report = {"seconds": seconds, "load_average": os.getloadavg(), "reading_s": READING_S}
+    (out / "startup.json").write_text(json.dumps(report, indent=1))
+    print(f"\nStart to first point: {seconds}, load average {os.getloadavg()}")
+    assert len(forked) == 4, f"the 4 ranks were not forked from the fork server: {forked}"

@@ -1,0 +1,415 @@
+"""Issue 13: ranks forked warm from the fork server, and ranks that warm themselves while idle.
+
+Every guarantee the core's tests check is checked again here on forked ranks, by importing
+those tests: pytest runs them with this module's ``cluster`` and ``cluster2`` fixtures, and
+``only_forked_ranks`` fails any of them that would start a rank as a new process instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import pdlab
+from pdlab import forkserver, launcher, warmup
+
+from .conftest import leaked_processes, pids_running
+from .test_cluster import (  # noqa: F401  (run again here, on forked ranks)
+    is_loopback,
+    listening_addresses,
+    test_a_dropped_cluster_stops_its_ranks,
+    test_a_second_concurrent_call_is_refused_not_lost,
+    test_error_while_peers_wait_in_a_collective_names_the_raising_rank,
+    test_interrupt_reaches_the_ranks,
+    test_interrupts_between_calls_are_ignored,
+    test_ranks_that_stop_at_different_collectives_get_a_fresh_group,
+    test_run_returns_results_by_rank_and_streams_prefixed_output,
+    test_shutdown_leaves_no_process_port_or_temp_file,
+    test_sigkilled_rank_is_reported_not_hung,
+    test_stderr_is_streamed_with_rank_prefix,
+    test_timeout_names_the_ranks_still_running,
+    test_unauthenticated_peers_are_refused,
+)
+from .test_hardening import (  # noqa: F401
+    alive,
+    test_a_huge_line_arrives_whole,
+    test_a_stopped_rank_is_blamed_at_once,
+    test_control_frames_are_sent_without_delay,
+    test_what_a_rank_started_ends_with_it,
+    wait_until_gone,
+)
+
+pytestmark = pytest.mark.skipif(not forkserver.supported(), reason="fork servers need Linux 5.3+")
+SPAWN = launcher.LocalRanks._popen
+
+
+def warm_server() -> forkserver.ForkServer:
+    """This kernel's fork server, started if need be, once it has imported everything."""
+    if launcher.fork_server() is None:
+        pdlab.Cluster(1).shutdown()  # a kernel's first cluster starts one
+    server = launcher.fork_server()
+    assert server is not None and server.warm.wait(120), "the fork server never got warm"
+    return server
+
+
+@pytest.fixture(autouse=True)
+def only_forked_ranks(monkeypatch):
+    """Fail a test here that would spawn a rank a fork server should have forked."""
+    spawn = launcher.LocalRanks._popen
+
+    def refuse(self, rank):
+        assert not self.settings.prestart, "a rank was spawned, not forked"
+        return spawn(self, rank)
+
+    warm_server()
+    monkeypatch.setattr(launcher.LocalRanks, "_popen", refuse)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    warm_server()
+    with pdlab.Cluster(2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cluster2(cluster):
+    return cluster
+
+
+def parents(cluster: pdlab.Cluster) -> list[int]:
+    return cluster.run(os.getppid)
+
+
+def test_later_clusters_are_forked_from_the_server_born_warm(cluster):
+    server = launcher.fork_server()
+    assert parents(cluster) == [server.pid, server.pid]
+
+    def who_am_i():
+        import contextlib
+        import gc
+        import sys
+
+        fds = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+                fds.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return {
+            "cmdline": Path("/proc/self/cmdline").read_bytes().split(b"\0"),
+            "group": os.getpgid(0),
+            "session": os.getsid(0),
+            "stdin": os.readlink("/proc/self/fd/0"),
+            "fds": fds,
+            "not_loaded": [m for m in warmup.modules() if m not in sys.modules],
+            "frozen": gc.get_freeze_count(),  # inherited objects its collector never walks
+        }
+
+    server_socket = os.readlink(f"/proc/{server.pid}/fd/{server_fd(server)}")
+    for rank, me in enumerate(cluster.run(who_am_i)):
+        pid = cluster.status().ranks[rank].pid
+        assert [b"pdlab.worker", f"--rank={rank}".encode()] == me["cmdline"][:2]
+        assert me["group"] == me["session"] == pid  # a process group and session of its own
+        assert me["stdin"] == "/dev/null"
+        assert server_socket not in me["fds"]  # nothing of the server's is left open
+        assert me["not_loaded"] == []  # born with the training stack imported
+        assert me["frozen"] > 100_000
+
+
+def server_fd(server: forkserver.ForkServer) -> int:
+    args = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
+    return int(next(a for a in args if a.startswith(b"--fd=")).split(b"=")[1])
+
+
+def rank_settings() -> dict:
+    import os
+    import sys
+
+    import torch
+
+    from pdlab import warmup
+
+    for name in warmup.modules():  # spawned ranks import them only now: compare like for like
+        warmup.load(name)
+    env = dict(os.environ)
+    return {
+        "threads": (torch.get_num_threads(), torch.get_num_interop_threads()),
+        "parallel_info": torch.__config__.parallel_info(),
+        "env": env,
+        "cwd": os.getcwd(),
+        "path": sys.path,
+        "argv": sys.argv[1:],
+        "cuda": torch.cuda.is_initialized(),
+    }
+
+
+def first_draws() -> dict:
+    """What a call draws from the global generators first, and whether torch's is still as
+    seeded: its draws equal a fresh generator's with the same seed."""
+    import random
+
+    import numpy as np
+    import torch
+
+    drawn = torch.randn(4)
+    fresh = torch.randn(4, generator=torch.Generator().manual_seed(torch.initial_seed()))
+    return {
+        "untouched": bool(drawn.equal(fresh)),
+        "seed": torch.initial_seed(),
+        "numpy": tuple(np.random.rand(2).tolist()),
+        "python": random.random(),
+    }
+
+
+def assert_fresh_and_their_own(draws: list[dict]) -> None:
+    """Each process's generators as a new process's: torch's untouched since it was seeded,
+    and every process seeded differently."""
+    assert all(d["untouched"] for d in draws), draws
+    for kind in ("seed", "numpy", "python"):
+        assert len({d[kind] for d in draws}) == len(draws), (kind, draws)
+
+
+def test_a_forked_rank_starts_as_a_spawned_one_would():
+    with pdlab.Cluster(2, prestart=False) as spawned, pdlab.Cluster(2) as forked:
+        assert parents(spawned) == [os.getpid()] * 2
+        assert parents(forked) == [launcher.fork_server().pid] * 2
+        with pdlab.Cluster(2) as forked_again:
+            assert_fresh_and_their_own(
+                spawned.run(first_draws) + forked.run(first_draws) + forked_again.run(first_draws)
+            )
+        theirs, ours = spawned.run(rank_settings), forked.run(rank_settings)
+    for a, b in zip(theirs, ours, strict=True):
+        port_and_store = ("--connect=", "--store=", "--parent-pid=", "--warm-up")
+        a["argv"], b["argv"] = ([x for x in s["argv"] if not x.startswith(port_and_store)]
+                                for s in (a, b))  # fmt: skip
+        for s in (a, b):
+            s["env"].pop("PDLAB_TOKEN", None)  # the worker pops it; a token per cluster
+            s["env"].pop("MASTER_PORT")  # a port per cluster, for scripts that read it
+        assert a == b
+    assert ours[1]["env"]["LOCAL_RANK"] == "1" and ours[1]["env"]["GLOO_SOCKET_IFNAME"] == "lo"
+    assert ours[0]["threads"][0] == int(ours[0]["env"]["OMP_NUM_THREADS"])
+
+
+def spawn_with_warm_up(monkeypatch) -> None:
+    """Have clusters spawn their ranks (with ``--warm-up``) although a server is ready."""
+    monkeypatch.setattr(launcher, "fork_server_for", lambda env: None)
+    monkeypatch.setattr(launcher.LocalRanks, "_popen", SPAWN)
+
+
+def draws_while_warming_up() -> tuple[bool, dict]:
+    import threading
+
+    warming = any(t.name == "pdlab-warm-up" for t in threading.enumerate())
+    return warming, first_draws()
+
+
+def test_a_first_call_runs_during_the_warm_up_and_finds_the_generators_untouched(monkeypatch):
+    spawn_with_warm_up(monkeypatch)
+    with pdlab.Cluster(2) as during, pdlab.Cluster(2) as after:
+        assert parents(during) == parents(after) == [os.getpid()] * 2
+        replies = during.run(draws_while_warming_up)
+        assert all(warming for warming, _ in replies)  # it did not wait for the warm-up
+        deadline = time.monotonic() + 120
+        while any(after.run(lambda: [m for m in warmup.modules() if m not in sys.modules])):
+            assert time.monotonic() < deadline, "the warm-up did not finish"
+            time.sleep(0.5)
+        assert_fresh_and_their_own([d for _, d in replies] + after.run(first_draws))
+
+
+def test_an_interrupt_during_the_warm_up_reaches_the_call(monkeypatch):
+    spawn_with_warm_up(monkeypatch)
+    with pdlab.Cluster(1) as c:
+        main = threading.main_thread().ident
+        threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT)).start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            c.run(time.sleep, 60)
+        assert time.monotonic() - start < 10
+        assert c.run(pdlab.rank) == [0]
+
+
+def test_prestart_false_starts_plain_processes_and_no_server(tmp_path):
+    script = tmp_path / "kernel.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, time, pdlab
+            from pdlab import launcher
+            c = pdlab.Cluster(2, prestart=False)
+            time.sleep(5)
+            print(c.run(os.getppid) == [os.getpid()] * 2, launcher.fork_server() is None,
+                  c.run(lambda: "pdlab.training" in sys.modules))
+            c.shutdown()
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "True", "[False,", "False]"], out.stderr
+
+
+def test_nothing_the_server_or_its_ranks_hold_listens_beyond_loopback(cluster):
+    server = launcher.fork_server()
+    pids = [os.getpid(), server.pid, *cluster.run(os.getpid)]
+    addresses = listening_addresses(pids)
+    assert addresses and all(is_loopback(a) for a in addresses), addresses
+    assert not listening_addresses([server.pid])
+
+
+def test_a_changed_environment_gets_spawned_ranks_not_a_stale_server(monkeypatch, cluster):
+    # What the server imported may depend on the environment (PYTHONPATH, TORCH_*): ranks
+    # that would start from another one are spawned, and the busy server is left alone.
+    server = launcher.fork_server()
+    monkeypatch.setenv("PDLAB_TEST_SETTING", "1")
+    monkeypatch.setattr(launcher.LocalRanks, "_popen", SPAWN)
+    with pdlab.Cluster(1) as other:
+        assert parents(other) == [os.getpid()]
+        assert other.run(os.environ.get, "PDLAB_TEST_SETTING") == ["1"]
+    assert launcher.fork_server() is server and parents(cluster) == [server.pid] * 2
+
+
+def kernel_script(tmp_path: Path, body: str) -> subprocess.Popen:
+    """A kernel whose first cluster starts the fork server; ``body`` runs once it is warm."""
+    script = tmp_path / "kernel.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, time, pdlab
+            from pdlab import launcher
+            pdlab.Cluster(1).shutdown()
+            server = launcher.fork_server()
+            assert server.warm.wait(120)
+            print(server.pid, flush=True)
+            """
+        )
+        + textwrap.dedent(body)
+    )
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+
+
+def ranks_of_server(server_pid: int) -> list[int]:
+    return pids_running(server_pid, b"pdlab.worker")
+
+
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_forked_ranks_and_the_server_die_with_a_sigkilled_kernel(tmp_path, when):
+    # starting: killed as soon as its 4 forked ranks exist; running: once they are ready.
+    body = "c = pdlab.Cluster(4)\nprint('running', flush=True)\ntime.sleep(600)\n"
+    kernel = kernel_script(tmp_path, body)
+    ranks: list[int] = []
+    try:
+        server = int(kernel.stdout.readline())
+        if when == "running":
+            assert kernel.stdout.readline().strip() == "running"
+        deadline = time.monotonic() + 60
+        while len(ranks := ranks_of_server(server)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(ranks) == 4
+    finally:
+        kernel.kill()
+        kernel.wait()
+    left = wait_until_gone([server, *ranks], 3)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{left} outlived their kernel (server {server})"
+
+
+def test_a_killed_server_takes_its_ranks_and_the_next_run_recovers(monkeypatch):
+    with pdlab.Cluster(2) as c:
+        server = launcher.fork_server()
+        ranks = c.run(os.getpid)
+        os.kill(server.pid, signal.SIGKILL)
+        assert not wait_until_gone(ranks, 3), "the ranks outlived their fork server"
+        monkeypatch.setattr(launcher.LocalRanks, "_popen", SPAWN)  # no server left: spawned
+        assert c.run(pdlab.rank) == [0, 1]  # restarted by itself
+        assert parents(c) == [os.getpid()] * 2
+    assert launcher.fork_server() is not server  # replaced by a fresh one
+    assert not alive([server.pid])
+
+
+def test_the_server_refuses_to_fork_once_it_runs_other_threads(tmp_path):
+    code = """
+        import threading, time, torch
+        from pdlab import forkserver
+        after_import = forkserver.native_threads()
+        print(repr(forkserver.fork_hazard(after_import)))
+        torch.ones(4096, 4096) @ torch.ones(4096, 4096)  # starts the OpenMP pool
+        print(repr(forkserver.fork_hazard(after_import)))
+        threading.Thread(target=time.sleep, args=(2,)).start()
+        print(repr(forkserver.fork_hazard(forkserver.native_threads())))
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})  # fmt: skip
+    safe, pool, thread = out.stdout.splitlines()
+    assert safe == "''"
+    assert "threads" in pool and "threads" in thread
+
+
+def test_the_server_refuses_to_fork_once_cuda_is_loaded(tmp_path):
+    import _ctypes
+    import shutil
+
+    fake = tmp_path / "libcuda.so.1"  # a harmless library, mapped under the driver's name
+    shutil.copy(_ctypes.__file__, fake)
+    code = f"""
+        import ctypes, torch
+        from pdlab import forkserver
+        print(forkserver.cuda_driver_loaded())
+        ctypes.CDLL({str(fake)!r})
+        print(forkserver.cuda_driver_loaded(), forkserver.fork_hazard(forkserver.native_threads()))
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    before, after = out.stdout.splitlines()
+    assert before == "False" and after.startswith("True") and "CUDA" in after
+
+
+def test_a_process_forked_from_the_kernel_leaves_its_fork_server_alone():
+    server = launcher.fork_server()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # as a DataLoader worker or a multiprocessing pool would be
+        os.write(write, b"1" if launcher.fork_server() is None else b"0")
+        launcher.stop_fork_server()  # what an atexit in the child would do
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(child, 0)
+    os.close(read)
+    assert launcher.fork_server() is server and not server.gone
+    with pdlab.Cluster(1) as c:
+        assert parents(c) == [server.pid]
+
+
+def test_leaked_servers_are_caught():
+    server = launcher._spawner.submit(forkserver.ForkServer, launcher.rank_environment()).result()
+    try:
+        assert server.pid in leaked_processes()
+    finally:
+        server.close()
+        launcher.stop(server.process, time.monotonic() + 5)
+    assert server.pid not in leaked_processes()
+
+
+PHASES = ("starting a cluster of 4", "building the model", "first step", "training", "done")
+
+
+def test_a_change_of_ranks_in_the_dashboard_forks_and_shows_each_phase():
+    seen: list[str] = []
+    dashboard = pdlab.Dashboard(pdlab.Cluster(2), refresh_s=0.05)
+    dashboard.message.observe(lambda change: seen.append(change["new"]), "value")
+    try:
+        dashboard.start(strategy="dp", model="mlp", steps=3, world_size=4)
+        dashboard.wait(timeout=120)
+        assert parents(dashboard.cluster) == [launcher.fork_server().pid] * 4
+    finally:
+        dashboard.close()
+        dashboard.cluster.shutdown()
+    said = [next(p for p in PHASES if p in text) for text in seen if any(p in text for p in PHASES)]
+    assert said == list(PHASES), seen
