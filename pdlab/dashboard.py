@@ -469,8 +469,7 @@ class Dashboard:
             cluster = self._cluster_of_size(run.world_size)
             run.expected = expected_comm(run.config, cluster.backend)
             if not run.stop_requested:
-                run.status = "running"  # the status line counts steps from the first record
-                self._say(f"{run.name} starting its first step")
+                run.status = "running"  # the ranks say their phases, then the line counts steps
                 painter.start()
                 run.result = train(cluster, run.config)
         except Exception as exc:  # shown in the dashboard, raised again by wait()

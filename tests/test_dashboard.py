@@ -244,14 +244,49 @@ def test_the_gantt_labels_only_what_fits():
     assert fig.layout.uniformtext.mode == "hide" and fig.data[0].textposition == "inside"
 
 
-def test_stop_before_the_first_step_leaves_the_ranks_usable():
-    """Stopped at once, a fresh cluster's ranks are still importing the training code: the
-    interrupt waits for the first step (an import it cut short would stay broken)."""
+def test_stop_waits_for_the_first_step_before_it_interrupts(monkeypatch):
+    """A rank's first run imports the training code: an interrupt cut into an import would
+    leave it broken in that rank, so Stop interrupts once the first step is in (or at last
+    after FIRST_STEP_WAIT_S, for a run that hangs before it)."""
+    import threading
+
+    from pdlab.dashboard import Run
+
+    class Ranks:  # stands in for the cluster: counts the interrupts it gets
+        interrupts = 0
+
+        def interrupt(self):
+            self.interrupts += 1
+
+    d = pdlab.Dashboard(refresh_s=0.05)
+    d.cluster = ranks = Ranks()
+    run = Run("#1", pdlab.TrainConfig(), 2)
+    training = threading.Event()
+    thread = threading.Thread(target=training.wait, args=(30,))
+    thread.start()
+    stopper = threading.Thread(target=d._interrupt_until_done, args=(run, thread))
+    stopper.start()
+    time.sleep(2.5)
+    assert ranks.interrupts == 0  # no step yet: the ranks may be importing
+    run.records.append({"rank": 0, "step": 0})
+    wait_for(lambda: ranks.interrupts >= 1, 10)
+    training.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    monkeypatch.setattr(pdlab.dashboard, "FIRST_STEP_WAIT_S", 0.5)  # a run that hangs early
+    late, thread = Run("#2", pdlab.TrainConfig(), 2), threading.Thread(target=time.sleep, args=(3,))
+    thread.start()
+    before = ranks.interrupts
+    d._interrupt_until_done(late, thread)
+    assert ranks.interrupts > before
+    d.cluster = None
+
+
+def test_stop_soon_after_start_leaves_the_ranks_usable():
     d = pdlab.Dashboard(refresh_s=0.05)
     try:
         run = d.start(strategy="dp", world_size=2, steps=100_000, **SMALL)
         wait_for(lambda: run.status == "running", 120)  # the cluster is up; the call just sent
-        assert not run.records
         d.stop()
         assert 1 <= len(d.wait(timeout=180).steps) < 100_000
         d.start(strategy="dp", steps=2, **SMALL)
