@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 SIZES = (1 << 12, 1 << 16, 1 << 19, 1 << 21, 1 << 23)  # all_reduce payloads, bytes
 REPEATS = 12
+SLOW_OP_S = 0.05  # an all_reduce this slow: fewer tries, and no larger sizes
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,11 @@ class Calibration:
         return self.topology.intra
 
 
-def measure_all_reduce(sizes: tuple[int, ...], repeats: int) -> list[float]:
-    """On a rank (all ranks together): the fastest of ``repeats`` all_reduce of each size."""
+def measure_all_reduce(sizes: tuple[int, ...], repeats: int) -> list[tuple[int, float]]:
+    """On a rank (all ranks together): ``(size, fastest of up to repeats)`` of all_reduce at
+    each size. Sizes stop growing, and tries thin out, once one op takes ``SLOW_OP_S``: on a
+    slow link (a throttled loopback) the calibration stays short. The ranks agree on each
+    decision (the slowest rank's time), so they issue the same collectives."""
     import time
 
     import torch
@@ -63,15 +67,21 @@ def measure_all_reduce(sizes: tuple[int, ...], repeats: int) -> list[float]:
     best = []
     for size in sizes:
         buffer = torch.zeros(max(1, size // 4), device=device)
+        start = time.perf_counter()
         dist.all_reduce(buffer)  # warm: connections and allocations
+        _sync(device)
+        slowest = torch.tensor([time.perf_counter() - start], device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         times = []
-        for _ in range(repeats):
+        for _ in range(max(1, min(repeats, int(SLOW_OP_S / slowest.item())))):
             _sync(device)
             start = time.perf_counter()
             dist.all_reduce(buffer)
             _sync(device)
             times.append(time.perf_counter() - start)
-        best.append(min(times))
+        best.append((size, min(times)))
+        if len(best) >= 2 and slowest.item() > SLOW_OP_S:
+            break
     return best
 
 
@@ -163,8 +173,9 @@ def calibrate(
             "Topology(nodes=..., intra=calibration.link, inter='ib-ndr400')."
         )
     per_rank = cluster.run(measure_all_reduce, tuple(sizes), repeats)
-    seconds = tuple(float(np.mean(col)) for col in zip(*per_rank, strict=True))
-    link = fit_link(tuple(sizes), seconds, cluster.world_size)
+    sizes = tuple(size for size, _ in per_rank[0])  # the ranks measured the same ones
+    seconds = tuple(float(np.mean([t for _, t in col])) for col in zip(*per_rank, strict=True))
+    link = fit_link(sizes, seconds, cluster.world_size)
     sharing = [sum(d["where"] == other["where"] for other in devices) for d in devices]
     device = Device(
         f"{THIS_MACHINE}: {devices[0]['name']}",

@@ -29,6 +29,12 @@ from collections.abc import Iterator
 # its own so that no step is long; then ``modules()`` goes on with each strategy's module.
 PACKAGES = ("pandas", "torch.distributed.tensor", "torch.distributed.checkpoint")
 PAUSE_S = 0.05  # how often a paused warm-up looks whether the call has ended
+# Held by the warm-up while it imports one module, and by a call while it runs: two threads
+# importing one module graph can deadlock on Python's per-module locks, and Python then hands
+# one of them a partly imported module, or removes it from sys.modules under the other (CI
+# saw a call fail with ``KeyError: 'pdlab.training'`` in pickle). A call waits for one
+# module's import at most.
+IMPORTING = threading.Lock()
 
 
 def modules() -> Iterator[str]:
@@ -52,16 +58,16 @@ def load(name: str) -> None:
 def in_background(busy: threading.Event) -> threading.Thread:
     """Import ``modules()`` in a daemon thread, pausing while ``busy`` (a call runs).
 
-    A call that arrives mid-step runs at once; it waits only where it imports the module
-    that step is importing, and only for that import (Python's per-module import locks). The
-    pause leaves it the CPU and the GIL after that.
+    A call that arrives mid-step waits for that step's import to end (``IMPORTING``), then
+    runs; the pause leaves it the CPU and the GIL after that.
     """
 
     def warm_up() -> None:
         for name in modules():
             while busy.is_set():
                 time.sleep(PAUSE_S)
-            load(name)
+            with IMPORTING:
+                load(name)
 
     thread = threading.Thread(target=warm_up, daemon=True, name="pdlab-warm-up")
     thread.start()

@@ -166,17 +166,19 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
     """Run one call; always returns the reply to send (a result or the error's traceback)."""
     from pdlab.runtime import collective_counts
     from pdlab.scripts import group_problem
+    from pdlab.warmup import IMPORTING
 
     if call.workdir is not None:
         _follow(call.workdir)
     try:
         running.set()  # from here an interrupt may raise KeyboardInterrupt in user code
         try:
-            if call.kind == "exec":
-                value = _run_source(call.payload, namespace, call.call_id)
-            else:
-                fn, args, kwargs = cloudpickle.loads(call.payload)
-                value = fn(*args, **kwargs)
+            with IMPORTING:  # not beside the warm-up's import (pdlab.warmup)
+                if call.kind == "exec":
+                    value = _run_source(call.payload, namespace, call.call_id)
+                else:
+                    fn, args, kwargs = cloudpickle.loads(call.payload)
+                    value = fn(*args, **kwargs)
         finally:
             running.clear()
         try:

@@ -88,6 +88,7 @@ def test_control_frames_are_sent_without_delay(cluster2):
                             flags.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         return flags
 
+    cluster2.run(int)  # a cluster a test before broke restarts now, on a new port
     kernel_side = [
         socket.socket(fileno=os.dup(link.conn.fileno())) for link in cluster2._resources.links
     ]
