@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import types
 from dataclasses import asdict, fields, replace
@@ -31,7 +32,22 @@ STEP_COLUMNS = [
     "expected_comm_bytes",
     "bus_bytes",
     "expected_bus_bytes",
+    # what costs time on a link: bytes sent and received over all ranks, sent by the busiest
+    "sent_bytes",
+    "expected_sent_bytes",
+    "received_bytes",
+    "max_rank_sent_bytes",
+    "expected_max_rank_sent_bytes",
+    # counted by gloo's sockets, headers included (null where not measurable: NCCL)
+    "wire_sent_bytes",
+    "wire_received_bytes",
+    "max_rank_wire_sent_bytes",
 ]
+
+
+def _number(value: float) -> float | None:
+    """``value``, or None (JSON's null) for NaN: a byte count that was not measured."""
+    return None if math.isnan(value) else value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,6 +91,10 @@ def summary(result: TrainResult) -> dict:
         "max_rank_param_bytes": result.max_rank_param_bytes,
         "comm_bytes_per_step": float(steps.comm_bytes.median()),
         "expected_comm_bytes_per_step": float(steps.expected_comm_bytes.iloc[0]),
+        "sent_bytes_per_step": float(steps.sent_bytes.median()),
+        "max_rank_sent_bytes_per_step": float(steps.max_rank_sent_bytes.median()),
+        "wire_sent_bytes_per_step": _number(steps.wire_sent_bytes.median()),
+        "max_rank_wire_sent_bytes_per_step": _number(steps.max_rank_wire_sent_bytes.median()),
         "samples_per_s": float(steps.samples_per_s.median()),
         **({"emulation": emulation.summary(result.comm)} if result.config.link else {}),
     }
@@ -109,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         result.trace(args.trace)
     if args.json:
         for row in result.steps[STEP_COLUMNS].to_dict("records"):
-            print(json.dumps(row))
+            print(
+                json.dumps({k: _number(v) if isinstance(v, float) else v for k, v in row.items()})
+            )
         print(json.dumps({"summary": summary(result)}))
     else:
         print(result.steps[STEP_COLUMNS].to_string(index=False))

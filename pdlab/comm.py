@@ -17,6 +17,9 @@ Conventions (nccl-tests, doc/PERFORMANCE.md), for a group of N ranks:
   all_reduce 2(N-1)/N·S (ring: reduce-scatter then all-gather); all_gather, reduce_scatter,
   all_to_all, gather, scatter (N-1)/N·S; broadcast, reduce S; send S.
 - a step's ``comm_bytes`` is the payload summed over all ranks; ``bus_bytes`` likewise.
+- sent and received bytes, per rank = what this rank's link carries out and in on the
+  algorithm its backend runs (``traffic``): the bytes that cost time on a link, and what
+  ``pdlab.wire`` measures on gloo's sockets, up to gloo's message headers.
 - ``seconds``: issue to completion where the backend reports completion (a Work future:
   gloo and NCCL collectives; DTensor ops until their ``wait_tensor``). Gloo p2p Works have no
   future, so a send/recv's seconds are only the time to issue it (the wait comes later),
@@ -33,12 +36,13 @@ op it records complete as late as it would on the emulated link, and notes by ho
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -68,6 +72,9 @@ class CommEvent:
     peer: int = -1  # send/recv: the other rank (global); collectives: -1
     model_seconds: float = 0.0  # its time on the emulated link (pdlab.emulation), else 0
     added_seconds: float = 0.0  # how much later than here the emulated link completed it
+    sent_bytes: float = 0.0  # this rank's link, out and in (``traffic``)
+    received_bytes: float = 0.0
+    rank: int | None = None  # the rank that issues it (None: a formula that doesn't say)
 
 
 def bus_bytes(op: str, payload_bytes: int, group_size: int) -> float:
@@ -84,9 +91,96 @@ def bus_bytes(op: str, payload_bytes: int, group_size: int) -> float:
     raise ValueError(f"unknown comm op {op!r}")
 
 
-def event(op: str, payload_bytes: int, group: str, group_size: int) -> CommEvent:
-    """An analytic event, as ``expected_comm`` formulas list them."""
-    return CommEvent(op, group, group_size, payload_bytes, bus_bytes(op, payload_bytes, group_size))
+def tree_children(position: int, n: int) -> int:
+    """Ranks that the rank ``position`` places from the root sends to in a binomial tree of
+    ``n``: in round k every rank that has the data (positions below 2^k) sends it 2^k on."""
+    return sum(1 for k in range(n.bit_length()) if position < 2**k and position + 2**k < n)
+
+
+def traffic(
+    op: str, nbytes: int, group_size: int, position: int = 0, backend: str = "gloo"
+) -> tuple[float, float]:
+    """``(sent, received)``: the bytes one rank's link carries out and in for ``op``, on the
+    algorithm ``backend`` runs, without message headers.
+
+    ``nbytes`` is the op's payload (a recv's: the tensor it receives); ``position`` is this
+    rank's place from the root, ``(group rank - root) mod n``, for rooted ops. gloo, as its
+    sockets count it (``tests/test_traffic.py`` checks each op at 2 and 4 ranks; 3 and 5 were
+    measured once, by hand): ring all-reduce
+    and all-gather; its reduce-scatter *is* an all-reduce (each rank keeps its slice, so it
+    costs twice a ring reduce-scatter); a binomial-tree broadcast (the root sends S to
+    ⌈log2 n⌉ ranks); reduce as a ring reduce-scatter, then every slice to the root. Other
+    backends (NCCL) take nccl-tests' ring: reduce-scatter (n-1)/n·S, a chain for broadcast
+    and reduce. Not measured here: NCCL moves its bytes outside TCP.
+    """
+    n, s = group_size, float(nbytes)
+    ring = (n - 1) / n * s
+    gloo = backend == "gloo"
+    if op == "send":
+        return s, 0.0
+    if op == "recv":
+        return 0.0, s
+    if op == "barrier":
+        return 0.0, 0.0
+    if op == "all_reduce" or (op == "reduce_scatter" and gloo):
+        return 2 * ring, 2 * ring
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        return ring, ring
+    root = position == 0
+    if op == "gather":  # S is the gathered output: n inputs of S/n
+        return (0.0, ring) if root else (s / n, 0.0)
+    if op == "scatter":
+        return (ring, 0.0) if root else (0.0, s / n)
+    if op == "broadcast" and gloo:
+        return tree_children(position, n) * s, 0.0 if root else s
+    if op == "broadcast":  # a chain from the root: all but the last pass S on
+        return (s if position < n - 1 else 0.0), (0.0 if root else s)
+    if op == "reduce" and gloo:
+        return (ring, 2 * ring) if root else (ring + s / n, ring)
+    if op == "reduce":  # the broadcast's chain, run backwards
+        return (0.0 if root else s), (s if position < n - 1 else 0.0)
+    raise ValueError(f"unknown comm op {op!r}")
+
+
+# The backend whose algorithms ``event`` sizes the formulas' traffic for (``algorithms``).
+_formula_backend: contextvars.ContextVar[str] = contextvars.ContextVar("backend", default="gloo")
+
+
+@contextmanager
+def algorithms(backend: str) -> Iterator[None]:
+    """Formulas (``event``) called inside size sent and received bytes for ``backend``."""
+    token = _formula_backend.set(backend)
+    try:
+        yield
+    finally:
+        _formula_backend.reset(token)
+
+
+def event(
+    op: str, nbytes: int, group: str, group_size: int, rank: int | None = None, position: int = 0
+) -> CommEvent:
+    """An analytic event, as ``expected_comm`` formulas list them, issued by ``rank``.
+
+    ``nbytes``: the tensor's bytes; a recv's payload is 0 (a transfer counts once, at the
+    sender) but it receives ``nbytes``. ``position``: see ``traffic``.
+    """
+    payload = 0 if op == "recv" else nbytes
+    sent, received = traffic(op, nbytes, group_size, position, _formula_backend.get())
+    return CommEvent(
+        op,
+        group,
+        group_size,
+        payload,
+        bus_bytes(op, payload, group_size),
+        sent_bytes=sent,
+        received_bytes=received,
+        rank=rank,
+    )
+
+
+def on_ranks(events: list[CommEvent], ranks: Iterable[int]) -> list[CommEvent]:
+    """``events`` issued by each of ``ranks`` (a formula that is the same on every rank)."""
+    return [replace(e, rank=r) for r in ranks for e in events]
 
 
 def totals(events: Iterable[CommEvent]) -> dict[tuple[str, str], tuple[int, float]]:
@@ -141,8 +235,8 @@ _C10D_OPS = {
     "gather_": ("gather", "input_tensors", True),  # only the root holds the output
     "scatter_": ("scatter", "output_tensors", True),  # only the root holds the input
     "send": ("send", "tensors", False),
-    "recv_": ("recv", None, False),
-    "recv_any_source_": ("recv", None, False),
+    "recv_": ("recv", "tensors", False),  # payload 0: counted at the sender
+    "recv_any_source_": ("recv", "tensors", False),
     "barrier": ("barrier", None, False),
     "monitored_barrier_": ("barrier", None, False),
 }
@@ -161,7 +255,7 @@ _FUNCTIONAL_OPS = {
     "broadcast_": ("broadcast", "input", False),
     "all_to_all_single": ("all_to_all", "input", False),
     "isend": ("send", "tensor", False),
-    "irecv": ("recv", None, False),
+    "irecv": ("recv", "tensor", False),
 }
 
 
@@ -175,6 +269,28 @@ def _nbytes(x: Any) -> int:
     )
 
 
+def measured(
+    op: str, nbytes: int, pg: dist.ProcessGroup, root: int | None = None, received: int = 0
+) -> CommEvent:
+    """The event of an op this rank issued on ``pg`` (``root``: its group rank, rooted ops).
+
+    ``received`` adds bytes received beside sending ``nbytes`` (a batch of p2p ops)."""
+    n, backend = pg.size(), dist.get_backend(pg)
+    position = (pg.rank() - root) % n if root is not None else 0
+    sent, got = traffic(op, nbytes, n, position, backend)
+    payload = 0 if op == "recv" else nbytes
+    return CommEvent(
+        op,
+        group_label(pg),
+        n,
+        payload,
+        bus_bytes(op, payload, n),
+        sent_bytes=sent,
+        received_bytes=got + received,
+        rank=dist.get_rank(),
+    )
+
+
 def _describe(func: Any, args: tuple, kwargs: dict) -> CommEvent | None:
     """The event for a c10d op call (not yet timed), or None if ``func`` isn't communication."""
     table = {"c10d": _C10D_OPS, "_c10d_functional": _FUNCTIONAL_OPS}.get(func.namespace, {})
@@ -182,15 +298,17 @@ def _describe(func: Any, args: tuple, kwargs: dict) -> CommEvent | None:
     if name == "batch_p2p_ops":  # (op_list, peer_list, tag_list, tensors, group_name)
         op_list, _, _, tensors, group_arg = args
         pg = compat.process_group(group_arg)
-        sent = sum(_nbytes(t) for o, t in zip(op_list, tensors, strict=True) if o == "isend")
-        return CommEvent("send", group_label(pg), pg.size(), sent, float(sent))
+        sizes = {o: 0 for o in ("isend", "irecv")}
+        for o, t in zip(op_list, tensors, strict=True):
+            sizes[o] += _nbytes(t)
+        return measured("send", sizes["isend"], pg, received=sizes["irecv"])
     if name not in table:
         return None
-    op, payload_arg, scales = table[name]
+    op, tensor_arg, scales = table[name]
     bound = dict(zip(compat.op_arguments(func), args, strict=False)) | kwargs
     pg = compat.process_group(bound.get("process_group", bound.get("group_name")))
-    payload = _nbytes(bound[payload_arg]) * (pg.size() if scales else 1) if payload_arg else 0
-    e = CommEvent(op, group_label(pg), pg.size(), payload, bus_bytes(op, payload, pg.size()))
+    nbytes = _nbytes(bound[tensor_arg]) * (pg.size() if scales else 1) if tensor_arg else 0
+    e = measured(op, nbytes, pg, bound.get("root_rank", bound.get("src")))
     if (peer := bound.get("dst", bound.get("src"))) is not None:
         e.peer = dist.get_global_rank(pg, peer)
     return e
@@ -218,7 +336,7 @@ def record(op: str, nbytes: int, group: dist.ProcessGroup | None = None, future:
     if not _active:
         return future
     pg = group or dist.group.WORLD
-    e = CommEvent(op, group_label(pg), pg.size(), nbytes, bus_bytes(op, nbytes, pg.size()))
+    e = measured(op, nbytes, pg)
     e.start, e.busy, t0 = time.time(), _active[0].clock(), time.perf_counter()
     emulator = next((m.emulator for m in _active if m.emulator is not None), None)
     if future is not None and emulator is not None:

@@ -14,6 +14,13 @@ on the plots. A world size other than the cluster's starts a new cluster of that
 (``dashboard.cluster``) and shuts the old one down. Under the controls, a table says where
 each rank's step went (``pdlab.trace.breakdown``); when a step takes far longer than the
 recent ones, the dashboard asks the ranks where they are (``cluster.where()``) and says it.
+
+The dashboard owns the clusters it starts: ``close()`` stops its run and shuts them down
+(the controls stay: Start then starts a fresh cluster), and a new ``Dashboard`` closes the
+ones before it, so re-running a notebook never leaves an old dashboard's ranks behind.
+
+``live(control, draw)`` is the same idea for one figure: a control above a figure that
+``draw(value)`` redraws, with any error it hits shown beside the control.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import html
 import statistics
 import threading
 import time
+import traceback
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -40,14 +50,23 @@ from pdlab.trace import breakdown
 from pdlab.training import TrainResult, expected_comm, results, train, validate
 
 # The controls' first values: TrainConfig's defaults, but a run worth watching (the GPT, a
-# batch small enough to step quickly on CPUs, two micro-batches for the pipelines).
-START = TrainConfig(strategy="dp", model="gpt", batch_size=16, micro_batches=2)
+# batch small enough to step quickly on CPUs, two micro-batches for the pipelines) and long
+# enough to watch and to stop (a GPT step takes some 20-100 ms on a laptop's CPUs).
+START = TrainConfig(strategy="dp", model="gpt", batch_size=16, micro_batches=2, steps=300)
 STOP_RETRY_S = 1.0  # an interrupt that lands between two calls is dropped: send it again
+# A rank's first run imports pdlab.training (and pandas): an interrupt landing inside an import
+# leaves that module half-imported in the rank for good. Stop waits for the first step that
+# long at most (a run that hangs before it must still stop).
+FIRST_STEP_WAIT_S = 30.0
 # The plots as (row, col) of one figure: a FigureWidget carries its own copy of plotly.js
 # (5 MB) to the browser and into the saved notebook, so the dashboard has just one.
 GRID = {"loss": (1, 1), "throughput": (1, 2), "comm": (2, 1), "memory": (2, 2), "timeline": (3, 1)}
-WIDTH = 960  # JupyterLab's output area, with the file browser open
+# JupyterLab's output area in a 1280-pixel window with the file browser open is 848 pixels
+# (measured in the browser test); a widget there has no width to fill, so the figure is fixed.
+WIDTH = 820
 QUIET = {"loss"}  # same runs and colors as the throughput plot: its legend is enough
+LEGEND_FONT = 10
+_dashboards: weakref.WeakSet[Dashboard] = weakref.WeakSet()  # every open dashboard
 SLOW, SLOW_MIN_S = 10, 2.0  # a step this many times the recent ones (and this long) is stuck?
 
 
@@ -79,7 +98,7 @@ class Run:
     name: str
     config: TrainConfig
     world_size: int  # the cluster's (``single`` uses rank 0 of it)
-    expected: list[CommEvent]
+    expected: list[CommEvent] = field(default_factory=list)  # once the cluster's backend is known
     # Appended by the cluster's reader threads, copied by the painter: both single
     # operations under the GIL, so no lock is needed.
     records: list[dict] = field(default_factory=list)
@@ -154,8 +173,8 @@ def _combine(figures: dict[str, go.Figure]) -> go.Figure:
         cols=2,
         specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
         subplot_titles=[figures[name].layout.title.text for name in GRID],
-        vertical_spacing=0.09,
-        horizontal_spacing=0.16,  # room for the left plots' legends
+        vertical_spacing=0.1,
+        horizontal_spacing=0.33,  # room for the left plots' legends and the right ones' ticks
     )
     for i, (name, (row, col)) in enumerate(GRID.items(), 1):
         fig, axes = figures[name], grid.get_subplot(row, col)
@@ -171,22 +190,72 @@ def _combine(figures: dict[str, go.Figure]) -> go.Figure:
             "x": axes.xaxis.domain[1] + 0.01,
             "y": axes.yaxis.domain[1],
             "yanchor": "top",
+            "font_size": LEGEND_FONT,
         }
-    grid.update_annotations(font_size=13)  # the subplot titles
-    # A fixed size: the notebook's output area gives a widget no width to fill.
+    grid.update_annotations(font_size=12)  # the subplot titles
     grid.update_layout(
-        width=WIDTH, height=3 * plots.HEIGHT, barmode="overlay", margin={"t": 40, "b": 40, "r": 180}
+        width=WIDTH,
+        height=3 * plots.HEIGHT,
+        barmode="overlay",
+        margin={"t": 40, "b": 40, "l": 55, "r": 150},
+        uniformtext=figures["timeline"].layout.uniformtext,  # the Gantt labels that fit
     )
     return grid
+
+
+def _message(text: str, error: bool = False) -> str:
+    """``text`` as the HTML of a status line: its first line in bold (red for an error), the
+    rest (a traceback) folded under "details"."""
+    if not text:
+        return ""
+    first, _, rest = html.escape(text).partition("\n")
+    style = "color:#b00020" if error else ""
+    details = f"<details><summary>details</summary><pre>{rest}</pre></details>" if rest else ""
+    return f"<div style='{style}'><b>{first}</b>{details}</div>"
+
+
+def live(
+    control: widgets.ValueWidget,
+    draw: Callable[[Any], go.Figure],
+    first: go.Figure | None = None,
+) -> widgets.VBox:
+    """``control`` above a figure that ``draw(control.value)`` redraws whenever it changes
+    (``first``: the figure to show until then, if it is drawn already).
+
+    What ``draw`` raises shows in red beside the control, with its traceback under "details"
+    (a callback's errors would otherwise go only to JupyterLab's hidden log console); the last
+    figure stays. While ``draw`` runs, the line says so.
+    """
+    figure = go.FigureWidget(draw(control.value) if first is None else first)
+    status = widgets.HTML()
+
+    def redraw(change: dict) -> None:
+        status.value = _message(f"drawing {control.description} = {change['new']} ...")
+        try:
+            fresh = draw(change["new"])
+        except Exception as exc:
+            status.value = _message(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", True)
+            return
+        _show(figure, fresh)
+        status.value = ""
+
+    control.observe(redraw, "value")
+    return widgets.VBox([widgets.HBox([control, status]), figure])
 
 
 class Dashboard:
     """Controls to train any strategy on ``cluster``, and plots that update while it runs."""
 
+    _error_shown = False  # the status line shows an error (cleared when a control changes)
+
     def __init__(self, cluster: Cluster | None = None, refresh_s: float = 0.5):
+        for earlier in list(_dashboards):  # re-running the cell that made one
+            earlier.close()
+        _dashboards.add(self)
         self.cluster = cluster
         self.refresh_s = refresh_s
         self.runs: list[Run] = []
+        self.started: list[Cluster] = []  # the clusters this dashboard started: it owns them
         self._live: Run | None = None
         self._thread: threading.Thread | None = None
         self._unsubscribe = cluster.subscribe(self._on_record) if cluster else None
@@ -197,35 +266,43 @@ class Dashboard:
     def _build_widgets(self, world_size: int) -> None:
         self.menu = registry.menu()  # "fsdp" is an entry that fixes zero3's impl to torch
         options = {f.name: choices(f) for f in fields(TrainConfig)}
+        # Labels of one width, boxes of one width (the menu wider), so that they wrap as a grid.
+        size = {"layout": {"width": "185px"}, "style": {"description_width": "95px"}}
         self.controls: dict[str, widgets.ValueWidget] = {
             "strategy": widgets.Dropdown(
                 options=[(entry.label, key) for key, entry in self.menu.items()],
                 value=START.strategy,
                 description="strategy",
+                **(size | {"layout": {"width": "265px"}}),
             ),
-            "impl": widgets.Dropdown(options=options["impl"], value=START.impl, description="impl"),
+            "impl": widgets.Dropdown(
+                options=options["impl"], value=START.impl, description="impl", **size
+            ),
             "world_size": widgets.Dropdown(
-                options=sorted({1, 2, 4, 8, world_size}), value=world_size, description="ranks"
+                options=sorted({1, 2, 4, 8, world_size}),
+                value=world_size,
+                description="ranks",
+                **size,
             ),
             "model": widgets.Dropdown(
-                options=options["model"], value=START.model, description="model"
+                options=options["model"], value=START.model, description="model", **size
             ),
             "batch_size": widgets.BoundedIntText(
-                START.batch_size, min=1, max=4096, description="batch"
+                START.batch_size, min=1, max=4096, description="batch", **size
             ),
             "micro_batches": widgets.BoundedIntText(
-                START.micro_batches,
-                min=1,
-                max=256,
-                description="micro-batches",
-                style={"description_width": "initial"},
+                START.micro_batches, min=1, max=256, description="micro-batches", **size
             ),
             "lr": widgets.BoundedFloatText(
-                START.lr, min=1e-6, max=10.0, step=0.001, description="lr"
+                START.lr, min=1e-6, max=10.0, step=0.001, description="lr", **size
             ),
-            "steps": widgets.BoundedIntText(START.steps, min=1, max=100_000, description="steps"),
+            "steps": widgets.BoundedIntText(
+                START.steps, min=1, max=100_000, description="steps", **size
+            ),
         }
         self.controls["strategy"].observe(self._on_strategy, "value")
+        for control in self.controls.values():
+            control.observe(self._on_change, "value")
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
         self.stop_button = widgets.Button(
             description="Stop", button_style="danger", icon="stop", disabled=True
@@ -243,11 +320,9 @@ class Dashboard:
             "timeline": plots.timeline([]),
         }
         self.figure = go.FigureWidget(_combine(before_any_run))
-        c = list(self.controls.values())
         self.widget = widgets.VBox(
             [
-                widgets.HBox(c[:4]),
-                widgets.HBox(c[4:]),
+                widgets.Box(list(self.controls.values()), layout={"flex_flow": "row wrap"}),
                 widgets.HBox([self.start_button, self.stop_button, self.progress]),
                 self.message,
                 self.breakdown,
@@ -264,11 +339,13 @@ class Dashboard:
             self.controls["impl"].value = fixed
         self.controls["impl"].disabled = fixed is not None
 
+    def _on_change(self, change: dict) -> None:
+        if self._error_shown and not self.running:
+            self._say("")  # the controls changed: the error was about the old ones
+
     def _say(self, text: str, error: bool = False) -> None:
-        first, _, rest = html.escape(text).partition("\n")
-        style = "color:#b00020" if error else ""
-        details = f"<details><summary>details</summary><pre>{rest}</pre></details>" if rest else ""
-        self.message.value = f"<div style='{style}'><b>{first}</b>{details}</div>"
+        self.message.value = _message(text, error)
+        self._error_shown = error
 
     # ----- runs ------------------------------------------------------------------------------
 
@@ -305,18 +382,17 @@ class Dashboard:
         try:
             config = self.config()
             validate(config)
-            expected = expected_comm(config)
         except (ValueError, NotImplementedError) as exc:
             self._say(str(exc), error=True)
             raise
         name = f"#{len(self.runs) + 1} {plots.run_name(config)}"
-        run = Run(name, config, self.controls["world_size"].value, expected)
+        run = Run(name, config, self.controls["world_size"].value)
         self.runs.append(run)
         self._live = run
         self.progress.max, self.progress.value = config.steps, 0
         self.progress.description = "step 0"
         self._set_buttons(running=True)
-        self._say(f"{run.name}: starting")
+        self._say(f"{run.name} starting")
         self._thread = threading.Thread(target=self._train, args=(run,), daemon=True)
         self._thread.start()
         return run
@@ -332,12 +408,14 @@ class Dashboard:
         if run is None or thread is None:
             return
         run.stop_requested = True
-        self._say(f"{run.name}: stopping")
-        threading.Thread(target=self._interrupt_until_done, args=(thread,), daemon=True).start()
+        self._say(f"{run.name} stopping after step {run.steps_done()}")
+        threading.Thread(target=self._interrupt_until_done, args=(run, thread), daemon=True).start()
 
-    def _interrupt_until_done(self, thread: threading.Thread) -> None:
+    def _interrupt_until_done(self, run: Run, thread: threading.Thread) -> None:
+        patience = time.monotonic() + FIRST_STEP_WAIT_S
         while thread.is_alive():
-            if self.cluster is not None:
+            training = run.records or time.monotonic() > patience
+            if training and self.cluster is not None:
                 self.cluster.interrupt()
             thread.join(STOP_RETRY_S)
 
@@ -354,18 +432,33 @@ class Dashboard:
             raise run.error
         return run.result
 
+    def snapshot(self) -> go.Figure:
+        """The plots as the latest run with a step left them, as a plain figure: unlike the
+        live one, it stays in a saved notebook and in its HTML (a handout: ``make handouts``).
+
+        Drawn again from the runs, not copied from the live figure, whose Python side the
+        browser's messages may change while the painter thread draws.
+        """
+        for run in reversed(self.runs):
+            if (current := run.snapshot()) is not None:
+                return self._plots(run, current)
+        return go.Figure(self.figure)  # no run yet: the empty plots
+
     def table(self) -> pd.DataFrame:
         """Every run with results so far, one row each (a ``pandas.DataFrame``)."""
         return plots.compare({r.name: r.result for r in self.runs if r.result is not None})
 
     def close(self) -> None:
-        """Stop any run, stop listening to the cluster and remove the widgets (not the cluster)."""
+        """Stop any run and shut down every cluster this dashboard started (a cluster you gave
+        it is yours to shut down). The controls stay: Start then starts a fresh cluster."""
         self.stop()
         if self._thread is not None:
             self._thread.join()
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-        self.widget.close()
+        for cluster in self.started:
+            cluster.shutdown()
+        self.started = []
+        if self.cluster is not None and self.cluster.state == "stopped":
+            self._unsubscribe_now()
 
     # ----- the background threads ------------------------------------------------------------
 
@@ -374,8 +467,9 @@ class Dashboard:
         painter = threading.Thread(target=self._paint_until, args=(run, done), daemon=True)
         try:
             cluster = self._cluster_of_size(run.world_size)
+            run.expected = expected_comm(run.config, cluster.backend)
             if not run.stop_requested:
-                run.status = "running"
+                run.status = "running"  # the ranks say their phases, then the line counts steps
                 painter.start()
                 run.result = train(cluster, run.config)
         except Exception as exc:  # shown in the dashboard, raised again by wait()
@@ -393,13 +487,18 @@ class Dashboard:
         if cluster is not None and cluster.world_size == world_size and cluster.state != "stopped":
             return cluster
         if cluster is not None:
-            if self._unsubscribe is not None:
-                self._unsubscribe()
+            self._unsubscribe_now()
             cluster.shutdown()
         self._say(f"starting a cluster of {world_size} rank(s)")
         self.cluster = Cluster(world_size)
+        self.started = [c for c in self.started if c.state != "stopped"] + [self.cluster]
         self._unsubscribe = self.cluster.subscribe(self._on_record)
         return self.cluster
+
+    def _unsubscribe_now(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
 
     def _on_record(self, record: dict) -> None:
         run = self._live
@@ -434,9 +533,21 @@ class Dashboard:
         steps = run.steps_done()
         self.progress.value = steps
         self.progress.description = f"step {steps}"
+        if run.status == "running" and not run.stop_requested:
+            self._say(f"{run.name} running: step {steps} of {run.config.steps}")
         current = run.snapshot()
         if current is None:
             return
+        _show(self.figure, self._plots(run, current))
+        if not current.spans.empty:
+            table = breakdown(current).round(2)
+            self.breakdown.value = (
+                f"<b>Where each rank's step went</b> (ms, {html.escape(run.name)}; "
+                "pdlab.trace.breakdown)" + table.to_html()
+            )
+
+    def _plots(self, run: Run, current: TrainResult) -> go.Figure:
+        """The plots with ``run`` as the current run, ``current`` its result so far."""
         results = {r.name: current if r is run else r.result for r in self.runs}
         named = {name: result for name, result in results.items() if result is not None}
         figures = {
@@ -446,13 +557,7 @@ class Dashboard:
             "memory": plots.memory(current),
             "timeline": plots.timeline(run.records),
         }
-        _show(self.figure, _combine(figures))
-        if not current.spans.empty:
-            table = breakdown(current).round(2)
-            self.breakdown.value = (
-                f"<b>Where each rank's step went</b> (ms, {html.escape(run.name)}; "
-                "pdlab.trace.breakdown)" + table.to_html()
-            )
+        return _combine(figures)
 
     def _where(self, run: Run, stuck_s: float) -> None:
         """Say where every rank is when a step takes far longer than the recent ones."""

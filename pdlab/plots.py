@@ -4,12 +4,13 @@ Runs are ``pdlab.train`` results (``TrainResult``); several overlay as one trace
 
     runs = [pdlab.train(cluster, strategy=s, model="gpt") for s in ("dp", "zero3")]
     plots.loss(runs)              # loss vs step, one line per run
-    plots.comm(runs[1])           # bytes per step by op, measured beside the formula
+    plots.comm(runs[1])           # bytes each rank sends a step: by op, formula, on the wire
     plots.timeline(result.timeline)   # the last pipeline step, F/B per rank
 
 Every function returns a ``go.Figure``; ``go.FigureWidget(fig)`` makes it live. Bars are
 placed and stacked explicitly (``offset``, ``base``), not by the figure-wide ``barmode``, so
-the figures also combine as subplots of one figure (what the dashboard shows).
+the figures also combine as subplots of one figure (what the dashboard shows). Each quantity
+has one colour on every figure and in every run (``COLORS``, ``OP_COLORS``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from pdlab.comm import CommEvent
 from pdlab.parallel.base import TrainConfig
 from pdlab.parallel.pipeline import analytic_bubble, bubble_fraction
 from pdlab.training import TrainResult
@@ -29,12 +31,28 @@ Runs = Mapping[str, TrainResult] | Iterable[TrainResult]  # named runs, or names
 
 HEIGHT = 300
 RUN_COLORS = px.colors.qualitative.Plotly  # run i has the same color on every plot
+# Runs that coincide (a strategy and one process) stay visible: each run its own dash and marker.
+RUN_DASHES = ("solid", "dash", "dot", "dashdot")
+RUN_MARKERS = ("circle-open", "x", "diamond-open", "square-open", "cross", "triangle-up-open")
 PHASE_COLORS = {"F": "#4C78A8", "B": "#F58518"}
 MEMORY_PARTS = {
-    "param_bytes": "parameters",
-    "grad_bytes": "gradients",
-    "optimizer_bytes": "optimizer state",
+    "param_bytes": ("parameters", "#4C78A8"),
+    "grad_bytes": ("gradients", "#F58518"),
+    "optimizer_bytes": ("optimizer state", "#54A24B"),
 }
+OP_COLORS = {
+    "all_reduce": "#4C78A8",
+    "reduce_scatter": "#F58518",
+    "all_gather": "#54A24B",
+    "broadcast": "#B279A2",
+    "send": "#E45756",
+    "reduce": "#72B7B2",
+    "gather": "#9D755D",
+    "scatter": "#FF9DA6",
+    "all_to_all": "#EECA3B",
+}
+GROUP_PATTERNS = {"dp": "", "tp": "/", "pp": "x", "world": "."}  # the same op on two groups
+COLORS = {"wire": "#555555", "formula": "#000000", "received": "#BAB0AC"}
 
 
 def run_name(config: TrainConfig) -> str:
@@ -72,9 +90,13 @@ def _per_step(runs: Runs, column: str, title: str, yaxis: str) -> go.Figure:
     fig = _figure(title, "step", yaxis)
     for i, (name, result) in enumerate(_named(runs).items()):
         steps = result.steps
-        color = RUN_COLORS[i % len(RUN_COLORS)]
         fig.add_scatter(
-            x=steps.step, y=steps[column], name=name, mode="lines+markers", line_color=color
+            x=steps.step,
+            y=steps[column],
+            name=name,
+            mode="lines+markers",
+            line={"color": RUN_COLORS[i % len(RUN_COLORS)], "dash": RUN_DASHES[i % 4]},
+            marker={"symbol": RUN_MARKERS[i % len(RUN_MARKERS)], "size": max(4, 10 - 2 * i)},
         )
     return fig
 
@@ -90,32 +112,102 @@ def throughput(runs: Runs) -> go.Figure:
 
 
 def comm_table(result: TrainResult) -> pd.DataFrame:
-    """Bytes per step by ``op@group``, over all ranks: measured (mean over steps) and expected."""
+    """Bytes per step by ``op@group``, over all ranks, the mean over steps: payload measured
+    (``measured``) and by formula (``expected``); sent and received, measured and by formula.
+    Ops that carry nothing (a recv's payload and sent bytes are its sender's) show zeros."""
     steps = max(1, result.steps.step.nunique())
     ops = result.comm.assign(key=result.comm.op + "@" + result.comm.group)
-    measured = ops.groupby("key").payload_bytes.sum() / steps
-    expected = pd.Series(
-        [e.payload_bytes for e in result.expected_comm],
-        index=[f"{e.op}@{e.group}" for e in result.expected_comm],
-        dtype=float,
+    measured = ops.groupby("key")[["payload_bytes", "sent_bytes", "received_bytes"]].sum() / steps
+    expected = (
+        pd.DataFrame(
+            [
+                (f"{e.op}@{e.group}", e.payload_bytes, e.sent_bytes, e.received_bytes)
+                for e in result.expected_comm
+            ],
+            columns=["key", "payload_bytes", "sent_bytes", "received_bytes"],
+        )
+        .groupby("key")
+        .sum()
     )
-    table = pd.DataFrame({"measured": measured, "expected": expected.groupby(level=0).sum()})
+    table = pd.DataFrame(
+        {
+            "measured": measured.payload_bytes,
+            "expected": expected.payload_bytes,
+            "sent": measured.sent_bytes,
+            "expected_sent": expected.sent_bytes,
+            "received": measured.received_bytes,
+            "expected_received": expected.received_bytes,
+        }
+    )
     return table.fillna(0.0).rename_axis("op")
 
 
+def sent_by_rank(events: Iterable[CommEvent]) -> pd.Series:
+    """Bytes each rank sends in ``events`` (a step's ``expected_comm``), by rank."""
+    sent = pd.DataFrame([(e.rank, e.sent_bytes) for e in events], columns=["rank", "sent"])
+    return sent.groupby("rank").sent.sum()
+
+
+def traffic(result: TrainResult) -> pd.DataFrame:
+    """Bytes each rank sends and receives a step (the mean over steps): by its ops, by the
+    formula, and as gloo's sockets counted them (``wire_*``, NaN where not measured)."""
+    per_rank = result.ranks.groupby("rank")[
+        ["sent_bytes", "wire_sent_bytes", "received_bytes", "wire_received_bytes"]
+    ].mean()
+    expected = sent_by_rank(result.expected_comm).reindex(per_rank.index, fill_value=0.0)
+    per_rank.insert(1, "expected_sent_bytes", expected)
+    return per_rank
+
+
+def _per_rank_ops(result: TrainResult) -> pd.DataFrame:
+    """Sent bytes a step, by rank (rows) and ``op@group`` (columns), ops sending nothing left out."""
+    steps = max(1, result.steps.step.nunique())
+    sent = result.comm[result.comm.sent_bytes > 0]
+    table = sent.groupby(["rank", "op", "group"]).sent_bytes.sum().unstack(["op", "group"])
+    issued = list(dict.fromkeys(zip(sent.op, sent.group, strict=True)))  # the order they ran
+    ranks = sorted(result.ranks["rank"].unique())
+    return (table[issued] / steps).reindex(ranks).fillna(0.0) if issued else table.reindex(ranks)
+
+
 def comm(result: TrainResult) -> go.Figure:
-    """Communication bytes per step by op, measured beside the analytic ``expected_comm``."""
-    table = comm_table(result)
-    fig = _figure(f"Communication per step — {run_name(result.config)}", "op@group", "bytes/step")
-    fig.add_bar(x=table.index, y=table.measured, name="measured", offset=-0.4, width=0.4)
-    fig.add_bar(
-        x=table.index,
-        y=table.expected,
-        name="expected",
-        offset=0,
-        width=0.4,
-        marker_pattern_shape="/",
+    """Bytes each rank sends and receives a step (what costs time on a link): the sent bytes
+    stacked by op, the formula's, and beside them what gloo's sockets counted (headers too)."""
+    table, per_rank = _per_rank_ops(result), traffic(result)
+    busiest, total = per_rank.sent_bytes.max(), per_rank.sent_bytes.sum()
+    fig = _figure(
+        f"Bytes sent a step: busiest rank {busiest:,.0f}, all {total:,.0f}",
+        "rank",
+        "bytes/step",
+        bargap=0.1,
     )
+    ranks = [str(r) for r in per_rank.index]
+    base = 0.0
+    for op, group in table.columns:
+        y = table[op, group].to_numpy()
+        fig.add_bar(
+            x=ranks, y=y, base=base, offset=-0.45, width=0.3, name=f"{op}@{group}",
+            marker={"color": OP_COLORS.get(op, "#888888"),
+                    "pattern_shape": GROUP_PATTERNS.get(group, "-")},
+        )  # fmt: skip
+        base = base + y
+    fig.add_scatter(
+        x=ranks, y=per_rank.expected_sent_bytes, name="by formula", mode="markers",
+        marker={"symbol": "line-ew", "size": 24, "line": {"width": 3, "color": COLORS["formula"]}},
+    )  # fmt: skip
+    if per_rank.wire_sent_bytes.notna().any():
+        fig.add_bar(
+            x=ranks, y=per_rank.wire_sent_bytes, offset=-0.15, width=0.3,
+            name="on the wire", marker_color=COLORS["wire"],
+        )  # fmt: skip
+    fig.add_bar(
+        x=ranks, y=per_rank.received_bytes, offset=0.15, width=0.3, name="received",
+        marker={"color": COLORS["received"], "pattern_shape": "\\"},
+    )  # fmt: skip
+    if per_rank.wire_received_bytes.notna().any():
+        fig.add_scatter(
+            x=ranks, y=per_rank.wire_received_bytes, name="received, wire",
+            mode="markers", marker={"symbol": "x", "size": 9, "color": COLORS["wire"]},
+        )  # fmt: skip
     return fig
 
 
@@ -124,8 +216,10 @@ def memory(result: TrainResult) -> go.Figure:
     mem = result.memory.sort_values("rank")
     fig = _figure(f"Memory per rank — {run_name(result.config)}", "rank", "bytes")
     base = 0
-    for column, label in MEMORY_PARTS.items():
-        fig.add_bar(x=mem["rank"].astype(str), y=mem[column], base=base, name=label)
+    for column, (label, color) in MEMORY_PARTS.items():
+        fig.add_bar(
+            x=mem["rank"].astype(str), y=mem[column], base=base, name=label, marker_color=color
+        )
         base = base + mem[column].to_numpy()
     return fig
 
@@ -149,6 +243,7 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
     ``pdlab.log`` records as they stream (``cluster.metrics``); the latest step every rank
     reported is drawn unless ``step`` is given. The title compares the measured bubble (idle
     share of the stages) with GPipe's ``(p-1)/(m+p-1)`` for ``p`` stages and ``m`` micro-batches.
+    A bar is labelled (``F3``) only where its label fits inside it.
     """
     chosen = timeline_records(records, step)
     fig = _figure("Pipeline timeline", "ms since the step began", "")
@@ -165,6 +260,9 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
             base=[(e["start"] - t0) * 1e3 for e in mine],
             x=[(e["end"] - e["start"]) * 1e3 for e in mine],
             text=[f"{phase}{e['mb']}" for e in mine],
+            textposition="inside",
+            insidetextanchor="middle",
+            textangle=0,  # never turned on end to fit a thin bar: left out instead
             name="forward" if phase == "F" else "backward",
             marker_color=color,
         )
@@ -174,12 +272,14 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
         title=f"Pipeline step {chosen[0]['step']}: bubble {bubble_fraction(events):.0%} measured, "
         f"(p-1)/(m+p-1) = {analytic_bubble(p, m):.0%} for p={p}, m={m}",
         yaxis_autorange="reversed",
+        uniformtext={"minsize": 9, "mode": "hide"},  # a label that doesn't fit is left out
     )
     return fig
 
 
 def compare(runs: Runs) -> pd.DataFrame:
-    """One row a run: final loss, median samples/s, bytes/step (payload, bus, expected), memory."""
+    """One row a run, the bytes a step (mean): final loss, median samples/s, what the busiest
+    rank and all ranks send (on the wire: NaN where not measured), the busiest rank's state."""
     rows = []
     for name, result in _named(runs).items():
         steps, mem = result.steps, result.memory
@@ -189,10 +289,10 @@ def compare(runs: Runs) -> pd.DataFrame:
                 "steps": len(steps),
                 "final_loss": result.final_loss,
                 "samples_per_s": steps.samples_per_s.median(),  # the first step warms up
-                "comm_bytes_per_step": steps.comm_bytes.mean(),
-                "bus_bytes_per_step": steps.bus_bytes.mean(),
-                "expected_comm_bytes": steps.expected_comm_bytes.iloc[-1] if len(steps) else 0,
-                "max_rank_state_bytes": int(mem[list(MEMORY_PARTS)].sum(axis=1).max()),
+                "max_rank_sent": steps.max_rank_sent_bytes.mean(),
+                "sent": steps.sent_bytes.mean(),
+                "wire_sent": steps.wire_sent_bytes.mean(),
+                "max_rank_state": int(mem[list(MEMORY_PARTS)].sum(axis=1).max()),
             }
         )
     return pd.DataFrame(rows).set_index("run")

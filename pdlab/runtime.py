@@ -18,6 +18,7 @@ import torch.distributed as dist
 # Set by ``bind`` in a pdlab rank; None elsewhere (a plain torchrun script, one process).
 _sink: Callable[[dict[str, Any]], None] | None = None
 _device: torch.device | None = None
+_control_fd: int | None = None
 local_records: list[dict[str, Any]] = []
 
 _UNSET: Any = object()
@@ -27,17 +28,26 @@ def bind(
     *,
     device: torch.device | None = _UNSET,
     sink: Callable[[dict[str, Any]], None] | None = _UNSET,
+    control_fd: int | None = _UNSET,
 ) -> None:
     """Tell the runtime what this process is (``pdlab.worker`` calls it on every rank).
 
     ``device``: what ``device()`` returns; ``sink``: where ``log`` sends records (the
-    kernel's control channel). Arguments left out keep their current value.
+    kernel's control channel); ``control_fd``: that channel's socket, whose bytes are not
+    training traffic. Arguments left out keep their current value.
     """
-    global _device, _sink
+    global _device, _sink, _control_fd
     if device is not _UNSET:
         _device = device
     if sink is not _UNSET:
         _sink = sink
+    if control_fd is not _UNSET:
+        _control_fd = control_fd
+
+
+def control_fds() -> list[int]:
+    """This rank's connection to the kernel, if it has one: ``pdlab.wire`` leaves it out."""
+    return [] if _control_fd is None else [_control_fd]
 
 
 def rank() -> int:

@@ -36,8 +36,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from pdlab import checkpoint, emulation, memory, runtime
-from pdlab.comm import CommEvent, CommMeter
+from pdlab import checkpoint, emulation, memory, runtime, wire
+from pdlab.comm import CommEvent, CommMeter, algorithms
 from pdlab.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.data import load_dataset
 from pdlab.flops import FlopCounter
@@ -96,11 +96,13 @@ def strategy_class(config: TrainConfig) -> type[Implementation]:
     return registry.get(config.strategy).implementation(config.impl)
 
 
-def expected_comm(config: TrainConfig) -> list[CommEvent]:
-    """The analytic communication of one step, over all ranks."""
-    return strategy_class(config).expected_comm(
-        config, layout_for(config.strategy, config.world_size)
-    )
+def expected_comm(config: TrainConfig, backend: str = "gloo") -> list[CommEvent]:
+    """The analytic communication of one step, over all ranks; sent and received bytes on
+    ``backend``'s algorithms (``pdlab.comm.traffic``)."""
+    with algorithms(backend):
+        return strategy_class(config).expected_comm(
+            config, layout_for(config.strategy, config.world_size)
+        )
 
 
 # ---- on every rank -----------------------------------------------------------------------
@@ -113,6 +115,15 @@ def mesh_for(layout: Layout, device: torch.device) -> Mesh:
     if (layout, device) not in _meshes:
         _meshes[layout, device] = Mesh.create(layout, device)
     return _meshes[layout, device]
+
+
+def wire_reading() -> dict[str, tuple[int, int]] | None:
+    """This rank's TCP connections' byte counters (``pdlab.wire``), its connection to the
+    kernel left out; None where they don't hold the strategy's traffic: NCCL moves its bytes
+    over its own transports, a process outside a group sends none."""
+    if not (dist.is_initialized() and dist.get_backend() == "gloo"):
+        return None
+    return wire.connections(runtime.control_fds())
 
 
 def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]:
@@ -152,11 +163,14 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
                 runtime.log(phase="first step")
             x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
             counter = FlopCounter() if counted is None else contextlib.nullcontext()
+            before = wire_reading()
             start = time.perf_counter()
             with spans.step() as timed, CommMeter(dispatch, names, emulator) as meter, counter:
                 out = strategy.train_step(x.to(device), y.to(device))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the step is done when the GPU is
+            step_time = time.perf_counter() - start
+            after = wire_reading()
             counted = counted or (counter.flops, counter.kernels)
             record = {
                 "strategy": config.strategy,
@@ -164,11 +178,13 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
                 "step": step,
                 "loss": out.loss,
                 "samples": out.samples,
-                "step_time": time.perf_counter() - start,
+                "step_time": step_time,
                 "busy": meter.busy,  # seconds computing, not blocked on communication
                 "flops": counted[0],  # this rank's FLOPs and kernels a step (pdlab.flops)
                 "kernels": counted[1],
                 "comm": [asdict(e) for e in meter.events],
+                # Bytes sent on each TCP connection (None: not measurable, see wire_reading).
+                "wire": None if before is None or after is None else wire.sent_since(before, after),
                 "memory": memory.measure(strategy.module, strategy.optimizer, device),
                 "timeline": out.timeline,
                 "spans": timed,
@@ -191,13 +207,25 @@ def run_on_rank(config: TrainConfig, full_state: bool = False) -> dict[str, Any]
 
 # ---- in the kernel -----------------------------------------------------------------------
 
+# Columns of ``TrainResult.ranks`` summed from a rank's comm events: column -> event field.
+COMM_COLUMNS = {
+    "comm_bytes": "payload_bytes",
+    "bus_bytes": "bus_bytes",
+    "sent_bytes": "sent_bytes",
+    "received_bytes": "received_bytes",
+    "comm_seconds": "seconds",
+}
+
 
 @dataclass
 class TrainResult:
     """A finished run as tables (see ``pdlab.train``)."""
 
     config: TrainConfig
-    steps: pd.DataFrame  # one row a step: loss, samples_per_s, comm/bus bytes (and expected)
+    # One row a step: loss, samples_per_s; bytes: payload (comm_bytes), bus, sent and received
+    # over all ranks, sent by the busiest rank, each beside its formula (expected_*); on the
+    # wire (wire_*: NaN where not measurable). See pdlab.comm for the conventions.
+    steps: pd.DataFrame
     ranks: pd.DataFrame  # one row a step and rank
     comm: pd.DataFrame  # one row a communication op
     memory: pd.DataFrame  # one row a rank, after the last step
@@ -220,37 +248,56 @@ class TrainResult:
         return trace.write(trace.chrome_trace(self), path)
 
     def __repr__(self) -> str:
-        c = self.config
+        c, steps = self.config, self.steps
+        wire_sent = steps.wire_sent_bytes.mean()
+        on_wire = "" if pd.isna(wire_sent) else f", on the wire {wire_sent:.0f}"
         return (
             f"TrainResult({c.strategy}/{c.impl}, {c.model}, world_size={c.world_size}, "
-            f"steps={c.steps}, final_loss={self.final_loss:.4f}, "
-            f"comm_bytes/step={self.steps.comm_bytes.mean():.0f})"
+            f"steps={c.steps}, final_loss={self.final_loss:.4f}, bytes sent/step: busiest "
+            f"rank {steps.max_rank_sent_bytes.mean():.0f}, all ranks "
+            f"{steps.sent_bytes.mean():.0f}{on_wire})"
         )
 
 
 def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent]) -> TrainResult:
     """Tables from what the ranks returned (or logged so far: the dashboard builds live ones)."""
     rows, ops, spans = [], [], []
+    wire_sent: dict[int, dict[int, dict[str, int]]] = {}  # step -> rank -> its connections
     for out in outputs:
         for rec in out["records"]:
             where = {"step": rec["step"], "rank": out["rank"]}
-            ops += [{**where, **e} for e in rec["comm"]]
+            ops += [{**e, **where} for e in rec["comm"]]
             spans += [{**where, **span} for span in rec["spans"]]
             row = {
                 **where,
                 **{k: rec[k] for k in ("loss", "samples", "step_time", "busy", "flops", "kernels")},
             }
             row["samples_per_s"] = rec["samples"] / rec["step_time"]
-            row["comm_bytes"] = sum(e["payload_bytes"] for e in rec["comm"])
-            row["bus_bytes"] = sum(e["bus_bytes"] for e in rec["comm"])
-            row["comm_seconds"] = sum(e["seconds"] for e in rec["comm"])
+            for column, key in COMM_COLUMNS.items():
+                row[column] = sum(e[key] for e in rec["comm"])
             for e in rec["comm"]:
                 key = f"{e['op']}@{e['group']}"
                 row[key] = row.get(key, 0) + e["payload_bytes"]
+            if rec.get("wire") is not None:
+                wire_sent.setdefault(rec["step"], {})[out["rank"]] = rec["wire"]
             rows.append(row | rec["memory"])
+    # What a rank received in a step is what its peers sent it in theirs (pdlab.wire).
+    wire_received = {step: wire.received_from_peers(sent) for step, sent in wire_sent.items()}
+    for row in rows:
+        sent = wire_sent.get(row["step"], {}).get(row["rank"])
+        row["wire_sent_bytes"] = math.nan if sent is None else sum(sent.values())
+        row["wire_received_bytes"] = (
+            math.nan if sent is None else wire_received[row["step"]][row["rank"]]
+        )
     ranks = pd.DataFrame(rows)
     ranks = ranks.fillna({c: 0 for c in ranks.columns if "@" in c})
-    comm = pd.DataFrame(ops, columns=["step", "rank", *(f.name for f in fields(CommEvent))])
+    columns = dict.fromkeys(["step", "rank", *(f.name for f in fields(CommEvent))])
+    comm = pd.DataFrame(ops, columns=list(columns))
+    per_rank: dict[int | None, float] = {}
+    for e in expected:
+        per_rank[e.rank] = per_rank.get(e.rank, 0.0) + e.sent_bytes
+    # A formula that doesn't say which rank issues what can't name the busiest rank.
+    expected_max_rank = math.nan if None in per_rank else max(per_rank.values(), default=0.0)
 
     def aggregate(g: pd.DataFrame) -> pd.Series:
         reported = g[g.loss.notna()]
@@ -264,6 +311,15 @@ def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent])
                 "bus_bytes": g.bus_bytes.sum(),
                 "expected_comm_bytes": sum(e.payload_bytes for e in expected),
                 "expected_bus_bytes": sum(e.bus_bytes for e in expected),
+                "sent_bytes": g.sent_bytes.sum(),
+                "received_bytes": g.received_bytes.sum(),
+                "max_rank_sent_bytes": g.sent_bytes.max(),
+                "expected_sent_bytes": sum(e.sent_bytes for e in expected),
+                "expected_max_rank_sent_bytes": expected_max_rank,
+                # NaN unless every rank's bytes were measured
+                "wire_sent_bytes": g.wire_sent_bytes.sum(min_count=len(g)),
+                "wire_received_bytes": g.wire_received_bytes.sum(min_count=len(g)),
+                "max_rank_wire_sent_bytes": g.wire_sent_bytes.max(skipna=False),
             }
         )
 
@@ -315,7 +371,7 @@ def train(
     single = cluster is None or config.strategy == "single"
     config = replace(config, world_size=1 if single else cluster.world_size)
     validate(config)
-    expected = expected_comm(config)
+    expected = expected_comm(config, "gloo" if cluster is None else cluster.backend)
     if cluster is None:
         outputs = [run_on_rank(config, full_state)]
     else:

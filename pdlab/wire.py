@@ -19,14 +19,20 @@ results and metrics are not the strategy's traffic. NCCL moves bytes over NVLink
 its own transports: on NCCL these numbers are not the strategy's.
 
 When a byte is counted: on the receiver when it arrives, so a ``recv`` that returned has all
-its bytes counted; on the sender when TCP transmits it, which can be after ``send`` returned
-(gloo may still hold the bytes: at world 4 a 1 MiB ``dist.send`` had as little as 6% counted
-when it returned, the rest once the receiver had them). A step that ends in a send can therefore
-leave bytes to the sender's next reading; totals over a run are exact, and a reading taken
-once every peer has finished receiving (after the ``cluster.run`` call) is exact too.
+its bytes counted; on the sender when the process hands it to TCP: the bytes TCP transmitted
+plus those still queued in the socket (``tcpi_notsent_bytes``, Linux >= 4.6). TCP transmits
+a byte only when the receiver has room for it, which can be long after ``send`` returned (at
+world 4 a 1 MiB ``dist.send`` had as little as 6% transmitted when it returned); counted when
+handed over, a send that returned is counted whole, in the step that sent it.
+
+gloo sends data only to a receive that is waiting for it: every receive first sends its
+sender a 48-byte "ready" message, and every message carries a 48-byte header. A peer that
+started its next step early can therefore have its first "ready" messages arrive before this
+process's reading; ``connections`` gives the bytes per connection, so that what a process
+received in a step can be read from what its peers sent it in theirs (``pdlab.training``).
 
 Cost: a listing of ``/proc/self/fd`` and an ``fstat`` per descriptor, then a ``dup``,
-``getsockopt`` and ``close`` per TCP socket; nothing is cached, so a socket gloo opens lazily
+``getsockopt``, ``getsockname``, ``getpeername`` and ``close`` per TCP socket; nothing is cached, so a socket gloo opens lazily
 (a new group, a first send to a peer) counts from the first call that sees it. A socket
 closed between two calls takes its bytes with it: compare readings taken while the same
 process groups live. A socket behind several descriptors (``dup``) counts once, by inode.
@@ -39,30 +45,37 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping
 
 # offsetof(struct tcp_info, ...) in <linux/tcp.h> (checked with gcc against this machine's
 # headers). The struct only grows, at its end: an older kernel returns fewer bytes, never others.
 _BYTES_RECEIVED = 128  # __u64 tcpi_bytes_received, Linux 4.1
+_NOTSENT = 144  # __u32 tcpi_notsent_bytes, Linux 4.6 (written, not yet transmitted)
 _BYTES_SENT = 200  # __u64 tcpi_bytes_sent, Linux 4.19 (retransmissions included)
 _BYTES_RETRANS = 208  # __u64 tcpi_bytes_retrans, Linux 4.19
 _NEEDED = _BYTES_RETRANS + 8
 
 
-def tcp_info(fd: int) -> bytes | None:
-    """The kernel's ``struct tcp_info`` (as far as ``tcpi_bytes_retrans``) for the TCP socket open
-    at ``fd``; None when ``fd`` is not one (a file, a pipe, a Unix socket, closed meanwhile)."""
+def _open(fd: int) -> socket.socket | None:
+    """A socket object on our own duplicate of ``fd`` (closing it leaves ``fd`` open); None
+    when ``fd`` is no socket (a file, a pipe, closed meanwhile)."""
     try:
         dup = os.dup(fd)
     except OSError:
         return None  # closed meanwhile
     try:
-        # Our own duplicate, so that closing the socket object leaves the caller's fd open.
         # AF_INET is only a label (TCP_INFO is the same for IPv6): getsockopt tells TCP apart.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=dup)
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=dup)
     except OSError:
         os.close(dup)
-        return None  # not a socket
+        return None
+
+
+def tcp_info(fd: int) -> bytes | None:
+    """The kernel's ``struct tcp_info`` (as far as ``tcpi_bytes_retrans``) for the TCP socket open
+    at ``fd``; None when ``fd`` is not one (a file, a pipe, a Unix socket, closed meanwhile)."""
+    if (sock := _open(fd)) is None:
+        return None
     with sock:
         try:
             return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _NEEDED)
@@ -70,15 +83,28 @@ def tcp_info(fd: int) -> bytes | None:
             return None  # a Unix or UDP socket
 
 
+def _connection(fd: int) -> str | None:
+    """``"LOCAL>PEER"`` (``host:port`` each) of the connected socket at ``fd``, else None."""
+    if (sock := _open(fd)) is None:
+        return None
+    with sock:
+        try:
+            local, peer = sock.getsockname(), sock.getpeername()
+        except OSError:
+            return None  # a listener, or closed meanwhile
+    return f"{local[0]}:{local[1]}>{peer[0]}:{peer[1]}"
+
+
 def sent_received(info: bytes) -> tuple[int, int] | None:
     """``(bytes sent, bytes received)`` from ``tcp_info``'s bytes, each byte counted once (sent:
-    ``tcpi_bytes_sent - tcpi_bytes_retrans``); None when the kernel's struct ends before them
-    (Linux < 4.19)."""
+    ``tcpi_bytes_sent - tcpi_bytes_retrans``, plus ``tcpi_notsent_bytes``: what the process
+    handed to TCP); None when the kernel's struct ends before them (Linux < 4.19)."""
     if len(info) < _NEEDED:
         return None
     sent, retransmitted = struct.unpack_from("=QQ", info, _BYTES_SENT)
     (received,) = struct.unpack_from("=Q", info, _BYTES_RECEIVED)
-    return sent - retransmitted, received
+    (queued,) = struct.unpack_from("=I", info, _NOTSENT)
+    return sent - retransmitted + queued, received
 
 
 def _socket_inode(fd: int) -> int | None:
@@ -89,9 +115,11 @@ def _socket_inode(fd: int) -> int | None:
     return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
 
 
-def bytes_on_wire(exclude_fds: Iterable[int] = ()) -> tuple[int, int] | None:
-    """``(bytes sent, bytes received)`` summed over this process's TCP sockets, each counted
-    once however many descriptors it has, without the sockets open at ``exclude_fds``.
+def connections(exclude_fds: Iterable[int] = ()) -> dict[str, tuple[int, int]] | None:
+    """``{"LOCAL>PEER": (bytes sent, bytes received)}`` for each of this process's connected
+    TCP sockets (addresses as ``host:port``), each counted once however many descriptors it
+    has, without the sockets open at ``exclude_fds``. The peer process files the same
+    connection under ``"PEER>LOCAL"``.
 
     Counters run from each socket's opening: take differences. None where they cannot be
     read (not Linux, or Linux < 4.19): no number beats a wrong one.
@@ -99,20 +127,26 @@ def bytes_on_wire(exclude_fds: Iterable[int] = ()) -> tuple[int, int] | None:
     if not hasattr(socket, "TCP_INFO") or not os.path.isdir("/proc/self/fd"):
         return None
     seen = {_socket_inode(fd) for fd in exclude_fds}
-    sent = received = 0
+    found = {}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         inode = _socket_inode(fd)
         if inode is None or inode in seen:
             continue
         seen.add(inode)
-        if (info := tcp_info(fd)) is None:
-            continue
+        if (info := tcp_info(fd)) is None or (conn := _connection(fd)) is None:
+            continue  # not TCP, or a listener (it carries no data)
         if (counters := sent_received(info)) is None:
             return None
-        sent += counters[0]
-        received += counters[1]
-    return sent, received
+        found[conn] = counters
+    return found
+
+
+def bytes_on_wire(exclude_fds: Iterable[int] = ()) -> tuple[int, int] | None:
+    """``(bytes sent, bytes received)`` summed over ``connections(exclude_fds)``."""
+    if (found := connections(exclude_fds)) is None:
+        return None
+    return sum(s for s, _ in found.values()), sum(r for _, r in found.values())
 
 
 def connections_to(port: int) -> list[int]:
@@ -131,3 +165,24 @@ def connections_to(port: int) -> list[int]:
         if isinstance(peer, tuple) and peer[1] == port:
             found.append(fd)
     return found
+
+
+def sent_since(
+    before: Mapping[str, tuple[int, int]], after: Mapping[str, tuple[int, int]]
+) -> dict[str, int]:
+    """Bytes sent on each connection between two ``connections`` readings (one opened in
+    between counts from zero, as its counters do)."""
+    return {conn: sent - before.get(conn, (0, 0))[0] for conn, (sent, _) in after.items()}
+
+
+def received_from_peers(sent: Mapping[Hashable, Mapping[str, int]]) -> dict[Hashable, int]:
+    """What each process received, read from what the others sent: ``sent`` maps a process
+    to its ``sent_since`` over one interval; a process received what the far end of each of
+    its connections sent in it (nothing from a far end that is not in ``sent``)."""
+    far_ends = {conn: nbytes for per in sent.values() for conn, nbytes in per.items()}
+
+    def reverse(conn: str) -> str:
+        local, _, peer = conn.partition(">")
+        return f"{peer}>{local}"
+
+    return {p: sum(far_ends.get(reverse(conn), 0) for conn in per) for p, per in sent.items()}

@@ -222,7 +222,9 @@ def _send_metrics(channel: Channel, record: dict[str, Any]) -> None:
 def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
     from pdlab import rich_output, runtime, scripts, warmup
 
-    runtime.bind(sink=lambda record: _send_metrics(channel, record))
+    runtime.bind(
+        sink=lambda record: _send_metrics(channel, record), control_fd=channel.conn.fileno()
+    )
     rich_output.bind(channel.send, pump.flush)
     scripts.install()
     # "__main__", so a whole script pasted into %%ranks runs its `if __name__ == "__main__":`

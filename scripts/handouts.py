@@ -5,6 +5,11 @@
 
 Writes ``handouts/NAME.ipynb`` (executed) and ``handouts/NAME.html`` (git-ignored). A lab that
 fails stops the run, with papermill's error naming the cell.
+
+A handout is opened where there may be no network, so its HTML needs nothing from one: every
+plotly figure is drawn by plotly.js inlined once in the page (``offline``). Widgets need a
+kernel: a note stands in for each, and a lab shows a live figure's last state as a plain
+figure of its own (lab 05's last cell: ``dashboard.snapshot()``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import ast
 import time
 from pathlib import Path
 
+import nbformat
 import papermill
+import plotly.graph_objects as go
+import plotly.io as pio
 from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,16 +40,50 @@ def parameter(text: str) -> tuple[str, object]:
         return name, value
 
 
+PLOTLY = "application/vnd.plotly.v1+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = (
+    "<p><i>An interactive widget was here: open the notebook in JupyterLab to use it.</i></p>"
+)
+
+
+def offline(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """``nb`` with every figure as HTML that needs no network (see the module docstring).
+
+    plotly.js (some 4 MB) is inlined in the first figure only. A widget needs a kernel: a
+    note stands in for it, and the saved widget state is dropped (rendering it would load the
+    widget manager from a CDN).
+    """
+    nb.metadata.pop("widgets", None)
+    inline = True
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if WIDGET_VIEW in data:
+                del data[WIDGET_VIEW]
+                data["text/html"] = WIDGET_NOTE
+            elif PLOTLY in data:
+                figure = go.Figure(data.pop(PLOTLY), skip_invalid=True)
+                data["text/html"] = pio.to_html(figure, include_plotlyjs=inline, full_html=False)
+                inline = False
+    return nb
+
+
+def export(executed: Path, page: Path) -> Path:
+    """The executed notebook at ``executed`` as an HTML page at ``page`` that needs no network."""
+    nb = offline(nbformat.read(executed, as_version=4))
+    html, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    page.write_text(html, encoding="utf-8")
+    return page
+
+
 def build(lab: Path, out: Path, parameters: dict[str, object]) -> Path:
     """Execute ``lab`` into ``out`` and export it as HTML beside it; returns the HTML's path."""
     executed = out / lab.name
     papermill.execute_notebook(
         lab, executed, parameters=parameters, cwd=lab.parent, progress_bar=False
     )
-    html, _ = HTMLExporter(template_name="lab").from_filename(str(executed))
-    page = out / f"{lab.stem}.html"
-    page.write_text(html, encoding="utf-8")
-    return page
+    return export(executed, out / f"{lab.stem}.html")
 
 
 def main(argv: list[str] | None = None) -> None:

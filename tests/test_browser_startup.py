@@ -14,16 +14,20 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import descendants
-from tests.test_browser import (  # noqa: F401  (the fixture and its skip condition)
-    CHROMIUM,
-    CHROMIUM_FLAGS,
+from tests.test_browser import (  # noqa: F401  (the fixture and the skip condition)
     IDLE,
-    LOSS_TRACES,
     ROOT,
-    jupyter,
+    TRACES,
+    browser,
+    jupyterlab,
+    open_lab,
     pytestmark,
 )
+
+LAB = "05_strategy_explorer"
 
 READING_S = 8  # a learner reads the dashboard before pressing Start
 
@@ -50,50 +54,50 @@ def forked_ranks() -> list[int]:
     ]
 
 
-def test_start_to_first_point(jupyter):  # noqa: F811  (the imported fixture)
-    from playwright.sync_api import sync_playwright
+@pytest.fixture(scope="module")
+def lab05(tmp_path_factory):
+    """test_browser's JupyterLab, serving lab 05 (small parameters)."""
+    parameters = {"world_size": 2, "steps": 3, "strategies": ["dp"]}
+    notebooks = {LAB: (ROOT / "labs" / f"{LAB}.ipynb", parameters)}
+    with jupyterlab(tmp_path_factory.mktemp("startup"), notebooks) as server:
+        yield server
 
+
+def test_start_to_first_point(lab05, browser):  # noqa: F811  (the imported fixture)
     out = ROOT / "test-output" / "browser"
     out.mkdir(parents=True, exist_ok=True)
     seconds = {}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.goto(jupyter)
-            page.get_by_text(IDLE).wait_for(timeout=120_000)
-            # The cells up to the dashboard: the one after it runs the lab's own runs.
-            page.locator(".jp-Cell", has_text="for strategy in strategies").click()
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-above')")
-            dashboard = page.locator(".jp-OutputArea-output", has=page.locator(".js-plotly-plot"))
-            start = dashboard.locator("button.jupyter-button", has_text="Start")
-            start.wait_for(timeout=120_000)
-            page.get_by_text(IDLE).wait_for(timeout=60_000)
-            box = dashboard.locator(".widget-inline-hbox", has_text="steps").locator("input")
-            box.fill("5")
-            box.press("Enter")
-            time.sleep(READING_S)
+    page = open_lab(browser, lab05, LAB)
+    # The cells up to the dashboard: the one after it runs the lab's own runs.
+    page.locator(".jp-Cell", has_text="for strategy in strategies").click()
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-above')")
+    dashboard = page.locator(".jp-OutputArea-output", has=page.locator(".js-plotly-plot"))
+    start = dashboard.locator("button.jupyter-button", has_text="Start")
+    start.wait_for(timeout=120_000)
+    page.get_by_text(IDLE).wait_for(timeout=60_000)
+    box = dashboard.locator(".widget-inline-hbox", has_text="steps").locator("input")
+    box.fill("5")
+    box.press("Enter")
+    time.sleep(READING_S)
 
-            def first_point(label: str, run: str, world_size: int) -> None:
-                began = time.monotonic()
-                start.click()
-                page.wait_for_function(
-                    f"() => ({LOSS_TRACES})().some(([name, n]) => name.startsWith('{run} ') "
-                    "&& n >= 1)",
-                    timeout=180_000,
-                )
-                seconds[label] = round(time.monotonic() - began, 2)
-                done = f"{run} dp/scratch gpt w{world_size} done after 5 step(s)"
-                page.get_by_text(done).wait_for(timeout=180_000)
+    def first_point(label: str, run: str, world_size: int) -> None:
+        began = time.monotonic()
+        start.click()
+        page.wait_for_function(
+            f"() => ({TRACES})(['x']).some(([name, n]) => name.startsWith('{run} ') && n >= 1)",
+            timeout=180_000,
+        )
+        seconds[label] = round(time.monotonic() - began, 2)
+        done = f"{run} dp/scratch gpt w{world_size} done after 5 step(s)"
+        page.get_by_text(done).wait_for(timeout=180_000)
 
-            first_point("warm ranks, 2", "#1", 2)
-            ranks = dashboard.locator(".widget-dropdown", has_text="ranks").locator("select")
-            ranks.select_option("4")
-            first_point("after a change to 4 ranks", "#2", 4)
-            forked = forked_ranks()
-            first_point("warm ranks, 4", "#3", 4)
-        finally:
-            browser.close()
+    first_point("warm ranks, 2", "#1", 2)
+    ranks = dashboard.locator(".widget-dropdown", has_text="ranks").locator("select")
+    ranks.select_option("4")
+    first_point("after a change to 4 ranks", "#2", 4)
+    forked = forked_ranks()
+    first_point("warm ranks, 4", "#3", 4)
+    page.close()
     report = {"seconds": seconds, "load_average": os.getloadavg(), "reading_s": READING_S}
     (out / "startup.json").write_text(json.dumps(report, indent=1))
     print(f"\nStart to first point: {seconds}, load average {os.getloadavg()}")

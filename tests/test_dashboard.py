@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import plotly.graph_objects as go
 import pytest
 
 import pdlab
@@ -65,9 +66,20 @@ def test_each_run_adds_a_trace_and_a_table_row(dashboard):
     table = dashboard.table()
     assert list(table.index) == list(loss_traces(dashboard))
     assert table.final_loss.iloc[0] == pytest.approx(table.final_loss.iloc[1], abs=1e-5)
-    comm = [t for t in dashboard.figure.data if t.xaxis == "x3"]
-    measured, expected = (list(t.y) for t in comm)
-    assert measured == expected  # zero1's bytes per op, measured = formula
+    comm = {t.name: t for t in dashboard.figure.data if t.xaxis == "x3"}
+    by_op = [t for name, t in comm.items() if "@" in name]
+    assert [t.name for t in by_op] == ["reduce_scatter@dp", "all_gather@dp"]
+    sent = [sum(t.y[rank] for t in by_op) for rank in range(2)]
+    assert sent == list(comm["by formula"].y)  # zero1's bytes per rank, measured = formula
+    wire = list(comm["on the wire"].y)
+    assert all(0 < w - s < 4096 for w, s in zip(wire, sent, strict=True))  # gloo's headers
+    snapshot = dashboard.snapshot()  # a plain figure of the same plots
+    assert type(snapshot) is go.Figure
+
+    def traces(figure):
+        return [(t.name, [] if t.y is None else list(t.y)) for t in figure.data]
+
+    assert traces(snapshot) == traces(dashboard.figure)
 
 
 def test_stop_mid_run_keeps_the_steps_done(dashboard, cluster):
@@ -145,3 +157,139 @@ def test_timeline_reports_the_bubble():
     fig = plots.timeline(records)
     assert "bubble 33% measured, (p-1)/(m+p-1) = 33% for p=2, m=2" in fig.layout.title.text
     assert [t.name for t in fig.data] == ["forward", "backward"]
+
+
+# ----- what a learner sees --------------------------------------------------------------------
+
+
+def test_the_status_line_says_running_with_the_step(dashboard):
+    dashboard.start(strategy="dp", steps=100_000, **SMALL)
+    wait_for(lambda: "running: step" in dashboard.message.value and dashboard.progress.value >= 2)
+    assert "#1 dp/scratch mlp w2 running: step" in dashboard.message.value
+    assert "of 100000" in dashboard.message.value
+    dashboard.stop()
+    dashboard.wait(timeout=60)
+    assert "stopped after" in dashboard.message.value
+
+
+def test_an_error_clears_when_a_control_changes(dashboard):
+    with pytest.raises(ValueError):
+        dashboard.start(strategy="pp-gpipe", batch_size=8, micro_batches=3)
+    assert "b00020" in dashboard.message.value  # shown in red
+    dashboard.controls["micro_batches"].value = 2
+    assert dashboard.message.value == ""
+
+
+def test_close_shuts_down_what_the_dashboard_started_and_a_new_one_closes_the_old():
+    first = pdlab.Dashboard(refresh_s=0.05)
+    first.start(strategy="single", world_size=1, steps=2, **SMALL)
+    first.wait(timeout=120)
+    started = first.cluster
+    assert first.started == [started] and started.state != "stopped"
+    second = pdlab.Dashboard(refresh_s=0.05)  # the notebook run again
+    try:
+        assert started.state == "stopped" and first.started == []
+        second.start(strategy="single", world_size=1, steps=2, **SMALL)
+        second.wait(timeout=120)
+        owned = second.cluster
+        second.close()
+        assert owned.state == "stopped"
+        # The controls still work after close(): Start starts a fresh cluster.
+        second.start(strategy="single", world_size=1, steps=2, **SMALL)
+        assert len(second.wait(timeout=120).steps) == 2 and second.cluster is not owned
+    finally:
+        second.close()
+    assert second.cluster.state == "stopped"
+
+
+def test_live_shows_a_callbacks_error_beside_its_control():
+    import ipywidgets as widgets
+    import plotly.graph_objects as go
+
+    def draw(n):
+        if n % 2:
+            raise ValueError(f"{n} is odd: choose an even number")
+        return go.Figure(go.Scatter(y=list(range(n))), layout_title_text=f"n = {n}")
+
+    slider = widgets.IntSlider(value=2, min=1, max=8, description="n")
+    box = live_widget = pdlab.dashboard.live(slider, draw)
+    (control, status), figure = box.children[0].children, box.children[1]
+    assert control is slider and figure.layout.title.text == "n = 2"
+    slider.value = 3
+    assert (
+        "ValueError: 3 is odd: choose an even number" in status.value and "b00020" in status.value
+    )
+    assert figure.layout.title.text == "n = 2"  # the last good figure stays
+    slider.value = 4
+    assert status.value == "" and figure.layout.title.text == "n = 4" and len(figure.data[0].y) == 4
+    live_widget.close()
+
+
+def test_each_quantity_keeps_its_colour_from_run_to_run():
+    runs = [train(strategy="single", steps=2, **SMALL), train(strategy="single", steps=3, **SMALL)]
+    colours = [[t.marker.color for t in plots.memory(r).data] for r in runs]
+    assert colours[0] == colours[1] == [c for _, c in plots.MEMORY_PARTS.values()]
+    loss = plots.loss(runs)
+    # Runs that coincide stay visible: each its own dash and marker.
+    assert loss.data[0].line.dash != loss.data[1].line.dash
+    assert loss.data[0].marker.symbol != loss.data[1].marker.symbol
+
+
+def test_the_gantt_labels_only_what_fits():
+    events = [
+        {"stage": 0, "mb": i, "phase": p, "start": t, "end": t + 1}
+        for i, (p, t) in enumerate([("F", 0), ("F", 1), ("B", 2), ("B", 3)])
+    ]
+    fig = plots.timeline([{"rank": 0, "step": 0, "timeline": events}])
+    assert fig.layout.uniformtext.mode == "hide" and fig.data[0].textposition == "inside"
+
+
+def test_stop_waits_for_the_first_step_before_it_interrupts(monkeypatch):
+    """A rank's first run imports the training code: an interrupt cut into an import would
+    leave it broken in that rank, so Stop interrupts once the first step is in (or at last
+    after FIRST_STEP_WAIT_S, for a run that hangs before it)."""
+    import threading
+
+    from pdlab.dashboard import Run
+
+    class Ranks:  # stands in for the cluster: counts the interrupts it gets
+        interrupts = 0
+
+        def interrupt(self):
+            self.interrupts += 1
+
+    d = pdlab.Dashboard(refresh_s=0.05)
+    d.cluster = ranks = Ranks()
+    run = Run("#1", pdlab.TrainConfig(), 2)
+    training = threading.Event()
+    thread = threading.Thread(target=training.wait, args=(30,))
+    thread.start()
+    stopper = threading.Thread(target=d._interrupt_until_done, args=(run, thread))
+    stopper.start()
+    time.sleep(2.5)
+    assert ranks.interrupts == 0  # no step yet: the ranks may be importing
+    run.records.append({"rank": 0, "step": 0})
+    wait_for(lambda: ranks.interrupts >= 1, 10)
+    training.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    monkeypatch.setattr(pdlab.dashboard, "FIRST_STEP_WAIT_S", 0.5)  # a run that hangs early
+    late, thread = Run("#2", pdlab.TrainConfig(), 2), threading.Thread(target=time.sleep, args=(3,))
+    thread.start()
+    before = ranks.interrupts
+    d._interrupt_until_done(late, thread)
+    assert ranks.interrupts > before
+    d.cluster = None
+
+
+def test_stop_soon_after_start_leaves_the_ranks_usable():
+    d = pdlab.Dashboard(refresh_s=0.05)
+    try:
+        run = d.start(strategy="dp", world_size=2, steps=100_000, **SMALL)
+        wait_for(lambda: run.status == "running", 120)  # the cluster is up; the call just sent
+        d.stop()
+        assert 1 <= len(d.wait(timeout=180).steps) < 100_000
+        d.start(strategy="dp", steps=2, **SMALL)
+        assert len(d.wait(timeout=180).steps) == 2
+    finally:
+        d.close()

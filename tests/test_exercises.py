@@ -1,12 +1,17 @@
-"""Each exercise's checker passes the reference solution and fails a plausible mistake, with a hint."""
+"""Each exercise's checker passes the reference solution and fails the mistakes a learner
+makes, each with a hint that names that mistake (written below as a learner would write them)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from pdlab import exercises, solutions
+from pdlab.models import loss_fn
+
+# ---- lab 01: allreduce_gradients(params, group) ------------------------------------------
 
 
 def sum_not_mean(params, group):
@@ -22,8 +27,61 @@ def not_written(params, group):
     raise NotImplementedError("write this")
 
 
+def reduced_a_copy(params, group):
+    for p in params:
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=group)
+        grad /= group.size()
+
+
+def first_parameter_only(params, group):
+    dist.all_reduce(params[0].grad, group=group)
+    params[0].grad /= group.size()
+
+
+def reduce_to_rank_0(params, group):
+    for p in params:
+        dist.reduce(p.grad, dst=0, group=group)
+        p.grad /= group.size()
+
+
+def only_rank_0_syncs(params, group):
+    if dist.get_rank() == 0:
+        for p in params:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= group.size()
+
+
+# ---- lab 02: column_parallel_forward(x, linear, rank, world_size) -------------------------
+
+
 def whole_output(x, linear, rank, world_size):
     return linear(x)
+
+
+def whole_output_then_my_block(x, linear, rank, world_size):
+    return linear(x).chunk(world_size, dim=1)[rank]
+
+
+def columns_of_the_weight(x, linear, rank, world_size):
+    k = linear.out_features // world_size
+    return (
+        x @ linear.weight[:, rank * k : (rank + 1) * k].T + linear.bias[rank * k : (rank + 1) * k]
+    )
+
+
+def no_bias(x, linear, rank, world_size):
+    k = linear.out_features // world_size
+    return x @ linear.weight[rank * k : (rank + 1) * k].T
+
+
+def the_next_ranks_block(x, linear, rank, world_size):
+    k = linear.out_features // world_size
+    r = (rank + 1) % world_size
+    return F.linear(x, linear.weight[r * k : (r + 1) * k], linear.bias[r * k : (r + 1) * k])
+
+
+# ---- lab 03: gpipe_step(stage, xs, ys, link) ---------------------------------------------
 
 
 def one_micro_batch_at_a_time(stage, xs, ys, link):
@@ -31,37 +89,138 @@ def one_micro_batch_at_a_time(stage, xs, ys, link):
         solutions.gpipe_step(stage, [x], [y], link)
 
 
+def gpipe(stage, xs, ys, link, scale=True, send_back=lambda h: h.grad):
+    """GPipe as a learner writes it, with a switch for each mistake below."""
+    inputs, outputs = [], []
+    for x, y in zip(xs, ys, strict=True):
+        h = x if link.is_first else link.recv_forward()
+        out = stage(h)
+        if link.is_last:
+            out = loss_fn(out, y) / (len(xs) if scale else 1)
+        else:
+            link.send_forward(out)
+        inputs.append(h)
+        outputs.append(out)
+    for h, out in zip(inputs, outputs, strict=True):
+        out.backward(None if link.is_last else link.recv_backward())
+        if not link.is_first and send_back is not None:
+            link.send_backward(send_back(h))
+
+
+def loss_not_divided_by_m(stage, xs, ys, link):
+    gpipe(stage, xs, ys, link, scale=False)
+
+
+def sends_the_activation_back(stage, xs, ys, link):
+    gpipe(stage, xs, ys, link, send_back=lambda h: h.detach())
+
+
+def never_sends_back(stage, xs, ys, link):
+    gpipe(stage, xs, ys, link, send_back=None)
+
+
+# ---- lab 04: zero1_update(z) ----------------------------------------------------------------
+
+
+def _flat_grad(z, pad=True):
+    grads = torch.cat([p.grad.flatten() for p in z.params])
+    return F.pad(grads, (0, z.padding)) if pad else grads
+
+
 def zero1_sum(z):
-    grads = torch.nn.functional.pad(torch.cat([p.grad.flatten() for p in z.params]), (0, z.padding))
-    dist.reduce_scatter_tensor(z.owned.grad, grads, op=dist.ReduceOp.SUM, group=z.group)
+    dist.reduce_scatter_tensor(z.owned.grad, _flat_grad(z), group=z.group)
     z.optimizer.step()
     dist.all_gather_into_tensor(z.flat_param, z.owned.detach(), group=z.group)
 
 
 def zero1_no_gather(z):
-    grads = torch.nn.functional.pad(torch.cat([p.grad.flatten() for p in z.params]), (0, z.padding))
-    dist.reduce_scatter_tensor(z.owned.grad, grads, group=z.group)
+    dist.reduce_scatter_tensor(z.owned.grad, _flat_grad(z), group=z.group)
     z.owned.grad /= z.group.size()
     z.optimizer.step()
 
 
-CASES = [
-    (exercises.check_gradient_allreduce, solutions.allreduce_gradients, sum_not_mean, "2 times too big"),
-    (exercises.check_gradient_allreduce, solutions.allreduce_gradients, no_sync, "its own 10 samples"),
-    (exercises.check_gradient_allreduce, solutions.allreduce_gradients, not_written, "not written yet"),
-    (exercises.check_column_parallel, solutions.column_parallel_forward, whole_output, "whole output"),
-    (exercises.check_gpipe, solutions.gpipe_step, one_micro_batch_at_a_time, "every backward"),
-    (exercises.check_zero1, solutions.zero1_update, zero1_sum, "2 times too big"),
-    (exercises.check_zero1, solutions.zero1_update, zero1_no_gather, "all-gather"),
+def plain_data_parallel(z):
+    for p in z.params:
+        dist.all_reduce(p.grad, group=z.group)
+        p.grad /= z.group.size()
+    if not hasattr(z, "adam"):
+        z.adam = torch.optim.Adam(z.params, lr=z.optimizer.param_groups[0]["lr"])
+    z.adam.step()
+
+
+def all_reduce_then_my_shard(z):
+    grads = _flat_grad(z)
+    dist.all_reduce(grads, group=z.group)
+    k, r = len(z.owned), z.group.rank()
+    z.owned.grad.copy_(grads[r * k : (r + 1) * k] / z.group.size())
+    z.optimizer.step()
+    dist.all_gather_into_tensor(z.flat_param, z.owned.detach(), group=z.group)
+
+
+def no_padding(z):
+    dist.reduce_scatter_tensor(z.owned.grad, _flat_grad(z, pad=False), group=z.group)
+    z.owned.grad /= z.group.size()
+    z.optimizer.step()
+    dist.all_gather_into_tensor(z.flat_param, z.owned.detach(), group=z.group)
+
+
+CHECKS = {
+    "lab 01": (exercises.check_gradient_allreduce, solutions.allreduce_gradients),
+    "lab 02": (exercises.check_column_parallel, solutions.column_parallel_forward),
+    "lab 03": (exercises.check_gpipe, solutions.gpipe_step),
+    "lab 04": (exercises.check_zero1, solutions.zero1_update),
+}
+MISTAKES = [
+    ("lab 01", sum_not_mean, "2 times too big: all_reduce sums"),
+    ("lab 01", no_sync, "issued no collective"),
+    ("lab 01", not_written, "not written yet"),
+    ("lab 01", reduced_a_copy, "a copy (.clone()"),
+    ("lab 01", first_parameter_only, "only some parameters were averaged: 0.bias, 2.weight, 2.bias"),
+    ("lab 01", reduce_to_rank_0, "dist.reduce leaves the sum on one rank"),
+    ("lab 01", only_rank_0_syncs, "call it on every rank"),
+    ("lab 02", whole_output, "that is the whole output"),
+    ("lab 02", whole_output_then_my_block, "you multiplied by all 8 columns and kept your 4: 2x the work"),
+    ("lab 02", columns_of_the_weight, "a block of A's columns is a block of weight's *rows*"),
+    ("lab 02", no_bias, "the bias is missing"),
+    ("lab 02", the_next_ranks_block, "another rank's block"),
+    ("lab 03", one_micro_batch_at_a_time, "then every backward"),
+    ("lab 03", loss_not_divided_by_m, "m = 4 times too big"),
+    ("lab 03", sends_the_activation_back, "sent back something other than the gradient of its input"),
+    ("lab 03", never_sends_back, "the next stage's link.send_backward(h.grad)"),
+    ("lab 04", zero1_sum, "2 times the mean gradient"),
+    ("lab 04", zero1_no_gather, "only this rank's shard changed"),
+    ("lab 04", plain_data_parallel, "that is plain data parallelism"),
+    ("lab 04", all_reduce_then_my_shard, "you all-reduced the gradient"),
+    ("lab 04", no_padding, "pad the torch.cat of the gradients with z.padding zeros"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("check", "solution", "wrong", "hint"), CASES)
-def test_checker_passes_the_solution_and_fails_a_mistake(
-    cluster2, capsys, check, solution, wrong, hint
-):
+HANG = {only_rank_0_syncs, never_sends_back}  # a peer waits forever: the check times out
+
+
+@pytest.mark.parametrize("lab", sorted(CHECKS))
+def test_the_reference_passes(cluster2, capsys, lab):
+    check, solution = CHECKS[lab]
     assert check(cluster2, solution)
-    assert "PASS" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("PASS") and "FAIL" not in out, out
+
+
+@pytest.mark.parametrize(
+    ("lab", "wrong", "hint"),
+    MISTAKES,
+    ids=[f"{lab}-{wrong.__name__}" for lab, wrong, _ in MISTAKES],
+)
+def test_a_mistake_fails_with_a_hint_naming_it(cluster2, capsys, monkeypatch, lab, wrong, hint):
+    if wrong in HANG:
+        monkeypatch.setattr(exercises, "TIMEOUT_S", 5.0)  # fail sooner (the ranks are warm)
+    check, _ = CHECKS[lab]
     assert not check(cluster2, wrong)
     out = capsys.readouterr().out
-    assert "FAIL" in out and "hint:" in out and hint in out, out
+    assert out.startswith("FAIL") and "hint:" in out and hint in out, out
+
+
+def test_the_references_pass_at_4_ranks(cluster4, capsys):
+    for check, solution in CHECKS.values():
+        assert check(cluster4, solution), capsys.readouterr().out
+    assert capsys.readouterr().out.count("PASS") == len(CHECKS)

@@ -17,7 +17,8 @@ Communication per step, S = the model's gradient bytes, N = the dp size (``expec
   = 2(N-1)·S, spread evenly: every link carries 2(N-1)/N·S.
 - parameter server: N-1 workers each send S (push) and the server sends S to each (pull):
   payload = bus = 2(N-1)·S. The same total traffic as the ring, but the server's link carries
-  2(N-1)·S of it (N times a ring link), so it becomes the bottleneck as N grows.
+  2(N-1)·S of it, (N-1)·S out and (N-1)·S in, where a ring rank sends 2(N-1)/N·S: the server
+  becomes the bottleneck as N grows.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pdlab import comm
 from pdlab.comm import CommEvent
+from pdlab.data import load_dataset
+from pdlab.models import loss_fn
 from pdlab.parallel.base import Layout, Mesh, TrainConfig, meta_model, wire_device
 from pdlab.parallel.single import Single
 
@@ -90,7 +93,7 @@ def allreduce_comm(
     """One step of ``allreduce_gradients`` over ``dp`` on every rank; rank ``r`` averages the
     gradients of ``params_of(r)`` (the whole model in DP, its shard or stage in hybrids)."""
     return [
-        comm.event("all_reduce", sum(map(_nbytes, bucket)), "dp", layout.dp)
+        comm.event("all_reduce", sum(map(_nbytes, bucket)), "dp", layout.dp, rank)
         for rank in range(layout.world_size)
         for bucket in buckets(params_of(rank), bucket_bytes)
     ]
@@ -125,6 +128,25 @@ class DataParallel(Single):
         return allreduce_comm(layout, whole_model(config))
 
 
+def rebuild_buckets(
+    ddp: DistributedDataParallel, config: TrainConfig, device: torch.device
+) -> None:
+    """Run DDP's one-time bucket rebuild now, not in the first training step.
+
+    DDP's first backward all-reduces every gradient in one bucket and notes the order they
+    became ready; the next forward rebuilds the buckets in that order and broadcasts the
+    layout from rank 0 (two small int tensors; torch >= 2.6). Here: one backward on an
+    example, one forward under ``no_sync`` (which rebuilds, and expects no backward), and
+    the example's gradients dropped. Nothing is stepped, so training is unchanged.
+    """
+    example = load_dataset(config.model, config.seed)
+    x, y = example.x[:1].to(device), example.y[:1].to(device)
+    loss_fn(ddp(x), y).backward()
+    with ddp.no_sync():
+        ddp(x)
+    ddp.module.zero_grad(set_to_none=True)
+
+
 def _counted_allreduce_hook(group, bucket):
     """DDP's default hook (divide by N, all-reduce), counted by hand.
 
@@ -144,8 +166,8 @@ class DDP(Single):
     """``dp`` with PyTorch: ``DistributedDataParallel`` all-reduces buckets during backward.
 
     Its comm hook records every bucket, so it runs without the per-op meter (the step time
-    then matches plain DDP; see benchmarks/overhead.py). What the hook can't see: DDP's
-    one-off broadcast of its rebuilt bucket layout after the first backward (40 bytes).
+    then matches plain DDP; see benchmarks/overhead.py). DDP's first backward runs here, on
+    one example (``rebuild_buckets``), so that every training step sends the gradients only.
     """
 
     counts_own_comm = True
@@ -159,6 +181,7 @@ class DDP(Single):
             process_group=group,
             bucket_cap_mb=BUCKET_BYTES / 2**20,
         )
+        rebuild_buckets(self.module, config, mesh.device)
         self.module.register_comm_hook(group, _counted_allreduce_hook)
 
     @staticmethod
@@ -202,4 +225,9 @@ class ParameterServer(Single):
     @staticmethod
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
         s = sum(_nbytes(p) for p in meta_model(config).parameters())
-        return [comm.event("send", s, "dp", layout.dp) for _ in range(2 * (layout.dp - 1))]
+        events = []
+        for worker in range(1, layout.dp):  # pure data parallelism: dp ranks are global ranks
+            for src, dst in ((worker, 0), (0, worker)):  # push the gradient, pull the parameters
+                events += [comm.event("send", s, "dp", layout.dp, src)]
+                events += [comm.event("recv", s, "dp", layout.dp, dst)]
+        return events

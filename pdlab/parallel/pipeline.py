@@ -107,19 +107,27 @@ def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
 
     Per micro-batch and stage boundary: the activation forward and its gradient backward,
     each a send of ``b * activation shape * dtype size`` bytes (``b`` = micro-batch size;
-    counted at the sender) and the matching recv (0 bytes). Both impls send exactly this:
+    its payload counted at the sender) and the matching recv (payload 0; it receives those
+    bytes). Both impls send exactly this:
     torch's one-time handshake runs when the strategy is built, not in a step.
     """
-    model, m = meta_model(config), config.micro_batches
+    model, m, p = meta_model(config), config.micro_batches, layout.pp
     outs = _unit_outputs(model, _example_microbatch(config, layout))
+    stage_of = [layout.coords(rank)[1] for rank in range(layout.world_size)]
     events = []
-    for _, stop in partition(model, layout.pp)[:-1]:
-        hop = [
-            event("send", outs[stop - 1].nbytes, "pp", layout.pp),
-            event("recv", 0, "pp", layout.pp),
-        ]
-        events += hop * 2 * m  # forward activations, backward gradients
-    return events * layout.dp
+    for s, (_, stop) in enumerate(partition(model, p)[:-1]):
+        size = outs[stop - 1].nbytes
+        # The ranks of stage s and of stage s+1, replica by replica (dp-pp has several).
+        pairs = zip(
+            [r for r, t in enumerate(stage_of) if t == s],
+            [r for r, t in enumerate(stage_of) if t == s + 1],
+            strict=True,
+        )
+        for before, after in pairs:
+            forward = [event("send", size, "pp", p, before), event("recv", size, "pp", p, after)]
+            backward = [event("send", size, "pp", p, after), event("recv", size, "pp", p, before)]
+            events += (forward + backward) * m  # activations forward, their gradients back
+    return events
 
 
 # --- schedules: the order of one stage's actions ---------------------------------------

@@ -45,7 +45,8 @@ def padded(numel: int, n: int) -> int:
 
 def _per_rank(ops: list[tuple[str, int]], layout: Layout) -> list[CommEvent]:
     """``(op, float32 elements)`` issued by every rank of the dp group, as events of all ranks."""
-    return [comm.event(op, 4 * numel, "dp", layout.dp) for op, numel in ops] * layout.world_size
+    events = [comm.event(op, 4 * numel, "dp", layout.dp) for op, numel in ops]
+    return comm.on_ranks(events, range(layout.world_size))
 
 
 # --- ZeRO-1 (P_os) ------------------------------------------------------------------------
@@ -128,9 +129,12 @@ class Zero1Torch(DDP):
     @staticmethod
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
         numels = [p.numel() for p in meta_model(config).parameters()]
-        broadcasts = _per_rank(
-            [("broadcast", s) for s in zero_partition(numels, layout.dp)], layout
-        )
+        n = layout.dp  # pure data parallelism: dp ranks are global ranks
+        broadcasts = [  # rank ``root`` sends its partition; every rank takes part
+            comm.event("broadcast", 4 * numel, "dp", n, rank, position=(rank - root) % n)
+            for rank in range(n)
+            for root, numel in enumerate(zero_partition(numels, n))
+        ]
         return DDP.expected_comm(config, layout) + broadcasts
 
 

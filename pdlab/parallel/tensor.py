@@ -42,7 +42,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from pdlab.comm import CommEvent, event
+from pdlab.comm import CommEvent, event, on_ranks
 from pdlab.models import Attention, Block, Dense
 from pdlab.parallel.base import (
     Layout,
@@ -185,7 +185,7 @@ def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
         per_rank.append(event("all_reduce", feature * row.out_features, "tp", layout.tp))
         if region.entry != "0":  # unit 0's input is the data
             per_rank.append(event("all_reduce", feature * column.in_features, "tp", layout.tp))
-    return per_rank * layout.world_size
+    return on_ranks(per_rank, range(layout.world_size))
 
 
 def shard_scratch(model: nn.Sequential, mesh: Mesh) -> nn.Sequential:
