@@ -15,6 +15,12 @@ on the plots. A world size other than the cluster's starts a new cluster of that
 each rank's step went (``pdlab.trace.breakdown``); when a step takes far longer than the
 recent ones, the dashboard asks the ranks where they are (``cluster.where()``) and says it.
 
+The cluster control says what a run costs elsewhere: this machine, a link (its ranks emulate
+it, ``pdlab.emulation``, unless "emulate" is off) or a GPU cluster. Each run's steps are
+predicted there as they come in (``pdlab.predict``, from the run's compute and exact ops): the
+throughput plot shows them dotted beside the measured ones, and a bar a run splits the
+predicted step into compute, exposed communication and bubble.
+
 The dashboard owns the clusters it starts: ``close()`` stops its run and shuts them down
 (the controls stay: Start then starts a fresh cluster), and a new ``Dashboard`` closes the
 ones before it, so re-running a notebook never leaves an old dashboard's ranks behind.
@@ -33,7 +39,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import ipywidgets as widgets
@@ -41,11 +47,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from pdlab import plots
+from pdlab import emulation, plots
+from pdlab.calibration import Calibration, calibrate
 from pdlab.cluster import Cluster
 from pdlab.comm import CommEvent
 from pdlab.config import TrainConfig, choices
 from pdlab.parallel import registry
+from pdlab.predictor import predict
+from pdlab.topology import THIS_MACHINE
 from pdlab.trace import breakdown
 from pdlab.training import TrainResult, expected_comm, results, train, validate
 
@@ -60,7 +69,24 @@ STOP_RETRY_S = 1.0  # an interrupt that lands between two calls is dropped: send
 FIRST_STEP_WAIT_S = 30.0
 # The plots as (row, col) of one figure: a FigureWidget carries its own copy of plotly.js
 # (5 MB) to the browser and into the saved notebook, so the dashboard has just one.
-GRID = {"loss": (1, 1), "throughput": (1, 2), "comm": (2, 1), "memory": (2, 2), "timeline": (3, 1)}
+GRID = {
+    "loss": (1, 1),
+    "throughput": (1, 2),
+    "comm": (2, 1),
+    "memory": (2, 2),
+    "timeline": (3, 1),
+    "where": (4, 1),
+}
+# The clusters a run is predicted on: this machine, links its ranks can also emulate, and GPU
+# clusters (pdlab.topology presets) whose compute is predicted from the run's FLOPs.
+CLUSTERS = {
+    "this machine": THIS_MACHINE,
+    "100 Mbit/s link": "100Mbit/s",
+    "1 GbE": "eth1",
+    "10 GbE": "eth10",
+    "8xH100 (NVLink)": "8xH100",
+    "2x8xH100 (InfiniBand)": "2x8xH100-ib-ndr400",
+}
 # JupyterLab's output area in a 1280-pixel window with the file browser open is 848 pixels
 # (measured in the browser test); a widget there has no width to fill, so the figure is fixed.
 WIDTH = 820
@@ -108,6 +134,33 @@ class Run:
     stop_requested: bool = False
     started: float = field(default_factory=time.monotonic)
     slow: SlowStep = field(default_factory=SlowStep)
+    cluster: str = THIS_MACHINE  # where its steps are predicted (a CLUSTERS value)
+    calibration: Calibration | None = None  # this machine's, to predict a link here
+    prediction: pd.DataFrame | None = None  # ``pdlab.predict``'s rows for the steps so far
+    prediction_error: str = ""
+
+    def predict(self, current: TrainResult) -> None:
+        """Predict the steps of ``current`` not predicted yet (each step is predicted alone)."""
+        if self.prediction_error:
+            return
+        done = -1 if self.prediction is None else int(self.prediction.step.max())
+        if current.ranks.step.max() <= done:
+            return
+        new = replace(
+            current,
+            ranks=current.ranks[current.ranks.step > done],
+            comm=current.comm[current.comm.step > done],
+        )
+        target = None if self.cluster == THIS_MACHINE else self.cluster
+        try:
+            fresh = predict(new, target, calibration=self.calibration)
+        except Exception as exc:  # the run goes on; the status line says why there is none
+            self.prediction_error = f"{type(exc).__name__}: {exc}"
+            return
+        if self.prediction is not None:
+            fresh = pd.concat([self.prediction, fresh], ignore_index=True).rename_axis(None)
+            fresh.attrs.update(self.prediction.attrs)
+        self.prediction = fresh
 
     @property
     def ranks(self) -> list[int]:
@@ -169,11 +222,11 @@ def _show(widget: go.FigureWidget, fig: go.Figure) -> None:
 def _combine(figures: dict[str, go.Figure]) -> go.Figure:
     """``figures`` (from ``pdlab.plots``) as the subplots of one figure, each with its legend."""
     grid = make_subplots(
-        rows=3,
+        rows=4,
         cols=2,
-        specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
+        specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None], [{"colspan": 2}, None]],
         subplot_titles=[figures[name].layout.title.text for name in GRID],
-        vertical_spacing=0.1,
+        vertical_spacing=0.08,
         horizontal_spacing=0.33,  # room for the left plots' legends and the right ones' ticks
     )
     for i, (name, (row, col)) in enumerate(GRID.items(), 1):
@@ -181,10 +234,14 @@ def _combine(figures: dict[str, go.Figure]) -> go.Figure:
         legend = "legend" if i == 1 else f"legend{i}"
         grid.add_traces(list(fig.data), rows=row, cols=col)
         for trace in grid.data[len(grid.data) - len(fig.data) :]:
-            trace.update(legend=legend, showlegend=name not in QUIET)
+            trace.update(
+                legend=legend, showlegend=name not in QUIET and trace.showlegend is not False
+            )
         axes.xaxis.title.text = fig.layout.xaxis.title.text
         axes.yaxis.update(
-            title_text=fig.layout.yaxis.title.text, autorange=fig.layout.yaxis.autorange
+            title_text=fig.layout.yaxis.title.text,
+            autorange=fig.layout.yaxis.autorange,
+            type=fig.layout.yaxis.type,
         )
         grid.layout[legend] = {
             "x": axes.xaxis.domain[1] + 0.01,
@@ -195,7 +252,7 @@ def _combine(figures: dict[str, go.Figure]) -> go.Figure:
     grid.update_annotations(font_size=12)  # the subplot titles
     grid.update_layout(
         width=WIDTH,
-        height=3 * plots.HEIGHT,
+        height=4 * plots.HEIGHT,
         barmode="overlay",
         margin={"t": 40, "b": 40, "l": 55, "r": 150},
         uniformtext=figures["timeline"].layout.uniformtext,  # the Gantt labels that fit
@@ -258,6 +315,7 @@ class Dashboard:
         self.started: list[Cluster] = []  # the clusters this dashboard started: it owns them
         self._live: Run | None = None
         self._thread: threading.Thread | None = None
+        self._calibrated: tuple[Cluster, Calibration] | None = None
         self._unsubscribe = cluster.subscribe(self._on_record) if cluster else None
         self._build_widgets(cluster.world_size if cluster else 2)
 
@@ -299,8 +357,18 @@ class Dashboard:
             "steps": widgets.BoundedIntText(
                 START.steps, min=1, max=100_000, description="steps", **size
             ),
+            "cluster": widgets.Dropdown(
+                options=list(CLUSTERS.items()),
+                value=THIS_MACHINE,
+                description="cluster",
+                **(size | {"layout": {"width": "265px"}}),
+            ),
+            "emulate": widgets.Checkbox(
+                True, description="emulate its link", disabled=True, **size, indent=False
+            ),
         }
         self.controls["strategy"].observe(self._on_strategy, "value")
+        self.controls["cluster"].observe(self._on_cluster, "value")
         for control in self.controls.values():
             control.observe(self._on_change, "value")
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
@@ -318,6 +386,7 @@ class Dashboard:
             "comm": go.Figure(layout_title_text="Communication per step"),
             "memory": go.Figure(layout_title_text="Memory per rank"),
             "timeline": plots.timeline([]),
+            "where": plots.where_time_goes({}),
         }
         self.figure = go.FigureWidget(_combine(before_any_run))
         self.widget = widgets.VBox(
@@ -339,6 +408,9 @@ class Dashboard:
             self.controls["impl"].value = fixed
         self.controls["impl"].disabled = fixed is not None
 
+    def _on_cluster(self, change: dict) -> None:
+        self.controls["emulate"].disabled = not _emulable(change["new"])
+
     def _on_change(self, change: dict) -> None:
         if self._error_shown and not self.running:
             self._say("")  # the controls changed: the error was about the old ones
@@ -355,8 +427,11 @@ class Dashboard:
         return self._thread is not None and self._thread.is_alive()
 
     def config(self) -> TrainConfig:
-        """The run the controls describe now (each control is a ``TrainConfig`` field)."""
+        """The run the controls describe now (the controls but cluster and emulate are
+        ``TrainConfig`` fields; those two set its ``link``)."""
         values = {name: w.value for name, w in self.controls.items()}
+        cluster, emulate = values.pop("cluster"), values.pop("emulate")
+        values["link"] = cluster if emulate and _emulable(cluster) else None
         entry = self.menu[values["strategy"]]
         values["strategy"], values["impl"] = entry.strategy, entry.impl or values["impl"]
         if entry.strategy == "single":
@@ -369,8 +444,10 @@ class Dashboard:
         """Start a run in the background and return at once.
 
         ``settings`` set controls first: ``strategy`` (a key of ``self.menu``), ``impl``,
-        ``world_size``, ``model``, ``batch_size``, ``micro_batches``, ``lr``, ``steps``. A bad
-        combination raises ValueError, also shown in the dashboard; nothing starts then.
+        ``world_size``, ``model``, ``batch_size``, ``micro_batches``, ``lr``, ``steps``,
+        ``cluster`` (a value of ``CLUSTERS``: where the steps are predicted) and ``emulate``
+        (a link cluster: whether the ranks emulate it). A bad combination raises ValueError,
+        also shown in the dashboard; nothing starts then.
         """
         if self.running:
             raise RuntimeError("a run is in progress: call stop() or wait() first")
@@ -379,6 +456,7 @@ class Dashboard:
             raise TypeError(f"unknown setting(s) {sorted(unknown)}: use {list(self.controls)}")
         for name, value in settings.items():
             self.controls[name].value = value
+        target = self.controls["cluster"].value
         try:
             config = self.config()
             validate(config)
@@ -386,7 +464,7 @@ class Dashboard:
             self._say(str(exc), error=True)
             raise
         name = f"#{len(self.runs) + 1} {plots.run_name(config)}"
-        run = Run(name, config, self.controls["world_size"].value)
+        run = Run(name, config, self.controls["world_size"].value, cluster=target)
         self.runs.append(run)
         self._live = run
         self.progress.max, self.progress.value = config.steps, 0
@@ -468,6 +546,10 @@ class Dashboard:
         try:
             cluster = self._cluster_of_size(run.world_size)
             run.expected = expected_comm(run.config, cluster.backend)
+            if run.config.world_size > 1 and (
+                run.cluster == THIS_MACHINE or _emulable(run.cluster)
+            ):
+                run.calibration = self._calibration(cluster)
             if not run.stop_requested:
                 run.status = "running"  # the ranks say their phases, then the line counts steps
                 painter.start()
@@ -494,6 +576,14 @@ class Dashboard:
         self.started = [c for c in self.started if c.state != "stopped"] + [self.cluster]
         self._unsubscribe = self.cluster.subscribe(self._on_record)
         return self.cluster
+
+    def _calibration(self, cluster: Cluster) -> Calibration:
+        """This machine's link and matmul rate, measured once a cluster (about a second):
+        a prediction here, or on a link its ranks emulate, adds this machine's transport."""
+        if self._calibrated is None or self._calibrated[0] is not cluster:
+            self._say(f"measuring this machine's link and compute on {cluster.world_size} ranks")
+            self._calibrated = (cluster, calibrate(cluster))
+        return self._calibrated[1]
 
     def _unsubscribe_now(self) -> None:
         if self._unsubscribe is not None:
@@ -538,6 +628,7 @@ class Dashboard:
         current = run.snapshot()
         if current is None:
             return
+        run.predict(current)
         _show(self.figure, self._plots(run, current))
         if not current.spans.empty:
             table = breakdown(current).round(2)
@@ -550,12 +641,16 @@ class Dashboard:
         """The plots with ``run`` as the current run, ``current`` its result so far."""
         results = {r.name: current if r is run else r.result for r in self.runs}
         named = {name: result for name, result in results.items() if result is not None}
+        predicted = [r for r in self.runs if r.prediction is not None]
         figures = {
             "loss": plots.loss(named),
-            "throughput": plots.throughput(named),
+            "throughput": plots.throughput(named, {r.name: r.prediction for r in predicted}),
             "comm": plots.comm(current),
             "memory": plots.memory(current),
             "timeline": plots.timeline(run.records),
+            "where": plots.where_time_goes(
+                {f"{r.name.split()[0]} on {r.cluster}": r.prediction for r in predicted}
+            ),
         }
         return _combine(figures)
 
@@ -577,8 +672,10 @@ class Dashboard:
             self._say(f"{run.name} failed: {run.error}", error=True)
         else:
             loss = f", loss {run.result.final_loss:.4f}" if run.result is not None else ""
+            why = f"\nno prediction on {run.cluster}: {run.prediction_error}"
             self._say(
                 f"{run.name} {run.status} after {run.steps_done()} step(s){loss}, {seconds:.1f} s"
+                + (why if run.prediction_error else "")
             )
         self._live = None
         self._set_buttons(running=False)
@@ -586,3 +683,14 @@ class Dashboard:
     def _set_buttons(self, running: bool) -> None:
         self.start_button.disabled = running
         self.stop_button.disabled = not running
+
+
+def _emulable(cluster: str) -> bool:
+    """Whether ``cluster`` (a ``CLUSTERS`` value) is a link this machine's ranks can emulate."""
+    if cluster == THIS_MACHINE:
+        return False
+    try:
+        emulation.parse(cluster)
+    except ValueError:
+        return False
+    return True

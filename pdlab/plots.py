@@ -30,6 +30,7 @@ from pdlab.training import TrainResult
 Runs = Mapping[str, TrainResult] | Iterable[TrainResult]  # named runs, or names made up
 
 HEIGHT = 300
+SPREAD = 30  # values further apart than this share an axis only on a log scale
 RUN_COLORS = px.colors.qualitative.Plotly  # run i has the same color on every plot
 # Runs that coincide (a strategy and one process) stay visible: each run its own dash and marker.
 RUN_DASHES = ("solid", "dash", "dot", "dashdot")
@@ -86,18 +87,38 @@ def _figure(title: str, xaxis: str, yaxis: str, **layout: Any) -> go.Figure:
     return fig
 
 
-def _per_step(runs: Runs, column: str, title: str, yaxis: str) -> go.Figure:
+def _per_step(
+    runs: Runs,
+    column: str,
+    title: str,
+    yaxis: str,
+    predicted: Mapping[str, pd.DataFrame] | None = None,
+) -> go.Figure:
     fig = _figure(title, "step", yaxis)
+    predicted = predicted or {}
     for i, (name, result) in enumerate(_named(runs).items()):
-        steps = result.steps
+        steps, color = result.steps, RUN_COLORS[i % len(RUN_COLORS)]
         fig.add_scatter(
             x=steps.step,
             y=steps[column],
             name=name,
+            legendgroup=name,
             mode="lines+markers",
-            line={"color": RUN_COLORS[i % len(RUN_COLORS)], "dash": RUN_DASHES[i % 4]},
+            line={"color": color, "dash": RUN_DASHES[i % 4]},
             marker={"symbol": RUN_MARKERS[i % len(RUN_MARKERS)], "size": max(4, 10 - 2 * i)},
         )
+        if (table := predicted.get(name)) is not None and not table.empty:
+            fig.add_scatter(
+                x=table.step,
+                y=table[column],
+                name=f"{name.split()[0]} predicted",
+                legendgroup=name,  # shown and hidden with its run, whose legend entry it shares
+                showlegend=False,
+                hovertext=f"{name}, predicted on {table.attrs.get('target', '?')}",
+                mode="lines",
+                line={"color": color, "dash": "dot", "width": 3},
+                opacity=0.6,
+            )
     return fig
 
 
@@ -106,9 +127,15 @@ def loss(runs: Runs) -> go.Figure:
     return _per_step(runs, "loss", "Loss", "loss")
 
 
-def throughput(runs: Runs) -> go.Figure:
-    """Samples per second vs step (global batch / slowest rank's step time), one trace a run."""
-    return _per_step(runs, "samples_per_s", "Throughput", "samples/s")
+def throughput(runs: Runs, predicted: Mapping[str, pd.DataFrame] | None = None) -> go.Figure:
+    """Samples per second vs step (global batch / slowest rank's step time), one trace a run;
+    dotted in the run's colour, ``predicted[name]`` (a ``pdlab.predict`` table) beside it."""
+    title = "Throughput (dotted: predicted)" if predicted else "Throughput"
+    fig = _per_step(runs, "samples_per_s", title, "samples/s", predicted)
+    values = [y for trace in fig.data for y in trace.y if y > 0]
+    if values and max(values) > SPREAD * min(values):  # a GPU cluster beside these CPUs
+        fig.update_yaxes(type="log")
+    return fig
 
 
 def comm_table(result: TrainResult) -> pd.DataFrame:

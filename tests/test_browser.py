@@ -416,14 +416,31 @@ def test_lab_05_dashboard_after_run_all(browser, server):
     set_value("micro-batches", "2")
     wait_until(lambda: message.inner_text().strip() == "", 30, "the error to clear")
 
+    # On a slow link: the ranks emulate it, and each step is predicted there too.
+    emulate = dashboard.locator(".widget-checkbox input")
+    assert emulate.is_disabled()  # this machine: nothing to emulate
+    control("cluster").select_option(label="100 Mbit/s link")
+    wait_until(emulate.is_enabled, 30, "the emulate box to come on")
+    assert emulate.is_checked()
     start.click()
-    done = "pp-1f1b/scratch gpt w2 done after 5 step(s)"
+    done = "pp-1f1b/scratch gpt w2 @100Mbit/s done after 5 step(s)"
     wait_until(
         lambda: done in message.inner_text(), 180, lambda: f"{done}: {message.text_content()}"
     )
     after = dict(page.evaluate(TRACES, ["x"]))
     new = {name: n for name, n in after.items() if name not in before}
-    assert [n for name, n in new.items() if "pp-1f1b" in name] == [5], after
+    (run,) = [name for name in new if "pp-1f1b" in name]
+    assert new[run] == 5 and run.endswith("@100Mbit/s"), after
+    number = run.split()[0]
+    throughput = dict(page.evaluate(TRACES, ["x2"]))
+    assert throughput[f"{number} predicted"] == 5, throughput  # dotted beside the measured
+    where = [t for t in page.evaluate(DASHBOARD_DATA) if t["axis"] == "x6"]
+    assert [t["name"] for t in where] == [
+        "compute",
+        "exposed communication",
+        "waiting for other ranks (bubble)",
+    ]
+    assert all(f"{number} on 100Mbit/s" in t["y"] for t in where), where
     assert {name: after[name] for name in before} == before  # earlier runs stay on the plot
     assert [name for name, _ in page.evaluate(TRACES, ["x5"])] == ["forward", "backward"]
     traces = page.evaluate(DASHBOARD_DATA)

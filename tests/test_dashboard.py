@@ -293,3 +293,60 @@ def test_stop_soon_after_start_leaves_the_ranks_usable():
         assert len(d.wait(timeout=180).steps) == 2
     finally:
         d.close()
+
+
+def test_the_cluster_choice_predicts_every_step_there(dashboard):
+    """A GPU cluster is predicted only: the run trains as before, each step is predicted as
+    it comes in, dotted beside the measured throughput, and split in a bar."""
+    controls = dashboard.controls
+    assert controls["emulate"].disabled  # this machine: nothing to emulate
+    controls["cluster"].value = "8xH100"
+    assert controls["emulate"].disabled  # a GPU's compute is predicted, never emulated
+    dashboard.start(strategy="dp", steps=6, **SMALL)
+    result = dashboard.wait(timeout=120)
+    run = dashboard.runs[-1]
+    assert run.config.link is None and run.name == "#1 dp/scratch mlp w2"
+    assert list(run.prediction.step) == list(result.steps.step)  # predicted a few at a time
+    whole = pdlab.predict(result, "8xH100")  # the same steps predicted at once
+    assert run.prediction.step_time.tolist() == pytest.approx(whole.step_time.tolist())
+    throughput = {t.name: t for t in dashboard.figure.data if t.xaxis == "x2"}
+    dotted = throughput["#1 predicted"]
+    assert dotted.hovertext == "#1 dp/scratch mlp w2, predicted on 8xH100"
+    assert list(dotted.y) == pytest.approx(list(run.prediction.samples_per_s))
+    assert dotted.line.dash == "dot" and dotted.line.color == throughput[run.name].line.color
+    # One bar a run on the last row: compute, exposed communication and bubble add up to the
+    # predicted step (the steps after the first).
+    bars = [t for t in dashboard.figure.data if t.xaxis == "x6"]
+    assert [t.name for t in bars] == [label for label, _ in plots.TIME_PARTS.values()]
+    assert all(list(t.y) == ["#1 on 8xH100"] for t in bars)
+    total_ms = sum(t.x[0] for t in bars)
+    assert total_ms == pytest.approx(1e3 * run.prediction.step_time.iloc[1:].mean())
+
+
+def test_a_link_is_emulated_on_the_ranks_or_only_predicted(dashboard):
+    """On a 100 Mbit/s link each step takes at least what the busiest rank sends over it:
+    emulated, the measured step does; with emulate off only the prediction does."""
+    rate = 100e6 / 8  # bytes a second
+    dashboard.controls["cluster"].value = "100Mbit/s"
+    assert not dashboard.controls["emulate"].disabled
+    dashboard.start(strategy="dp", steps=4, **SMALL)
+    emulated = dashboard.wait(timeout=120)
+    assert emulated.config.link == "100Mbit/s" and "@100Mbit/s" in dashboard.runs[-1].name
+    floor = emulated.steps.max_rank_sent_bytes / rate  # seconds the gradient takes to cross
+    assert (emulated.steps.step_time >= floor).all()
+    dashboard.start(emulate=False)
+    assert dashboard.wait(timeout=120).config.link is None  # trained on this machine's loopback
+    predicted = dashboard.runs[-1].prediction
+    assert (predicted.step_time >= floor).all()  # predicted on the link
+    assert predicted.attrs["target"] == "this-machine over 100Mbit/s"  # its compute, that link
+
+
+def test_a_prediction_that_fails_is_said_and_the_run_kept(dashboard, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("no model of this")
+
+    monkeypatch.setattr(pdlab.dashboard, "predict", broken)
+    dashboard.start(strategy="dp", steps=3, cluster="8xH100", **SMALL)
+    result = dashboard.wait(timeout=120)
+    assert len(result.steps) == 3 and dashboard.runs[-1].prediction is None
+    assert "no prediction on 8xH100: ValueError: no model of this" in dashboard.message.value

@@ -25,7 +25,12 @@ RUNS = {
     ),
     "05_strategy_explorer": (
         {"world_size": 2, "steps": 5},
-        ["3 strategies, largest loss difference", "not started: the batch", "status: stopped"],
+        [
+            "3 strategies, largest loss difference",
+            "predicted ms",
+            "not started: the batch",
+            "status: stopped",
+        ],
     ),
     "01_data_parallel": (
         {"world_size": 2, "steps": 10, "use_solutions": True, "article_epochs": 2},
