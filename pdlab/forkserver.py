@@ -41,6 +41,7 @@ import ctypes
 import gc
 import os
 import queue
+import select
 import selectors
 import signal
 import socket
@@ -48,6 +49,7 @@ import subprocess
 import sys
 import threading
 import warnings
+import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -88,9 +90,23 @@ class ForkedRank:
         self._exit = threading.Event()
         self._reaped = threading.Event()
         self._ending = threading.Lock()
+        # The kernel's own sign of the exit: a server killed with its ranks reports nothing,
+        # and a call sent before its connection's end is read would meet dead ranks.
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:  # gone already
+            self._pidfd = None
+        else:
+            weakref.finalize(self, os.close, self._pidfd)
 
     def poll(self) -> int | None:
         return self.returncode
+
+    def exited(self) -> bool:
+        """Whether the process has ended, reported by the server yet or not."""
+        if self.returncode is not None or self._pidfd is None:
+            return True
+        return bool(select.select([self._pidfd], [], [], 0)[0])  # readable once it has exited
 
     def wait(self, timeout: float | None = None) -> int:
         if not self._exit.wait(timeout):

@@ -441,7 +441,7 @@ def exited(process: subprocess.Popen | forkserver.ForkedRank) -> bool:
     if process.returncode is not None:
         return True
     if isinstance(process, forkserver.ForkedRank):
-        return False  # the fork server sets its returncode when it exits
+        return process.exited()
     try:
         return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # reaped elsewhere

@@ -53,8 +53,8 @@ SPAWN = launcher.LocalRanks._popen
 
 def warm_server() -> forkserver.ForkServer:
     """This kernel's fork server, started if need be, once it has imported everything."""
-    if launcher.fork_server() is None:
-        pdlab.Cluster(1).shutdown()  # a kernel's first cluster starts one
+    if launcher.fork_server() is None or launcher.fork_server().gone:
+        pdlab.Cluster(1).shutdown()  # a kernel's first cluster starts one (or replaces it)
     server = launcher.fork_server()
     assert server is not None and server.warm.wait(120), "the fork server never got warm"
     return server
@@ -422,3 +422,14 @@ def test_a_change_of_ranks_in_the_dashboard_forks_and_shows_each_phase():
         dashboard.cluster.shutdown()
     said = [next(p for p in PHASES if p in text) for text in seen if any(p in text for p in PHASES)]
     assert said == list(PHASES), seen
+
+
+def test_a_forked_ranks_exit_is_seen_before_its_server_reports_it():
+    """A server killed with its ranks never reports their exits: the kernel sees them itself
+    (else a call sent before the server's end is read meets dead ranks)."""
+    process = subprocess.Popen(["sleep", "60"])  # stands in for a rank: nothing reports its exit
+    rank = forkserver.ForkedRank(process.pid, server=None)
+    assert not rank.exited() and not launcher.exited(rank)
+    process.kill()
+    process.wait()
+    assert rank.exited() and launcher.exited(rank) and rank.returncode is None
