@@ -168,12 +168,14 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
     from pdlab.scripts import group_problem
     from pdlab.warmup import IMPORTING
 
-    if call.workdir is not None:
-        _follow(call.workdir)
     try:
         running.set()  # from here an interrupt may raise KeyboardInterrupt in user code
         try:
-            with IMPORTING:  # not beside the warm-up's import (pdlab.warmup)
+            # Not beside the warm-up's import (pdlab.warmup): nor may sys.path change under
+            # it (CI: pandas half-imported when a first call reordered sys.path mid-import).
+            with IMPORTING:
+                if call.workdir is not None:
+                    _follow(call.workdir)
                 if call.kind == "exec":
                     value = _run_source(call.payload, namespace, call.call_id)
                 else:

@@ -433,3 +433,24 @@ def test_a_forked_ranks_exit_is_seen_before_its_server_reports_it():
     process.kill()
     process.wait()
     assert rank.exited() and launcher.exited(rank) and rank.returncode is None
+
+
+def test_a_call_moves_sys_path_only_between_the_warm_ups_imports(monkeypatch, tmp_path):
+    """A rank's first call brings the kernel's sys.path, which reorders the rank's: under an
+    import in flight, that can hide a package it needs halfway (pandas, in CI)."""
+    from pdlab import protocol, worker
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    kernels_path = [str(tmp_path / "first"), *sys.path]
+    call = protocol.Call(1, "exec", "1 + 1", workdir=(str(tmp_path), kernels_path))
+    replies = []
+    with warmup.IMPORTING:  # the warm-up is importing a module
+        thread = threading.Thread(
+            target=lambda: replies.append(worker._call(call, {}, threading.Event()))
+        )
+        thread.start()
+        time.sleep(0.5)
+        assert sys.path[0] != kernels_path[0] and not replies  # the call waits
+    thread.join(10)
+    assert sys.path[0] == kernels_path[0] and isinstance(replies[0], protocol.Result)
