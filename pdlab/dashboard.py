@@ -379,7 +379,8 @@ class Dashboard:
         self.stop_button.on_click(lambda _: self.stop())
         self.progress = widgets.IntProgress(0, min=0, max=1, description="step 0")
         self.message = widgets.HTML()
-        self.breakdown = widgets.HTML()  # where the live (or last) run's steps went, per rank
+        # Where the live (or last) run's steps went, per rank: as wide as the output area.
+        self.breakdown = widgets.HTML(layout={"width": "100%"})
         before_any_run = {
             "loss": plots.loss({}),
             "throughput": plots.throughput({}),
@@ -631,10 +632,11 @@ class Dashboard:
         run.predict(current)
         _show(self.figure, self._plots(run, current))
         if not current.spans.empty:
-            table = breakdown(current).round(2)
+            table = breakdown(current).round(2).reset_index().to_html(index=False)
+            # Small, and scrolled rather than cut where the output area is narrow.
             self.breakdown.value = (
                 f"<b>Where each rank's step went</b> (ms, {html.escape(run.name)}; "
-                "pdlab.trace.breakdown)" + table.to_html()
+                f"pdlab.trace.breakdown)<div style='overflow-x:auto;font-size:12px'>{table}</div>"
             )
 
     def _plots(self, run: Run, current: TrainResult) -> go.Figure:
