@@ -71,4 +71,4 @@ def test_the_dashboard_says_where_the_ranks_are_in_a_slow_step_and_shows_the_bre
     assert len(result.steps) == 6  # the run went on
     table = dashboard.breakdown.value
     assert "Where each rank's step went" in table and "exposed_comm_ms" in table
-    assert table.count("<tr>") == 3  # a header and a row a rank
+    assert table.count("<tr") == 3  # a header and a row a rank
