@@ -158,7 +158,7 @@ class Run:
             self.prediction_error = f"{type(exc).__name__}: {exc}"
             return
         if self.prediction is not None:
-            fresh = pd.concat([self.prediction, fresh], ignore_index=True).rename_axis(None)
+            fresh = pd.concat([self.prediction, fresh], ignore_index=True)
             fresh.attrs.update(self.prediction.attrs)
         self.prediction = fresh
 
