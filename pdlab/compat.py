@@ -13,6 +13,7 @@ imported inside the function that needs it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "op_arguments",
     "op_name",
     "op_packet",
+    "parallelize_in_place",
     "process_group",
     "process_groups",
     "queue_backward_callback",
@@ -238,3 +240,15 @@ def replicate(module: torch.nn.Module, mesh: Any) -> torch.nn.Module:
             f"{torch.__version__}: use impl='scratch'"
         ) from exc
     return fsdp_replicate(module, mesh=mesh)
+
+
+def parallelize_in_place(module: torch.nn.Module, mesh: Any, plan: dict) -> torch.nn.Module:
+    """``parallelize_module`` with every rank sharding the parameters it holds: each rank
+    built the same model from the same seed, so scattering rank 0's copy (the default: one
+    collective a parameter, 40 for the GPT, ~0.35 s at 4 ranks here) moves equal bytes.
+    ``src_data_rank=None`` says so since torch 2.7; older torch scatters."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    if "src_data_rank" in inspect.signature(parallelize_module).parameters:
+        return parallelize_module(module, mesh, plan, src_data_rank=None)
+    return parallelize_module(module, mesh, plan)

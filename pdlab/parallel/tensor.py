@@ -22,7 +22,8 @@ same input, ``g`` hands every rank the same ``Z`` (so the same activations after
 region), and ``f`` hands every rank the same full ``∂L/∂X`` (so the same gradients before).
 
 ``impl="scratch"`` builds this from autograd Functions and sliced ``nn.Linear`` weights;
-``impl="torch"`` gives the same plan to DTensor's ``parallelize_module``.
+``impl="torch"`` gives the same plan to DTensor's ``parallelize_module`` (each rank shards
+its own copy of the model: ``compat.parallelize_in_place``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
     RowwiseParallel,
-    parallelize_module,
 )
 
+from pdlab import compat
 from pdlab.comm import CommEvent, event, on_ranks
 from pdlab.models import Attention, Block, Dense
 from pdlab.parallel.base import (
@@ -220,7 +221,7 @@ def shard_torch(model: nn.Sequential, mesh: Mesh) -> nn.Sequential:
         )
         plan |= {name: ColwiseParallel() for name in region.columns}
         plan[region.row] = RowwiseParallel()
-    return parallelize_module(model, mesh.device_mesh["tp"], plan)
+    return compat.parallelize_in_place(model, mesh.device_mesh["tp"], plan)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
