@@ -157,15 +157,22 @@ def algorithms(backend: str) -> Iterator[None]:
 
 
 def event(
-    op: str, nbytes: int, group: str, group_size: int, rank: int | None = None, position: int = 0
+    op: str,
+    nbytes: int,
+    group: str,
+    group_size: int,
+    rank: int | None = None,
+    position: int = 0,
+    backend: str | None = None,
 ) -> CommEvent:
     """An analytic event, as ``expected_comm`` formulas list them, issued by ``rank``.
 
     ``nbytes``: the tensor's bytes; a recv's payload is 0 (a transfer counts once, at the
-    sender) but it receives ``nbytes``. ``position``: see ``traffic``.
+    sender) but it receives ``nbytes``. ``position``: see ``traffic``. ``backend``: whose
+    algorithms size the traffic (default: ``algorithms``'s).
     """
     payload = 0 if op == "recv" else nbytes
-    sent, received = traffic(op, nbytes, group_size, position, _formula_backend.get())
+    sent, received = traffic(op, nbytes, group_size, position, backend or _formula_backend.get())
     return CommEvent(
         op,
         group,
@@ -275,20 +282,10 @@ def measured(
     """The event of an op this rank issued on ``pg`` (``root``: its group rank, rooted ops).
 
     ``received`` adds bytes received beside sending ``nbytes`` (a batch of p2p ops)."""
-    n, backend = pg.size(), dist.get_backend(pg)
+    n = pg.size()
     position = (pg.rank() - root) % n if root is not None else 0
-    sent, got = traffic(op, nbytes, n, position, backend)
-    payload = 0 if op == "recv" else nbytes
-    return CommEvent(
-        op,
-        group_label(pg),
-        n,
-        payload,
-        bus_bytes(op, payload, n),
-        sent_bytes=sent,
-        received_bytes=got + received,
-        rank=dist.get_rank(),
-    )
+    e = event(op, nbytes, group_label(pg), n, dist.get_rank(), position, dist.get_backend(pg))
+    return replace(e, received_bytes=e.received_bytes + received) if received else e
 
 
 def _describe(func: Any, args: tuple, kwargs: dict) -> CommEvent | None:

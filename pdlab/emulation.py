@@ -415,12 +415,10 @@ def emulating(
 def held_back(events: pd.DataFrame) -> float:
     """Wall seconds during which at least one of ``events`` (one rank's) was being held back:
     the union of their ``[done - added_seconds, done]`` spans (queued ops overlap)."""
+    from pdlab.trace import length, union
+
     done = events.start + events.seconds
-    total, reach = 0.0, float("-inf")
-    for low, high in sorted(zip(done - events.added_seconds, done, strict=True)):
-        total += max(0.0, high - max(low, reach))
-        reach = max(reach, high)
-    return total
+    return length(union(list(zip(done - events.added_seconds, done, strict=True))))
 
 
 def summary(comm: pd.DataFrame) -> dict[str, float | int]:

@@ -55,7 +55,8 @@ _installed = False
 
 LIBRARY, PDLAB, USER = 0, 1, 2
 _kinds: dict[str, int] = {}  # filename -> kind
-_stdlib = tuple(sysconfig.get_paths()[key] + os.sep for key in ("stdlib", "platstdlib"))
+# The standard library and torch (installed under site-packages, or a source checkout).
+_library = tuple(sysconfig.get_paths()[key] + os.sep for key in ("stdlib", "platstdlib"))
 _pdlab_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -66,8 +67,8 @@ def _kind(filename: str) -> int:
             kind = LIBRARY
         elif filename.startswith(_pdlab_dir):
             kind = PDLAB
-        elif filename.startswith(_stdlib) or "-packages" + os.sep in filename:
-            kind = LIBRARY  # the standard library, installed packages (torch)
+        elif filename.startswith(_library) or "-packages" + os.sep in filename:
+            kind = LIBRARY  # the standard library, torch, installed packages
         else:
             kind = USER
         _kinds[filename] = kind
@@ -326,10 +327,13 @@ def _replace(owner: Any, name: str, recorder: Any, *args: Any) -> None:
 def install(black_box: str | None = None) -> None:
     """Start recording this process's collectives and point-to-point ops (idempotent); keep
     the last ones in a black box file at ``black_box`` too, if given."""
-    global _installed, _box, compat
+    global _installed, _box, compat, _library
     if _installed:
         return
+    import torch
     import torch.distributed as dist
+
+    _library += (os.path.dirname(torch.__file__) + os.sep,)
 
     from pdlab import compat
 

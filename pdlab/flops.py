@@ -16,6 +16,8 @@ forward and backward of one global batch on the meta device (no recompute: MFU's
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -82,6 +84,7 @@ class FlopCounter(TorchDispatchMode):
         return out
 
 
+@functools.lru_cache(maxsize=64)  # a dashboard predicts a run's new steps at every repaint
 def model_flops(config) -> int:
     """FLOPs of one forward and backward of ``config``'s model on one global batch, in one
     process (the meta device: shapes only, nothing computed)."""

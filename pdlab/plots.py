@@ -54,6 +54,8 @@ OP_COLORS = {
 }
 GROUP_PATTERNS = {"dp": "", "tp": "/", "pp": "x", "world": "."}  # the same op on two groups
 COLORS = {"wire": "#555555", "formula": "#000000", "received": "#BAB0AC"}
+# Where a step's time goes, measured (``breakdown``) or predicted (``where_time_goes``).
+TIME_COLORS = {"compute": "#4C78A8", "exposed": "#E45756", "waiting": "#BAB0AC"}
 
 
 def run_name(config: TrainConfig) -> str:
@@ -327,10 +329,10 @@ def compare(runs: Runs) -> pd.DataFrame:
 
 # ---- predicted time (pdlab.predict) --------------------------------------------------------
 
-TIME_PARTS = {
-    "compute": ("compute", "#4C78A8"),
-    "exposed_comm": ("exposed communication", "#F58518"),
-    "bubble": ("waiting for other ranks (bubble)", "#BAB0AC"),
+TIME_PARTS = {  # the colours of the measured breakdown's same parts (BREAKDOWN_PARTS)
+    "compute": ("compute", TIME_COLORS["compute"]),
+    "exposed_comm": ("exposed communication", TIME_COLORS["exposed"]),
+    "bubble": ("waiting for other ranks (bubble)", TIME_COLORS["waiting"]),
 }
 
 
@@ -380,9 +382,9 @@ def plan_layouts(rows: pd.DataFrame, title: str = "Every layout of the plan") ->
 
 
 BREAKDOWN_PARTS = {
-    "compute_ms": ("compute", "#4C78A8"),
-    "exposed_comm_ms": ("exposed communication", "#E45756"),
-    "idle_ms": ("idle", "#BAB0AC"),
+    "compute_ms": ("compute", TIME_COLORS["compute"]),
+    "exposed_comm_ms": ("exposed communication", TIME_COLORS["exposed"]),
+    "idle_ms": ("idle", TIME_COLORS["waiting"]),
 }
 
 

@@ -34,6 +34,7 @@ from pdlab.emulation import SHARED, EmulatedLink
 from pdlab.parallel.base import Layout
 from pdlab.parallel.registry import layout_for
 from pdlab.topology import THIS_MACHINE, Device, Topology
+from pdlab.trace import overlap, union
 
 if TYPE_CHECKING:
     from pdlab.calibration import Calibration
@@ -146,17 +147,6 @@ class RankTime:
     blocked: list[tuple[float, float]] = field(default_factory=list)
 
 
-def _covered(intervals: list[tuple[float, float]], windows: list[tuple[float, float]]) -> float:
-    """Seconds of ``windows`` (disjoint) that the union of ``intervals`` covers."""
-    merged: list[list[float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return sum(max(0.0, min(b, e) - max(a, s)) for a, b in windows for s, e in merged)
-
-
 def duplex(issue: Issue) -> list[Hashable]:
     """The links an op occupies when every rank has its own full-duplex link: a send the
     sender's outgoing and the receiver's incoming direction, a collective both of every member."""
@@ -221,7 +211,7 @@ def replay(
             raise RuntimeError(f"the replay deadlocked: ranks wait for ops never posted: {stuck}")
     for rank, timing in out.items():
         timing.finish = time[rank]
-        timing.exposed_comm = _covered(timing.transfers, timing.blocked)
+        timing.exposed_comm = overlap(union(timing.transfers), timing.blocked)
         timing.bubble = sum(b - a for a, b in timing.blocked) - timing.exposed_comm
     return out
 

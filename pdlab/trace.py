@@ -117,7 +117,8 @@ class StepSpans:
 Intervals = list[tuple[float, float]]
 
 
-def _union(intervals: Intervals) -> Intervals:
+def union(intervals: Intervals) -> Intervals:
+    """The same time covered by sorted, disjoint intervals."""
     merged: Intervals = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
@@ -127,11 +128,12 @@ def _union(intervals: Intervals) -> Intervals:
     return merged
 
 
-def _length(intervals: Intervals) -> float:
+def length(intervals: Intervals) -> float:
+    """Total length of disjoint intervals."""
     return sum(end - start for start, end in intervals)
 
 
-def _overlap(a: Intervals, b: Intervals) -> float:
+def overlap(a: Intervals, b: Intervals) -> float:
     """Total length of the intersection of two unions."""
     return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
 
@@ -169,22 +171,22 @@ def split_step(window: tuple[float, float], compute: list[dict], comm: Intervals
     the span was blocked ran behind compute: overlapped. Seconds; compute + exposed + idle
     is the step.
     """
-    comm = _union([(max(s, window[0]), min(e, window[1])) for s, e in comm if e > window[0]])
+    comm = union([(max(s, window[0]), min(e, window[1])) for s, e in comm if e > window[0]])
     split = {"compute": 0.0, "exposed_comm": 0.0, "idle": 0.0, "overlapped_comm": 0.0}
     for span in compute:
         wall = span["end"] - span["start"]
         busy = wall if span["cpu"] is None or pd.isna(span["cpu"]) else min(span["cpu"], wall)
-        in_flight = _overlap(comm, [(span["start"], span["end"])])
+        in_flight = overlap(comm, [(span["start"], span["end"])])
         exposed = min(wall - busy, in_flight)
         split["compute"] += busy
         split["exposed_comm"] += exposed
         split["idle"] += wall - busy - exposed
         split["overlapped_comm"] += in_flight - exposed
-    outside = _gaps(window, _union([(s["start"], s["end"]) for s in compute]))
-    exposed = _overlap(comm, outside)
+    outside = _gaps(window, union([(s["start"], s["end"]) for s in compute]))
+    exposed = overlap(comm, outside)
     split["exposed_comm"] += exposed
-    split["idle"] += _length(outside) - exposed
-    split["comm"] = _length(comm)
+    split["idle"] += length(outside) - exposed
+    split["comm"] = length(comm)
     return split
 
 

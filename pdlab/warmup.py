@@ -22,13 +22,11 @@ import contextlib
 import importlib
 import sys
 import threading
-import time
 from collections.abc import Iterator
 
 # What every run imports (the trainer needs pandas, DTensor and DCP), each package a step of
 # its own so that no step is long; then ``modules()`` goes on with each strategy's module.
 PACKAGES = ("pandas", "torch.distributed.tensor", "torch.distributed.checkpoint")
-PAUSE_S = 0.05  # how often a paused warm-up looks whether the call has ended
 # Held by the warm-up while it imports one module, and by a call while it runs: two threads
 # importing one module graph can deadlock on Python's per-module locks, and Python then hands
 # one of them a partly imported module, or removes it from sys.modules under the other (CI
@@ -55,17 +53,15 @@ def load(name: str) -> None:
             importlib.import_module(name)
 
 
-def in_background(busy: threading.Event) -> threading.Thread:
-    """Import ``modules()`` in a daemon thread, pausing while ``busy`` (a call runs).
+def in_background() -> threading.Thread:
+    """Import ``modules()`` in a daemon thread, one at a time under ``IMPORTING``.
 
-    A call that arrives mid-step waits for that step's import to end (``IMPORTING``), then
-    runs; the pause leaves it the CPU and the GIL after that.
+    A call holds ``IMPORTING`` while it runs: one that arrives mid-import waits for that
+    module, and the warm-up then waits (off the CPU and the GIL) until the call has ended.
     """
 
     def warm_up() -> None:
         for name in modules():
-            while busy.is_set():
-                time.sleep(PAUSE_S)
             with IMPORTING:
                 load(name)
 

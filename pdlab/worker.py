@@ -236,7 +236,7 @@ def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
     running = threading.Event()
     main_thread = threading.main_thread().ident
     if warm_up:
-        warmup.in_background(busy=running)
+        warmup.in_background()
 
     def on_interrupt(signum: int, frame: Any) -> None:
         # Only user code is interrupted: a late interrupt must not tear a reply mid-send
