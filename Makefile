@@ -21,6 +21,7 @@ lab: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # The browser test drives Debian's Chromium (Playwright's own browser download can't work
 # offline). Installed here when we are root; elsewhere that test says how to get it.

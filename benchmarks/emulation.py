@@ -11,7 +11,7 @@ most of a step):
   their gloo sockets and the kernel-rank control channel all live there: every byte any of
   them sends crosses the one qdisc (the control channel's per-step metrics, a few KB, too).
 - *emulated*: the same command on this machine's ordinary loopback with ``--link RATE:shared``:
-  pdlab's emulation of one medium of that rate shared by all ranks (``pdlab.emulation``).
+  pdlab's emulation of one medium of that rate shared by all ranks (``pdlab.cost.emulation``).
 
 Each run's step time is the median over its steps after the first ``WARMUP``; runs alternate
 real and emulated, and the table shows the median over ``--repeats`` of each, and their ratio.
@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pdlab.topology import parse_link
+from pdlab.cost.topology import parse_link
 
 WARMUP = 2  # steps left out of each run's median: lazy init, first DDP constructor
 CASES = (

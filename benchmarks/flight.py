@@ -1,4 +1,4 @@
-"""What the flight recorder (pdlab.flight) costs a collective: a small all-reduce loop on the
+"""What the flight recorder (pdlab.measure.flight) costs a collective: a small all-reduce loop on the
 same ranks, the recorder on and off in alternating blocks (``flight.install``/``uninstall``,
 with its black box), so that the machine's load falls on both alike.
 
@@ -24,7 +24,7 @@ def alternate(ops: int, blocks: int, black_box: str) -> dict[str, float]:
     import torch
     import torch.distributed as dist
 
-    from pdlab import flight
+    from pdlab.measure import flight
 
     t, times = torch.ones(1), {"on": [], "off": [], "on cpu": [], "off cpu": []}
     for _ in range(blocks):
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=30)
     args = parser.parse_args()
     with pdlab.Cluster(args.world_size) as cluster:
-        box = pdlab.flight.black_box_path(cluster._resources.local.tmpdir, 0) + "-bench"
+        box = pdlab.measure.flight.black_box_path(cluster._resources.local.tmpdir, 0) + "-bench"
         per_rank = cluster.run(lambda: alternate(args.ops, args.blocks, f"{box}{pdlab.rank()}"))
     rank0 = per_rank[0]  # every rank times the same ops
     print(

@@ -21,7 +21,7 @@ import tempfile
 import textwrap
 
 import pdlab
-from pdlab.parallel import registry
+from pdlab.training import registry
 
 WARMUP = 5  # steps left out of medians: lazy init, first DDP constructor, allocator warm-up
 
@@ -31,9 +31,9 @@ PLAIN_DDP = textwrap.dedent(
     import json, os, sys, time
     import torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from pdlab.data import load_dataset
-    from pdlab.models import build_model, loss_fn
-    from pdlab.parallel.data import BUCKET_BYTES  # the same DDP: the same buckets
+    from pdlab.training.data import load_dataset
+    from pdlab.training.models import build_model, loss_fn
+    from pdlab.training.parallel.data import BUCKET_BYTES  # the same DDP: the same buckets
 
     model_name, steps, batch, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     gpus = torch.cuda.device_count() if device == "cuda" else 0

@@ -20,8 +20,8 @@ import statistics
 import time
 
 import pdlab
-from pdlab.calibration import calibrate
-from pdlab.parallel import registry
+from pdlab.cost.calibration import calibrate
+from pdlab.training import registry
 
 WARMUP = 2  # steps left out: the first counts FLOPs (slower) and warms every cache
 

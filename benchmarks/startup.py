@@ -33,8 +33,8 @@ import textwrap
 import time
 
 import pdlab
-import pdlab.parallel.registry
-from pdlab import launcher
+import pdlab.training.registry
+from pdlab.control import launcher
 
 TORCHRUN_SCRIPT = textwrap.dedent(
     """
@@ -176,7 +176,7 @@ def calls_while_warming() -> dict[str, list[float]]:
 
 
 def step_seconds(cluster: pdlab.Cluster, strategy: str, impl: str) -> float:
-    pipelined = pdlab.parallel.registry.get(strategy).micro_batched
+    pipelined = pdlab.training.registry.get(strategy).micro_batched
     micro_batches = cluster.world_size if pipelined else 1  # torch's 1F1B needs one a stage
     start = time.perf_counter()
     pdlab.train(

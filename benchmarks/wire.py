@@ -1,4 +1,4 @@
-"""What ``pdlab.wire.bytes_on_wire`` costs per call on a rank, and gloo's framing it measures.
+"""What ``pdlab.measure.wire.bytes_on_wire`` costs per call on a rank, and gloo's framing it measures.
 
     python benchmarks/wire.py [--calls 2000] [--size 1048576]
 
@@ -21,7 +21,7 @@ def cost_per_call(port: int, calls: int) -> tuple[float, int, int]:
     import statistics
     import time
 
-    from pdlab import wire
+    from pdlab.measure import wire
 
     exclude = wire.connections_to(port)
     times = []
@@ -39,7 +39,7 @@ def reading(port: int, op: str = "", size: int = 0) -> tuple[int, int]:
     import torch
     import torch.distributed as dist
 
-    from pdlab import wire
+    from pdlab.measure import wire
 
     counters = wire.bytes_on_wire(wire.connections_to(port))
     if op == "all_reduce":

@@ -12,6 +12,8 @@ Inside a rank: ``pdlab.rank()``, ``pdlab.world_size()``, ``pdlab.device()``,
 
 import importlib
 
+from pdlab.control import warmup as _warmup
+
 __all__ = [
     "CallTimeout",
     "Cluster",
@@ -37,37 +39,49 @@ __all__ = [
 # it can arm its parent-death signal — costs next to nothing; and the kernel pays for torch,
 # pandas, plotly and ipywidgets only when it needs them.
 _LAZY = {
-    "CallTimeout": "pdlab.cluster",
-    "Cluster": "pdlab.cluster",
-    "ClusterStatus": "pdlab.cluster",
-    "RankError": "pdlab.cluster",
-    "device": "pdlab.runtime",
-    "display": "pdlab.rich_output",
-    "log": "pdlab.runtime",
-    "rank": "pdlab.runtime",
-    "world_size": "pdlab.runtime",
-    "train": "pdlab.training",
-    "expected_comm": "pdlab.training",
-    "TrainResult": "pdlab.training",
-    "TrainConfig": "pdlab.config",
-    "Topology": "pdlab.topology",
-    "plan": "pdlab.planner",
-    "predict": "pdlab.predictor",
-    "Dashboard": "pdlab.dashboard",
+    "CallTimeout": "pdlab.control.cluster",
+    "Cluster": "pdlab.control.cluster",
+    "ClusterStatus": "pdlab.control.cluster",
+    "RankError": "pdlab.control.cluster",
+    "device": "pdlab.control.runtime",
+    "display": "pdlab.control.rich_output",
+    "log": "pdlab.control.runtime",
+    "rank": "pdlab.control.runtime",
+    "world_size": "pdlab.control.runtime",
+    "train": "pdlab.training.loop",
+    "expected_comm": "pdlab.training.loop",
+    "TrainResult": "pdlab.training.loop",
+    "TrainConfig": "pdlab.training.config",
+    "Topology": "pdlab.cost.topology",
+    "plan": "pdlab.cost.planner",
+    "predict": "pdlab.cost.predictor",
+    "Dashboard": "pdlab.lab.dashboard",
 }
+
+
+# What idle ranks import ahead of a first ``pdlab.train`` (the control plane's warm-up knows
+# no trainer): the trainer, whose strategy registry names each strategy's module in turn.
+_warmup.preload("pdlab.training.loop")
+
+# Modules that plug into a lower layer's hook, imported with the module that has the hook:
+# the trainer (training) emulates ``link=`` with the cost layer's emulator.
+_PLUGS = {"pdlab.training.loop": ("pdlab.cost.emulation",)}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        for plug in _PLUGS.get(module.__name__, ()):
+            importlib.import_module(plug)
+        return getattr(module, name)
     try:
-        return importlib.import_module(f"pdlab.{name}")  # a submodule: pdlab.runtime, ...
+        return importlib.import_module(f"pdlab.{name}")  # a submodule: pdlab.control.runtime, ...
     except ModuleNotFoundError:
         raise AttributeError(f"module 'pdlab' has no attribute {name!r}") from None
 
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext pdlab``: registers ``%pdlab`` and ``%%ranks``."""
-    from pdlab.magics import register
+    from pdlab.lab.magics import register
 
     register(ipython)

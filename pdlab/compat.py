@@ -59,7 +59,7 @@ all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
-# ---- the dispatcher's view of c10d ops (pdlab.comm) -----------------------------------------
+# ---- the dispatcher's view of c10d ops (pdlab.measure.comm) -----------------------------------------
 
 
 def op_name(func: Any) -> str:
@@ -121,7 +121,7 @@ def work_future(boxed: torch.ScriptObject) -> torch.futures.Future:
 
 def work_from_future(future: torch.futures.Future) -> torch.ScriptObject:
     """A boxed Work that completes when ``future`` does, to return from a dispatch mode in
-    place of an op's own (pdlab.emulation). ``_create_work_from_future`` is private (1.13 to
+    place of an op's own (pdlab.cost.emulation). ``_create_work_from_future`` is private (1.13 to
     2.13; torch's own Python process groups use it); ``Work.boxed`` is 2.0 to 2.13. The
     future's value is what ``Work.result()`` gives: a list of tensors."""
     from torch._C._distributed_c10d import _create_work_from_future
@@ -129,7 +129,7 @@ def work_from_future(future: torch.futures.Future) -> torch.ScriptObject:
     return _create_work_from_future(future).boxed()
 
 
-# ---- process groups (pdlab.runtime) ---------------------------------------------------------
+# ---- process groups (pdlab.control.runtime) ---------------------------------------------------------
 
 
 def process_groups() -> dict[str, dist.ProcessGroup]:
@@ -148,7 +148,7 @@ def sequence_numbers() -> dict[str, int]:
     return {name: sequence_number(pg) for name, pg in process_groups().items()}
 
 
-# ---- where every collective and p2p op passes (pdlab.flight) ------------------------------
+# ---- where every collective and p2p op passes (pdlab.measure.flight) ------------------------------
 
 # ProcessGroup method -> the op it issues. Every eager torch.distributed function (and DDP's
 # comm hook, FSDP2, pipelining) ends in one of these methods of the public ProcessGroup class
@@ -205,7 +205,7 @@ def functional_collectives() -> Any:
     return funcol
 
 
-# ---- autograd (pdlab.trace) ----------------------------------------------------------------
+# ---- autograd (pdlab.measure.trace) ----------------------------------------------------------------
 
 
 def queue_backward_callback(callback: Any) -> None:
@@ -216,7 +216,7 @@ def queue_backward_callback(callback: Any) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
-# ---- pipelining and FSDP2 (pdlab.parallel) --------------------------------------------------
+# ---- pipelining and FSDP2 (pdlab.training.parallel) --------------------------------------------------
 
 
 def initialize_pipeline_stage(schedule: Any) -> None:

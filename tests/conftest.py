@@ -41,20 +41,22 @@ def pids_running(pid: int, module: bytes) -> list[int]:
 
 
 def worker_pids(pid: int) -> list[int]:
-    """Rank processes below ``pid``: ``python -m pdlab.worker``, or forked ones, which show
-    as ``pdlab.worker --rank=R``."""
-    return pids_running(pid, b"pdlab.worker")
+    """Rank processes below ``pid``: ``python -m pdlab.control.worker``, or forked ones, which show
+    as ``pdlab.control.worker --rank=R``."""
+    return pids_running(pid, b"pdlab.control.worker")
 
 
 def leaked_processes() -> list[int]:
     """Rank processes beyond the session clusters', and fork servers beyond the one this
     kernel keeps for its next cluster."""
-    from pdlab import launcher
+    from pdlab.control import launcher
 
     shared = {r.pid for c in _session_clusters for r in c.status().ranks}
     kept = {server.pid} if (server := launcher.fork_server()) is not None else set()
     ranks = [p for p in worker_pids(os.getpid()) if p not in shared]
-    return ranks + [p for p in pids_running(os.getpid(), b"pdlab.forkserver") if p not in kept]
+    return ranks + [
+        p for p in pids_running(os.getpid(), b"pdlab.control.forkserver") if p not in kept
+    ]
 
 
 @pytest.fixture(autouse=True, scope="module")

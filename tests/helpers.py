@@ -7,15 +7,28 @@ from pathlib import Path
 
 import torch
 
-from pdlab.comm import CommEvent, totals
+from pdlab.measure.comm import CommEvent, totals
+
+
+def assert_float32_close(actual, expected, msg: str | None = None) -> None:
+    """``actual`` equals ``expected`` up to float32 rounding: both as float32, with torch's
+    float32 tolerance (rtol 1.3e-6, atol 1e-5). pandas and Python floats are float64, and
+    float64's tolerance (1e-7) fails a correct float32 run on a different reduction order."""
+    torch.testing.assert_close(
+        torch.as_tensor(actual, dtype=torch.float32),
+        torch.as_tensor(expected, dtype=torch.float32),
+        msg=msg,
+    )
+
+
+def assert_same_losses(result, baseline) -> None:
+    """Every step's loss of ``result`` is ``baseline``'s, up to float32 rounding."""
+    assert_float32_close(result.steps.loss.values, baseline.steps.loss.values)
 
 
 def assert_parity(result, baseline) -> None:
     """Same loss every step and same final parameters as one process, up to float32 rounding."""
-    torch.testing.assert_close(
-        torch.tensor(result.steps.loss.values), torch.tensor(baseline.steps.loss.values),
-        rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
+    assert_same_losses(result, baseline)
     assert result.state_dict.keys() == baseline.state_dict.keys()
     # Adam divides by sqrt(v): where a gradient is near 0, rounding differences in the
     # reduction order move a weight by up to ~1e-5 over 20 steps (seen on CUDA).
@@ -32,7 +45,7 @@ def measured_per_step(result) -> list[dict]:
 
 
 def line_of(fn, text: str) -> str:
-    """``file.py:N``, as pdlab.flight names it: the line of ``fn`` holding ``text``."""
+    """``file.py:N``, as pdlab.measure.flight names it: the line of ``fn`` holding ``text``."""
     source, first = inspect.getsourcelines(fn)
     offset = next(i for i, line in enumerate(source) if text in line)
     return f"{Path(inspect.getsourcefile(fn)).name}:{first + offset}"

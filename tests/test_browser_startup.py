@@ -45,11 +45,11 @@ def command_lines(pids: list[int]) -> dict[int, list[bytes]]:
 def forked_ranks() -> list[int]:
     """Rank processes below this test whose parent is a fork server."""
     lines = command_lines(descendants(os.getpid()))
-    servers = {pid for pid, args in lines.items() if b"pdlab.forkserver" in args}
+    servers = {pid for pid, args in lines.items() if b"pdlab.control.forkserver" in args}
     return [
         pid
         for pid, args in lines.items()
-        if args[0] == b"pdlab.worker"
+        if args[0] == b"pdlab.control.worker"
         and int(Path(f"/proc/{pid}/stat").read_text().split()[3]) in servers
     ]
 

@@ -7,18 +7,18 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import pdlab
-from pdlab.checkpoint import DamagedCheckpoint
-from pdlab.parallel.base import TrainConfig
-from pdlab.training import train
+from pdlab.training.checkpoint import DamagedCheckpoint
+from pdlab.training.loop import train
+from pdlab.training.parallel.base import TrainConfig
+from tests.helpers import assert_float32_close
 
 STEPS, EVERY = 20, 10
 
 
-def losses_from(result, step: int) -> torch.Tensor:
-    return torch.tensor(result.steps.loss[result.steps.step >= step].values)
+def losses_from(result, step: int):
+    return result.steps.loss[result.steps.step >= step].values
 
 
 def run_and_die_at(config, step: int):
@@ -26,8 +26,8 @@ def run_and_die_at(config, step: int):
     import os
     import signal
 
-    from pdlab import runtime
-    from pdlab.training import run_on_rank
+    from pdlab.control import runtime
+    from pdlab.training.loop import run_on_rank
 
     report = runtime.log
 
@@ -54,7 +54,7 @@ def test_dp_checkpoint_resumes_under_another_sharding(cluster2, tmp_path, strate
     resumed = train(cluster2, strategy=strategy, impl=impl, steps=STEPS, checkpoint_dir=str(tmp_path), resume=True)  # fmt: skip
     assert resumed.steps.step.tolist() == list(range(EVERY, STEPS))
     # Model *and* Adam moments moved: the next ten losses are the uninterrupted run's.
-    torch.testing.assert_close(losses_from(resumed, EVERY), losses_from(uninterrupted, EVERY))
+    assert_float32_close(losses_from(resumed, EVERY), losses_from(uninterrupted, EVERY))
 
 
 def test_a_killed_rank_resumes_from_its_last_checkpoint(cluster2, tmp_path):

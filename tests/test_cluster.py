@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import pdlab
-from pdlab.cluster import choose_backend
+from pdlab.control.cluster import choose_backend
 
 from .conftest import worker_pids
 

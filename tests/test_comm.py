@@ -1,10 +1,10 @@
-"""pdlab.comm: the meter sees every op a rank issues and sizes it by the nccl-tests conventions."""
+"""pdlab.measure.comm: the meter sees every op a rank issues and sizes it by the nccl-tests conventions."""
 
 from __future__ import annotations
 
 import pytest
 
-from pdlab.comm import CommEvent, bus_bytes, event, totals
+from pdlab.measure.comm import CommEvent, bus_bytes, event, totals
 
 
 def test_bus_bytes_follow_nccl_tests():
@@ -30,7 +30,7 @@ def _issue_every_kind() -> list[tuple]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from pdlab.comm import CommMeter, name_group, record, unmetered
+    from pdlab.measure.comm import CommMeter, name_group, record, unmetered
 
     rank, n = dist.get_rank(), dist.get_world_size()
     pair = dist.new_group([0, 1])

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 import pdlab
-from pdlab.__main__ import main, parser
-from pdlab.config import TrainConfig
-from pdlab.parallel import registry
-from pdlab.parallel.base import Layout
-from pdlab.parallel.single import Single
-from pdlab.training import train, validate
+from pdlab.lab.cli import main, parser
+from pdlab.training import registry
+from pdlab.training.config import TrainConfig
+from pdlab.training.layout import Layout
+from pdlab.training.loop import train, validate
+from pdlab.training.parallel.single import Single
 
 TINY = {"model": "article", "steps": 2, "batch_size": 8}
 
@@ -179,11 +179,11 @@ def test_the_registry_imports_no_strategy_module():
         "torch.distributed.tensor",
         "torch.distributed.pipelining",
         "torch.distributed.fsdp",
-        "pdlab.parallel.pipeline",
-        "pdlab.parallel.tensor",
-        "pdlab.parallel.hybrid",
+        "pdlab.training.parallel.pipeline",
+        "pdlab.training.parallel.tensor",
+        "pdlab.training.parallel.hybrid",
     ]
-    code = f"import sys, pdlab.parallel.registry; print([m for m in {heavy} if m in sys.modules])"
+    code = f"import sys, pdlab.training.registry; print([m for m in {heavy} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -1,11 +1,11 @@
-"""pdlab.costmodel against times worked out by hand (arithmetic written out, not recomputed)."""
+"""pdlab.cost.costmodel against times worked out by hand (arithmetic written out, not recomputed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pdlab.costmodel import link_op_time, op_time
-from pdlab.topology import Link, Topology
+from pdlab.cost.costmodel import link_op_time, op_time
+from pdlab.cost.topology import Link, Topology
 
 MB = 1_000_000
 LINK = Link("test", bandwidth=1e9, latency=10e-6)  # 1 GB/s, 10 µs a message

@@ -11,8 +11,8 @@ import plotly.graph_objects as go
 import pytest
 
 import pdlab
-from pdlab import plots
-from pdlab.training import train
+from pdlab.lab import plots
+from pdlab.training.loop import train
 
 SMALL = {"model": "mlp", "batch_size": 8}
 
@@ -212,7 +212,7 @@ def test_live_shows_a_callbacks_error_beside_its_control():
         return go.Figure(go.Scatter(y=list(range(n))), layout_title_text=f"n = {n}")
 
     slider = widgets.IntSlider(value=2, min=1, max=8, description="n")
-    box = live_widget = pdlab.dashboard.live(slider, draw)
+    box = live_widget = pdlab.lab.dashboard.live(slider, draw)
     (control, status), figure = box.children[0].children, box.children[1]
     assert control is slider and figure.layout.title.text == "n = 2"
     slider.value = 3
@@ -250,7 +250,7 @@ def test_stop_waits_for_the_first_step_before_it_interrupts(monkeypatch):
     after FIRST_STEP_WAIT_S, for a run that hangs before it)."""
     import threading
 
-    from pdlab.dashboard import Run
+    from pdlab.lab.dashboard import Run
 
     class Ranks:  # stands in for the cluster: counts the interrupts it gets
         interrupts = 0
@@ -273,7 +273,7 @@ def test_stop_waits_for_the_first_step_before_it_interrupts(monkeypatch):
     training.set()
     stopper.join(10)
     assert not stopper.is_alive()
-    monkeypatch.setattr(pdlab.dashboard, "FIRST_STEP_WAIT_S", 0.5)  # a run that hangs early
+    monkeypatch.setattr(pdlab.lab.dashboard, "FIRST_STEP_WAIT_S", 0.5)  # a run that hangs early
     late, thread = Run("#2", pdlab.TrainConfig(), 2), threading.Thread(target=time.sleep, args=(3,))
     thread.start()
     before = ranks.interrupts
@@ -345,7 +345,7 @@ def test_a_prediction_that_fails_is_said_and_the_run_kept(dashboard, monkeypatch
     def broken(*args, **kwargs):
         raise ValueError("no model of this")
 
-    monkeypatch.setattr(pdlab.dashboard, "predict", broken)
+    monkeypatch.setattr(pdlab.lab.dashboard, "predict", broken)
     dashboard.start(strategy="dp", steps=3, cluster="8xH100", **SMALL)
     result = dashboard.wait(timeout=120)
     assert len(result.steps) == 3 and dashboard.runs[-1].prediction is None

@@ -8,8 +8,8 @@ import time
 import pytest
 
 import pdlab
-from pdlab.config import TrainConfig
-from pdlab.dashboard import SLOW, SLOW_MIN_S, Run, SlowStep
+from pdlab.lab.dashboard import SLOW, SLOW_MIN_S, Run, SlowStep
+from pdlab.training.config import TrainConfig
 
 from .helpers import line_of
 
@@ -38,7 +38,7 @@ def test_the_pace_leaves_out_the_first_step_and_takes_the_slowest_rank():
 
 def sleep_in_rank_1s_fourth_update():
     """On the ranks: rank 1 sleeps in its 4th gradient all-reduce step (dp/scratch)."""
-    from pdlab.parallel.data import DataParallel
+    from pdlab.training.parallel.data import DataParallel
 
     original, calls = DataParallel.update, []
 

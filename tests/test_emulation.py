@@ -1,4 +1,4 @@
-"""pdlab.emulation: every op a rank issues completes no sooner than on the emulated link,
+"""pdlab.cost.emulation: every op a rank issues completes no sooner than on the emulated link,
 async ops without blocking their issuer; losses and bytes stay as they were; and the
 shared-medium emulation agrees with a loopback the kernel really throttles (root only)."""
 
@@ -15,15 +15,14 @@ import pytest
 import torch
 
 from benchmarks.emulation import WARMUP, Case, step_time, throttled_loopback
-from pdlab import emulation
-from pdlab.__main__ import main
-from pdlab.config import TrainConfig
-from pdlab.costmodel import shared_medium_op_time
-from pdlab.emulation import EmulatedLink, Emulator, parse
-from pdlab.parallel import registry
-from pdlab.plots import run_name
-from pdlab.topology import Link, parse_link
-from pdlab.training import train, validate
+from pdlab.cost import emulation
+from pdlab.cost.costmodel import shared_medium_op_time
+from pdlab.cost.emulation import EmulatedLink, Emulator, parse
+from pdlab.cost.topology import Link, parse_link
+from pdlab.lab.cli import main
+from pdlab.training import registry
+from pdlab.training.config import TrainConfig
+from pdlab.training.loop import train, validate
 
 MB_PER_S = Link("1MB/s", 1e6, 0.0)
 
@@ -64,15 +63,15 @@ def test_a_shared_medium_carries_the_bytes_of_all_ranks():
 
 def test_runs_on_an_emulated_link_are_labelled():
     config = TrainConfig(strategy="dp", model="gpt", world_size=2, link="100Mbit/s")
-    assert run_name(config) == "dp/scratch gpt w2 @100Mbit/s"
-    assert run_name(TrainConfig(strategy="dp", model="gpt", world_size=2)) == "dp/scratch gpt w2"
+    assert config.label == "dp/scratch gpt w2 @100Mbit/s"
+    assert TrainConfig(strategy="dp", model="gpt", world_size=2).label == "dp/scratch gpt w2"
 
 
 # ---- the emulator on its own --------------------------------------------------------------
 
 
 def _event(op: str = "all_reduce", model: float = 0.0):
-    from pdlab.comm import event
+    from pdlab.measure.comm import event
 
     e = event(op, 0, "dp", 2)
     e.model_seconds = model
@@ -143,7 +142,7 @@ def _time_each_kind() -> dict:
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
 
-    from pdlab.comm import CommMeter
+    from pdlab.measure.comm import CommMeter
 
     rank, t = dist.get_rank(), torch.ones(62_500)  # 250 kB
     times = {}
@@ -206,8 +205,8 @@ def _ddp_backward_under_a_slow_link() -> tuple[float, list[float]]:
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
-    from pdlab.comm import CommMeter
-    from pdlab.parallel.data import _counted_allreduce_hook
+    from pdlab.measure.comm import CommMeter
+    from pdlab.training.parallel.data import _counted_allreduce_hook
 
     class Compute(torch.autograd.Function):
         """Identity, whose backward takes MODEL_S (asleep: it needs no CPU)."""
@@ -322,7 +321,7 @@ def _pairs_send_at_once(link: str) -> float:
     """Ranks 2k send 250 kB to ranks 2k+1, all pairs at once; seconds until each is through."""
     import torch.distributed as dist
 
-    from pdlab.comm import CommMeter
+    from pdlab.measure.comm import CommMeter
 
     rank, t = dist.get_rank(), torch.ones(62_500)
     with emulation.emulating(link, dist.group.WORLD) as emulator:

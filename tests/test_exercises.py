@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pdlab import exercises, solutions
-from pdlab.models import loss_fn
+from pdlab.lab import exercises, solutions
+from pdlab.training.models import loss_fn
 
 # ---- lab 01: allreduce_gradients(params, group) ------------------------------------------
 

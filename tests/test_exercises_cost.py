@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pdlab import exercises_cost
-from pdlab.costmodel import link_op_time
-from pdlab.topology import parse_link
+from pdlab.cost.costmodel import link_op_time
+from pdlab.cost.topology import parse_link
+from pdlab.lab import exercises_cost
 
 
 def whole_payload(s, n, bandwidth, latency):

@@ -10,8 +10,8 @@ import time
 import pytest
 
 import pdlab
-from pdlab.flight import BOX_SLOTS, BlackBox, dead, read_black_box
-from pdlab.where import Location, Op, summarize
+from pdlab.measure.flight import BOX_SLOTS, BlackBox, dead, read_black_box
+from pdlab.measure.where import Location, Op, summarize
 
 from .helpers import line_of
 
@@ -62,7 +62,8 @@ def test_sequence_numbers_are_c10ds_for_every_kind_of_op(cluster2):
         import torch.distributed as dist
         import torch.distributed._functional_collectives as funcol
 
-        from pdlab import compat, flight
+        from pdlab import compat
+        from pdlab.measure import flight
 
         rank, pair = dist.get_rank(), dist.new_group([0, 1])
         before, first = compat.sequence_numbers(), len(flight.ops())

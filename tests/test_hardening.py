@@ -23,7 +23,7 @@ def ranks_of_kernel(kernel_pid: int) -> list[int]:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"pdlab.worker" in args and f"--parent-pid={kernel_pid}".encode() in args:
+        if b"pdlab.control.worker" in args and f"--parent-pid={kernel_pid}".encode() in args:
             found.append(int(cmdline.parent.name))
     return found
 
@@ -106,7 +106,7 @@ def test_idle_strangers_cannot_pin_the_kernel(cluster2):
     import socket
     import threading
 
-    from pdlab import control
+    from pdlab.control import channel as control
 
     threads_before = threading.active_count()
     strangers = [socket.create_connection(("127.0.0.1", cluster2.port)) for _ in range(200)]
@@ -227,7 +227,7 @@ def test_ranks_must_be_rank_numbers(cluster2):
     ],
 )
 def test_training_settings_are_checked_before_any_rank_works(cluster2, change, message):
-    from pdlab.training import train
+    from pdlab.training.loop import train
 
     calls = []
     unsubscribe = cluster2.subscribe(calls.append)
@@ -241,7 +241,7 @@ def test_training_settings_are_checked_before_any_rank_works(cluster2, change, m
 
 def test_single_on_a_cluster_checkpoints_without_the_other_ranks(cluster2, tmp_path):
     # Before: rank 0 waited in DCP's collectives for ranks that never joined (CallTimeout).
-    from pdlab.training import train
+    from pdlab.training.loop import train
 
     run = {"strategy": "single", "model": "mlp", "checkpoint_dir": str(tmp_path)}
     first = train(cluster2, steps=2, checkpoint_every=2, timeout=60, **run)
@@ -259,7 +259,7 @@ def test_one_huge_line_costs_linear_time():
     import io
     from contextlib import redirect_stdout
 
-    from pdlab.output import RankOutput
+    from pdlab.control.output import RankOutput
 
     def seconds(chunks: list[str]) -> float:
         best = float("inf")
@@ -312,7 +312,7 @@ def test_the_next_start_removes_temp_dirs_of_killed_kernels():
 
 
 def test_attach_command_never_tells_other_hosts_to_connect_to_themselves():
-    from pdlab import launcher
+    from pdlab.control import launcher
 
     cluster = pdlab.Cluster(2, attach=True, host="0.0.0.0")
     try:

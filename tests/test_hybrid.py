@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pdlab.comm import totals
-from pdlab.parallel.base import TrainConfig
-from pdlab.training import expected_comm, train, validate
+from pdlab.measure.comm import totals
+from pdlab.training.loop import expected_comm, train, validate
+from pdlab.training.parallel.base import TrainConfig
 from tests.helpers import assert_parity, measured_per_step
 
 # SGD: see tests/test_tensor.py for why parity is checked with it.

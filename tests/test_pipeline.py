@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdlab.comm import totals
-from pdlab.models import build_model
-from pdlab.parallel import pipeline
-from pdlab.parallel.base import Layout, TrainConfig
-from pdlab.training import expected_comm, run_on_rank, train, validate
+from pdlab.measure.comm import totals
+from pdlab.training.layout import Layout
+from pdlab.training.loop import expected_comm, run_on_rank, train, validate
+from pdlab.training.models import build_model
+from pdlab.training.parallel import pipeline
+from pdlab.training.parallel.base import TrainConfig
+from tests.helpers import assert_same_losses
 
 CALL_TIMEOUT = 180  # a hung pipeline fails the test and the cluster2 stops its ranks
 
@@ -87,12 +89,7 @@ def _assert_matches_single(cluster2, strategy: str, impl: str, micro_batches: in
         **run,
         timeout=CALL_TIMEOUT,
     )
-    torch.testing.assert_close(
-        torch.tensor(got.steps.loss.values),
-        torch.tensor(ref.steps.loss.values),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    assert_same_losses(got, ref)
     assert got.state_dict.keys() == ref.state_dict.keys()
     for name, param in ref.state_dict.items():
         torch.testing.assert_close(got.state_dict[name], param, rtol=1e-4, atol=1e-5, msg=name)
@@ -188,8 +185,8 @@ def _links_on_a_grid() -> dict:
     rank's number), a gradient back (ten times it)."""
     import torch.distributed as dist
 
-    from pdlab import runtime
-    from pdlab.training import mesh_for
+    from pdlab.control import runtime
+    from pdlab.training.loop import mesh_for
 
     mesh = mesh_for(Layout(dp=2, pp=2), runtime.device())
     like = torch.empty(2, 3, device="meta")
@@ -222,14 +219,15 @@ def test_stage_link_talks_to_its_neighbours_in_its_group(cluster4):
 
 
 def _exercise_link(m: int) -> bool:
-    from pdlab import exercises, runtime
+    from pdlab.control import runtime
+    from pdlab.lab import exercises
 
     _, link = exercises._pipe_stage(build_model("mlp"), runtime.rank(), runtime.world_size(), m)
     return isinstance(link, pipeline.StageLink) and link.group is not None
 
 
 def test_the_exercise_and_its_answer_run_on_the_pipelines_link(cluster2):
-    from pdlab import exercises, solutions
+    from pdlab.lab import exercises, solutions
 
     assert cluster2.run(_exercise_link, 4, timeout=CALL_TIMEOUT) == [True, True]
     assert exercises.check_gpipe(cluster2, solutions.gpipe_step)

@@ -1,4 +1,4 @@
-"""pdlab.footprint and pdlab.planner against published figures and hand arithmetic."""
+"""pdlab.cost.footprint and pdlab.cost.planner against published figures and hand arithmetic."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 
 import pdlab
-from pdlab.__main__ import main
-from pdlab.footprint import ModelSpec, layer_activation_bytes, model_spec
-from pdlab.planner import Assumptions, best, plan
+from pdlab.cost.footprint import ModelSpec, layer_activation_bytes, model_spec
+from pdlab.cost.planner import Assumptions, best, plan
+from pdlab.lab.cli import main
 
 # ZeRO (Rajbhandari et al. 2020, arXiv 1910.02054), Table 1 (Figure 1 rounds the last to 1.9):
 # model states per GPU of a 7.5B-parameter model on N_d = 64 data-parallel GPUs, K = 12, in GB.
@@ -130,7 +130,7 @@ def test_published_parameter_counts():
 
 
 def test_the_labs_gpt_is_counted_like_the_model_itself():
-    from pdlab.models import build_model
+    from pdlab.training.models import build_model
 
     model = build_model("gpt")
     assert model_spec("gpt").params == sum(p.numel() for p in model.parameters())

@@ -16,12 +16,8 @@ import pytest
 import torch
 
 import pdlab
-from pdlab import flops, footprint
-from pdlab.__main__ import main
-from pdlab.busy import BusyClock
-from pdlab.flops import FlopCounter
-from pdlab.parallel.base import Layout
-from pdlab.predictor import (
+from pdlab.cost import footprint, predictor
+from pdlab.cost.predictor import (
     BLOCKING,
     BUCKETS,
     Assumptions,
@@ -35,6 +31,10 @@ from pdlab.predictor import (
     replay,
     wait_rule,
 )
+from pdlab.lab.cli import main
+from pdlab.measure.busy import BusyClock
+from pdlab.measure.flops import FlopCounter
+from pdlab.training.layout import Layout
 
 
 def trace(*ops: tuple) -> pd.DataFrame:
@@ -215,12 +215,12 @@ def test_flop_counter_counts_matmuls_and_cpu_attention_by_hand():
 
 
 def test_model_flops_agree_with_the_planners_formula():
-    """The meta-device count (``flops.model_flops``) against the PaLM/Megatron formula the
+    """The meta-device count (``predictor.model_flops``) against the PaLM/Megatron formula the
     planner uses (6 per matmul weight + 12·L·h·s per token), written independently."""
     config = pdlab.TrainConfig(model="gpt", batch_size=32)
     spec = footprint.model_spec("gpt")
     formula = footprint.flops_per_token(spec, spec.context) * config.batch_size * spec.context
-    assert flops.model_flops(config) == pytest.approx(formula, rel=0.02)
+    assert predictor.model_flops(config) == pytest.approx(formula, rel=0.02)
 
 
 # ---- real runs -------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_prediction_of_a_real_emulated_run_is_within_a_generous_factor(slow_ddp)
 
 
 def test_reading_bytes_as_bits_would_fail_that_check(slow_ddp):
-    right = on_link(pdlab.emulation.parse(SLOW))
+    right = on_link(pdlab.cost.emulation.parse(SLOW))
     as_bits = Target("bits", lambda issue: right.seconds(issue) / 8, right.links, None, True)
     assert not 1 / 1.5 < _ratio(pdlab.predict(slow_ddp, as_bits), slow_ddp) < 1.5
 

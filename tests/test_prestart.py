@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import pdlab
-from pdlab import forkserver, launcher, warmup
+from pdlab.control import forkserver, launcher, warmup
 
 from .conftest import leaked_processes, pids_running
 from .test_cluster import (  # noqa: F401  (run again here, on forked ranks)
@@ -115,7 +115,7 @@ def test_later_clusters_are_forked_from_the_server_born_warm(cluster):
     server_socket = os.readlink(f"/proc/{server.pid}/fd/{server_fd(server)}")
     for rank, me in enumerate(cluster.run(who_am_i)):
         pid = cluster.status().ranks[rank].pid
-        assert [b"pdlab.worker", f"--rank={rank}".encode()] == me["cmdline"][:2]
+        assert [b"pdlab.control.worker", f"--rank={rank}".encode()] == me["cmdline"][:2]
         assert me["group"] == me["session"] == pid  # a process group and session of its own
         assert me["stdin"] == "/dev/null"
         assert server_socket not in me["fds"]  # nothing of the server's is left open
@@ -134,7 +134,7 @@ def rank_settings() -> dict:
 
     import torch
 
-    from pdlab import warmup
+    from pdlab.control import warmup
 
     for name in warmup.modules():  # spawned ranks import them only now: compare like for like
         warmup.load(name)
@@ -221,7 +221,7 @@ def test_a_first_call_runs_during_the_warm_up_and_finds_the_generators_untouched
         replies = during.run(draws_while_warming_up)  # the first call, while they warm up
         assert all(warming for warming, _, _ in replies)  # it did not wait for the whole warm-up
         # ...but for the module it was importing: two threads importing one module graph can
-        # leave a call with a half-imported module (CI: KeyError 'pdlab.training' in pickle)
+        # leave a call with a half-imported module (CI: KeyError 'pdlab.training.loop' in pickle)
         assert [half for _, half, _ in replies] == [[], []]
         assert parents(during) == [os.getpid()] * 2  # spawned, not forked warm
     with pdlab.Cluster(2) as after:
@@ -250,11 +250,11 @@ def test_prestart_false_starts_plain_processes_and_no_server(tmp_path):
         textwrap.dedent(
             """
             import os, sys, time, pdlab
-            from pdlab import launcher
+            from pdlab.control import launcher
             c = pdlab.Cluster(2, prestart=False)
             time.sleep(5)
             print(c.run(os.getppid) == [os.getpid()] * 2, launcher.fork_server() is None,
-                  c.run(lambda: "pdlab.training" in sys.modules))
+                  c.run(lambda: "pdlab.training.loop" in sys.modules))
             c.shutdown()
             """
         )
@@ -290,7 +290,7 @@ def kernel_script(tmp_path: Path, body: str) -> subprocess.Popen:
         textwrap.dedent(
             """
             import os, sys, time, pdlab
-            from pdlab import launcher
+            from pdlab.control import launcher
             pdlab.Cluster(1).shutdown()
             server = launcher.fork_server()
             assert server.warm.wait(120)
@@ -303,7 +303,7 @@ def kernel_script(tmp_path: Path, body: str) -> subprocess.Popen:
 
 
 def ranks_of_server(server_pid: int) -> list[int]:
-    return pids_running(server_pid, b"pdlab.worker")
+    return pids_running(server_pid, b"pdlab.control.worker")
 
 
 @pytest.mark.parametrize("when", ["starting", "running"])
@@ -345,7 +345,7 @@ def test_a_killed_server_takes_its_ranks_and_the_next_run_recovers(monkeypatch):
 def test_the_server_refuses_to_fork_once_it_runs_other_threads(tmp_path):
     code = """
         import threading, time, torch
-        from pdlab import forkserver
+        from pdlab.control import forkserver
         after_import = forkserver.native_threads()
         print(repr(forkserver.fork_hazard(after_import)))
         torch.ones(4096, 4096) @ torch.ones(4096, 4096)  # starts the OpenMP pool
@@ -368,7 +368,7 @@ def test_the_server_refuses_to_fork_once_cuda_is_loaded(tmp_path):
     shutil.copy(_ctypes.__file__, fake)
     code = f"""
         import ctypes, torch
-        from pdlab import forkserver
+        from pdlab.control import forkserver
         print(forkserver.cuda_driver_loaded())
         ctypes.CDLL({str(fake)!r})
         print(forkserver.cuda_driver_loaded(), forkserver.fork_hazard(forkserver.native_threads()))
@@ -438,7 +438,7 @@ def test_a_forked_ranks_exit_is_seen_before_its_server_reports_it():
 def test_a_call_moves_sys_path_only_between_the_warm_ups_imports(monkeypatch, tmp_path):
     """A rank's first call brings the kernel's sys.path, which reorders the rank's: under an
     import in flight, that can hide a package it needs halfway (pandas, in CI)."""
-    from pdlab import protocol, worker
+    from pdlab.control import protocol, worker
 
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(tmp_path)

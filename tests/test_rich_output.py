@@ -8,9 +8,9 @@ import nbformat
 import papermill
 import pytest
 
-from pdlab import protocol
-from pdlab.output import RankOutput
-from pdlab.rich_output import Tabs, View, mirror
+from pdlab.control import protocol
+from pdlab.control.output import RankOutput
+from pdlab.control.rich_output import Tabs, View, mirror
 
 NOTEBOOK = Path(__file__).parent / "notebooks" / "rich_output.ipynb"
 

@@ -185,7 +185,7 @@ def test_ranks_cell_timeout_and_the_cells_own_line_numbers(cluster2):
 
 
 def test_lines_are_shown_in_the_order_the_ranks_printed_them(capsys):
-    from pdlab.output import RankOutput
+    from pdlab.control.output import RankOutput
 
     out = RankOutput()
     t = time.time()

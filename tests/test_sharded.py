@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import pdlab
-from pdlab.comm import totals
-from pdlab.training import train
+from pdlab.measure.comm import totals
+from pdlab.training.loop import train
 from tests.helpers import assert_parity, measured_per_step
 
 STEPS = 20

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from pdlab.comm import totals
-from pdlab.parallel.base import TrainConfig
-from pdlab.training import expected_comm, train, validate
-from tests.helpers import assert_parity, measured_per_step
+from pdlab.measure.comm import totals
+from pdlab.training.loop import expected_comm, train, validate
+from pdlab.training.parallel.base import TrainConfig
+from tests.helpers import assert_parity, assert_same_losses, measured_per_step
 
 STEPS = 20
 # SGD for parity: its update is linear in the gradient, so the TP and single runs stay within
@@ -56,9 +55,7 @@ def test_adam_on_shards(cluster2, impl):
     kwargs = {"model": "mlp", "steps": STEPS, "optimizer": "adam"}
     result = train(cluster2, strategy="tp", impl=impl, **kwargs)
     baseline = train(strategy="single", **kwargs)
-    torch.testing.assert_close(
-        torch.tensor(result.steps.loss.values), torch.tensor(baseline.steps.loss.values)
-    )
+    assert_same_losses(result, baseline)
 
 
 @pytest.mark.parametrize(

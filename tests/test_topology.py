@@ -1,4 +1,4 @@
-"""pdlab.topology and pdlab.calibration: presets, specs, the cited table, and 'this-machine'."""
+"""pdlab.cost.topology and pdlab.cost.calibration: presets, specs, the cited table, and 'this-machine'."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import pdlab
-from pdlab.calibration import calibrate, fit_link, measure_all_reduce
-from pdlab.costmodel import link_op_time
-from pdlab.topology import DEVICES, LINKS, PRESETS, Link, Topology, parse_link
+from pdlab.cost.calibration import calibrate, fit_link, measure_all_reduce, this_machine
+from pdlab.cost.costmodel import link_op_time
+from pdlab.cost.topology import DEVICES, LINKS, PRESETS, Link, Topology, parse_link
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -154,4 +154,4 @@ def test_this_machine_is_measured_on_the_cluster_and_predicts_a_new_size(cluster
     # ...and the same check fails a fit that read bytes as bits.
     wrong = Link("bits-for-bytes", link.bandwidth / 8, link.latency)
     assert not 1 / 3 < link_op_time("all_reduce", size, 2, wrong) / measured < 3
-    assert Topology.parse("this-machine", cluster=cluster2).world_size == 2
+    assert this_machine(cluster2).world_size == 2

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 import pdlab
-from pdlab import plots, trace
-from pdlab.parallel import registry
+from pdlab.lab import plots
+from pdlab.measure import trace
+from pdlab.training import registry
 
 from .helpers import line_of
 

@@ -1,5 +1,5 @@
-"""Bytes each rank sends and receives: ``pdlab.comm.traffic`` (each backend's algorithm) against
-gloo's own socket counters (``pdlab.wire``), op by op and on every step of every strategy.
+"""Bytes each rank sends and receives: ``pdlab.measure.comm.traffic`` (each backend's algorithm) against
+gloo's own socket counters (``pdlab.measure.wire``), op by op and on every step of every strategy.
 
 The bound, measured here (gloo 2.13 on loopback): gloo puts a 48-byte header on every message
 and answers every message it is about to receive with a 48-byte "ready" message. Per rank and
@@ -19,9 +19,9 @@ import sys
 import pandas as pd
 import pytest
 
-from pdlab import wire
-from pdlab.comm import traffic, tree_children
-from pdlab.training import train
+from pdlab.measure import wire
+from pdlab.measure.comm import traffic, tree_children
+from pdlab.training.loop import train
 
 HEADER = 48  # bytes of gloo's message header, and of its "ready" message
 FRAMING = 12 * HEADER  # per op, rank and other member of the op's group: 12 messages at most
@@ -72,7 +72,7 @@ def _ops_on_the_wire(numel: int) -> list[tuple[str, int, int | None, dict[str, i
     import torch
     import torch.distributed as dist
 
-    from pdlab import runtime
+    from pdlab.control import runtime
 
     r, n = dist.get_rank(), dist.get_world_size()
     full, part = torch.ones(numel * n), torch.ones(numel)

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from pdlab.comm import totals
-from pdlab.parallel import registry
-from pdlab.parallel.base import TrainConfig
-from pdlab.training import train, validate
+from pdlab.measure.comm import totals
+from pdlab.training import registry
+from pdlab.training.loop import train, validate
+from pdlab.training.parallel.base import TrainConfig
 from tests.helpers import assert_parity, measured_per_step
 
 STEPS = 20
@@ -135,7 +135,7 @@ def test_validate_delegates_shape_checks_to_the_strategy(changes, message):
     try:
         validate(TrainConfig(**{**changes, "model": "mlp", "micro_batches": 1, "world_size": 2}))
     except NotImplementedError:
-        pytest.skip(f"{config.strategy} is not registered in pdlab.training yet")
+        pytest.skip(f"{config.strategy} is not registered in pdlab.training.loop yet")
     with pytest.raises(ValueError, match=message):
         validate(config)
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from pdlab import wire
+from pdlab.measure import wire
 
 S = 1 << 20  # bytes each rank contributes
 # gloo's message headers on top of the payload, for the ops below with S = 1 MiB: measured
@@ -85,7 +85,7 @@ def dup_sockets(port: int) -> list[int]:
 def close_fds(fds_by_rank: list[list[int]]) -> None:
     import os
 
-    from pdlab import runtime
+    from pdlab.control import runtime
 
     for fd in fds_by_rank[runtime.rank()]:
         os.close(fd)

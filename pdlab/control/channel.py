@@ -1,0 +1,158 @@
+"""The kernel's control channel: one authenticated connection per rank, read into one queue.
+
+``ControlServer`` listens (loopback by default), authenticates each peer before anything it
+sends is unpickled (``protocol.accept_rank``), and gives every rank a reader thread that puts
+``(rank, message)`` on the cluster's event queue — except ``pdlab.log`` records, which go
+straight to the metrics callback so a long run's records never queue behind a call, and
+answers to ``Where``, which go to ``answers`` for whichever thread asked.
+
+Strangers are cheap to turn away: a handshake must finish within ``HANDSHAKE_S``, at most
+``MAX_PENDING`` run at once (more connections are closed on arrival), and ``close`` ends
+them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from pdlab.control import launcher, protocol
+
+HANDSHAKE_S = 5.0
+MAX_PENDING = 32
+
+
+@dataclass
+class RankLink:
+    """One rank as the kernel sees it: its process (when started here) and its connection."""
+
+    rank: int
+    pid: int | None = None
+    host: str | None = None
+    ready: bool = False
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    conn: Connection | None = field(default=None, repr=False)
+    lost: bool = False  # its connection ended (the only sign of life of an attached rank)
+    send_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        if self.process is not None:
+            return not launcher.exited(self.process)
+        return self.conn is not None and not self.lost
+
+    def send(self, message: Any) -> None:
+        """Send ``message`` to the rank, whole, from any thread; a closed rank is skipped."""
+        if self.conn is not None:
+            with self.send_lock, contextlib.suppress(OSError):
+                protocol.send(self.conn, message)
+
+    def exit_reason(self) -> str:
+        """Why the rank is gone, in words: its exit code or signal, else the connection."""
+        if self.process is None:
+            return "its connection closed"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(1)
+        code = self.process.returncode
+        if code is None:
+            return "its connection closed"
+        if code < 0:
+            return f"it was killed by {signal.Signals(-code).name}"
+        return f"it exited with code {code}"
+
+
+class ControlServer:
+    """Listens on ``(host, port)`` for the ranks of one cluster start."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: bytes,
+        links: list[RankLink],
+        events: queue.Queue,
+        publish: Callable[[], Callable[[int, protocol.Metrics], None] | None],
+    ):
+        """``publish()`` returns the metrics callback, or None once its cluster is gone (a
+        weak reference: these threads must not keep a dropped Cluster alive)."""
+        try:
+            self.listener: socket.socket | None = socket.create_server((host, port))
+        except OSError as exc:
+            raise ValueError(
+                f"can't listen on {host}:{port} ({exc.strerror}): the port is busy or the "
+                "address is not this machine's. Pass port=0 to pick a free port."
+            ) from exc
+        self.port: int = self.listener.getsockname()[1]
+        self.links, self.token, self.events, self.publish = links, token, events, publish
+        self.answers: queue.Queue = queue.Queue()  # (rank, Here, time received)
+        self._pending: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True, name="pdlab-accept").start()
+
+    def _accept(self) -> None:
+        while (listener := self.listener) is not None:
+            try:
+                sock, _ = listener.accept()
+            except OSError:  # closed: the cluster is shutting down
+                return
+            with self._lock:
+                if len(self._pending) >= MAX_PENDING:
+                    sock.close()
+                    continue
+                self._pending.add(sock)
+            threading.Thread(target=self._handshake, args=(sock,), daemon=True).start()
+
+    def _handshake(self, sock: socket.socket) -> None:
+        try:
+            conn, hello = protocol.accept_rank(sock, self.token, HANDSHAKE_S)
+        except Exception:
+            return
+        finally:
+            with self._lock:
+                self._pending.discard(sock)
+            sock.close()  # the connection, if any, has its own descriptor
+        if not 0 <= hello.rank < len(self.links) or self.links[hello.rank].conn is not None:
+            conn.close()  # a rank we don't expect, or a second connection for one
+            return
+        link = self.links[hello.rank]
+        link.conn, link.pid, link.host = conn, hello.pid, hello.host
+        self._read(link)
+
+    def _read(self, link: RankLink) -> None:
+        try:
+            while True:
+                message = protocol.recv(link.conn)
+                if isinstance(message, protocol.Here):  # asked from any thread, any time
+                    self.answers.put((link.rank, message, time.time()))
+                elif not isinstance(message, protocol.Metrics):
+                    self.events.put((link.rank, message))
+                elif (deliver := self.publish()) is not None:
+                    deliver(link.rank, message)
+        except BaseException:  # closed, or a stream we can no longer read: the rank is gone
+            link.lost = True
+            self.events.put((link.rank, protocol.Lost()))
+
+    def close(self) -> None:
+        """Stop listening and close every connection, pending handshakes included."""
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            for sock in self._pending:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._pending.clear()
+        for link in self.links:
+            if link.conn is not None:
+                link.conn.close()

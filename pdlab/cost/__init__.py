@@ -1,0 +1,6 @@
+"""Cost: what a run would cost elsewhere.
+
+Topologies and their links, the alpha-beta cost model, calibration of this machine,
+emulating a slower link on the ranks, the predictor (replays a measured run on another
+topology), memory footprints and the planner.
+"""

@@ -1,0 +1,3 @@
+"""Training: one run as plain values (``config``), the models and data, the loop
+(``loop``: ``pdlab.train``), checkpoints, and one file per parallelism in ``parallel/``.
+"""
