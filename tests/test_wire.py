@@ -169,13 +169,13 @@ def test_a_kernel_without_the_counters_gives_none(monkeypatch):
         client = socket.create_connection(server.getsockname())
         with client, server.accept()[0]:
             assert wire.bytes_on_wire() is not None
-            real = wire.tcp_info
+            real = wire._info
 
-            def as_on_linux_4_18(fd: int) -> bytes | None:
-                info = real(fd)
+            def as_on_linux_4_18(sock: socket.socket) -> bytes | None:
+                info = real(sock)
                 return None if info is None else info[:200]
 
-            monkeypatch.setattr(wire, "tcp_info", as_on_linux_4_18)
+            monkeypatch.setattr(wire, "_info", as_on_linux_4_18)
             assert wire.bytes_on_wire() is None
 
 

@@ -71,28 +71,35 @@ def _open(fd: int) -> socket.socket | None:
         return None
 
 
+def _info(sock: socket.socket) -> bytes | None:
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _NEEDED)
+    except OSError:
+        return None  # a Unix or UDP socket
+
+
 def tcp_info(fd: int) -> bytes | None:
     """The kernel's ``struct tcp_info`` (as far as ``tcpi_bytes_retrans``) for the TCP socket open
     at ``fd``; None when ``fd`` is not one (a file, a pipe, a Unix socket, closed meanwhile)."""
     if (sock := _open(fd)) is None:
         return None
     with sock:
-        try:
-            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _NEEDED)
-        except OSError:
-            return None  # a Unix or UDP socket
+        return _info(sock)
 
 
-def _connection(fd: int) -> str | None:
-    """``"LOCAL>PEER"`` (``host:port`` each) of the connected socket at ``fd``, else None."""
+def _tcp_connection(fd: int) -> tuple[str, bytes] | None:
+    """``("LOCAL>PEER", tcp_info)`` (``host:port`` each) of the connected TCP socket at ``fd``,
+    read through one duplicate of it; None for anything else (a listener carries no data)."""
     if (sock := _open(fd)) is None:
         return None
     with sock:
+        if (info := _info(sock)) is None:
+            return None
         try:
             local, peer = sock.getsockname(), sock.getpeername()
         except OSError:
             return None  # a listener, or closed meanwhile
-    return f"{local[0]}:{local[1]}>{peer[0]}:{peer[1]}"
+    return f"{local[0]}:{local[1]}>{peer[0]}:{peer[1]}", info
 
 
 def sent_received(info: bytes) -> tuple[int, int] | None:
@@ -134,8 +141,9 @@ def connections(exclude_fds: Iterable[int] = ()) -> dict[str, tuple[int, int]] |
         if inode is None or inode in seen:
             continue
         seen.add(inode)
-        if (info := tcp_info(fd)) is None or (conn := _connection(fd)) is None:
-            continue  # not TCP, or a listener (it carries no data)
+        if (read := _tcp_connection(fd)) is None:
+            continue
+        conn, info = read
         if (counters := sent_received(info)) is None:
             return None
         found[conn] = counters
