@@ -83,6 +83,12 @@ def link_op_time(op: str, payload_bytes: float, group_size: int, link: Link) -> 
     return _alpha_beta(op, group_size, link, lambda: wire_bytes(op, payload_bytes, group_size))
 
 
+def directions(op: str) -> tuple[str, ...]:
+    """What of a rank's full-duplex link an op occupies: a send goes out, a recv comes in, a
+    collective uses both directions (the emulator and the predictor share this rule)."""
+    return {"send": ("out",), "recv": ("in",)}.get(op, ("out", "in"))
+
+
 def slowest(a: Link, b: Link) -> Link:
     """The link a ring through both ``a`` and ``b`` behaves like."""
     return Link(f"{a.name}+{b.name}", min(a.bandwidth, b.bandwidth), max(a.latency, b.latency))

@@ -64,7 +64,7 @@ import torch
 import torch.distributed as dist
 
 from pdlab import compat
-from pdlab.cost.costmodel import link_op_time, shared_medium_op_time
+from pdlab.cost.costmodel import directions, link_op_time, shared_medium_op_time
 from pdlab.cost.topology import Link, parse_link
 from pdlab.training import loop
 
@@ -190,10 +190,10 @@ class _Link:
         self._lock = threading.Lock()
 
     def start(self, event: CommEvent, done: Callable[[], None]) -> None:
-        directions = {"send": ("out",), "recv": ("in",)}.get(event.op, ("out", "in"))
+        ways = directions(event.op)
         with self._lock:
-            start = max(time.perf_counter(), *(self._free.get(d, 0.0) for d in directions))
-            self._free.update(dict.fromkeys(directions, start + event.model_seconds))
+            start = max(time.perf_counter(), *(self._free.get(d, 0.0) for d in ways))
+            self._free.update(dict.fromkeys(ways, start + event.model_seconds))
         self._timer.at(start + event.model_seconds, done)
 
 

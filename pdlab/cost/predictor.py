@@ -31,7 +31,7 @@ import pandas as pd
 
 from pdlab.cost import emulation
 from pdlab.cost.calibration import Calibration, Ranks, this_machine
-from pdlab.cost.costmodel import link_op_time, op_time
+from pdlab.cost.costmodel import directions, link_op_time, op_time
 from pdlab.cost.emulation import SHARED, EmulatedLink
 from pdlab.cost.topology import THIS_MACHINE, Device, Topology
 from pdlab.measure.flops import FlopCounter
@@ -156,8 +156,8 @@ def duplex(issue: Issue) -> list[Hashable]:
     sender's outgoing and the receiver's incoming direction, a collective both of every member."""
     if issue.op == "send":
         sender, receiver = issue.ranks
-        return [(sender, "out"), (receiver, "in")]
-    return [(rank, way) for rank in issue.ranks for way in ("out", "in")]
+        return [(sender, d) for d in directions("send")] + [(receiver, d) for d in directions("recv")]  # fmt: skip
+    return [(rank, d) for rank in issue.ranks for d in directions(issue.op)]
 
 
 def replay(
