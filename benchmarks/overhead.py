@@ -20,6 +20,8 @@ import sys
 import tempfile
 import textwrap
 
+from common import median_after
+
 import pdlab
 from pdlab.training import registry
 
@@ -105,10 +107,6 @@ def plain_ddp_step_times(world_size: int, model: str, steps: int, batch: int, de
     return json.loads(reported[0])
 
 
-def median_after_warmup(values) -> float:
-    return statistics.median(list(values)[WARMUP:])
-
-
 def overhead(cluster: pdlab.Cluster, args: argparse.Namespace) -> None:
     """Median step time of pdlab.train's DDP and of plain DDP, alternating ``--repeats`` times
     so that drift in the machine's load hits both sides alike."""
@@ -117,9 +115,9 @@ def overhead(cluster: pdlab.Cluster, args: argparse.Namespace) -> None:
     ours, base = [], []
     for _ in range(args.repeats):
         result = pdlab.train(cluster, strategy="dp", impl="torch", **run)
-        ours.append(median_after_warmup(result.steps.step_time))
+        ours.append(median_after(result.steps.step_time, WARMUP))
         times = plain_ddp_step_times(world, args.model, args.steps, args.batch_size, args.device)
-        base.append(median_after_warmup(times))
+        base.append(median_after(times, WARMUP))
     ours_ms, base_ms = statistics.median(ours) * 1e3, statistics.median(base) * 1e3
     print(
         f"DDP, {args.model}, world {world}, batch {args.batch_size}, "
@@ -159,7 +157,7 @@ def table(args: argparse.Namespace) -> None:
                             f"{strategy:<9} {impl:<8} {world:>5}  n/a: {str(exc).splitlines()[0]}"
                         )
                         continue
-                    rate = median_after_warmup(r.steps.samples_per_s)
+                    rate = median_after(r.steps.samples_per_s, WARMUP)
                     print(
                         f"{strategy:<9} {impl:<8} {world:>5} {rate:>10.0f} "
                         f"{r.steps.comm_bytes.iloc[-1]:>12.0f} {r.max_rank_param_bytes:>16} "

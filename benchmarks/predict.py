@@ -19,6 +19,8 @@ import os
 import statistics
 import time
 
+from common import median_after
+
 import pdlab
 from pdlab.cost.calibration import calibrate
 from pdlab.training import registry
@@ -26,20 +28,13 @@ from pdlab.training import registry
 WARMUP = 2  # steps left out: the first counts FLOPs (slower) and warms every cache
 
 
-def median_after_warmup(values) -> float:
-    return statistics.median(list(values)[WARMUP:])
-
-
 def strategies(world: int, impls: list[str]) -> list[tuple[str, str]]:
     """Every registered (strategy, impl) but ``single`` that runs at ``world`` ranks on CPU."""
     found = []
     for name in registry.names():
         strategy = registry.get(name)
-        if name == "single" or world < strategy.min_world_size:
-            continue
-        if world % strategy.world_size_multiple:
-            continue
-        found += [(name, impl) for impl in impls if impl in strategy.impls]
+        if name != "single" and strategy.fits(world):
+            found += [(name, impl) for impl in impls if impl in strategy.impls]
     return found
 
 
@@ -55,8 +50,8 @@ def one_round(cluster: pdlab.Cluster, args: argparse.Namespace) -> dict:
             result = pdlab.train(cluster, link=link, **run)
             predicted = pdlab.predict(result, calibration=calibration)  # the run's link, or none
             cells[strategy, impl, mode] = (
-                median_after_warmup(result.steps.step_time),
-                median_after_warmup(predicted.step_time),
+                median_after(result.steps.step_time, WARMUP),
+                median_after(predicted.step_time, WARMUP),
             )
     return cells
 

@@ -40,10 +40,14 @@ class Strategy:
     micro_batched: bool = False  # splits each rank's batch into ``micro_batches`` (pipelines)
     refused: dict[str, str] = field(default_factory=dict)  # impl -> why it can't be, and the fix
 
+    def fits(self, world_size: int) -> bool:
+        """Whether it runs on ``world_size`` ranks."""
+        return world_size >= self.min_world_size and world_size % self.world_size_multiple == 0
+
     def check_world_size(self, world_size: int) -> None:
         """Raise ValueError, naming a cluster size that works, if ``world_size`` doesn't."""
         low, k = self.min_world_size, self.world_size_multiple
-        if world_size >= low and world_size % k == 0:
+        if self.fits(world_size):
             return
         if k == 1:
             raise ValueError(
