@@ -40,6 +40,7 @@ from pdlab.training.config import TrainConfig
 from pdlab.training.data import load_dataset, points
 from pdlab.training.layout import Layout
 from pdlab.training.loop import mesh_for
+from pdlab.training.parallel.data import flatten
 from pdlab.training.parallel.pipeline import StageLink, partition
 from pdlab.training.parallel.sharded import Zero1
 
@@ -543,10 +544,6 @@ def _zero_config(world_size: int) -> TrainConfig:
     )
 
 
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.detach().flatten() for t in tensors])
-
-
 def _zero1_on_rank(zero1_update: Callable) -> dict:
     config = _zero_config(runtime.world_size())
     mesh = mesh_for(Layout(dp=config.world_size), runtime.device())  # groups made once
@@ -561,7 +558,7 @@ def _zero1_on_rank(zero1_update: Callable) -> dict:
         steps.append({"ops": _ops(meter), "shard_grad": z.owned.grad.detach().clone()})
     state = [t for s in z.optimizer.state.values() for t in s.values() if t.dim() > 0]
     return {
-        "params": _flat(z.model.parameters()),
+        "params": flatten([p.detach() for p in z.model.parameters()]),
         "shard": len(z.owned),
         "flat": len(z.flat_param),
         "state_elements": sum(t.numel() for t in state),
@@ -581,9 +578,9 @@ def _one_process_zero() -> tuple[torch.Tensor, list[torch.Tensor]]:
         x, y = data.batch(step, config.batch_size)
         optimizer.zero_grad()
         models.loss_fn(model(x), y).backward()
-        grads.append(_flat(p.grad for p in model.parameters()))
+        grads.append(flatten([p.grad for p in model.parameters()]))
         optimizer.step()
-    return _flat(model.parameters()), grads
+    return flatten([p.detach() for p in model.parameters()]), grads
 
 
 def _explain_zero1(line: str) -> str | None:

@@ -6,7 +6,7 @@
 
 The reference is ``pdlab.cost.costmodel.link_op_time("all_reduce", ...)``: a ring all-reduce on
 n ranks takes 2(n-1) steps, each paying the link's latency, and every rank sends (and
-receives) 2(n-1)/n of the payload at the link's bandwidth. ``reference_all_reduce_time`` is
+receives) 2(n-1)/n of the payload at the link's bandwidth. ``pdlab.lab.solutions.all_reduce_time`` is
 the answer, written out. (A module of its own beside ``pdlab.lab.exercises``: the same
 ``report``, no ranks needed to check it.)
 """
@@ -29,12 +29,6 @@ CASES = [
     (100 * 2**20, 16, "ib-ndr400"),
 ]
 RELATIVE_TOLERANCE = 1e-6
-
-
-def reference_all_reduce_time(payload_bytes: float, ranks: int, bandwidth: float, latency: float) -> float:  # fmt: skip
-    """The answer: 2(n-1) ring steps of latency, plus 2(n-1)/n of the payload at the bandwidth."""
-    n = ranks
-    return 2 * (n - 1) * latency + 2 * (n - 1) / n * payload_bytes / bandwidth
 
 
 def _hint(got: float, payload: float, n: int, link: Link) -> str:

@@ -17,12 +17,18 @@ from pdlab.training.parallel.pipeline import StageLink
 from pdlab.training.parallel.sharded import Zero1
 from pdlab.training.parallel.tensor import ColumnParallelLinear
 
-__all__ = ["allreduce_gradients", "column_parallel_forward", "gpipe_step", "zero1_update"]
+__all__ = [
+    "all_reduce_time",
+    "allreduce_gradients",
+    "column_parallel_forward",
+    "gpipe_step",
+    "zero1_update",
+]
 
 # Lab 01: ``allreduce_gradients(params, group)`` is data parallelism's gradient sync
-# (``pdlab/parallel/data.py``): all-reduce (sum) the gradients in buckets, divide by the size.
+# (``pdlab/training/parallel/data.py``): all-reduce (sum) the gradients in buckets, divide by the size.
 
-# Lab 04: a ZeRO-1 step is ``Zero1.update`` (``pdlab/parallel/sharded.py``): reduce-scatter the
+# Lab 04: a ZeRO-1 step is ``Zero1.update`` (``pdlab/training/parallel/sharded.py``): reduce-scatter the
 # mean gradient into this rank's shard, step the shard, all-gather the shards back.
 zero1_update = Zero1.update
 
@@ -57,3 +63,10 @@ def gpipe_step(
         out.backward(None if link.is_last else link.recv_backward())
         if not link.is_first:
             link.send_backward(h.grad)
+
+
+# Lab 07: a ring all-reduce's time on one link (``pdlab.lab.exercises_cost`` checks it).
+def all_reduce_time(payload_bytes: float, ranks: int, bandwidth: float, latency: float) -> float:  # fmt: skip
+    """The answer: 2(n-1) ring steps of latency, plus 2(n-1)/n of the payload at the bandwidth."""
+    n = ranks
+    return 2 * (n - 1) * latency + 2 * (n - 1) / n * payload_bytes / bandwidth

@@ -46,7 +46,8 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors one after another in one 1-D tensor (a bucket, a shard's source)."""
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
@@ -80,7 +81,7 @@ def allreduce_gradients(
     """
     pending = []
     for bucket in buckets(params, bucket_bytes):
-        flat = _flat([p.grad for p in bucket])
+        flat = flatten([p.grad for p in bucket])
         pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
     for bucket, flat, work in pending:
         work.wait()
@@ -205,7 +206,7 @@ class ParameterServer(Single):
 
     def update(self) -> None:
         params = list(self.model.parameters())
-        grads = _flat([p.grad for p in params]).to(self.wire)
+        grads = flatten([p.grad for p in params]).to(self.wire)
         workers = range(1, self.group.size())
         if self.is_server:
             pushed = torch.empty_like(grads)
@@ -214,7 +215,7 @@ class ParameterServer(Single):
                 grads += pushed
             _unflat_into([p.grad for p in params], grads / self.group.size())
             self.optimizer.step()
-            new_params = _flat([p.detach() for p in params]).to(self.wire)
+            new_params = flatten([p.detach() for p in params]).to(self.wire)
             for dst in workers:
                 dist.send(new_params, group=self.group, group_dst=dst)
         else:

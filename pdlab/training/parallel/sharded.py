@@ -35,7 +35,7 @@ from pdlab.measure import comm
 from pdlab.measure.comm import CommEvent
 from pdlab.training.layout import Layout
 from pdlab.training.parallel.base import Mesh, TrainConfig, build_optimizer, meta_model
-from pdlab.training.parallel.data import DDP, _flat
+from pdlab.training.parallel.data import DDP, flatten
 from pdlab.training.parallel.single import Single
 
 
@@ -80,7 +80,7 @@ class Zero1(Single):
         self.optimizer = build_optimizer([self.owned], config)
 
     def update(self) -> None:
-        grads = nn.functional.pad(_flat([p.grad for p in self.params]), (0, self.padding))
+        grads = nn.functional.pad(flatten([p.grad for p in self.params]), (0, self.padding))
         reduce_scatter(self.owned.grad, grads, group=self.group)  # SUM: gloo's AVG is newer
         self.owned.grad /= self.group.size()
         self.optimizer.step()
