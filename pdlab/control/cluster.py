@@ -6,7 +6,7 @@ to every rank and returns the results ordered by rank, printing each rank's outp
 ``[rank r] ...``. Warm calls cost a loopback round trip, not a process start.
 
 Where the rest lives: ``launcher.py`` starts rank processes (and writes torchrun commands),
-``control.py`` accepts and reads their connections, ``protocol.py`` defines the messages,
+``channel.py`` accepts and reads their connections, ``protocol.py`` defines the messages,
 ``output.py`` prints their output. This file holds the public API and the failure policy.
 
 Failure policy, in one place (``_Call`` below): when a rank raises, dies or times out, the

@@ -1,4 +1,4 @@
-"""Every strategy, registered with one line: the CLI's choices, ``training.validate``, the
+"""Every strategy, registered with one line: the CLI's choices, ``loop.validate``, the
 rank grid of each strategy and the dashboard's menu are all read from here.
 
 A registration names its classes instead of importing them (``module`` plus a class name

@@ -72,7 +72,7 @@ class Implementation(Protocol):
     """What a registered strategy class provides (see README.md beside this file).
 
     Built on every rank as ``cls(model, config, mesh)``. A class may also define a static
-    ``check(config, layout)`` raising ValueError that names the fix; ``training.validate``
+    ``check(config, layout)`` raising ValueError that names the fix; ``loop.validate``
     calls it before any rank starts work.
     """
 
