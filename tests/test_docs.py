@@ -143,7 +143,7 @@ def _new_module_paths():
     """While the old layout stands, ``pdlab.cost.costmodel`` and the others import today's
     modules; removed again after the docs ran."""
     added = []
-    for new, old in {} if _restructured() else _BEFORE_RESTRUCTURE.items():
+    for new, old in () if _restructured() else _BEFORE_RESTRUCTURE.items():
         package, _, leaf = new.rpartition(".")
         if package not in sys.modules:
             sys.modules[package] = types.ModuleType(package)
