@@ -13,7 +13,7 @@ from pdlab.cost.calibration import calibrate, fit_link, measure_all_reduce, this
 from pdlab.cost.costmodel import link_op_time
 from pdlab.cost.topology import DEVICES, LINKS, PRESETS, Link, Topology, parse_link
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+TABLES = Path(__file__).resolve().parent.parent / "docs" / "clusters.md"
 
 
 @pytest.mark.parametrize(
@@ -103,15 +103,16 @@ def test_bad_keywords_say_what_to_change():
 
 
 def _readme_rows(first_cell: str) -> dict[str, list[str]]:
-    """README table rows whose first cell is a backquoted name, e.g. ``| `nvlink4` | ...``."""
+    """docs/clusters.md's table rows whose first cell is a backquoted name, e.g.
+    ``| `nvlink4` | ...``."""
     rows = {}
-    for line in README.read_text().splitlines():
+    for line in TABLES.read_text().splitlines():
         if match := re.match(rf"\|\s*`({first_cell})`\s*\|(.*)\|\s*$", line):
             rows[match[1]] = [cell.strip() for cell in match[2].split("|")]
     return rows
 
 
-def test_readme_table_repeats_the_figures_in_code():
+def test_docs_table_repeats_the_figures_in_code():
     links = _readme_rows("|".join(map(re.escape, LINKS)))
     assert links.keys() == LINKS.keys()
     for name, (bandwidth, latency, *_source) in links.items():

@@ -11,8 +11,8 @@ time of every op pdlab meters, and ``pdlab.cost.planner`` into step times for re
     calibrate(cluster).topology                   # this machine, measured (pdlab.cost.calibration)
     parse_link("100Mbit/s"), parse_link("1GB/s@10us"), parse_link("nvlink4")
 
-Every vendor figure lives in ``LINKS`` and ``DEVICES`` below, each with its source; README's
-"Clusters you choose" table repeats them (a test keeps the two in step).
+Every vendor figure lives in ``LINKS`` and ``DEVICES`` below, each with its source; the tables
+in docs/clusters.md repeat them (a test keeps the two in step).
 
 Conventions the other modules rely on:
 - ``Link.bandwidth`` is what one GPU can send while it also receives the same amount (per
