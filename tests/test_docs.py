@@ -11,11 +11,7 @@ its page run first.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -80,7 +76,7 @@ def pages(cluster2, tmp_path_factory):
 
     import pdlab
 
-    with pytest.MonkeyPatch.context() as patch, _new_module_paths():
+    with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path_factory.mktemp("docs"))
         state = {}
         for page in PAGES:
@@ -113,46 +109,3 @@ def test_block_runs(pages, page, index, capsys):
             # Blank lines put the code at its line in the page: tracebacks point there.
             source = "\n" * line + code
             exec(compile(source, _name(page), "exec"), state["namespace"])
-
-
-# The docs name modules by the layer paths of issue 16 (pdlab/cost/, ...), which land before
-# this branch is merged. Until then, each new path names today's module; once pdlab/cost/
-# exists, the test below fails: delete it, this map and _new_module_paths.
-_BEFORE_RESTRUCTURE = {
-    "pdlab.cost.calibration": "pdlab.calibration",
-    "pdlab.cost.costmodel": "pdlab.costmodel",
-    "pdlab.cost.emulation": "pdlab.emulation",
-    "pdlab.cost.planner": "pdlab.planner",
-    "pdlab.cost.topology": "pdlab.topology",
-    "pdlab.lab.plots": "pdlab.plots",
-    "pdlab.measure.comm": "pdlab.comm",
-    "pdlab.measure.trace": "pdlab.trace",
-}
-
-
-def _restructured() -> bool:
-    return (ROOT / "pdlab" / "cost").is_dir()
-
-
-def test_module_paths_alias_is_gone_after_the_restructure():
-    assert not _restructured(), "pdlab.cost exists: delete _BEFORE_RESTRUCTURE and its uses"
-
-
-@contextlib.contextmanager
-def _new_module_paths():
-    """While the old layout stands, ``pdlab.cost.costmodel`` and the others import today's
-    modules; removed again after the docs ran."""
-    added = []
-    for new, old in () if _restructured() else _BEFORE_RESTRUCTURE.items():
-        package, _, leaf = new.rpartition(".")
-        if package not in sys.modules:
-            sys.modules[package] = types.ModuleType(package)
-            added.append(package)
-        setattr(sys.modules[package], leaf, importlib.import_module(old))
-        sys.modules[new] = sys.modules[old]
-        added.append(new)
-    try:
-        yield
-    finally:
-        for name in added:
-            del sys.modules[name]

@@ -178,7 +178,9 @@ def test_an_interrupted_call_says_where_the_ranks_were(cluster2, capfd):
 def test_ddp_buckets_are_recorded_at_pdlabs_comm_hook(cluster2):
     pdlab.train(cluster2, strategy="dp", impl="torch", steps=2)
     ops = cluster2.where()[0].recent
-    assert any(o.op == "all_reduce" and o.line.startswith("pdlab/training/parallel/data.py") for o in ops)
+    assert any(
+        o.op == "all_reduce" and o.line.startswith("pdlab/training/parallel/data.py") for o in ops
+    )
 
 
 # ---- a dead rank's black box ------------------------------------------------------------------
