@@ -21,7 +21,7 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 FORBIDDEN = [
     ("measure/comm.py", "from pdlab.cost import emulation", "Layers"),
     ("control/warmup.py", "from pdlab.training import registry", "Layers"),
-    ("training/parallel/tensor.py", "from pdlab.training.parallel import sharded", "Strategies"),
+    ("training/parallel/tensor.py", "from pdlab.training.parallel import sharded", "The tensor"),
     ("control/worker.py", "import pandas", "A rank's control plane"),
     ("training/data.py", "from pdlab.training import models", "No import circles"),
     ("cost/topology.py", "from pdlab.cost import calibration", "No import circles"),
