@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdlab.cost.costmodel import link_op_time, op_time
+from pdlab.cost.costmodel import link_op_time, op_time, shared_medium_op_time
 from pdlab.cost.topology import Link, Topology
 
 MB = 1_000_000
@@ -98,3 +98,22 @@ def test_bad_ops_and_groups_are_refused_with_the_fix():
         op_time("all_reduce", 1, 4, topo, nodes=3)
     with pytest.raises(ValueError, match="choose one of ring, hierarchical"):
         op_time("all_reduce", 1, 4, topo, algorithm="tree")
+
+
+def test_an_op_is_priced_at_what_its_backends_algorithm_sends():
+    """gloo sends more than a ring for some ops (its sockets show it: tests/test_traffic.py);
+    given the backend, a link carries those bytes. Figures by hand, 1 MB on 1 MB/s."""
+    link, s = Link("1MB/s", 1e6, 0.0), 1e6
+    # A ring reduce-scatter sends (n-1)/n·S a rank; gloo's is an all-reduce, 2(n-1)/n·S.
+    assert link_op_time("reduce_scatter", s, 4, link) == pytest.approx(0.75)
+    assert link_op_time("reduce_scatter", s, 4, link, "gloo") == pytest.approx(1.5)
+    # gloo broadcasts on a binomial tree: the root sends S to ⌈log2 n⌉ ranks.
+    assert link_op_time("broadcast", s, 4, link, "gloo") == pytest.approx(2.0)
+    assert link_op_time("broadcast", s, 8, link, "gloo") == pytest.approx(3.0)
+    # An all-reduce is a ring on both; a send is its bytes.
+    assert link_op_time("all_reduce", s, 4, link, "gloo") == pytest.approx(1.5)
+    assert link_op_time("send", s, 2, link, "gloo") == pytest.approx(1.0)
+    # One medium carries every rank's bytes: 4 ranks x 1.5 MB for gloo's reduce-scatter.
+    assert shared_medium_op_time("reduce_scatter", s, 4, link, "gloo") == pytest.approx(6.0)
+    assert shared_medium_op_time("reduce_scatter", s, 4, link) == pytest.approx(3.0)
+    assert shared_medium_op_time("broadcast", s, 4, link, "gloo") == pytest.approx(3.0)

@@ -297,6 +297,28 @@ def test_the_bound_fails_a_run_without_the_delays(cluster2):
     assert plain.ranks.step_time.max() < modelled
 
 
+WIRE_LINK = "30Mbit/s"  # 3.75 MB/s: a GPT's gradients take ~0.2 s, well above its compute
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-rank", "shared"])
+@pytest.mark.parametrize("strategy", ["zero1", "zero3"])
+def test_an_emulated_step_never_beats_its_own_wire_bytes(cluster2, strategy, shared):
+    """What the ranks' sockets sent (``wire_sent_bytes``) took at least bytes / rate on the
+    link: gloo's reduce-scatter sends twice a ring's, and an emulator pricing the ring's
+    bytes finished zero1's steps in ~0.67 of that (FACTS.md, a real tbf link)."""
+    link = WIRE_LINK + (emulation.SHARED if shared else "")
+    rate = parse(link).link.bandwidth
+    run = train(cluster2, strategy=strategy, model="gpt", steps=2, batch_size=8, link=link)
+    ranks = run.ranks.set_index(["step", "rank"])
+    for step, per_rank in ranks.groupby("step"):
+        # Framing (gloo's 48-byte headers: < 0.1% here) is on the wire, not in the model.
+        if shared:  # every rank's bytes crossed one medium within the step
+            assert per_rank.step_time.max() >= 0.999 * per_rank.wire_sent_bytes.sum() / rate, step
+        else:  # each rank's own link carried what it sent
+            bound = 0.999 * per_rank.wire_sent_bytes / rate
+            assert (per_rank.step_time >= bound).all(), (step, per_rank.step_time, bound)
+
+
 def test_a_link_faster_than_this_machine_is_called_out(cluster2):
     config = TrainConfig(strategy="dp", model="mlp", steps=2)
     with pytest.warns(UserWarning, match="the emulated link nvlink4 is faster than this machine"):

@@ -30,11 +30,13 @@ The two entry points, for link emulation and the step-time predictor:
     op_time(op, payload_bytes, group, topology, nodes=1, algorithm="ring") -> seconds
         group: the op's global ranks (their nodes come from the topology), or its size with
         ``nodes`` = how many nodes it spans (ranks spread evenly over them).
-    link_op_time(op, payload_bytes, group_size, link) -> seconds
+    link_op_time(op, payload_bytes, group_size, link, backend=None) -> seconds
         every rank pair joined by this one link: what ``--link 100Mbit/s`` means on one machine.
-    shared_medium_op_time(op, payload_bytes, group_size, link) -> seconds
+    shared_medium_op_time(op, payload_bytes, group_size, link, backend=None) -> seconds
         all ranks' bytes cross one medium of ``link``'s rate (``--link 100Mbit/s:shared``; a
         loopback device throttled by the kernel): the op's bytes from every rank, in turn.
+    ``backend``: price what that backend's algorithm really sends (``comm.traffic``; emulation
+    on gloo ranks), not the ring's bytes (None: NCCL's model, the GPU presets).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from pdlab.cost.topology import Link, Topology, whole_number
-from pdlab.measure.comm import bus_bytes
+from pdlab.measure.comm import bus_bytes, traffic
 
 OPS = (
     "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all",
@@ -78,9 +80,24 @@ def _alpha_beta(op: str, group_size: int, link: Link, nbytes: Callable[[], float
     return steps * link.latency + nbytes() / link.bandwidth
 
 
-def link_op_time(op: str, payload_bytes: float, group_size: int, link: Link) -> float:
-    """Seconds ``op`` takes on ``group_size`` ranks all joined by ``link``."""
-    return _alpha_beta(op, group_size, link, lambda: wire_bytes(op, payload_bytes, group_size))
+def link_bytes(op: str, payload_bytes: float, group_size: int, backend: str | None = None) -> float:
+    """Bytes through the busiest rank's link, out or in, for ``op``: on ``backend``'s own
+    algorithm (``comm.traffic``: gloo runs a reduce-scatter as an all-reduce, a broadcast as a
+    binomial tree), or the ring's ``wire_bytes`` without one (NCCL's model)."""
+    if backend is None:
+        return wire_bytes(op, payload_bytes, group_size)
+    positions = range(group_size)  # rooted ops differ by a rank's place from the root
+    return max(max(traffic(op, payload_bytes, group_size, p, backend)) for p in positions)
+
+
+def link_op_time(
+    op: str, payload_bytes: float, group_size: int, link: Link, backend: str | None = None
+) -> float:
+    """Seconds ``op`` takes on ``group_size`` ranks all joined by ``link`` (its busiest rank's
+    bytes: ``link_bytes``)."""
+    return _alpha_beta(
+        op, group_size, link, lambda: link_bytes(op, payload_bytes, group_size, backend)
+    )
 
 
 def directions(op: str) -> tuple[str, ...]:
@@ -140,12 +157,17 @@ def op_time(
     return inside + across + link_op_time("all_gather", payload_bytes, per_node, topology.intra)
 
 
-def medium_bytes(op: str, payload_bytes: float, group_size: int) -> float:
-    """Bytes all ``group_size`` ranks together put on a medium they share for ``op``: every
-    rank's ``wire_bytes`` for the ring collectives (all-reduce 2(n-1)·S, all-gather,
-    reduce-scatter, all-to-all (n-1)·S); S from each of n-1 ranks for broadcast and reduce;
-    the root's (n-1)/n·S for gather and scatter; one message for send and recv."""
+def medium_bytes(
+    op: str, payload_bytes: float, group_size: int, backend: str | None = None
+) -> float:
+    """Bytes all ``group_size`` ranks together put on a medium they share for ``op``: what
+    every rank sends on ``backend``'s algorithm (``comm.traffic``); without one, every rank's
+    ``wire_bytes`` for the ring collectives (all-reduce 2(n-1)·S, all-gather, reduce-scatter,
+    all-to-all (n-1)·S), S from each of n-1 ranks for broadcast and reduce, the root's
+    (n-1)/n·S for gather and scatter. One message for send and recv."""
     wire = wire_bytes(op, payload_bytes, group_size)
+    if backend is not None and op not in ("send", "recv"):
+        return sum(traffic(op, payload_bytes, group_size, p, backend)[0] for p in range(group_size))
     if op in ("send", "recv", "barrier", "gather", "scatter"):
         return wire  # one message, or everything through the root's link
     if op in ("broadcast", "reduce"):
@@ -153,6 +175,10 @@ def medium_bytes(op: str, payload_bytes: float, group_size: int) -> float:
     return group_size * wire
 
 
-def shared_medium_op_time(op: str, payload_bytes: float, group_size: int, link: Link) -> float:
+def shared_medium_op_time(
+    op: str, payload_bytes: float, group_size: int, link: Link, backend: str | None = None
+) -> float:
     """Seconds ``op`` takes when its ranks' bytes all cross one medium of ``link``'s rate."""
-    return _alpha_beta(op, group_size, link, lambda: medium_bytes(op, payload_bytes, group_size))
+    return _alpha_beta(
+        op, group_size, link, lambda: medium_bytes(op, payload_bytes, group_size, backend)
+    )

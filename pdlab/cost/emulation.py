@@ -86,10 +86,13 @@ class EmulatedLink:
     link: Link
     shared: bool = False
 
-    def op_seconds(self, op: str, nbytes: float, group_size: int) -> float:
-        """``op``'s time on this link; ``nbytes`` is the payload (for a recv: bytes received)."""
+    def op_seconds(
+        self, op: str, nbytes: float, group_size: int, backend: str | None = None
+    ) -> float:
+        """``op``'s time on this link; ``nbytes`` is the payload (for a recv: bytes received);
+        ``backend``: whose algorithm's bytes it carries (``costmodel.link_bytes``)."""
         time_on = shared_medium_op_time if self.shared else link_op_time
-        return time_on(op, nbytes, group_size, self.link)
+        return time_on(op, nbytes, group_size, self.link, backend)
 
 
 def parse(spec: str | EmulatedLink) -> EmulatedLink:
@@ -318,6 +321,9 @@ class Emulator:
         (a collective: each of them builds its Emulator at once). ``device``: where the ops'
         tensors live (a future holding CUDA tensors must name its GPU)."""
         self.emulated = emulated
+        # The bytes its algorithm sends are what the link carries (gloo: 2x a ring's
+        # reduce-scatter, a broadcast's root ⌈log2 n⌉ copies).
+        self.backend = dist.get_backend(group) if group is not None else None
         self._devices = [device] if device is not None and device.type == "cuda" else None
         self._timer = _Timer()
         self._board = _Board.create(group) if emulated.shared and group is not None else None
@@ -329,7 +335,9 @@ class Emulator:
     def price(self, event: CommEvent) -> None:
         """Set ``event.model_seconds``: its time on the link (a recv's: what it receives)."""
         nbytes = event.received_bytes if event.op == "recv" else event.payload_bytes
-        event.model_seconds = self.emulated.op_seconds(event.op, nbytes, event.group_size)
+        event.model_seconds = self.emulated.op_seconds(
+            event.op, nbytes, event.group_size, self.backend
+        )
 
     def delay_future(
         self, event: CommEvent, future: torch.futures.Future, issued: float

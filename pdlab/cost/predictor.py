@@ -342,18 +342,21 @@ def on_topology(topology: Topology, algorithm: str = "ring") -> Target:
     return Target(topology.name, seconds, links, topology.device, measures_here(topology))
 
 
-def on_link(emulated: EmulatedLink, calibration: Calibration | None = None) -> Target:
+def on_link(
+    emulated: EmulatedLink, calibration: Calibration | None = None, backend: str = "gloo"
+) -> Target:
     """This machine's ranks over an emulated link, as ``pdlab.cost.emulation`` runs them: an op
     takes its time on the link plus, given a ``calibration``, this machine's own (emulation
     delays an op after it really completed here). ``:shared``: one medium for every op of
     every rank, one op at a time (emulation shares its rate between the ops in flight: the
-    same total time, another order)."""
+    same total time, another order). Every op is priced at the bytes ``backend``'s algorithm
+    sends, on the emulated link and this machine's own (``costmodel.link_bytes``)."""
     transport = calibration.link if calibration else None
 
     def seconds(issue: Issue) -> float:
         n = len(issue.ranks)
-        here = link_op_time(issue.op, issue.payload, n, transport) if transport else 0.0
-        return emulated.op_seconds(issue.op, issue.payload, n) + here
+        here = link_op_time(issue.op, issue.payload, n, transport, backend) if transport else 0.0
+        return emulated.op_seconds(issue.op, issue.payload, n, backend) + here
 
     def links(issue: Issue) -> list[Hashable]:
         return ["medium"] if emulated.shared else duplex(issue)
@@ -373,8 +376,10 @@ def resolve(
     cluster: Ranks | None = None,
     calibration: Calibration | None = None,
     algorithm: str = "ring",
+    backend: str = "gloo",
 ) -> Target:
-    """``predict``'s ``target`` as a ``Target`` (see ``predict``)."""
+    """``predict``'s ``target`` as a ``Target`` (see ``predict``); ``backend``: the run's, whose
+    algorithms' bytes an emulated link carries."""
     if isinstance(target, Target):
         return target
     if target is None and config.world_size == 1:  # nothing to communicate: compute alone
@@ -385,12 +390,12 @@ def resolve(
     if isinstance(target, str) and target.strip().lower() == THIS_MACHINE:
         target = this_machine(cluster, calibration)
     if isinstance(target, EmulatedLink):
-        return on_link(target, calibration)
+        return on_link(target, calibration, backend)
     try:
         topology = Topology.parse(target)
     except ValueError as not_a_topology:
         try:
-            return on_link(emulation.parse(target), calibration)
+            return on_link(emulation.parse(target), calibration, backend)
         except ValueError:
             raise ValueError(
                 f"{not_a_topology}; or a link this machine's ranks emulate ('100Mbit/s', "
@@ -428,7 +433,7 @@ def predict(
     """
     assume = assumptions or Assumptions()
     config = result.config
-    where = resolve(target, config, cluster, calibration, assume.algorithm)
+    where = resolve(target, config, cluster, calibration, assume.algorithm, result.backend)
     layout = layout_for(config.strategy, config.world_size)
 
     def rule(op: str, group: str) -> str:

@@ -126,6 +126,7 @@ class Run:
     config: TrainConfig
     world_size: int  # the cluster's (``single`` uses rank 0 of it)
     expected: list[CommEvent] = field(default_factory=list)  # once the cluster's backend is known
+    backend: str = "gloo"  # the cluster's
     # Appended by the cluster's reader threads, copied by the painter: both single
     # operations under the GIL, so no lock is needed.
     records: list[dict] = field(default_factory=list)
@@ -199,7 +200,7 @@ class Run:
             }
             for r, recs in by_rank.items()
         ]
-        return results(self.config, outputs, self.expected)
+        return results(self.config, outputs, self.expected, self.backend)
 
 
 def _show(widget: go.FigureWidget, fig: go.Figure) -> None:
@@ -548,6 +549,7 @@ class Dashboard:
         try:
             cluster = self._cluster_of_size(run.world_size)
             run.expected = expected_comm(run.config, cluster.backend)
+            run.backend = cluster.backend
             if run.config.world_size > 1 and (
                 run.cluster == THIS_MACHINE or _emulable(run.cluster)
             ):

@@ -276,6 +276,7 @@ class TrainResult:
     # and the whole step; start, end (time.time()) and the thread's CPU seconds (pdlab.measure.trace)
     spans: pd.DataFrame = field(default_factory=pd.DataFrame)
     clock_offsets: dict[int, float] = field(default_factory=dict)  # attached ranks' clocks
+    backend: str = "gloo"  # the ranks' (whose algorithms' bytes a link carried)
 
     def trace(self, path: str | Path) -> Path:
         """Write the run as a Chrome/Perfetto trace (open it at https://ui.perfetto.dev):
@@ -296,8 +297,11 @@ class TrainResult:
         )
 
 
-def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent]) -> TrainResult:
-    """Tables from what the ranks returned (or logged so far: the dashboard builds live ones)."""
+def results(
+    config: TrainConfig, outputs: list[dict], expected: list[CommEvent], backend: str = "gloo"
+) -> TrainResult:
+    """Tables from what the ranks returned (or logged so far: the dashboard builds live ones),
+    run on ``backend``."""
     rows, ops, spans = [], [], []
     wire_sent: dict[int, dict[int, dict[str, int]]] = {}  # step -> rank -> its connections
     for out in outputs:
@@ -379,6 +383,7 @@ def results(config: TrainConfig, outputs: list[dict], expected: list[CommEvent])
             if rec["timeline"]
         ],
         pd.DataFrame(spans, columns=["step", "rank", "name", "mb", "start", "end", "cpu"]),
+        backend=backend,
     )
 
 
@@ -418,7 +423,7 @@ def train(
         outputs = cluster.run(
             run_on_rank, config, full_state, emulating, ranks=ranks, timeout=timeout
         )
-    result = results(config, outputs, expected)
+    result = results(config, outputs, expected, "gloo" if cluster is None else cluster.backend)
     if links and (note := links.faster_than_here(result.comm, config.link)):
         warnings.warn(note, stacklevel=2)
     if cluster is not None and cluster.attach:
