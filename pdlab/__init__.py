@@ -12,7 +12,10 @@ Inside a rank: ``pdlab.rank()``, ``pdlab.world_size()``, ``pdlab.device()``,
 
 import importlib
 
+from pdlab._lazy import submodules
 from pdlab.control import warmup as _warmup
+
+_submodule = submodules(__name__)
 
 __all__ = [
     "CallTimeout",
@@ -74,10 +77,7 @@ def __getattr__(name: str):
         for plug in _PLUGS.get(module.__name__, ()):
             importlib.import_module(plug)
         return getattr(module, name)
-    try:
-        return importlib.import_module(f"pdlab.{name}")  # a submodule: pdlab.control.runtime, ...
-    except ModuleNotFoundError:
-        raise AttributeError(f"module 'pdlab' has no attribute {name!r}") from None
+    return _submodule(name)  # a layer (pdlab.measure, ...), or pdlab.compat
 
 
 def load_ipython_extension(ipython) -> None:

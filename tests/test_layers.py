@@ -57,3 +57,16 @@ def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, contract
     assert done.returncode != 0, done.stdout
     broken = [row for row in done.stdout.splitlines() if row.rstrip().endswith("BROKEN")]
     assert any(row.startswith(contract) for row in broken), done.stdout
+
+
+def test_a_layers_modules_are_its_attributes_on_first_use():
+    """``pdlab.measure.trace.breakdown(r)`` in a notebook, as ``pdlab.trace`` was before the
+    layers: a fresh process, nothing imported but pdlab (lab 03 failed in the browser)."""
+    code = (
+        "import pdlab\n"
+        "assert callable(pdlab.lab.dashboard.live) and callable(pdlab.measure.trace.breakdown)\n"
+        "assert pdlab.training.models.build_model and pdlab.control.cluster.current\n"
+        "assert not hasattr(pdlab.cost, 'nope') and not hasattr(pdlab, 'nope')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

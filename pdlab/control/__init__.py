@@ -5,3 +5,7 @@ authenticated ``channel`` in ``protocol``'s messages, streams their ``output`` a
 back, and runs any code on them (``worker``, ``scripts``). ``runtime`` is the in-rank API
 (``pdlab.rank()``, ``pdlab.log()``). It runs code; it knows no strategy, model or cost.
 """
+
+from pdlab._lazy import submodules
+
+__getattr__ = submodules(__name__)

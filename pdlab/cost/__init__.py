@@ -4,3 +4,7 @@ Topologies and their links, the alpha-beta cost model, calibration of this machi
 emulating a slower link on the ranks, the predictor (replays a measured run on another
 topology), memory footprints and the planner.
 """
+
+from pdlab._lazy import submodules
+
+__getattr__ = submodules(__name__)
