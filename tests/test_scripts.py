@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,37 +12,18 @@ import pytest
 import torch
 
 import pdlab
+from tests.helpers import rank_lines, torchrun_lines
 
 SCRIPT = Path(__file__).resolve().parent.parent / "labs" / "scripts" / "ddp_toy"
 
 
 @pytest.fixture
-def script_dir(tmp_path) -> Path:
-    """A private copy of the toy DDP script and its model (the tests edit them)."""
-    return Path(shutil.copytree(SCRIPT, tmp_path / "ddp_toy"))
-
-
-def rank_lines(text: str, rank: int) -> list[str]:
-    prefix = f"[rank {rank}] "
-    return [line.removeprefix(prefix) for line in text.splitlines() if line.startswith(prefix)]
-
-
-def torchrun_lines(script: Path, args: list[str], tmp_path: Path) -> dict[int, list[str]]:
-    """What each rank prints under torchrun (each rank's stdout in its own file).
-
-    Not checked: torchrun's exit code. gloo sometimes aborts a rank in its teardown after
-    the script has finished ("terminate called without an active exception"; FACTS.md)."""
-    logs = tmp_path / "torchrun-logs"
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         f"--log-dir={logs}", "--redirects=3", str(script), *args],
-        cwd=script.parent, capture_output=True, timeout=120,
-    )  # fmt: skip
-    out = {}
-    for rank in (0, 1):
-        [log] = logs.glob(f"*/attempt_0/{rank}/stdout.log")
-        out[rank] = log.read_text().splitlines()
-    return out
+def script_dir(tmp_path, monkeypatch) -> Path:
+    """A private copy of the toy DDP script and its model (the tests edit them), the working
+    directory, as its tutorial runs it (``torchrun ... train.py``)."""
+    folder = Path(shutil.copytree(SCRIPT, tmp_path / "ddp_toy"))
+    monkeypatch.chdir(folder)
+    return folder
 
 
 def test_a_torchrun_script_runs_unchanged_and_prints_what_torchrun_prints(
@@ -51,15 +31,16 @@ def test_a_torchrun_script_runs_unchanged_and_prints_what_torchrun_prints(
 ):
     pids = cluster2.run(os.getpid)
     capfd.readouterr()
-    cluster2.run_script(script_dir / "train.py", "3", "--batch-size", "20")
+    cluster2.run_script("train.py", "3", "--batch-size", "20")
     ours = capfd.readouterr().out
     snapshot = torch.load(script_dir / "snapshot.pt")
     (script_dir / "snapshot.pt").unlink()
-    theirs = torchrun_lines(script_dir / "train.py", ["3", "--batch-size", "20"], tmp_path)
+    logs = tmp_path / "logs"
+    theirs = torchrun_lines(script_dir / "train.py", ["3", "--batch-size", "20"], logs)
     for rank in (0, 1):
         assert rank_lines(ours, rank) == theirs[rank]
     assert "epoch 2 loss" in rank_lines(ours, 1)[-1]
-    # The file lands beside the script, and holds what torchrun's run saved.
+    # The file lands in the working directory, and holds what torchrun's run saved.
     torch.testing.assert_close(torch.load(script_dir / "snapshot.pt"), snapshot)
     # destroy_process_group left the cluster's group: same ranks, still in one group.
     assert cluster2.run(os.getpid) == pids
