@@ -533,7 +533,11 @@ class Cluster:
         return flight.dead(rank, ops, labels)
 
     def _locate(self, ranks: Sequence[int]) -> Locations:
-        return Locations(place for place, _ in self._ask_where(ranks, WHERE_S))
+        places = Locations(place for place, _ in self._ask_where(ranks, WHERE_S))
+        for place in places:  # the counts at the call's start: "after op #57 (53 in this call)"
+            issued = self._in_step_counts.get(place.rank, {})
+            place.before = {place.groups.get(name, name): n for name, n in issued.items()}
+        return places
 
     def _call(
         self, kind: str, payload: bytes | str, ranks: Sequence[int] | None, timeout: float | None

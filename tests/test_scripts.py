@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -179,3 +180,35 @@ def test_lines_are_shown_in_the_order_the_ranks_printed_them(capsys):
         "[rank 1] second",
         "[rank 0] third",
     ]
+
+
+RAISES_MID_RUN = """\
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+dist.init_process_group("gloo")
+model = DDP(torch.nn.Linear(4, 4))
+for step in range(4):
+    model(torch.randn(2, 4)).sum().backward()  # DDP's reducer all-reduces from C++
+    if step == 2 and dist.get_rank() == 1:
+        raise ValueError("mid-run")
+"""
+
+
+def test_the_error_counts_the_ops_a_script_issued_from_its_start(cluster2, tmp_path):
+    def three_all_reduces() -> int:
+        for _ in range(3):
+            torch.distributed.all_reduce(torch.ones(1))
+        return pdlab.compat.sequence_number(torch.distributed.group.WORLD)
+
+    last = cluster2.run(three_all_reduces)[1]  # the last op recorded before the script
+    (tmp_path / "raises.py").write_text(RAISES_MID_RUN)
+    with pytest.raises(pdlab.RankError) as info:
+        cluster2.run_script(tmp_path / "raises.py")
+    said = re.search(
+        r"rank 1 raised ValueError after op #(\d+) \((\d+) in this call\)", str(info.value)
+    )
+    assert said, str(info.value)
+    # Not the cell's all_reduce from before: three backward steps all-reduced gradients.
+    assert f"all_reduce #{last}" not in str(info.value)
+    assert int(said[1]) == last + int(said[2]) and int(said[2]) >= 3
