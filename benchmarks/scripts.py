@@ -40,8 +40,9 @@ def torchrun_seconds(folder: Path, world_size: int) -> float:
 
 def run_script_seconds(cluster: pdlab.Cluster, folder: Path) -> float:
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        cluster.run_script(folder / "train.py", *ARGS)
+    # From the script's folder, as torchrun above: its snapshot lands there.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.chdir(folder):
+        cluster.run_script("train.py", *ARGS)
     return time.perf_counter() - start
 
 

@@ -71,6 +71,8 @@ HELPERS = {  # as torchrun reads them; test_edited_helpers starts from other val
 # port, an error file in its temp dir, threads per rank.
 PDLAB_ONLY = {"GLOO_SOCKET_IFNAME", "TORCHINDUCTOR_CACHE_DIR"}
 PDLAB_VALUES = {"MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE", "OMP_NUM_THREADS"}
+# pytest's, set anew for each test phase: the ranks have it from when the cluster started.
+PDLAB_VALUES.add("PYTEST_CURRENT_TEST")
 
 
 def write(folder: Path, files: dict[str, str]) -> None:
@@ -97,6 +99,12 @@ def run_probe(cluster, capfd) -> tuple[dict[int, list[str]], str]:
     cluster.run_script("../reload/probe.py", "data.txt")
     out, err = capfd.readouterr()
     return {rank: rank_lines(out, rank) for rank in (0, 1)}, err
+
+
+def env_of(lines: list[str]) -> dict[str, str]:
+    """The environment the probe printed."""
+    [env] = [json.loads(line[4:]) for line in lines if line.startswith("env ")]
+    return env
 
 
 def compared(lines: list[str]) -> list[str]:
@@ -136,7 +144,8 @@ def test_nothing_a_script_changes_reaches_the_next_run(cluster2, probe, capfd, m
     after, err = run_probe(cluster2, capfd)
     for rank in (0, 1):
         assert compared(after[rank]) == compared(torchrun_log(logs, rank))
-        assert after[rank] == before[rank]  # threads and the environment too
+        assert after[rank][:-1] == before[rank][:-1]  # threads too
+        assert env_of(after[rank]) == env_of(before[rank])
         # A new process shows a warning every run: here too, though this one was shown before.
         assert any(
             f"[rank {rank}] " in line and "UserWarning: probe warning" in line
@@ -154,10 +163,7 @@ def test_the_environment_is_torchruns_but_for_pdlabs_own_variables(
     monkeypatch.chdir(caller)
     ours, _ = run_probe(cluster2, capfd)
     for rank in (0, 1):
-        [mine] = [json.loads(line[4:]) for line in ours[rank] if line.startswith("env ")]
-        [theirs] = [
-            json.loads(line[4:]) for line in torchrun_log(logs, rank) if line.startswith("env ")
-        ]
+        mine, theirs = env_of(ours[rank]), env_of(torchrun_log(logs, rank))
         assert set(theirs) - set(mine) == set()
         assert set(mine) - set(theirs) <= PDLAB_ONLY
         differ = {k for k in set(mine) & set(theirs) if mine[k] != theirs[k]}
@@ -206,8 +212,10 @@ def test_an_mp_spawn_script_runs_in_place_unchanged(cluster2, tmp_path, capfd, m
     (tmp_path / "spawning.py").write_text(SPAWNING)
     monkeypatch.chdir(tmp_path)
     args = ["2", str(free_loopback_port())]
+    # Block-buffered: each child's lines reach the shared pipe in one write, none glued.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     alone = subprocess.run(
-        [sys.executable, "spawning.py", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "spawning.py", *args], capture_output=True, text=True, timeout=120, env=env
     )
     assert alone.returncode == 0, alone.stderr
     ports = cluster2.run(lambda: os.environ["MASTER_PORT"])
