@@ -35,7 +35,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -161,11 +161,8 @@ def _put_environment(saved: dict[str, str]) -> None:
 
 def _put_warnings(saved: tuple[list, dict]) -> None:
     warnings.filters[:], once = saved
-    warnings.onceregistry.clear()
+    _reset_warnings()
     warnings.onceregistry.update(once)
-    # Every module's ``__warningregistry__`` (what "default" already showed) becomes stale, so
-    # the next run shows its warnings again, as a new process does.
-    warnings._filters_mutated()
 
 
 _SIGNALS = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
@@ -200,60 +197,113 @@ def _put_default_device(saved: torch.device) -> None:
     torch.set_default_device(None if saved == torch.device("cpu") else saved)
 
 
+_FLAGS = [
+    (torch.backends.cudnn, "enabled"),
+    (torch.backends.cudnn, "benchmark"),
+    (torch.backends.cudnn, "deterministic"),
+]  # Not the TF32 flags: torch 2.13 can't read them back once legacy and new APIs were mixed
+
+
+def _backend_flags() -> list[bool]:
+    return [getattr(owner, name) for owner, name in _FLAGS]
+
+
+def _put_backend_flags(saved: list[bool]) -> None:
+    for (owner, name), value in zip(_FLAGS, saved, strict=True):
+        setattr(owner, name, value)
+
+
+def _put_streams(saved: tuple[Any, Any]) -> None:
+    sys.stdout, sys.stderr = saved  # the rank's, which reach the kernel
+
+
 def _same(now: Any, saved: Any) -> bool:
     return torch.equal(now, saved) if isinstance(now, torch.Tensor) else bool(now == saved)
 
 
 _PRINT_OPTIONS = vars(torch._tensor_str.PRINT_OPTS)
 
-# Everything in this process that code may change and that a new process would start without:
-# a name, how to take it, how to put it back. One table, so nothing is restored ad hoc.
-_STATE: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
-    "environment variables": (lambda: dict(os.environ), _put_environment),
-    "working directory": (os.getcwd, os.chdir),
-    "sys.argv": (lambda: list(sys.argv), lambda saved: setattr(sys, "argv", saved)),
-    "sys.path": (lambda: list(sys.path), lambda saved: sys.path.__setitem__(slice(None), saved)),
-    "__main__": (lambda: sys.modules["__main__"], lambda m: sys.modules.__setitem__("__main__", m)),
-    "default dtype": (torch.get_default_dtype, torch.set_default_dtype),
-    "default device": (torch.get_default_device, _put_default_device),
-    "grad mode": (torch.is_grad_enabled, torch.set_grad_enabled),
-    "deterministic algorithms": (_deterministic, _put_deterministic),
-    "intra-op threads": (torch.get_num_threads, torch.set_num_threads),
-    "anomaly mode": (
+
+def _reset_warnings() -> None:
+    warnings.onceregistry.clear()
+    # Every module's ``__warningregistry__`` (what "default" showed already) becomes stale.
+    warnings._filters_mutated()
+
+
+class _Part(NamedTuple):
+    """Something code may change in this process: how to take it, how to put it back, and
+    (``fresh``) how to make it what a new process starts with, where the current one isn't."""
+
+    take: Callable[[], Any]
+    put: Callable[[Any], None]
+    fresh: Callable[[], None] | None = None
+
+
+# Everything in this process that code may change and that a new process would start without.
+# One table, so nothing is restored ad hoc (the script's folder's modules: ``_parts``).
+_STATE: dict[str, _Part] = {
+    "environment variables": _Part(lambda: dict(os.environ), _put_environment),
+    "working directory": _Part(os.getcwd, os.chdir),
+    "sys.argv": _Part(lambda: list(sys.argv), lambda saved: setattr(sys, "argv", saved)),
+    "sys.path": _Part(lambda: list(sys.path), lambda saved: sys.path.__setitem__(slice(None), saved)),
+    "sys.stdout, sys.stderr": _Part(lambda: (sys.stdout, sys.stderr), _put_streams),
+    "__main__": _Part(lambda: sys.modules["__main__"], lambda m: sys.modules.__setitem__("__main__", m)),
+    "default dtype": _Part(torch.get_default_dtype, torch.set_default_dtype),
+    "default device": _Part(torch.get_default_device, _put_default_device),
+    "grad mode": _Part(torch.is_grad_enabled, torch.set_grad_enabled),
+    "deterministic algorithms": _Part(_deterministic, _put_deterministic),
+    "intra-op threads": _Part(torch.get_num_threads, torch.set_num_threads),
+    "anomaly mode": _Part(
         lambda: (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
         lambda saved: torch.set_anomaly_enabled(*saved),
     ),
-    "float32 matmul precision": (
-        torch.get_float32_matmul_precision,
-        torch.set_float32_matmul_precision,
+    "float32 matmul precision": _Part(
+        torch.get_float32_matmul_precision, torch.set_float32_matmul_precision
     ),
-    "print options": (lambda: dict(_PRINT_OPTIONS), _PRINT_OPTIONS.update),
-    "random number generator": (torch.get_rng_state, torch.set_rng_state),
-    "warnings": (lambda: (list(warnings.filters), dict(warnings.onceregistry)), _put_warnings),
-    "signal handlers": (lambda: {s: signal.getsignal(s) for s in _SIGNALS}, _put_signal_handlers),
-    "root logger": (lambda: (logging.getLogger().level, list(logging.getLogger().handlers)), _put_logging),
-    "process groups": (lambda: set(compat.process_groups()), _destroy_groups_except),
+    "cuDNN flags": _Part(_backend_flags, _put_backend_flags),
+    "print options": _Part(lambda: dict(_PRINT_OPTIONS), _PRINT_OPTIONS.update),
+    "random number generator": _Part(torch.get_rng_state, torch.set_rng_state),
+    # A new process shows each warning once more, even one earlier code here showed already.
+    "warnings": _Part(lambda: (list(warnings.filters), dict(warnings.onceregistry)), _put_warnings, _reset_warnings),
+    "signal handlers": _Part(lambda: {s: signal.getsignal(s) for s in _SIGNALS}, _put_signal_handlers),
+    "root logger": _Part(lambda: (logging.getLogger().level, list(logging.getLogger().handlers)), _put_logging),
+    "process groups": _Part(lambda: set(compat.process_groups()), _destroy_groups_except),
 }  # fmt: skip
 
 
+def _parts(folder: Path | None) -> dict[str, _Part]:
+    """``_STATE``, and for a script in ``folder`` the modules it imports from there: none
+    at its start (a new process has none, so edited helpers are read as they are now)."""
+    if folder is None:
+        return _STATE
+    modules = _Part(
+        lambda: _modules_of(folder),
+        lambda saved: _put_modules(folder, saved),
+        lambda: _put_modules(folder, {}),
+    )
+    return {**_STATE, "modules from the script's folder": modules}
+
+
 @contextlib.contextmanager
-def as_its_own_process() -> Iterator[None]:
-    """Run code as in a process of its own that joined the cluster's group: what it changes
-    in ``_STATE`` is put back after, the groups it makes are destroyed by its
-    ``destroy_process_group()`` (or when it ends), the cluster's group stays; warnings it
-    raises show again, as in a new process, even when earlier code raised them already."""
+def as_its_own_process(folder: Path | None = None) -> Iterator[None]:
+    """Run code as in a new process that joined the cluster's group: each part of ``_STATE``
+    starts fresh where a new process would differ and is put back after; the groups the code
+    makes are destroyed by its ``destroy_process_group()`` (or when it ends), the cluster's
+    stays. With ``folder``, the modules from there too (``_parts``)."""
     global _groups_before
-    saved = {name: take() for name, (take, _) in _STATE.items()}
+    parts = _parts(folder)
+    saved = {name: part.take() for name, part in parts.items()}
     outer, _groups_before = _groups_before, saved["process groups"]
-    warnings.onceregistry.clear()
-    warnings._filters_mutated()
+    for part in parts.values():
+        if part.fresh is not None:
+            part.fresh()
     try:
         yield
     finally:
         _groups_before = outer
-        for name, (take, put) in reversed(_STATE.items()):
-            if not _same(take(), saved[name]):  # some puts cost (threads) or add (device)
-                put(saved[name])
+        for name, part in reversed(parts.items()):
+            if not _same(part.take(), saved[name]):  # some puts cost (threads) or add (device)
+                part.put(saved[name])
 
 
 # ---- scripts ----------------------------------------------------------------------------------
@@ -288,20 +338,11 @@ def _modules_of(folder: Path) -> dict[str, types.ModuleType]:
     return mine
 
 
-@contextlib.contextmanager
-def _fresh_modules(folder: Path) -> Iterator[None]:
-    """Modules from ``folder`` imported afresh inside (the script reads its helpers as they
-    are now), and what ``sys.modules`` had of them before put back after."""
-    before = _modules_of(folder)
-    for name in before:
+def _put_modules(folder: Path, saved: dict[str, types.ModuleType]) -> None:
+    for name in _modules_of(folder):
         del sys.modules[name]
+    sys.modules.update(saved)
     importlib.invalidate_caches()  # a file added since the folder was last listed
-    try:
-        yield
-    finally:
-        for name in _modules_of(folder):
-            del sys.modules[name]
-        sys.modules.update(before)
 
 
 def run_script(path: str, args: list[str]) -> int:
@@ -317,7 +358,7 @@ def run_script(path: str, args: list[str]) -> int:
     main = types.ModuleType("__main__")
     main.__file__ = str(script)  # absolute, as Python gives a script since 3.9
     try:
-        with as_its_own_process(), _fresh_modules(script.parent):
+        with as_its_own_process(script.parent):
             sys.argv = [path, *args]
             sys.path.insert(0, str(script.parent))
             sys.modules["__main__"] = main  # pickle finds the script's classes there

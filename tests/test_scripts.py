@@ -146,10 +146,11 @@ def test_a_spawned_tutorial_function_sets_up_and_tears_down_as_written(cluster2)
         torch.distributed.destroy_process_group()
         return rank
 
-    pids = cluster2.run(os.getpid)
+    pids, ports = cluster2.run(os.getpid), cluster2.run(os.environ.get, "MASTER_PORT")
     assert cluster2.spawn(demo_basic, 2) == [0, 1]
     assert "broken" not in str(cluster2.status())
     assert cluster2.run(os.getpid) == pids
+    assert cluster2.run(os.environ.get, "MASTER_PORT") == ports != ["12355"] * 2  # put back
 
 
 def test_ranks_cell_timeout_and_the_cells_own_line_numbers(cluster2):
