@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import pdlab
 from pdlab.launcher import free_loopback_port
@@ -231,4 +232,6 @@ def test_an_mp_spawn_script_runs_in_place_unchanged(cluster2, tmp_path, capfd, m
     assert cluster2.run(lambda: os.environ["MASTER_PORT"]) == ports  # the script's put back
     with pytest.raises(pdlab.RankError, match=r"nprocs=3.*start pdlab.Cluster\(3\).*nprocs=2"):
         cluster2.run_script("spawning.py", "3", "12355")
+    with pytest.raises(pdlab.RankError, match=r"nprocs=3.*start pdlab.Cluster\(3\)"):
+        cluster2.run(lambda: torch.multiprocessing.start_processes(print, nprocs=3))
     assert "broken" not in str(cluster2.status())
