@@ -40,9 +40,8 @@ def torchrun_seconds(folder: Path, world_size: int) -> float:
 
 def run_script_seconds(cluster: pdlab.Cluster, folder: Path) -> float:
     start = time.perf_counter()
-    # From the script's folder, as torchrun above: its snapshot lands there.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.chdir(folder):
-        cluster.run_script("train.py", *ARGS)
+    with contextlib.redirect_stdout(io.StringIO()):
+        cluster.run_script(folder / "train.py", *ARGS)
     return time.perf_counter() - start
 
 
@@ -52,6 +51,7 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=2)
     args = parser.parse_args()
     folder = Path(shutil.copytree(SCRIPT, Path(tempfile.mkdtemp()) / "ddp_toy"))
+    os.chdir(folder)  # where torchrun runs it, and so the ranks: its snapshot lands there
     with pdlab.Cluster(args.world_size, device="cpu") as cluster:
         run_script_seconds(cluster, folder)  # the first run imports DDP on the ranks
         ours, base = [], []

@@ -76,8 +76,15 @@ def _backend_of(request: str | None) -> set[str]:
 def init_process_group(backend: str | None = None, *args: Any, **kwargs: Any) -> None:
     """``torch.distributed.init_process_group``, where the cluster's group already exists:
     returns when the request matches it, raises ValueError naming the fix when it doesn't."""
-    if not dist.is_initialized():
-        return _original_init(backend, *args, **kwargs)
+    if not dist.is_initialized():  # the cluster's group was destroyed: a new one (env://)
+        # torchrun's agent hosts the store every rank joins (TORCHELASTIC_USE_AGENT_STORE);
+        # pdlab has none, so rank 0 hosts it, as without torchrun (else all would wait).
+        agent_store = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        try:
+            return _original_init(backend, *args, **kwargs)
+        finally:
+            if agent_store is not None:
+                os.environ["TORCHELASTIC_USE_AGENT_STORE"] = agent_store
     have = dist.get_backend()
     wanted = _backend_of(backend) - {"undefined"}
     if wanted and have not in wanted:

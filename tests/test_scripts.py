@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
@@ -92,6 +93,15 @@ def test_a_pasted_script_runs_its_main_block(cluster2, capfd):
 
 
 def test_destroying_the_group_is_noticed_and_the_next_call_restarts(cluster2):
+    def destroy_and_init_again() -> int:
+        torch.distributed.destroy_process_group()
+        # torchrun's TORCHELASTIC_USE_AGENT_STORE is set, but no agent hosts a store here
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+        return torch.distributed.get_world_size()
+
+    pids = cluster2.run(os.getpid)
+    assert cluster2.run(destroy_and_init_again, timeout=60) == [2, 2]
+    assert "replaced" in str(cluster2.status())
     pids = cluster2.run(os.getpid)
     cluster2.run(torch.distributed.destroy_process_group)
     assert "destroyed" in str(cluster2.status())
