@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=2)
     args = parser.parse_args()
     folder = Path(shutil.copytree(SCRIPT, Path(tempfile.mkdtemp()) / "ddp_toy"))
+    os.chdir(folder)  # where torchrun runs it, and so the ranks: its snapshot lands there
     with pdlab.Cluster(args.world_size, device="cpu") as cluster:
         run_script_seconds(cluster, folder)  # the first run imports DDP on the ranks
         ours, base = [], []

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -49,3 +52,35 @@ def line_of(fn, text: str) -> str:
     source, first = inspect.getsourcelines(fn)
     offset = next(i for i, line in enumerate(source) if text in line)
     return f"{Path(inspect.getsourcefile(fn)).name}:{first + offset}"
+
+
+def rank_lines(text: str, rank: int) -> list[str]:
+    """The lines rank ``rank`` printed, as pdlab shows them (``[rank R] ``), without the prefix."""
+    prefix = f"[rank {rank}] "
+    return [line.removeprefix(prefix) for line in text.splitlines() if line.startswith(prefix)]
+
+
+def torchrun_lines(
+    script: Path | str, args: list[str], logs: Path, cwd: Path | None = None
+) -> dict[int, list[str]]:
+    """What each rank prints under ``torchrun --nproc-per-node 2`` started in ``cwd`` (the
+    script's folder by default); each rank's stdout and stderr stay in ``logs`` (FACTS.md:
+    torchrun's own output can glue two ranks' lines together).
+
+    Not checked: torchrun's exit code. gloo sometimes aborts a rank in its teardown after
+    the script has finished ("terminate called without an active exception"; FACTS.md)."""
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         f"--log-dir={logs}", "--redirects=3", str(script), *args],
+        cwd=cwd or Path(script).parent, capture_output=True, timeout=120,
+        # os.environ, as pdlab's ranks get: not the C-level environment, where readline
+        # (imported by pytest) put LINES and COLUMNS behind Python's back.
+        env=dict(os.environ),
+    )  # fmt: skip
+    return {rank: torchrun_log(logs, rank) for rank in (0, 1)}
+
+
+def torchrun_log(logs: Path, rank: int, stream: str = "stdout") -> list[str]:
+    """Rank ``rank``'s ``stream`` ("stdout", "stderr") from ``torchrun_lines``' run."""
+    [log] = logs.glob(f"*/attempt_0/{rank}/{stream}.log")
+    return log.read_text().splitlines()

@@ -49,7 +49,7 @@ def test_a_rank_that_skips_a_collective_is_named_and_the_cluster_works_after(clu
     message = str(info.value)
     assert (
         f"ranks 0 and 2 wait in all_reduce #{second} on group 'world' ({line}); "
-        f"rank 1 never reached it: it finished after all_reduce #{second - 1}"
+        f"rank 1 never reached it: it finished after all_reduce #{second - 1} (1 in this call)"
     ) in message
     # Stuck ranks are stopped: until the next run starts fresh ones, they are all gone.
     assert [p.state for p in cluster3.where()] == ["dead"] * 3

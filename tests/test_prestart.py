@@ -191,7 +191,9 @@ def test_a_forked_rank_starts_as_a_spawned_one_would():
                                 for s in (a, b))  # fmt: skip
         for s in (a, b):
             s["env"].pop("PDLAB_TOKEN", None)  # the worker pops it; a token per cluster
-            s["env"].pop("MASTER_PORT")  # a port per cluster, for scripts that read it
+            # A port, a run id and an error file per cluster, as torchrun gives each run
+            for name in ("MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE"):
+                s["env"].pop(name)
         assert a == b
     assert ours[1]["env"]["LOCAL_RANK"] == "1" and ours[1]["env"]["GLOO_SOCKET_IFNAME"] == "lo"
     assert ours[0]["threads"][0] == int(ours[0]["env"]["OMP_NUM_THREADS"])

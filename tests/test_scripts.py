@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,37 +14,18 @@ import pytest
 import torch
 
 import pdlab
+from tests.helpers import rank_lines, torchrun_lines
 
 SCRIPT = Path(__file__).resolve().parent.parent / "labs" / "scripts" / "ddp_toy"
 
 
 @pytest.fixture
-def script_dir(tmp_path) -> Path:
-    """A private copy of the toy DDP script and its model (the tests edit them)."""
-    return Path(shutil.copytree(SCRIPT, tmp_path / "ddp_toy"))
-
-
-def rank_lines(text: str, rank: int) -> list[str]:
-    prefix = f"[rank {rank}] "
-    return [line.removeprefix(prefix) for line in text.splitlines() if line.startswith(prefix)]
-
-
-def torchrun_lines(script: Path, args: list[str], tmp_path: Path) -> dict[int, list[str]]:
-    """What each rank prints under torchrun (each rank's stdout in its own file).
-
-    Not checked: torchrun's exit code. gloo sometimes aborts a rank in its teardown after
-    the script has finished ("terminate called without an active exception"; FACTS.md)."""
-    logs = tmp_path / "torchrun-logs"
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         f"--log-dir={logs}", "--redirects=3", str(script), *args],
-        cwd=script.parent, capture_output=True, timeout=120,
-    )  # fmt: skip
-    out = {}
-    for rank in (0, 1):
-        [log] = logs.glob(f"*/attempt_0/{rank}/stdout.log")
-        out[rank] = log.read_text().splitlines()
-    return out
+def script_dir(tmp_path, monkeypatch) -> Path:
+    """A private copy of the toy DDP script and its model (the tests edit them), the working
+    directory, as its tutorial runs it (``torchrun ... train.py``)."""
+    folder = Path(shutil.copytree(SCRIPT, tmp_path / "ddp_toy"))
+    monkeypatch.chdir(folder)
+    return folder
 
 
 def test_a_torchrun_script_runs_unchanged_and_prints_what_torchrun_prints(
@@ -51,15 +33,16 @@ def test_a_torchrun_script_runs_unchanged_and_prints_what_torchrun_prints(
 ):
     pids = cluster2.run(os.getpid)
     capfd.readouterr()
-    cluster2.run_script(script_dir / "train.py", "3", "--batch-size", "20")
+    cluster2.run_script("train.py", "3", "--batch-size", "20")
     ours = capfd.readouterr().out
     snapshot = torch.load(script_dir / "snapshot.pt")
     (script_dir / "snapshot.pt").unlink()
-    theirs = torchrun_lines(script_dir / "train.py", ["3", "--batch-size", "20"], tmp_path)
+    logs = tmp_path / "logs"
+    theirs = torchrun_lines(script_dir / "train.py", ["3", "--batch-size", "20"], logs)
     for rank in (0, 1):
         assert rank_lines(ours, rank) == theirs[rank]
     assert "epoch 2 loss" in rank_lines(ours, 1)[-1]
-    # The file lands beside the script, and holds what torchrun's run saved.
+    # The file lands in the working directory, and holds what torchrun's run saved.
     torch.testing.assert_close(torch.load(script_dir / "snapshot.pt"), snapshot)
     # destroy_process_group left the cluster's group: same ranks, still in one group.
     assert cluster2.run(os.getpid) == pids
@@ -110,6 +93,15 @@ def test_a_pasted_script_runs_its_main_block(cluster2, capfd):
 
 
 def test_destroying_the_group_is_noticed_and_the_next_call_restarts(cluster2):
+    def destroy_and_init_again() -> int:
+        torch.distributed.destroy_process_group()
+        # torchrun's TORCHELASTIC_USE_AGENT_STORE is set, but no agent hosts a store here
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+        return torch.distributed.get_world_size()
+
+    pids = cluster2.run(os.getpid)
+    assert cluster2.run(destroy_and_init_again, timeout=60) == [2, 2]
+    assert "replaced" in str(cluster2.status())
     pids = cluster2.run(os.getpid)
     cluster2.run(torch.distributed.destroy_process_group)
     assert "destroyed" in str(cluster2.status())
@@ -164,10 +156,11 @@ def test_a_spawned_tutorial_function_sets_up_and_tears_down_as_written(cluster2)
         torch.distributed.destroy_process_group()
         return rank
 
-    pids = cluster2.run(os.getpid)
+    pids, ports = cluster2.run(os.getpid), cluster2.run(os.environ.get, "MASTER_PORT")
     assert cluster2.spawn(demo_basic, 2) == [0, 1]
     assert "broken" not in str(cluster2.status())
     assert cluster2.run(os.getpid) == pids
+    assert cluster2.run(os.environ.get, "MASTER_PORT") == ports != ["12355"] * 2  # put back
 
 
 def test_ranks_cell_timeout_and_the_cells_own_line_numbers(cluster2):
@@ -198,3 +191,35 @@ def test_lines_are_shown_in_the_order_the_ranks_printed_them(capsys):
         "[rank 1] second",
         "[rank 0] third",
     ]
+
+
+RAISES_MID_RUN = """\
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+dist.init_process_group("gloo")
+model = DDP(torch.nn.Linear(4, 4))
+for step in range(4):
+    model(torch.randn(2, 4)).sum().backward()  # DDP's reducer all-reduces from C++
+    if step == 2 and dist.get_rank() == 1:
+        raise ValueError("mid-run")
+"""
+
+
+def test_the_error_counts_the_ops_a_script_issued_from_its_start(cluster2, tmp_path):
+    def three_all_reduces() -> int:
+        for _ in range(3):
+            torch.distributed.all_reduce(torch.ones(1))
+        return pdlab.compat.sequence_number(torch.distributed.group.WORLD)
+
+    last = cluster2.run(three_all_reduces)[1]  # the last op recorded before the script
+    (tmp_path / "raises.py").write_text(RAISES_MID_RUN)
+    with pytest.raises(pdlab.RankError) as info:
+        cluster2.run_script(tmp_path / "raises.py")
+    said = re.search(
+        r"rank 1 raised ValueError after op #(\d+) \((\d+) in this call\)", str(info.value)
+    )
+    assert said, str(info.value)
+    # Not the cell's all_reduce from before: three backward steps all-reduced gradients.
+    assert f"all_reduce #{last}" not in str(info.value)
+    assert int(said[1]) == last + int(said[2]) and int(said[2]) >= 3

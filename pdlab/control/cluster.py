@@ -427,26 +427,28 @@ class Cluster:
         """Call ``fn(rank, *args)`` on every rank, as ``torch.multiprocessing.spawn`` would
         in fresh processes; the results ordered by rank. ``fn`` may set up and tear down the
         process group as spawned functions do: ``init_process_group`` finds the cluster's,
-        ``destroy_process_group`` leaves it."""
+        ``destroy_process_group`` leaves it. What ``fn`` changes in the process (environment,
+        torch's defaults, groups it made: ``pdlab.control.scripts``) is put back after."""
         return self.run(_with_rank, fn, args, timeout=timeout)
 
     def run_script(self, path: str | os.PathLike, *args: str, timeout: float | None = None) -> None:
         """Run the torchrun-style script at ``path`` with command-line ``args`` on every rank,
         as ``torchrun --nproc-per-node N path args...`` would, on these warm ranks.
 
-        The script sees ``__name__ == "__main__"``, ``sys.argv == [path, *args]``, torchrun's
-        environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...), its own folder as the
-        working directory and first on ``sys.path``; its ``init_process_group`` uses the
-        cluster's group and its ``destroy_process_group`` leaves it (``pdlab.control.scripts``).
-        ``sys.exit(0)`` is success; another exit code raises ``RankError`` naming the rank.
-        Modules it imports from its folder are read again when their files change.
+        The script sees ``__name__ == "__main__"``, ``sys.argv == [path, *args]`` (the path as
+        given), torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...), this
+        kernel's working directory, its own folder first on ``sys.path``; its
+        ``init_process_group`` uses the cluster's group, its ``destroy_process_group`` leaves
+        it, ``mp.spawn(fn, args, nprocs=world size)`` calls ``fn(rank, *args)`` in place.
+        Every module from its folder is imported afresh, and what it changes in the rank
+        processes is put back after (``pdlab.control.scripts``). ``sys.exit(0)`` is success; another
+        exit code raises ``RankError`` naming the rank.
         """
         from pdlab.control.scripts import run_script
 
-        script = os.path.abspath(path)
-        if not os.path.isfile(script):
-            raise FileNotFoundError(f"no script at {script}")
-        self.run(run_script, script, [str(a) for a in args], timeout=timeout)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no script at {os.path.abspath(path)}")
+        self.run(run_script, os.fspath(path), [str(a) for a in args], timeout=timeout)
 
     def exec(
         self, source: str, ranks: Sequence[int] | None = None, timeout: float | None = None
@@ -532,7 +534,11 @@ class Cluster:
         return flight.dead(rank, ops, labels)
 
     def _locate(self, ranks: Sequence[int]) -> Locations:
-        return Locations(place for place, _ in self._ask_where(ranks, WHERE_S))
+        places = Locations(place for place, _ in self._ask_where(ranks, WHERE_S))
+        for place in places:  # the counts at the call's start: "after op #57 (53 in this call)"
+            issued = self._in_step_counts.get(place.rank, {})
+            place.before = {place.groups.get(name, name): n for name, n in issued.items()}
+        return places
 
     def _call(
         self, kind: str, payload: bytes | str, ranks: Sequence[int] | None, timeout: float | None
@@ -663,7 +669,7 @@ def _where_the_kernel_imports(traceback: str) -> str:
 def _with_rank(fn: Callable[..., Any], args: tuple) -> Any:
     from pdlab.control import runtime, scripts
 
-    with scripts.keeping_the_group():  # spawned functions end with destroy_process_group()
+    with scripts.as_its_own_process():  # spawned functions end with destroy_process_group()
         return fn(runtime.rank(), *args)
 
 

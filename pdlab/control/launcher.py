@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -27,11 +28,12 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdlab.control import forkserver
+from pdlab.control import forkserver, protocol
 
 BACKENDS = ("gloo", "nccl")
 DEVICES = ("cpu", "cuda")
@@ -180,6 +182,10 @@ def rank_environment() -> dict[str, str]:
     env = dict(os.environ)
     package_root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
     paths = [package_root, os.getcwd(), env.get("PYTHONPATH", "")]
+    # For the rank's own start only: the worker puts back what the user had (WORKER_ONLY).
+    env[protocol.WORKER_ONLY] = json.dumps(
+        {k: env.get(k) for k in ("PYTHONPATH", "PYTHONUNBUFFERED")}
+    )
     env.update(PYTHONPATH=os.pathsep.join(p for p in paths if p), PYTHONUNBUFFERED="1")
     if lo := loopback_interface():
         env["GLOO_SOCKET_IFNAME"] = lo  # gloo binds the hostname's address otherwise
@@ -196,6 +202,7 @@ class LocalRanks:
         self.base_environment = rank_environment()
         self.server = fork_server_for(self.base_environment) if settings.prestart else None
         self.master_port = free_loopback_port()  # for scripts that read it; nothing listens
+        self.run_id = str(uuid.uuid4())  # torchrun --standalone's rendezvous id
 
     def spawn(self, rank: int) -> subprocess.Popen | forkserver.ForkedRank:
         """Start rank ``rank``: forked from the fork server when there is one for us, else a
@@ -238,7 +245,9 @@ class LocalRanks:
             **self.base_environment,
             "PDLAB_TOKEN": s.token.decode(),
             "OMP_NUM_THREADS": str(s.threads),
-            **torchrun_environment(rank, s.world_size, self.master_port),
+            **torchrun_environment(rank, s.world_size, self.master_port, self.run_id),
+            # Where torchrun's @record writes a rank's error (torchrun: its log folder).
+            "TORCHELASTIC_ERROR_FILE": os.path.join(self.tmpdir, f"error-{rank}.json"),
         }
 
     def _popen(self, rank: int) -> subprocess.Popen:
@@ -263,8 +272,11 @@ class LocalRanks:
             return f.read().strip()
 
 
-def torchrun_environment(rank: int, world_size: int, master_port: int) -> dict[str, str]:
-    """The variables torchrun sets for a rank on a single node, which scripts read."""
+def torchrun_environment(
+    rank: int, world_size: int, master_port: int, run_id: str
+) -> dict[str, str]:
+    """The variables torchrun (``--standalone``, torch 2.13's ``LocalElasticAgent`` and
+    ``torch.distributed.launcher``) sets for a rank on a single node, which scripts read."""
     ranks = {"RANK": rank, "LOCAL_RANK": rank, "GROUP_RANK": 0, "ROLE_RANK": rank}
     sizes = {"WORLD_SIZE": world_size, "LOCAL_WORLD_SIZE": world_size, "GROUP_WORLD_SIZE": 1}
     return {
@@ -274,7 +286,10 @@ def torchrun_environment(rank: int, world_size: int, master_port: int) -> dict[s
         "MASTER_PORT": str(master_port),
         "TORCHELASTIC_RESTART_COUNT": "0",
         "TORCHELASTIC_MAX_RESTARTS": "0",
-        "TORCHELASTIC_RUN_ID": "pdlab",
+        "TORCHELASTIC_RUN_ID": run_id,
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+        "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
     }
 
 

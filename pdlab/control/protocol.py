@@ -214,6 +214,13 @@ class Failure:
     traceback: str = field(default="", repr=False)
 
 
+# ---- a rank's start ----------------------------------------------------------------------------
+
+# The environment variable holding what a rank's own start changed (PYTHONPATH, for it to import
+# pdlab): the launcher sets it, the worker puts the user's values back, so scripts see them.
+WORKER_ONLY = "PDLAB_WORKER_ONLY"
+
+
 # ---- encoding and the handshake ------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ import ast
 import contextlib
 import ctypes
 import gc
+import json
 import linecache
 import os
 import queue
@@ -274,6 +275,16 @@ def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
         channel.send(reply)
 
 
+def _put_back_the_users_environment() -> None:
+    """Undo what only this process's start needed (``protocol.WORKER_ONLY``: PYTHONPATH to
+    import pdlab): code run here, and processes it starts, see the user's environment."""
+    for name, value in json.loads(os.environ.pop(protocol.WORKER_ONLY, "{}")).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pdlab.control.worker", description=__doc__)
     parser.add_argument("--connect", required=True, help="HOST:PORT of the kernel's cluster")
@@ -293,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.parent_pid:
         set_parent_death_signal(args.parent_pid)
         threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
+    _put_back_the_users_environment()
     token = os.environ.pop("PDLAB_TOKEN", "").encode()
     if not token:
         sys.exit(

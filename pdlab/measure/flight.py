@@ -75,6 +75,12 @@ def _kind(filename: str) -> int:
     return kind
 
 
+def is_user_code(filename: str) -> bool:
+    """Whether ``filename`` is the user's: not the standard library, an installed package
+    or pdlab."""
+    return _kind(filename) == USER
+
+
 def line_of(filename: str, lineno: int) -> str:
     """``cell line 5`` for a ``%%ranks`` cell or a notebook function, else ``file.py:42``."""
     if filename.startswith("<pdlab-cell-") or os.sep + "ipykernel_" in filename:

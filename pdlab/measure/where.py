@@ -54,15 +54,19 @@ class Location:
     counts: dict[str, int] = field(default_factory=dict)  # ops issued per group label
     groups: dict[str, str] = field(default_factory=dict)  # c10d group name -> label
     clock: float = 0.0  # the rank's time.time() when it answered
+    # Ops issued per group label when the call began (the kernel knows; empty if it doesn't).
+    before: dict[str, int] = field(default_factory=dict)
 
     def last_on(self, group: str) -> str:
         """The last op this rank issued on ``group``: ``all_reduce #2``, ``op #5`` when it was
-        not recorded (C++ issued it), or ``no op``."""
+        not recorded (C++ issued it, as DDP's reducer does), or ``no op``; then how many of
+        the group's ops this call issued, counted from its start, when that is known."""
         count = self.counts.get(group, 0)
-        if count == 0:
-            return "no op"
         op = next((o for o in self.recent if o.group == group and o.seq == count), None)
-        return op.name() if op else f"op #{count}"
+        last = "no op" if count == 0 else op.name() if op else f"op #{count}"
+        if group not in self.before:
+            return last
+        return f"{last} ({count - self.before[group]} in this call)"
 
     def __str__(self) -> str:
         op = f"{self.op} #{self.seq} on {self.group!r}"
@@ -178,7 +182,7 @@ def summarize(places: list[Location], outcomes: dict[int, str] | None = None) ->
         if p.state == "dead":
             clauses.append(_dead(p))
         else:
-            last = f" after {p.op} #{p.seq}" if p.op and p.state == "finished" else ""
+            last = f" after {p.last_on(p.group)}" if p.group and p.state == "finished" else ""
             by_state.setdefault((p.state, outcomes.get(p.rank, ""), last), []).append(p)
     for (state, outcome, last), same in by_state.items():
         ranks = [p.rank for p in same]
