@@ -84,3 +84,17 @@ def torchrun_log(logs: Path, rank: int, stream: str = "stdout") -> list[str]:
     """Rank ``rank``'s ``stream`` ("stdout", "stderr") from ``torchrun_lines``' run."""
     [log] = logs.glob(f"*/attempt_0/{rank}/{stream}.log")
     return log.read_text().splitlines()
+
+
+def wait_for_warm_up(cluster, seconds: float = 120) -> None:
+    """Until every rank has imported what its warm-up preloads (``pdlab.control.warmup``): a
+    warm-up in the background changes a rank's modules, and its imports set variables such as
+    TORCHINDUCTOR_CACHE_DIR, while a test compares two runs."""
+    import time
+
+    from pdlab.control import warmup
+
+    deadline = time.monotonic() + seconds
+    while any(cluster.run(lambda: [m for m in warmup.modules() if m not in sys.modules])):
+        assert time.monotonic() < deadline, "the warm-up did not finish"
+        time.sleep(0.5)

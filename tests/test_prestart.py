@@ -22,6 +22,7 @@ import pdlab
 from pdlab.control import forkserver, launcher, warmup
 
 from .conftest import leaked_processes, pids_running
+from .helpers import wait_for_warm_up
 from .test_cluster import (  # noqa: F401  (run again here, on forked ranks)
     is_loopback,
     listening_addresses,
@@ -227,10 +228,7 @@ def test_a_first_call_runs_during_the_warm_up_and_finds_the_generators_untouched
         assert [half for _, half, _ in replies] == [[], []]
         assert parents(during) == [os.getpid()] * 2  # spawned, not forked warm
     with pdlab.Cluster(2) as after:
-        deadline = time.monotonic() + 120
-        while any(after.run(lambda: [m for m in warmup.modules() if m not in sys.modules])):
-            assert time.monotonic() < deadline, "the warm-up did not finish"
-            time.sleep(0.5)
+        wait_for_warm_up(after)
         assert_fresh_and_their_own([d for _, _, d in replies] + after.run(first_draws))
 
 

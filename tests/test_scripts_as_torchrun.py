@@ -14,7 +14,7 @@ import torch
 
 import pdlab
 from pdlab.control.launcher import free_loopback_port
-from tests.helpers import rank_lines, torchrun_lines, torchrun_log
+from tests.helpers import rank_lines, torchrun_lines, torchrun_log, wait_for_warm_up
 
 # A script run from a sibling folder (``cd caller; torchrun ../reload/probe.py data.txt``)
 # that prints what a new process would see: its argv, working directory and sys.path, a file
@@ -143,6 +143,7 @@ def test_edited_helpers_and_packages_are_read_afresh(cluster2, probe, capfd, mon
 def test_nothing_a_script_changes_reaches_the_next_run(cluster2, probe, capfd, monkeypatch):
     caller, logs = probe
     monkeypatch.chdir(caller)
+    wait_for_warm_up(cluster2)  # its imports change the environment too, not the script's
     before, _ = run_probe(cluster2, capfd)
     cluster2.run_script("../reload/changer.py")
     assert cluster2.run(lambda: len(pdlab.compat.process_groups())) == [1, 1]
