@@ -279,7 +279,7 @@ class Cluster:
                     f"rank {rank} died while starting: it could not join the process group:\n"
                     + message.traceback
                 )
-            dead = next((r for r in links if r.process and r.process.poll() is not None), None)
+            dead = next((r for r in links if r.process and launcher.exited(r.process)), None)
             if dead is not None:
                 self._fail_start(
                     f"rank {dead.rank} died while starting ({dead.exit_reason()}). Its output:\n"
@@ -700,7 +700,7 @@ class _Call:
                     self._timed_out()
                 self._take(0.05)
                 self.cluster._output.release()
-                self._look_for_stopped_ranks()
+                self._look_at_pending_ranks()
         except KeyboardInterrupt as interrupted:
             interrupted.where = self.cluster._locate(self.ranks)  # before the interrupt moves them
             print(f"pdlab: interrupted: {interrupted.where.summary()}", file=sys.stderr)
@@ -729,11 +729,7 @@ class _Call:
         elif isinstance(message, protocol.Undecodable):
             self._undecodable(rank, message.what, message.types, message.error)
         elif isinstance(message, protocol.Lost) and rank in self.pending:
-            self.pending.discard(rank)
-            reason = self.cluster._resources.links[rank].exit_reason()
-            self.failures.append(
-                protocol.Failure(rank, protocol.Blame.DIED, f"rank {rank} died: {reason}")
-            )
+            self._died(rank)
         elif isinstance(message, protocol.Result | protocol.Error) and (
             message.call_id == self.call_id
         ):
@@ -758,16 +754,28 @@ class _Call:
                     )
                 )
 
-    def _look_for_stopped_ranks(self) -> None:
-        """Fail the call on a rank stopped for ``STOPPED_S`` (SIGSTOP, a debugger): peers
-        waiting for it in a collective would otherwise wait for the group's timeout (300 s)
-        and then blame each other."""
+    def _died(self, rank: int) -> None:
+        self.pending.discard(rank)
+        reason = self.cluster._resources.links[rank].exit_reason()
+        self.failures.append(
+            protocol.Failure(rank, protocol.Blame.DIED, f"rank {rank} died: {reason}")
+        )
+
+    def _look_at_pending_ranks(self) -> None:
+        """Fail the call on a rank whose process has exited, even while its connection stays
+        open (a child it forked holds the socket), and on a rank stopped for ``STOPPED_S``
+        (SIGSTOP, a debugger): peers waiting for it in a collective would otherwise wait for
+        the group's timeout (300 s) and then blame each other."""
         now = time.monotonic()
         if now < self._next_look:
             return
         self._next_look = now + 0.25
         for rank in sorted(self.pending):
-            pid = self.cluster._resources.links[rank].pid
+            link = self.cluster._resources.links[rank]
+            if link.process is not None and launcher.exited(link.process):
+                self._died(rank)
+                continue
+            pid = link.pid
             if pid is None or not launcher.is_stopped(pid):
                 self._stopped_since.pop(rank, None)
             elif now - self._stopped_since.setdefault(rank, now) >= STOPPED_S:
