@@ -21,6 +21,7 @@ import socket
 import subprocess
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -152,7 +153,10 @@ class ControlServer:
                 elif not isinstance(message, protocol.Metrics):
                     self.events.put((link.rank, message))
                 elif (deliver := self.publish()) is not None:
-                    deliver(link.rank, message)
+                    try:
+                        deliver(link.rank, message)
+                    except BaseException:  # a record's trouble is no rank's death
+                        traceback.print_exc()
         except BaseException:  # closed, or a stream we can no longer read: the rank is gone
             link.lost = True
             self.events.put((link.rank, protocol.Lost()))

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from pdlab import checks
 from pdlab.comm import bus_bytes
 from pdlab.costmodel import op_time
 from pdlab.footprint import (
@@ -38,8 +40,10 @@ from pdlab.footprint import (
     model_spec,
     model_state_bytes,
 )
-from pdlab.topology import THIS_MACHINE, Topology, whole_number
+from pdlab.topology import THIS_MACHINE, Topology
 
+# More GPUs than any cluster built (2026: ~200k): refused, rather than searched for minutes.
+MAX_WORLD = 1 << 20
 BARE_NOTE = "model states only: a bare parameter count has no shape, so activations, tp and pp are not computed"  # fmt: skip
 
 
@@ -88,8 +92,7 @@ class Assumptions:
     algorithm: str = "ring"  # or "hierarchical" (pdlab.costmodel)
 
     def __post_init__(self) -> None:
-        if not 0 < self.efficiency <= 1:
-            raise ValueError(f"efficiency is a fraction of peak in (0, 1], got {self.efficiency!r}")
+        checks.number(self.efficiency, "efficiency (a fraction of peak)", above=0, most=1)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,8 @@ class Layout:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def layouts(
@@ -144,20 +148,24 @@ class _Links:
     def __init__(self, layout: Layout, topology: Topology, algorithm: str):
         grid = np.arange(topology.world_size).reshape(layout.dp, layout.pp, layout.tp)
         self.topology, self.algorithm = topology, algorithm
-        self.ranks: dict[str, list[int]] = {}
+        self.spans: dict[str, tuple[int, int]] = {}  # each dim's widest group: size, nodes
         for axis, dim in enumerate(("dp", "pp", "tp")):
-            groups = np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis]).tolist()
-            self.ranks[dim] = max(groups, key=lambda g: len({topology.node_of(r) for r in g}))
+            groups = np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis])
+            # Nodes each group spans, in numpy: a million GPUs are planned in seconds. Ranks
+            # rise along every axis of the grid, and so do their nodes: count the changes.
+            nodes = groups // topology.gpus_per_node
+            spans = 1 + (np.diff(nodes, axis=1) != 0).sum(axis=1)
+            self.spans[dim] = grid.shape[axis], int(spans.max())
         self.bytes = {"intra": 0.0, "inter": 0.0}
 
     def seconds(self, op: str, payload: float, dim: str) -> float:
-        return op_time(op, payload, self.ranks[dim], self.topology, algorithm=self.algorithm)
+        size, nodes = self.spans[dim]
+        return op_time(op, payload, size, self.topology, nodes=nodes, algorithm=self.algorithm)
 
     def cost(self, op: str, payload: float, dim: str, count: int = 1) -> float:
         """Seconds of ``count`` ops on the ``dim`` group, counting their bytes."""
-        ranks = self.ranks[dim]
-        link = "inter" if len({self.topology.node_of(r) for r in ranks}) > 1 else "intra"
-        self.bytes[link] += count * bus_bytes(op, payload, len(ranks))
+        size, nodes = self.spans[dim]
+        self.bytes["inter" if nodes > 1 else "intra"] += count * bus_bytes(op, payload, size)
         return count * self.seconds(op, payload, dim)
 
 
@@ -296,7 +304,7 @@ def _activation_bytes(
 
 def default_topology(world_size: int) -> Topology:
     """H100 SXM over NVLink 4, 8 a node, nodes over InfiniBand NDR 400 (what --world-size means)."""
-    if whole_number("world_size", world_size) <= 8:
+    if checks.whole(world_size, "world_size", most=MAX_WORLD) <= 8:
         return Topology(1, world_size, intra="nvlink4")
     if world_size % 8:
         raise ValueError(
@@ -339,10 +347,9 @@ def plan(
                 f"world_size {world_size} disagrees with topology {topo.name!r} "
                 f"({topo.world_size} GPUs): give one or the other"
             )
+    checks.whole(topo.world_size, "the topology's GPU count", most=MAX_WORLD)
     if isinstance(model, (int, float)) and not isinstance(model, bool):
-        if not model > 0:
-            raise ValueError(f"a parameter count must be > 0, got {model!r}")
-        spec: ModelSpec | float = float(model)
+        spec: ModelSpec | float = checks.number(model, "a parameter count", above=0)
     else:
         spec = model_spec(model)
     shaped = isinstance(spec, ModelSpec)
@@ -350,9 +357,9 @@ def plan(
         global_batch = topo.world_size
     if seq_len is None:
         seq_len = spec.context if shaped else 2048
-    whole_number("global_batch", global_batch)
-    whole_number("seq_len", seq_len)
-    micro_batch_size = whole_number("micro_batch_size", micro_batch_size)
+    checks.whole(global_batch, "global_batch")
+    checks.whole(seq_len, "seq_len")
+    micro_batch_size = checks.whole(micro_batch_size, "micro_batch_size")
     if shaped and spec.learned_positions and seq_len > spec.context:
         raise ValueError(
             f"{spec.name} has learned positions for {spec.context} tokens: "
@@ -442,7 +449,8 @@ def run_command(args: argparse.Namespace) -> int:
         if (args.topology or "").strip().lower() == THIS_MACHINE:
             from pdlab.cluster import Cluster
 
-            with Cluster(args.world_size or 2) as cluster:  # its ranks are what is measured
+            world_size = 2 if args.world_size is None else args.world_size
+            with Cluster(world_size) as cluster:  # its ranks are what is measured
                 rows = plan(*request, cluster=cluster, **options)
         else:
             rows = plan(*request, world_size=args.world_size, **options)
