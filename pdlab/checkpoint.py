@@ -75,6 +75,8 @@ from pdlab import checks
 MANIFEST = "manifest.json"
 METADATA = ".metadata"  # DCP's name for the file it writes last
 LATEST_VALID = "latest-valid"  # resume from the newest undamaged checkpoint
+FULL_BYTES = 1 << 20  # less free than this after a failed save: the disk is what failed
+MISMATCH = re.compile(r"Missing key in checkpoint state_dict|[Ss]ize mismatch")  # DCP's words
 
 
 class DamagedCheckpoint(ValueError):
@@ -180,9 +182,6 @@ def save(strategy: Any, directory: str | Path, step: int, alone: bool = False) -
             f"({free or 0:,} bytes free). Free some space or pass another checkpoint_dir",
         ) from None
     return path
-
-
-FULL_BYTES = 1 << 20  # less free than this after a failed save: the disk is what failed
 
 
 def _free_bytes(directory: str | Path) -> int | None:
@@ -343,12 +342,11 @@ def load(
             optim_state_dict=state["optimizer"],
         )
     except (Exception, CheckpointException) as exc:
-        found = re.search(
-            r"(Missing key in checkpoint state_dict: \S+|[Ss]ize mismatch[^\n]*)", str(exc)
-        )
-        if found is None:
+        # DCP's message holds each rank's traceback: the last such line is the reason.
+        found = [line for line in str(exc).splitlines() if MISMATCH.search(line)]
+        if not found:
             raise
-        why = found[1].strip("',")
+        why = found[-1].strip().removeprefix("RuntimeError: ").rstrip(".")
         raise ValueError(
             f"checkpoint {path} does not fit this model ({why}): it was saved "
             "by another model or model size. Resume with the settings it was saved with, or "

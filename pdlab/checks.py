@@ -28,12 +28,9 @@ def number(
 ) -> float:
     """``value`` as a finite float within the bounds given (``least`` <=, ``above`` <,
     <= ``most``), else a ValueError saying which."""
-    bounds = [
-        f">= {least:g}" if least is not None else "",
-        f"> {above:g}" if above is not None else "",
-    ]
-    if most is not None:
-        bounds.append(f"<= {most:g}")
+    bounds = [f">= {_shown(least)}" if least is not None else ""]
+    bounds += [f"> {_shown(above)}" if above is not None else ""]
+    bounds += [f"<= {_shown(most)}" if most is not None else ""]
     wanted = " and ".join(b for b in bounds if b)
     what = f"a finite number{f' of {unit}' if unit else ''}{f' {wanted}' if wanted else ''}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -49,6 +46,11 @@ def number(
     return value
 
 
+def _shown(bound: float) -> str:
+    """A bound as people write it: 31,536,000 rather than 3.1536e+07."""
+    return f"{int(bound):,}" if float(bound).is_integer() else f"{bound:g}"
+
+
 def whole(value: object, name: str, least: int = 1, most: int | None = None) -> int:
     """``value`` if it is an int in [``least``, ``most``], else a ValueError saying which."""
     if (
@@ -62,15 +64,17 @@ def whole(value: object, name: str, least: int = 1, most: int | None = None) -> 
     return int(value)
 
 
-def timeout(value: object, name: str = "timeout", *, optional: bool = True) -> float | None:
+def timeout(
+    value: object, name: str = "timeout", *, optional: bool = True, no_limit: str = "None"
+) -> float | None:
     """``value`` as seconds to wait (see the module docstring); None stays None if
-    ``optional``."""
+    ``optional``, which the error calls ``no_limit``."""
     if value is None and optional:
         return None
     try:
         return number(value, name, above=0, most=MAX_SECONDS, unit="seconds")
     except ValueError as exc:
-        raise ValueError(f"{exc}{'; None for no limit' if optional else ''}") from None
+        raise ValueError(f"{exc}{f'; {no_limit} for no limit' if optional else ''}") from None
 
 
 def writable_folder(path: str | os.PathLike, name: str) -> Path:

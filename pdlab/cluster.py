@@ -197,9 +197,9 @@ class Cluster:
             launcher.check_memory(world_size)
         timeout = checks.timeout(timeout, optional=False)  # gloo's and NCCL's need one
         if threads is not None:
-            checks.whole(threads, "threads (None: the cores shared evenly)")
+            checks.whole(threads, "threads")
         checks.whole(keep_metrics, "keep_metrics")
-        checks.whole(port, "port (0: any free one)", least=0, most=65535)
+        checks.whole(port, "port", least=0, most=65535)
         if not isinstance(host, str):
             raise ValueError(f"host must be an address as a string, e.g. '127.0.0.1', got {host!r}")
         gpus = 0 if device == "cpu" else launcher.visible_gpus()

@@ -100,7 +100,7 @@ def _keep(rank: int, parent: int) -> int:
 
 def _reap_orphans(rank: int) -> int | None:
     """Reap exited children (orphans that came to us, or the rank); the rank's wait status
-    once it has exited, else None. The rank is reaped only after it has been noticed."""
+    once it has been reaped, else None. Its process group stays ours meanwhile: we lead it."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)

@@ -71,7 +71,7 @@ def parse_seconds(word: str, name: str) -> float | None:
         seconds = float(word)
     except ValueError:
         raise ValueError(f"{name} takes seconds or 'off', e.g. 30, got {word!r}") from None
-    return checks.timeout(seconds, name)
+    return checks.timeout(seconds, name, no_limit="'off'")
 
 
 @magics_class

@@ -56,7 +56,7 @@ def validate(config: TrainConfig) -> None:
             raise ValueError(f"unknown {f.name} {value!r}: choose one of {', '.join(options)}")
     for name, least in (("steps", 1), ("batch_size", 1), ("micro_batches", 1), ("seed", 0)):
         checks.whole(getattr(config, name), name, least)
-    checks.whole(config.checkpoint_every, "checkpoint_every (steps between saves; 0: never)", 0)
+    checks.whole(config.checkpoint_every, "checkpoint_every", 0)  # 0: never
     if (config.checkpoint_every or config.resume) and not config.checkpoint_dir:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
     checkpoint.check(config)  # its folder; resume's value; resuming, steps must go past it

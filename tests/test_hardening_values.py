@@ -43,6 +43,7 @@ def test_a_cluster_timeout_is_refused_before_any_rank_starts(bad):
 def test_a_call_timeout_is_refused_and_the_cluster_kept(cluster2, bad):
     # Before: run(timeout=-1) and 0 timed out at once and stopped the ranks; train's restarted
     # the cluster.
+    cluster2.run(pdlab.rank)  # restarted, if an earlier test left it broken
     pids = [r.pid for r in cluster2.status().ranks]
     for call in (
         lambda: cluster2.run(pdlab.rank, timeout=bad),
@@ -77,7 +78,7 @@ def test_the_magics_take_the_same_timeouts(word):
             "100Mbit/s@-5us",
             r"latency of link .* must be a finite number of seconds >= 0 .*got -5e-06$",
         ),
-        ("100Mbit/s@1e9s", r"latency of link .* must be .* <= 3\.1536e\+07, got 1e\+09$"),
+        ("100Mbit/s@1e9s", r"latency of link .* must be .* <= 31,536,000, got 1e\+09$"),
         ("1e999Gbit/s", r"bandwidth of link .* must be a finite number of bytes/s > 0, got inf$"),
     ],
 )
@@ -322,7 +323,11 @@ def test_ranks_runs_on_the_older_cluster_once_the_newer_is_shut_down(cluster2):
     ("make", "error", "message"),
     [
         (lambda c: c.exec(123), TypeError, "exec runs Python source given as a string"),
-        (lambda c: pdlab.Cluster(1, port="abc"), ValueError, r"port \(0: any free one\) must be"),
+        (
+            lambda c: pdlab.Cluster(1, port="abc"),
+            ValueError,
+            r"port must be a whole number >= 0 and <= 65,535, got 'abc'",
+        ),
         (
             lambda c: c.run_script(os.path.realpath(sys.executable)),
             ValueError,
