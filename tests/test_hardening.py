@@ -48,6 +48,14 @@ def wait_until_gone(pids: list[int], seconds: float) -> list[int]:
     return alive(pids)
 
 
+def survivors(pids: list[int], seconds: float) -> list[int]:
+    """The ``pids`` still running after ``seconds``, killed (not leaked into other tests)."""
+    left = wait_until_gone(pids, seconds)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
 def test_ranks_die_with_a_kernel_killed_while_they_start(tmp_path):
     # Before: the worker imported torch (2 s and more) before arming its parent-death signal.
     script = tmp_path / "kernel.py"
@@ -63,9 +71,7 @@ def test_ranks_die_with_a_kernel_killed_while_they_start(tmp_path):
     finally:
         kernel.kill()
         kernel.wait()
-    left = wait_until_gone(ranks, 1.5)
-    for pid in left:  # don't leak them into the other tests
-        os.kill(pid, signal.SIGKILL)
+    left = survivors(ranks, 1.5)
     assert not left, f"ranks {left} outlived their kernel"
 
 
@@ -119,6 +125,9 @@ def test_idle_strangers_cannot_pin_the_kernel(cluster2):
             s.settimeout(max(0.1, deadline - time.monotonic()))
             while s.recv(4096):  # the challenge, then EOF
                 pass
+        # The handshake threads end once they wake to their closed sockets.
+        while threading.active_count() > threads_before + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert threading.active_count() <= threads_before + 1
     finally:
         for s in strangers:
@@ -199,7 +208,7 @@ def test_a_stopped_rank_is_blamed_at_once(cluster2):
     [
         ({"world_size": 10_000}, r"10000 ranks would need about .* GiB.*use world_size <= \d+"),
         ({"world_size": 2, "threads": -1}, "threads must be a whole number >= 1"),
-        ({"world_size": 2, "timeout": -5}, "timeout must be a number of seconds > 0"),
+        ({"world_size": 2, "timeout": -5}, "timeout must be a finite number of seconds > 0"),
     ],
 )
 def test_cluster_arguments_are_checked_before_any_rank_starts(kwargs, message):
@@ -221,8 +230,8 @@ def test_ranks_must_be_rank_numbers(cluster2):
     [
         ({"steps": True}, "steps must be a whole number >= 1, got True"),
         ({"checkpoint_every": -1, "checkpoint_dir": "/tmp/x"}, "checkpoint_every must be"),
-        ({"lr": float("inf")}, "lr must be finite"),
-        ({"lr": float("nan")}, r"lr must be > 0 \(a number\)"),
+        ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
         ({"strategy": "dp", "micro_batches": 4}, "micro_batches=4 applies to pipelines only"),
     ],
 )
@@ -338,3 +347,173 @@ def test_local_torchrun_nodes_listen_on_loopback_only():
     finally:
         cluster.shutdown()
     assert [n.wait(30) for n in nodes] == [0, 0]
+
+
+# ---- issue 21: hardening, third pass ------------------------------------------------------
+
+
+def test_a_dead_rank_is_named_while_a_child_it_forked_holds_its_socket(cluster2, tmp_path):
+    # Before: the kernel learnt of a death only from the control socket, which the child kept
+    # open: the call waited for its timeout (CallTimeout), not "rank 1 died".
+    import threading
+
+    from .conftest import descendants
+
+    forked = tmp_path / "forked"
+
+    def fork_then_wait(path: str) -> None:
+        if pdlab.rank() == 1:
+            child = os.fork()
+            if child == 0:
+                time.sleep(1000)
+                os._exit(0)
+            Path(path).write_text(f"{os.getpid()} {child}")
+        time.sleep(1000)
+
+    def kill_rank_once_forked() -> None:
+        while not forked.exists() or len(forked.read_text().split()) < 2:
+            time.sleep(0.01)
+        os.kill(int(forked.read_text().split()[0]), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank_once_forked)
+    killer.start()
+    start = time.monotonic()
+    with pytest.raises(pdlab.RankError, match=r"rank 1 died: it was killed by SIGKILL") as failed:
+        cluster2.run(fork_then_wait, str(forked), timeout=60)
+    killer.join()
+    assert failed.value.rank == 1
+    assert time.monotonic() - start < 3 + 5  # "within ~3 s", with room for a busy machine
+    child = int(forked.read_text().split()[1])
+    assert child not in descendants(os.getpid()) or not wait_until_gone([child], 5)
+
+
+KERNEL_WITH_CHILDREN = """
+import json, os, subprocess, sys, time
+import pdlab
+from pdlab.control import launcher
+
+def start_children():
+    plain = subprocess.Popen(["sleep", "1000"])
+    detached = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    forked = os.fork()
+    if forked == 0:
+        time.sleep(1000)
+        os._exit(0)
+    return [plain.pid, detached.pid, forked]
+
+spawned = pdlab.Cluster(2)  # a kernel's first cluster: new processes
+assert launcher.fork_server().ready.wait(120)
+forked = pdlab.Cluster(2)  # forked from the fork server
+assert all(isinstance(r.process, type(next(iter(launcher.fork_server().ranks.values()))))
+           for r in forked._resources.links)
+pids = [p for c in (spawned, forked) for r in c.run(start_children) for p in r]
+print(json.dumps(pids), flush=True)
+forked.run(lambda: (print("sleeping", flush=True), time.sleep(1000)))  # mid-call; spawned idle
+"""
+
+
+def test_what_ranks_started_dies_with_a_killed_kernel(tmp_path):
+    # Before: ranks died with the kernel (parent-death signal), the `sleep`s and fork()
+    # children they started lived on, re-parented to init.
+    import json
+
+    from .conftest import descendants
+
+    script = tmp_path / "kernel.py"
+    script.write_text(KERNEL_WITH_CHILDREN)
+    kernel = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    everything: list[int] = []
+    try:
+        children = json.loads(kernel.stdout.readline())
+        assert len(children) == 12
+        while "sleeping" not in kernel.stdout.readline():  # the forked ranks are mid-call
+            pass
+        everything = descendants(kernel.pid)
+        assert set(children) <= set(everything)
+    finally:
+        kernel.kill()
+        kernel.wait()
+    left = survivors(everything, 5)
+    assert not left, f"{len(left)} processes outlived their kernel"
+
+
+def _trickling_stranger(port: int, stop) -> None:
+    """A local process's connection that reads the challenge, announces a 200-byte answer,
+    then sends it a byte every 0.5 s: never silent for a whole read timeout, never done."""
+    import socket
+    import struct
+
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.recv(4096)
+        s.send(struct.pack("!i", 200))
+        s.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                s.send(b"x")
+                if s.recv(4096) == b"":
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+
+def test_a_handshake_has_one_deadline_and_strangers_cannot_crowd_out_ranks():
+    # Before: the 5 s limit was per read, so a peer sending a byte every few seconds held its
+    # connection for ever; MAX_PENDING of them closed every rank's connection on arrival.
+    import queue
+    import secrets
+    import threading
+
+    from pdlab.control import channel as control
+    from pdlab.control import protocol
+
+    token = secrets.token_hex(16).encode()
+    links = [control.RankLink(0)]
+    server = control.ControlServer("127.0.0.1", 0, token, links, queue.Queue(), lambda: None)
+    stop = threading.Event()
+    strangers = [
+        threading.Thread(target=_trickling_stranger, args=(server.port, stop))
+        for _ in range(control.MAX_PENDING + 4)
+    ]
+    try:
+        start = time.monotonic()
+        for t in strangers:
+            t.start()
+        while len(server._pending) < control.MAX_PENDING:
+            time.sleep(0.01)
+        conn = protocol.connect_to_kernel(("127.0.0.1", server.port), token, patience=3)
+        protocol.send(conn, protocol.Hello(0, os.getpid(), "here"))
+        while links[0].conn is None and time.monotonic() - start < 10:
+            time.sleep(0.01)
+        assert links[0].conn is not None, "the rank's handshake was crowded out"
+        conn.close()
+        for t in strangers:  # each cut off at its deadline, though it never stopped sending
+            t.join(timeout=max(0.0, start + control.HANDSHAKE_S + 5 - time.monotonic()))
+        assert not any(t.is_alive() for t in strangers), (
+            "a trickling handshake outlived its deadline"
+        )
+    finally:
+        stop.set()
+        server.close()
+        for t in strangers:
+            t.join()
+
+
+def test_a_rank_that_cannot_connect_says_why(monkeypatch):
+    import socket
+
+    from pdlab.control import protocol
+
+    with socket.create_server(("127.0.0.1", 0)) as closing:  # accepts, then closes at once
+        port = closing.getsockname()[1]
+        import threading
+
+        def close_each() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    closing.accept()[0].close()
+
+        threading.Thread(target=close_each, daemon=True).start()
+        with pytest.raises(ConnectionError, match="closed every connection before its handshake"):
+            protocol.connect_to_kernel(("127.0.0.1", port), b"t", patience=0.5)

@@ -87,7 +87,13 @@ def cluster2(cluster):
 
 
 def parents(cluster: pdlab.Cluster) -> list[int]:
-    return cluster.run(os.getppid)
+    """Who started each rank: its keeper's parent (the kernel, or the fork server)."""
+
+    def starter() -> int:
+        keeper = Path(f"/proc/{os.getppid()}/stat").read_text()
+        return int(keeper.rsplit(")", 1)[1].split()[1])
+
+    return cluster.run(starter)
 
 
 def test_later_clusters_are_forked_from_the_server_born_warm(cluster):
@@ -106,6 +112,7 @@ def test_later_clusters_are_forked_from_the_server_born_warm(cluster):
         return {
             "cmdline": Path("/proc/self/cmdline").read_bytes().split(b"\0"),
             "group": os.getpgid(0),
+            "keeper": Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0"),
             "session": os.getsid(0),
             "stdin": os.readlink("/proc/self/fd/0"),
             "fds": fds,
@@ -117,7 +124,10 @@ def test_later_clusters_are_forked_from_the_server_born_warm(cluster):
     for rank, me in enumerate(cluster.run(who_am_i)):
         pid = cluster.status().ranks[rank].pid
         assert [b"pdlab.control.worker", f"--rank={rank}".encode()] == me["cmdline"][:2]
-        assert me["group"] == me["session"] == pid  # a process group and session of its own
+        keeper = cluster._resources.links[rank].process.pid
+        assert me["keeper"][:2] == [b"pdlab.control.keeper", f"--rank={rank}".encode()]
+        # A process group and session of its own, its keeper's (``launcher.stop`` ends both).
+        assert me["group"] == me["session"] == keeper != pid
         assert me["stdin"] == "/dev/null"
         assert server_socket not in me["fds"]  # nothing of the server's is left open
         assert me["not_loaded"] == []  # born with the training stack imported
@@ -253,7 +263,8 @@ def test_prestart_false_starts_plain_processes_and_no_server(tmp_path):
             from pdlab.control import launcher
             c = pdlab.Cluster(2, prestart=False)
             time.sleep(5)
-            print(c.run(os.getppid) == [os.getpid()] * 2, launcher.fork_server() is None,
+            keepers = [r.process.pid for r in c._resources.links]  # started here: Popens
+            print(c.run(os.getppid) == keepers, launcher.fork_server() is None,
                   c.run(lambda: "pdlab.training.loop" in sys.modules))
             c.shutdown()
             """

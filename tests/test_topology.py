@@ -40,7 +40,7 @@ def test_link_specs_parse_bits_and_bytes(spec, bandwidth, latency):
         ("100mbps", "ambiguous"),
         ("10Gbit/s@5", "needs a unit"),
         ("fast", ""),
-        ("0GB/s", "bandwidth > 0"),
+        ("0GB/s", "bandwidth of link '0GB/s' must be a finite number of bytes/s > 0, got 0"),
     ],
 )
 def test_bad_link_specs_name_the_accepted_forms(spec, hint):
@@ -48,7 +48,7 @@ def test_bad_link_specs_name_the_accepted_forms(spec, hint):
         parse_link(spec)
     message = str(err.value)
     assert hint in message
-    if "bandwidth > 0" not in hint:
+    if "bandwidth" not in hint:
         assert "'25Gbit/s@5us'" in message and "ib-ndr400" in message
 
 

@@ -113,7 +113,7 @@ def test_result_tables(cluster2):
         ({"world_size": 1}, "needs at least 2 ranks"),
         ({"strategy": "dp-tp", "world_size": 2}, "needs an even world_size >= 4"),
         ({"steps": 0}, "steps must be a whole number >= 1"),
-        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": 0.0}, "lr must be a finite number > 0, got 0"),
     ],
 )  # fmt: skip
 def test_validate_says_what_to_change(changes, message):

@@ -6,9 +6,10 @@ sends is unpickled (``protocol.accept_rank``), and gives every rank a reader thr
 straight to the metrics callback so a long run's records never queue behind a call, and
 answers to ``Where``, which go to ``answers`` for whichever thread asked.
 
-Strangers are cheap to turn away: a handshake must finish within ``HANDSHAKE_S``, at most
-``MAX_PENDING`` run at once (more connections are closed on arrival), and ``close`` ends
-them all.
+Strangers are cheap to turn away: a handshake must finish within ``HANDSHAKE_S`` (one
+deadline for the whole exchange, not per read: a peer trickling a byte at a time is cut off
+too), at most ``MAX_PENDING`` run at once (a new connection ends the oldest pending one, so
+strangers can't crowd out the ranks), and ``close`` ends them all.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -27,8 +29,9 @@ from typing import Any
 
 from pdlab.control import launcher, protocol
 
-HANDSHAKE_S = 5.0
+HANDSHAKE_S = 5.0  # one deadline for a whole handshake, however slowly the peer sends
 MAX_PENDING = 32
+ACCEPT_S = 0.5  # how often the accepting thread ends handshakes past their deadline
 
 
 @dataclass
@@ -60,9 +63,7 @@ class RankLink:
         """Why the rank is gone, in words: its exit code or signal, else the connection."""
         if self.process is None:
             return "its connection closed"
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(1)
-        code = self.process.returncode
+        code = launcher.exit_code(self.process, wait_s=1.0)
         if code is None:
             return "its connection closed"
         if code < 0:
@@ -94,7 +95,8 @@ class ControlServer:
         self.port: int = self.listener.getsockname()[1]
         self.links, self.token, self.events, self.publish = links, token, events, publish
         self.answers: queue.Queue = queue.Queue()  # (rank, Here, time received)
-        self._pending: set[socket.socket] = set()
+        self.listener.settimeout(ACCEPT_S)
+        self._pending: dict[socket.socket, float] = {}  # each handshake's deadline
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True, name="pdlab-accept").start()
 
@@ -102,23 +104,38 @@ class ControlServer:
         while (listener := self.listener) is not None:
             try:
                 sock, _ = listener.accept()
+            except TimeoutError:  # a moment to end handshakes past their deadline
+                sock = None
             except OSError:  # closed: the cluster is shutting down
                 return
             with self._lock:
-                if len(self._pending) >= MAX_PENDING:
-                    sock.close()
+                now = time.monotonic()
+                for late in [s for s, deadline in self._pending.items() if deadline < now]:
+                    self._drop(late)
+                if sock is None:
                     continue
-                self._pending.add(sock)
+                if len(self._pending) >= MAX_PENDING:
+                    # The oldest goes: a rank's handshake takes milliseconds, so strangers
+                    # that hold theirs can't crowd out the ranks that are starting.
+                    self._drop(min(self._pending, key=self._pending.__getitem__))
+                self._pending[sock] = now + HANDSHAKE_S
             threading.Thread(target=self._handshake, args=(sock,), daemon=True).start()
+
+    def _drop(self, sock: socket.socket) -> None:
+        """End a pending handshake (its thread then fails and closes the socket)."""
+        del self._pending[sock]
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
     def _handshake(self, sock: socket.socket) -> None:
         try:
+            # Per read, a backstop: ``_accept`` ends the whole handshake at its deadline.
             conn, hello = protocol.accept_rank(sock, self.token, HANDSHAKE_S)
         except Exception:
             return
         finally:
             with self._lock:
-                self._pending.discard(sock)
+                self._pending.pop(sock, None)
             sock.close()  # the connection, if any, has its own descriptor
         if not 0 <= hello.rank < len(self.links) or self.links[hello.rank].conn is not None:
             conn.close()  # a rank we don't expect, or a second connection for one
@@ -136,7 +153,10 @@ class ControlServer:
                 elif not isinstance(message, protocol.Metrics):
                     self.events.put((link.rank, message))
                 elif (deliver := self.publish()) is not None:
-                    deliver(link.rank, message)
+                    try:
+                        deliver(link.rank, message)
+                    except BaseException:  # a record's trouble is no rank's death
+                        traceback.print_exc()
         except BaseException:  # closed, or a stream we can no longer read: the rank is gone
             link.lost = True
             self.events.put((link.rank, protocol.Lost()))
@@ -149,10 +169,8 @@ class ControlServer:
                 listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         with self._lock:
-            for sock in self._pending:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            self._pending.clear()
+            for sock in list(self._pending):
+                self._drop(sock)
         for link in self.links:
             if link.conn is not None:
                 link.conn.close()

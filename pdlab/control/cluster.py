@@ -38,6 +38,7 @@ from typing import Any
 
 import cloudpickle
 
+from pdlab import checks
 from pdlab.control import launcher, protocol
 from pdlab.control.channel import ControlServer, RankLink
 from pdlab.control.launcher import choose_backend
@@ -52,7 +53,7 @@ GRACE_S = 1.0  # how long peers of a failed rank may take to finish before the g
 STOPPED_S = 2.0  # a rank stopped this long during a call fails it: its peers can only wait
 WHERE_S = 2.0  # how long ranks may take to say where they are
 
-_current: Cluster | None = None
+_started: list[weakref.ref[Cluster]] = []  # clusters by start, oldest first
 
 
 class RankError(RuntimeError):
@@ -90,10 +91,12 @@ class CallTimeout(TimeoutError):
 
 
 def current() -> Cluster:
-    """The most recently started cluster (what ``%%ranks`` runs on)."""
-    if _current is None or _current.state == "stopped":
-        raise RuntimeError("no pdlab cluster is running: start one with %pdlab start N")
-    return _current
+    """The most recently started cluster not shut down (what ``%%ranks`` runs on)."""
+    for ref in reversed(_started):
+        cluster = ref()
+        if cluster is not None and cluster.state != "stopped":
+            return cluster
+    raise RuntimeError("no pdlab cluster is running: start one with %pdlab start N")
 
 
 @dataclass
@@ -191,16 +194,16 @@ class Cluster:
         keep_metrics: int = 20_000,
         prestart: bool = True,
     ):
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a whole number >= 1, got {world_size!r}")
+        checks.whole(world_size, "world_size")
         if not attach:
             launcher.check_memory(world_size)
-        if not (isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0):
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        if threads is not None and (
-            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-        ):
-            raise ValueError(f"threads must be a whole number >= 1 (or None), got {threads!r}")
+        timeout = checks.timeout(timeout, optional=False)  # gloo's and NCCL's need one
+        if threads is not None:
+            checks.whole(threads, "threads")
+        checks.whole(keep_metrics, "keep_metrics")
+        checks.whole(port, "port", least=0, most=65535)
+        if not isinstance(host, str):
+            raise ValueError(f"host must be an address as a string, e.g. '127.0.0.1', got {host!r}")
         gpus = 0 if device == "cpu" else launcher.visible_gpus()
         self.backend, self.device, note = choose_backend(world_size, backend, device, gpus)
         if note:
@@ -227,7 +230,6 @@ class Cluster:
     # ----- lifecycle -------------------------------------------------------------------------
 
     def _start(self) -> None:
-        global _current
         self._token = secrets.token_hex(32).encode()
         self._events: queue.Queue = queue.Queue()
         self._output = RankOutput()
@@ -244,7 +246,7 @@ class Cluster:
         )
         self.port = res.server.port
         self.state = "starting"
-        _current = self
+        _started[:] = [r for r in _started if r() not in (None, self)] + [weakref.ref(self)]
         if not self.attach:
             settings = launcher.RankSettings(
                 self.world_size,
@@ -280,7 +282,7 @@ class Cluster:
                     f"rank {rank} died while starting: it could not join the process group:\n"
                     + message.traceback
                 )
-            dead = next((r for r in links if r.process and r.process.poll() is not None), None)
+            dead = next((r for r in links if r.process and launcher.exited(r.process)), None)
             if dead is not None:
                 self._fail_start(
                     f"rank {dead.rank} died while starting ({dead.exit_reason()}). Its output:\n"
@@ -310,11 +312,8 @@ class Cluster:
 
     def shutdown(self) -> None:
         """Stop every rank and release the port and temp files. Safe to call twice."""
-        global _current
         self._resources.close(polite=self.state == "running")
         self.state = "stopped"
-        if _current is self:
-            _current = None
 
     def __enter__(self) -> Cluster:
         return self
@@ -390,11 +389,19 @@ class Cluster:
         for callback in list(self._subscribers):
             try:
                 callback(record)
-            except Exception as exc:  # a broken plot must not break training
-                print(f"pdlab: metrics subscriber {callback!r} failed: {exc}", file=sys.stderr)
+            except BaseException as exc:  # a broken plot must not break training, nor the
+                # channel this runs on (a KeyboardInterrupt included: it is no one's Ctrl-C)
+                print(
+                    f"pdlab: metrics subscriber {callback!r} failed: {type(exc).__name__}: "
+                    f"{exc} (the record was kept; fix or unsubscribe the callback)",
+                    file=sys.stderr,
+                )
 
     def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
-        """Call ``callback(record)`` for every ``pdlab.log`` record; returns an unsubscribe."""
+        """Call ``callback(record)`` for every ``pdlab.log`` record; returns an unsubscribe.
+        What the callback raises is printed, never raised: records keep arriving."""
+        if not callable(callback):
+            raise TypeError(f"subscribe takes a function of one record, got {callback!r}")
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
 
@@ -448,6 +455,13 @@ class Cluster:
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no script at {os.path.abspath(path)}")
+        with open(path, "rb") as f:
+            if b"\0" in f.read(4096):
+                raise ValueError(
+                    f"{os.path.abspath(path)} is not a Python script (it holds binary data): "
+                    "run_script runs Python files; start a program with subprocess inside "
+                    "cluster.run instead"
+                )
         self.run(run_script, os.fspath(path), [str(a) for a in args], timeout=timeout)
 
     def exec(
@@ -458,6 +472,11 @@ class Cluster:
         Returns the value of a final expression on each rank, like a notebook cell. The
         namespace's ``__name__`` is ``"__main__"``: a whole script pasted in runs its main block.
         """
+        if not isinstance(source, str):
+            raise TypeError(
+                f"exec runs Python source given as a string, e.g. cluster.exec('x = 1'), got "
+                f"{type(source).__name__}: to run a function, use cluster.run(fn)"
+            )
         return self._call("exec", source, ranks, timeout)
 
     def interrupt(self) -> None:
@@ -543,6 +562,7 @@ class Cluster:
     def _call(
         self, kind: str, payload: bytes | str, ranks: Sequence[int] | None, timeout: float | None
     ) -> list[Any]:
+        timeout = checks.timeout(timeout)
         if not self._busy.acquire(blocking=False):
             raise RuntimeError(
                 "this cluster is already running a call (a dashboard run?): wait for it or "
@@ -591,10 +611,14 @@ class Cluster:
     def _check_ranks(self, ranks: Sequence[int] | None) -> list[int]:
         if ranks is None:
             return list(range(self.world_size))
-        if isinstance(ranks, str | bytes) or not all(
-            isinstance(r, int) and not isinstance(r, bool) for r in ranks
+        if (
+            not isinstance(ranks, Sequence | set)
+            or isinstance(ranks, str | bytes)
+            or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)
         ):
             raise ValueError(f"ranks must be a list of rank numbers, e.g. [0, 2], got {ranks!r}")
+        if not ranks:
+            raise ValueError("ranks is empty: name at least one rank, or pass None for all")
         bad = [r for r in ranks if not 0 <= r < self.world_size]
         if bad:
             raise ValueError(f"no rank(s) {bad}: this cluster has ranks 0..{self.world_size - 1}")
@@ -707,7 +731,7 @@ class _Call:
                     self._timed_out()
                 self._take(0.05)
                 self.cluster._output.release()
-                self._look_for_stopped_ranks()
+                self._look_at_pending_ranks()
         except KeyboardInterrupt as interrupted:
             interrupted.where = self.cluster._locate(self.ranks)  # before the interrupt moves them
             print(f"pdlab: interrupted: {interrupted.where.summary()}", file=sys.stderr)
@@ -736,11 +760,7 @@ class _Call:
         elif isinstance(message, protocol.Undecodable):
             self._undecodable(rank, message.what, message.types, message.error)
         elif isinstance(message, protocol.Lost) and rank in self.pending:
-            self.pending.discard(rank)
-            reason = self.cluster._resources.links[rank].exit_reason()
-            self.failures.append(
-                protocol.Failure(rank, protocol.Blame.DIED, f"rank {rank} died: {reason}")
-            )
+            self._died(rank)
         elif isinstance(message, protocol.Result | protocol.Error) and (
             message.call_id == self.call_id
         ):
@@ -765,16 +785,28 @@ class _Call:
                     )
                 )
 
-    def _look_for_stopped_ranks(self) -> None:
-        """Fail the call on a rank stopped for ``STOPPED_S`` (SIGSTOP, a debugger): peers
-        waiting for it in a collective would otherwise wait for the group's timeout (300 s)
-        and then blame each other."""
+    def _died(self, rank: int) -> None:
+        self.pending.discard(rank)
+        reason = self.cluster._resources.links[rank].exit_reason()
+        self.failures.append(
+            protocol.Failure(rank, protocol.Blame.DIED, f"rank {rank} died: {reason}")
+        )
+
+    def _look_at_pending_ranks(self) -> None:
+        """Fail the call on a rank whose process has exited, even while its connection stays
+        open (a child it forked holds the socket), and on a rank stopped for ``STOPPED_S``
+        (SIGSTOP, a debugger): peers waiting for it in a collective would otherwise wait for
+        the group's timeout (300 s) and then blame each other."""
         now = time.monotonic()
         if now < self._next_look:
             return
         self._next_look = now + 0.25
         for rank in sorted(self.pending):
-            pid = self.cluster._resources.links[rank].pid
+            link = self.cluster._resources.links[rank]
+            if link.process is not None and launcher.exited(link.process):
+                self._died(rank)
+                continue
+            pid = link.pid
             if pid is None or not launcher.is_stopped(pid):
                 self._stopped_since.pop(rank, None)
             elif now - self._stopped_since.setdefault(rank, now) >= STOPPED_S:
@@ -813,7 +845,7 @@ class _Call:
         if first.exc_type == "ModuleNotFoundError":
             message += _where_the_kernel_imports(first.traceback)
         others = [
-            f"rank {f.rank}: {(f.traceback or f.summary).splitlines()[-1]}"
+            f"rank {f.rank}: {(f.traceback or f.summary).strip().splitlines()[-1]}"
             for f in self.failures
             if f is not first
         ]

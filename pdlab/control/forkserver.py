@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import os
 import queue
@@ -54,6 +53,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from pdlab.control import warmup, worker
+from pdlab.control.keeper import show_as
 
 
 def supported() -> bool:
@@ -261,7 +261,7 @@ def cuda_driver_loaded() -> bool:
     return "/libcuda.so" in Path("/proc/self/maps").read_text()
 
 
-def _returncode(info: os.waitid_result) -> int:
+def waitid_code(info: os.waitid_result) -> int:
     """``Popen.returncode`` for a ``waitid`` result: the exit code, or minus the signal."""
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
@@ -344,7 +344,7 @@ class _Server:
         self.selector.unregister(self.pidfds[pid])
         os.close(self.pidfds.pop(pid))
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # not reaped
-        self.conn.send(("exited", pid, _returncode(info)))
+        self.conn.send(("exited", pid, waitid_code(info)))
 
     def _end(self, pid: int) -> None:
         if pid not in self.children:
@@ -396,19 +396,6 @@ def _reseed() -> None:
     torch.random.default_generator.seed()
     if "numpy.random" in sys.modules:
         sys.modules["numpy.random"].seed()
-
-
-def show_as(words: list[str]) -> None:
-    """Put ``words`` on this process's command line (``/proc/PID/cmdline``, ``ps``) instead
-    of the fork server's, by rewriting the memory the kernel reads it from (as
-    setproctitle does), within the room the server's command line left; cut to fit."""
-    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
-    room = end - start
-    if ctypes.string_at(start, room) != Path("/proc/self/cmdline").read_bytes():
-        return  # not where we expect it: leave it alone
-    title = "\0".join(words).encode()[: room - 1]
-    ctypes.memmove(start, title.ljust(room, b"\0"), room)
 
 
 def main(argv: list[str] | None = None) -> None:

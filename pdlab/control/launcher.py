@@ -461,6 +461,27 @@ def exited(process: subprocess.Popen | forkserver.ForkedRank) -> bool:
         return True
 
 
+def exit_code(process: subprocess.Popen | forkserver.ForkedRank, wait_s: float = 0.0) -> int | None:
+    """``process``'s exit code (minus the signal that ended it, as ``Popen.returncode``), or
+    None if it still runs after ``wait_s`` seconds; without reaping it (see ``stop``)."""
+    if isinstance(process, forkserver.ForkedRank):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(wait_s)  # its server reports the code
+        return process.returncode
+    deadline = time.monotonic() + wait_s
+    while process.returncode is None:
+        try:
+            info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped elsewhere: its code is lost
+            return process.returncode
+        if info is not None:
+            return forkserver.waitid_code(info)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+    return process.returncode
+
+
 def reachable_address(host: str) -> str:
     """The address other hosts should connect to for a server listening on ``host``.
 

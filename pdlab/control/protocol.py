@@ -298,10 +298,14 @@ def connect_to_kernel(address: tuple[str, int], token: bytes, patience: float = 
             answer_challenge(conn, token)
             deliver_challenge(conn, token)
             return conn
-        except (EOFError, ConnectionError):
+        except (EOFError, ConnectionError) as exc:
             conn.close()
             if time.monotonic() > deadline:
-                raise
+                raise ConnectionError(
+                    f"the kernel at {address[0]}:{address[1]} closed every connection before "
+                    f"its handshake for {patience:.0f} s ({type(exc).__name__}): is another "
+                    "program connecting to its port? Start the cluster on another port"
+                ) from exc
             time.sleep(0.1)
         except BaseException:
             conn.close()

@@ -12,7 +12,8 @@ Threads here, and why:
   thread and exits the process at once on ``abort`` or when the kernel goes away.
 - output pump: fd 1 and 2 are pipes read here, so native output (gloo, NCCL, C extensions)
   reaches the kernel too, prefixed by rank, in order with the call's result.
-- watchdog: exits when the parent kernel dies, even before the connection exists.
+- watchdog: exits when the parent (the rank's keeper, ``pdlab.control.keeper``) dies, even
+  before the connection exists.
 - warm-up (``--warm-up``): imports the training stack while no call runs (``pdlab.control.warmup``).
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import ctypes
 import gc
 import json
 import linecache
@@ -33,11 +33,12 @@ import threading
 import time
 import traceback
 from datetime import timedelta
+from multiprocessing import AuthenticationError
 from typing import Any
 
 import cloudpickle
 
-from pdlab.control import protocol
+from pdlab.control import keeper, protocol
 
 HEARTBEAT_S = 0.5
 _FLUSH_MARK = b"\x00pdlab-flush\x00"
@@ -92,12 +93,9 @@ class OutputPump:
 
 
 def set_parent_death_signal(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL us when our parent (the kernel, or the fork server) dies; the
-    watchdog covers other systems."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    """Ask Linux to SIGKILL us when our parent (a rank's keeper; the fork server's kernel)
+    dies; the watchdog covers other systems."""
+    if not keeper.prctl(keeper.PR_SET_PDEATHSIG, signal.SIGKILL):
         return
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
@@ -302,8 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.parent_pid:
-        set_parent_death_signal(args.parent_pid)
-        threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
+        # Started here, by the kernel or its fork server: from now on this is the rank, and
+        # its parent the keeper that ends what it starts once it, or the kernel, is gone.
+        parent = keeper.split(args.parent_pid, ["pdlab.control.keeper", f"--rank={args.rank}"])
+        set_parent_death_signal(parent)
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _put_back_the_users_environment()
     token = os.environ.pop("PDLAB_TOKEN", "").encode()
     if not token:
@@ -311,7 +312,10 @@ def main(argv: list[str] | None = None) -> None:
             "pdlab.control.worker: set PDLAB_TOKEN to the cluster's token (see Cluster.attach_command)"
         )
     host, _, port = args.connect.rpartition(":")
-    channel = Channel((host, int(port)), token)
+    try:
+        channel = Channel((host, int(port)), token)
+    except (ConnectionError, AuthenticationError) as exc:  # said in the start's error
+        sys.exit(f"pdlab.control.worker: rank {args.rank} could not connect: {exc}")
     channel.send(protocol.Hello(args.rank, os.getpid(), os.uname().nodename))
     pump = OutputPump(channel)
     try:

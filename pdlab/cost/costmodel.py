@@ -43,7 +43,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from pdlab.cost.topology import Link, Topology, whole_number
+from pdlab import checks
+from pdlab.cost.topology import Link, Topology
 from pdlab.measure.comm import bus_bytes, traffic
 
 OPS = (
@@ -75,7 +76,7 @@ def wire_bytes(op: str, payload_bytes: float, group_size: int) -> float:
 def _alpha_beta(op: str, group_size: int, link: Link, nbytes: Callable[[], float]) -> float:
     """Latency per ring step plus ``nbytes()`` at the link's bandwidth; 0 on one rank."""
     steps = ring_steps(op, group_size)  # an unknown op fails even on one rank
-    if whole_number("group_size", group_size) == 1:
+    if checks.whole(group_size, "group_size") == 1:
         return 0.0
     return steps * link.latency + nbytes() / link.bandwidth
 
@@ -114,7 +115,7 @@ def slowest(a: Link, b: Link) -> Link:
 def group_span(group: Sequence[int] | int, topology: Topology, nodes: int = 1) -> tuple[int, int]:
     """``(size, nodes spanned)`` of a group given as global ranks or as a size."""
     if isinstance(group, int):
-        size = whole_number("group size", group)
+        size = checks.whole(group, "group size")
         if not 1 <= nodes <= min(size, topology.nodes):
             raise ValueError(
                 f"a group of {size} ranks on {topology.nodes} node(s) spans 1 to "

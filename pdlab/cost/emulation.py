@@ -105,6 +105,8 @@ def parse(spec: str | EmulatedLink) -> EmulatedLink:
     try:
         return EmulatedLink(parse_link(text.removesuffix(SHARED)), shared)
     except ValueError as exc:
+        if not str(exc).startswith("can't read link"):
+            raise  # it was read: one of its values is wrong
         raise ValueError(
             f"{exc}; add ':shared' for one medium all ranks share ('100Mbit/s:shared')"
         ) from None

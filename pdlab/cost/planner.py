@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pdlab import checks
 from pdlab.cost.calibration import Ranks, this_machine
 from pdlab.cost.costmodel import op_time
 from pdlab.cost.footprint import (
@@ -39,9 +41,11 @@ from pdlab.cost.footprint import (
     model_spec,
     model_state_bytes,
 )
-from pdlab.cost.topology import THIS_MACHINE, Topology, whole_number
+from pdlab.cost.topology import THIS_MACHINE, Topology
 from pdlab.measure.comm import bus_bytes
 
+# More GPUs than any cluster built (2026: ~200k): refused, rather than searched for minutes.
+MAX_WORLD = 1 << 20
 BARE_NOTE = "model states only: a bare parameter count has no shape, so activations, tp and pp are not computed"  # fmt: skip
 
 
@@ -90,8 +94,7 @@ class Assumptions:
     algorithm: str = "ring"  # or "hierarchical" (pdlab.cost.costmodel)
 
     def __post_init__(self) -> None:
-        if not 0 < self.efficiency <= 1:
-            raise ValueError(f"efficiency is a fraction of peak in (0, 1], got {self.efficiency!r}")
+        checks.number(self.efficiency, "efficiency (a fraction of peak)", above=0, most=1)
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ class Layout:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def layouts(
@@ -146,20 +150,24 @@ class _Links:
     def __init__(self, layout: Layout, topology: Topology, algorithm: str):
         grid = np.arange(topology.world_size).reshape(layout.dp, layout.pp, layout.tp)
         self.topology, self.algorithm = topology, algorithm
-        self.ranks: dict[str, list[int]] = {}
+        self.spans: dict[str, tuple[int, int]] = {}  # each dim's widest group: size, nodes
         for axis, dim in enumerate(("dp", "pp", "tp")):
-            groups = np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis]).tolist()
-            self.ranks[dim] = max(groups, key=lambda g: len({topology.node_of(r) for r in g}))
+            groups = np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis])
+            # Nodes each group spans, in numpy: a million GPUs are planned in seconds. Ranks
+            # rise along every axis of the grid, and so do their nodes: count the changes.
+            nodes = groups // topology.gpus_per_node
+            spans = 1 + (np.diff(nodes, axis=1) != 0).sum(axis=1)
+            self.spans[dim] = grid.shape[axis], int(spans.max())
         self.bytes = {"intra": 0.0, "inter": 0.0}
 
     def seconds(self, op: str, payload: float, dim: str) -> float:
-        return op_time(op, payload, self.ranks[dim], self.topology, algorithm=self.algorithm)
+        size, nodes = self.spans[dim]
+        return op_time(op, payload, size, self.topology, nodes=nodes, algorithm=self.algorithm)
 
     def cost(self, op: str, payload: float, dim: str, count: int = 1) -> float:
         """Seconds of ``count`` ops on the ``dim`` group, counting their bytes."""
-        ranks = self.ranks[dim]
-        link = "inter" if len({self.topology.node_of(r) for r in ranks}) > 1 else "intra"
-        self.bytes[link] += count * bus_bytes(op, payload, len(ranks))
+        size, nodes = self.spans[dim]
+        self.bytes["inter" if nodes > 1 else "intra"] += count * bus_bytes(op, payload, size)
         return count * self.seconds(op, payload, dim)
 
 
@@ -298,7 +306,7 @@ def _activation_bytes(
 
 def default_topology(world_size: int) -> Topology:
     """H100 SXM over NVLink 4, 8 a node, nodes over InfiniBand NDR 400 (what --world-size means)."""
-    if whole_number("world_size", world_size) <= 8:
+    if checks.whole(world_size, "world_size", most=MAX_WORLD) <= 8:
         return Topology(1, world_size, intra="nvlink4")
     if world_size % 8:
         raise ValueError(
@@ -342,10 +350,9 @@ def plan(
                 f"world_size {world_size} disagrees with topology {topo.name!r} "
                 f"({topo.world_size} GPUs): give one or the other"
             )
+    checks.whole(topo.world_size, "the topology's GPU count", most=MAX_WORLD)
     if isinstance(model, (int, float)) and not isinstance(model, bool):
-        if not model > 0:
-            raise ValueError(f"a parameter count must be > 0, got {model!r}")
-        spec: ModelSpec | float = float(model)
+        spec: ModelSpec | float = checks.number(model, "a parameter count", above=0)
     else:
         spec = model_spec(model)
     shaped = isinstance(spec, ModelSpec)
@@ -353,9 +360,9 @@ def plan(
         global_batch = topo.world_size
     if seq_len is None:
         seq_len = spec.context if shaped else 2048
-    whole_number("global_batch", global_batch)
-    whole_number("seq_len", seq_len)
-    micro_batch_size = whole_number("micro_batch_size", micro_batch_size)
+    checks.whole(global_batch, "global_batch")
+    checks.whole(seq_len, "seq_len")
+    micro_batch_size = checks.whole(micro_batch_size, "micro_batch_size")
     if shaped and spec.learned_positions and seq_len > spec.context:
         raise ValueError(
             f"{spec.name} has learned positions for {spec.context} tokens: "
@@ -437,7 +444,8 @@ def run_command(args: argparse.Namespace, measure_here: Callable[[int], Topology
     model = args.params if args.params is not None else args.model
     topology = args.topology
     if (topology or "").strip().lower() == THIS_MACHINE:
-        topology = measure_here(args.world_size or 2)  # its ranks are what is measured
+        world = 2 if args.world_size is None else args.world_size  # 0 is refused, not 2
+        topology = measure_here(world)  # its ranks are what is measured
     request = (model, topology, args.global_batch, args.seq_len, args.precision)
     try:
         assume = Assumptions(

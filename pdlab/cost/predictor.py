@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from pdlab import checks
 from pdlab.cost import emulation
 from pdlab.cost.calibration import Calibration, Ranks, this_machine
 from pdlab.cost.costmodel import directions, link_op_time, op_time
@@ -105,10 +106,8 @@ class Assumptions:
     algorithm: str = "ring"
 
     def __post_init__(self) -> None:
-        if not 0 < self.efficiency <= 1:
-            raise ValueError(f"efficiency is a fraction of peak in (0, 1], got {self.efficiency!r}")
-        if not self.op_overhead >= 0:
-            raise ValueError(f"op_overhead is seconds per kernel >= 0, got {self.op_overhead!r}")
+        checks.number(self.efficiency, "efficiency (a fraction of peak)", above=0, most=1)
+        checks.number(self.op_overhead, "op_overhead", least=0, unit="seconds per kernel")
 
 
 # ---- the replay -----------------------------------------------------------------------------
@@ -431,6 +430,13 @@ def predict(
     machine's transport, added to an emulated link's ops as emulation does, and its
     matmul rate for MFU. See the module docstring and ``Assumptions``.
     """
+    from pdlab.training.loop import TrainResult
+
+    if not isinstance(result, TrainResult):
+        raise TypeError(
+            f"predict takes a run's result, e.g. predict(pdlab.train(cluster, ...)), "
+            f"got {type(result).__name__}"
+        )
     assume = assumptions or Assumptions()
     config = result.config
     where = resolve(target, config, cluster, calibration, assume.algorithm, result.backend)

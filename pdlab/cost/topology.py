@@ -32,6 +32,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pdlab import checks
+
 GB = 1e9
 
 
@@ -45,11 +47,17 @@ class Link:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if not self.bandwidth > 0 or not self.latency >= 0:
-            raise ValueError(
-                f"link {self.name!r} needs a bandwidth > 0 and a latency >= 0, got "
-                f"bandwidth={self.bandwidth!r} B/s, latency={self.latency!r} s"
-            )
+        checks.number(
+            self.bandwidth, f"the bandwidth of link {self.name!r}", above=0, unit="bytes/s"
+        )
+        # At most a timeout's longest: an emulated op waits this long on a timer.
+        checks.number(
+            self.latency,
+            f"the latency of link {self.name!r}",
+            least=0,
+            most=checks.MAX_SECONDS,
+            unit="seconds",
+        )
 
     def __str__(self) -> str:
         return f"{self.name} ({self.bandwidth / GB:.4g} GB/s, {self.latency * 1e6:.3g} µs)"
@@ -135,7 +143,7 @@ _PREFIX = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
 _NUMBER = r"\d+(?:\.\d*)?(?:[eE][+-]?\d+)?"
 _RATE = re.compile(rf"^({_NUMBER})\s*([kKMGT]?)(bit/s|B/s)$")
-_LATENCY = re.compile(rf"^({_NUMBER})\s*(ns|us|µs|ms|s)$")
+_LATENCY = re.compile(rf"^([-+]?{_NUMBER})\s*(ns|us|µs|ms|s)$")  # signed: -5us is refused
 LINK_FORMS = (
     "a preset name ({presets}), a rate in bits or bytes per second with decimal prefixes "
     "k, M, G, T ('100Mbit/s', '25Gbit/s', '1GB/s'), either followed by '@' and a latency in "
@@ -187,13 +195,6 @@ def parse_device(name: str | Device) -> Device:
 # ---- topologies ------------------------------------------------------------------------------
 
 
-def whole_number(label: str, value: object) -> int:
-    """``value`` if it is an int >= 1, else a ValueError naming ``label``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{label} must be a whole number >= 1, got {value!r}")
-    return value
-
-
 TOPOLOGY_FORMS = (
     "a preset ({presets}); 'this-machine' (measured: pass cluster=); or "
     "'[NODESx]GPUS [DEVICE] INTRA [INTER]' with a device among {devices} (default: the usual "
@@ -228,8 +229,8 @@ class Topology:
     name: str = ""
 
     def __post_init__(self) -> None:
-        whole_number("nodes", self.nodes)
-        whole_number("gpus_per_node", self.gpus_per_node)
+        checks.whole(self.nodes, "nodes")
+        checks.whole(self.gpus_per_node, "gpus_per_node")
         intra = parse_link(self.intra)
         inter = None if self.inter is None else parse_link(self.inter)
         if self.nodes > 1 and inter is None:

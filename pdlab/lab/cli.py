@@ -17,6 +17,8 @@ import sys
 import types
 from dataclasses import asdict, fields, replace
 
+from pdlab import checks
+from pdlab.control import launcher
 from pdlab.cost import emulation, planner
 from pdlab.cost.predictor import predict
 from pdlab.cost.topology import Topology
@@ -116,11 +118,34 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if config.strategy == "single":
         config = replace(config, world_size=1)
-    try:
-        validate(config)  # before starting any rank
+    try:  # everything that can be known before any rank starts
+        validate(config)
+        if args.trace:
+            checks.writable_file(args.trace, "--trace")
+        if config.strategy != "single":
+            launcher.check_memory(config.world_size)
     except (ValueError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        result = _train(config, args.json)
+    except Exception as exc:  # a rank failed, or this machine: said in one line, not a traceback
+        print(f"error: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    _show(result, args.json)
+    if args.trace:
+        try:
+            result.trace(args.trace)
+        except OSError as exc:  # the steps are printed above: only the trace is lost
+            print(f"error: the trace could not be written to {args.trace}: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _train(config: TrainConfig, as_json: bool) -> TrainResult:
+    """Train ``config`` (on a new cluster unless it is ``single``), with each step's
+    predicted time beside its measured one. If the ranks fail, the steps they finished are
+    printed (their ``pdlab.log`` records) before the error goes on."""
     calibration = None
     if config.strategy == "single":
         result = train(config=config)
@@ -129,14 +154,28 @@ def main(argv: list[str] | None = None) -> int:
         from pdlab.cost.calibration import calibrate
 
         with Cluster(config.world_size) as cluster:
-            result = train(cluster, config)
+            try:
+                result = train(cluster, config)
+            except Exception:
+                done = [r for r in cluster.metrics if r.get("rank") == 0 and "loss" in r]
+                for r in done:
+                    step = {"step": r["step"], "loss": r["loss"], "step_time": r["step_time"]}
+                    print(
+                        json.dumps(step)
+                        if as_json
+                        else " ".join(f"{k} {v:.6g}" for k, v in step.items())
+                    )
+                print(f"{len(done)} step(s) finished before the failure", file=sys.stderr)
+                raise
             calibration = calibrate(cluster)  # this machine's link and matmuls, ~0.3 s
     predicted = predict(result, calibration=calibration)[["step", "step_time"]]
     result.steps = result.steps.merge(predicted, on="step", suffixes=("", "_predicted"))
     result.steps = result.steps.rename(columns={"step_time_predicted": "predicted_step_time"})
-    if args.trace:
-        result.trace(args.trace)
-    if args.json:
+    return result
+
+
+def _show(result: TrainResult, as_json: bool) -> None:
+    if as_json:
         for row in result.steps[STEP_COLUMNS].to_dict("records"):
             print(
                 json.dumps({k: _number(v) if isinstance(v, float) else v for k, v in row.items()})
@@ -145,4 +184,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(result.steps[STEP_COLUMNS].to_string(index=False))
         print("\n".join(f"{k}: {v}" for k, v in summary(result).items()))
-    return 0

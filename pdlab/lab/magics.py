@@ -9,6 +9,7 @@ import shlex
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display
 
+from pdlab import checks
 from pdlab.control import cluster as cluster_module
 from pdlab.control import rich_output
 from pdlab.control.cluster import Cluster
@@ -34,33 +35,44 @@ def parse_ranks(spec: str) -> list[int] | None:
     if not spec:
         return None
     ranks: list[int] = []
-    try:
-        for part in spec.split(","):
-            first, _, last = part.partition("-")
-            ranks.extend(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise ValueError(
-            f"can't read ranks {spec!r}: write e.g. %%ranks 0,2 or %%ranks 1-3"
-        ) from None
+    for part in spec.split(","):
+        first, dash, last = (p.strip() for p in part.partition("-"))
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"can't read ranks {spec!r}: write e.g. %%ranks 0,2 or %%ranks 1-3")
+        if int(last or first) < int(first):
+            raise ValueError(
+                f"ranks {part.strip()!r} name none: write the lower rank first, e.g. 0-1"
+            )
+        ranks.extend(range(int(first), int(last or first) + 1))
     return ranks
 
 
-def parse_cell_line(line: str) -> tuple[list[int] | None, float | None, bool]:
-    """``%%ranks``'s line: which ranks (all by default), ``--timeout S``, ``--tabs``."""
+def parse_cell_line(
+    line: str, timeout: float | None = None
+) -> tuple[list[int] | None, float | None, bool]:
+    """``%%ranks``'s line: which ranks (all by default), ``--timeout S`` (``timeout`` when
+    not given), ``--tabs``."""
     words = shlex.split(line)
     tabs = "--tabs" in words
     words = [w for w in words if w != "--tabs"]
-    timeout = None
     if "--timeout" in words:
         at = words.index("--timeout")
-        try:
-            timeout = float(words[at + 1])
-        except (IndexError, ValueError):
-            raise ValueError(
-                "write %%ranks --timeout SECONDS, e.g. %%ranks 0,1 --timeout 30"
-            ) from None
+        if at + 1 == len(words):
+            raise ValueError("write %%ranks --timeout SECONDS, e.g. %%ranks 0,1 --timeout 30")
+        timeout = parse_seconds(words[at + 1], "%%ranks --timeout")
         del words[at : at + 2]
     return parse_ranks(" ".join(words)), timeout, tabs
+
+
+def parse_seconds(word: str, name: str) -> float | None:
+    """A timeout typed in a magic: seconds (``checks.timeout``), or ``off`` for none."""
+    if word.lower() in ("off", "none"):
+        return None
+    try:
+        seconds = float(word)
+    except ValueError:
+        raise ValueError(f"{name} takes seconds or 'off', e.g. 30, got {word!r}") from None
+    return checks.timeout(seconds, name, no_limit="'off'")
 
 
 @magics_class
@@ -105,14 +117,8 @@ class PdlabMagics(Magics):
             print("pdlab cluster stopped")
 
     def _set_timeout(self, words: list[str]) -> None:
-        if words and words[0] != "off":
-            try:
-                PdlabMagics.timeout = float(words[0])
-            except ValueError:
-                print(USAGE)
-                return
-        elif words:
-            PdlabMagics.timeout = None
+        if words:
+            PdlabMagics.timeout = parse_seconds(words[0], "%pdlab timeout")
         shown = "none" if self.timeout is None else f"{self.timeout:g} s"
         print(f"%%ranks timeout: {shown}")
 
@@ -120,8 +126,8 @@ class PdlabMagics(Magics):
     def ranks(self, line: str, cell: str) -> None:
         """%%ranks [0,2] [--timeout S] [--tabs]: run the cell on those ranks (all by default),
         each in its own namespace. ``--timeout`` (or ``%pdlab timeout S``) stops a cell that
-        hangs; ``--tabs`` shows each rank's output in a tab of its own."""
-        targets, timeout, tabs = parse_cell_line(line)
+        hangs (``off``: no limit); ``--tabs`` shows each rank's output in a tab of its own."""
+        targets, timeout, tabs = parse_cell_line(line, self.timeout)
         cluster = cluster_module.current()
         shown = sorted(set(targets if targets is not None else range(cluster.world_size)))
         view = rich_output.Tabs(shown) if tabs else None
@@ -129,7 +135,7 @@ class PdlabMagics(Magics):
             display(view)
         with rich_output.routed(cluster, view) if view else contextlib.nullcontext():
             # One blank line for the %%ranks line: tracebacks give the cell's own line numbers.
-            results = cluster.exec("\n" + cell, ranks=targets, timeout=timeout or self.timeout)
+            results = cluster.exec("\n" + cell, ranks=targets, timeout=timeout)
         for rank, value in zip(shown, results, strict=True):
             if value is None:
                 continue

@@ -51,9 +51,12 @@ still fit the model for DCP to load, but a changed byte in it is not detected as
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -63,12 +66,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
+
+from pdlab import checks
 
 MANIFEST = "manifest.json"
 METADATA = ".metadata"  # DCP's name for the file it writes last
 LATEST_VALID = "latest-valid"  # resume from the newest undamaged checkpoint
+FULL_BYTES = 1 << 20  # less free than this after a failed save: the disk is what failed
+MISMATCH = re.compile(r"Missing key in checkpoint state_dict|[Ss]ize mismatch")  # DCP's words
 
 
 class DamagedCheckpoint(ValueError):
@@ -155,13 +163,32 @@ def save(strategy: Any, directory: str | Path, step: int, alone: bool = False) -
     state = _state(strategy)
     _check_replicated(state, alone)
     path = Path(directory) / f"step_{step:06d}"
-    dcp.save(
-        state,
-        checkpoint_id=path,
-        storage_writer=_ManifestWriter(path),
-        no_dist=not _in_group(alone),
-    )
+    try:
+        dcp.save(
+            state,
+            checkpoint_id=path,
+            storage_writer=_ManifestWriter(path),
+            no_dist=not _in_group(alone),
+        )
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+        free = _free_bytes(directory)
+        # A full disk reads as ENOSPC on some ranks and as a short write on others
+        # ("unexpected pos 704 vs 598"): the free space tells them apart from other faults.
+        if "No space left on device" not in str(exc) and (free is None or free > FULL_BYTES):
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"checkpoint {path} could not be written: the disk holding {directory} is full "
+            f"({free or 0:,} bytes free). Free some space or pass another checkpoint_dir",
+        ) from None
     return path
+
+
+def _free_bytes(directory: str | Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
 
 
 def _checkpoints(directory: str | Path) -> dict[int, Path]:
@@ -193,7 +220,12 @@ def damage(path: str | Path) -> str | None:
     path = Path(path)
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
+        if not isinstance(files, dict) or not all(
+            isinstance(saved, dict) and {"size", "sha256"} <= saved.keys()
+            for saved in files.values()
+        ):
+            raise ValueError("'files' must map each file's name to its size and sha256")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"its {MANIFEST} is unreadable ({type(exc).__name__}: {exc})"
     for name, saved in files.items():
         if not (path / name).is_file():
@@ -258,7 +290,17 @@ def _nothing_to_train(directory: str | Path, step: int, steps: int) -> str:
 
 
 def check(config: Any) -> None:
-    """Validate ``config.resume`` (and, resuming, that steps go past the newest checkpoint)."""
+    """Validate ``config.checkpoint_dir`` (a folder; one this process can write to when the
+    run saves), ``config.resume`` (and, resuming, that steps go past the newest checkpoint).
+    Here, before any rank trains: a run must not learn at its first save that it can't."""
+    directory = config.checkpoint_dir
+    if directory is not None:
+        if not isinstance(directory, str | os.PathLike):
+            raise ValueError(f"checkpoint_dir must be a folder's path, got {directory!r}")
+        if config.checkpoint_every:
+            checks.writable_folder(directory, "checkpoint_dir")
+        elif Path(directory).exists() and not Path(directory).is_dir():
+            raise ValueError(f"checkpoint_dir {directory} is a file: pass a folder")
     if not (isinstance(config.resume, bool) or config.resume == LATEST_VALID):
         raise ValueError(
             f"resume must be True, False or {LATEST_VALID!r} (the newest undamaged "
@@ -290,15 +332,26 @@ def load(
     if steps is not None and step >= steps:
         raise ValueError(_nothing_to_train(directory, step, steps))
     state = _state(strategy)  # this strategy's tensors, in its sharding: DCP fills them in place
-    dcp.load(
-        state, checkpoint_id=Path(directory) / f"step_{step:06d}", no_dist=not _in_group(alone)
-    )
-    set_state_dict(
-        strategy.module,
-        strategy.optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-    )
+    path = Path(directory) / f"step_{step:06d}"
+    try:
+        dcp.load(state, checkpoint_id=path, no_dist=not _in_group(alone))
+        set_state_dict(
+            strategy.module,
+            strategy.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
+    except (Exception, CheckpointException) as exc:
+        # DCP's message holds each rank's traceback: the last such line is the reason.
+        found = [line for line in str(exc).splitlines() if MISMATCH.search(line)]
+        if not found:
+            raise
+        why = found[-1].strip().removeprefix("RuntimeError: ").rstrip(".")
+        raise ValueError(
+            f"checkpoint {path} does not fit this model ({why}): it was saved "
+            "by another model or model size. Resume with the settings it was saved with, or "
+            "train into another checkpoint_dir"
+        ) from None
     return step
 
 

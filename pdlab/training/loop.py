@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from pdlab import checks
 from pdlab.control import runtime
 from pdlab.measure import memory, wire
 from pdlab.measure.comm import CommEvent, CommMeter, LinkModel, algorithms
@@ -58,21 +59,12 @@ def validate(config: TrainConfig) -> None:
         if options is not None and value not in options:
             raise ValueError(f"unknown {f.name} {value!r}: choose one of {', '.join(options)}")
     for name, least in (("steps", 1), ("batch_size", 1), ("micro_batches", 1), ("seed", 0)):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
-    every = config.checkpoint_every
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(
-            f"checkpoint_every must be a whole number of steps >= 0 (0: never), got {every!r}"
-        )
+        checks.whole(getattr(config, name), name, least)
+    checks.whole(config.checkpoint_every, "checkpoint_every", 0)  # 0: never
     if (config.checkpoint_every or config.resume) and not config.checkpoint_dir:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
-    checkpoint.check(config)  # resume's value; resuming, steps must go past the checkpoint
-    if isinstance(config.lr, bool) or not (isinstance(config.lr, int | float) and config.lr > 0):
-        raise ValueError(f"lr must be > 0 (a number), got {config.lr!r}")
-    if not math.isfinite(config.lr):
-        raise ValueError(f"lr must be finite, got {config.lr!r}: try 0.01")
+    checkpoint.check(config)  # its folder; resume's value; resuming, steps must go past it
+    checks.number(config.lr, "lr", above=0)
     if (links := _link_emulation(config)) is not None:
         links.parse(config.link)
     strategy = registry.get(config.strategy)
@@ -409,6 +401,7 @@ def train(
     """
     if isinstance(cluster, TrainConfig):
         raise TypeError("the config comes second: train(cluster, config), or train(config=config)")
+    timeout = checks.timeout(timeout)  # a bad one would time out at once, then restart
     config = with_overrides(config or TrainConfig(), overrides, FROM_THE_CLUSTER)
     single = cluster is None or config.strategy == "single"
     config = replace(config, world_size=1 if single else cluster.world_size)
