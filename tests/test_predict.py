@@ -159,6 +159,8 @@ def test_wait_rules_follow_each_strategy():
     assert wait_rule("ps", "scratch", "send", "dp", gpu=False) == BLOCKING
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=False) == BLOCKING  # CPU: sync
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=True) == "prefetch"
+    assert wait_rule("zero2", "torch", "all_gather", "dp", gpu=True) == "prefetch"
+    assert wait_rule("zero2", "scratch", "all_gather", "dp", gpu=True) == BLOCKING
 
 
 def test_fsdp_prefetch_overlaps_the_next_gather_with_compute_on_a_gpu():
@@ -267,6 +269,12 @@ def test_predict_names_what_it_cannot_read(slow_ddp):
         pdlab.predict(slow_ddp, "a fast cluster")
     with pytest.raises(ValueError, match="at least 2"):
         pdlab.predict(slow_ddp, "1 h100-sxm nvlink4")
+
+
+def test_zero2_is_predicted_from_its_run(cluster2):
+    result = pdlab.train(cluster2, strategy="zero2", model="gpt", steps=2)
+    rows = pdlab.predict(result, "8xH100")
+    assert len(rows) == 2 and (rows.step_time > 0).all() and (rows.exposed_comm > 0).all()
 
 
 def test_tensor_parallel_flops_are_counted_on_local_shards(cluster2):

@@ -90,7 +90,7 @@ class Assumptions:
       it fuses them with; receives block, so a stage waits for its input (the bubble)
       through the measured order of forward and backward micro-batches, with p2p time on
       each edge;
-    - FSDP2 (zero3 torch): on CPU ranks its collectives are synchronous (no streams:
+    - FSDP2 (zero2 and zero3 torch): on CPU ranks its collectives are synchronous (no streams:
       ``async_op=False``) and replayed so. On a GPU target it prefetches: each all-gather
       is issued as soon as the previous one is waited for and is waited for where the run
       did, overlapping the compute between; reduce-scatters are waited at the end.
@@ -233,7 +233,7 @@ def wait_rule(strategy: str, impl: str, op: str, group: str, gpu: bool) -> str:
         return BUCKETS
     if op == "send" and group == "pp":  # torch's 1F1B fuses each send with the next recv
         return WITH_NEXT if (strategy, impl) == ("pp-1f1b", "torch") else AT_END
-    if (strategy, impl) == ("zero3", "torch") and gpu:
+    if strategy in ("zero2", "zero3") and impl == "torch" and gpu:  # FSDP2
         return PREFETCH if op == "all_gather" else AT_END
     return BLOCKING
 

@@ -44,14 +44,30 @@ def peak_bytes(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
-def measure(
-    module: nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device
-) -> dict[str, int]:
-    """``param_bytes``, ``grad_bytes``, ``optimizer_bytes`` and ``peak_bytes`` of this rank."""
+def trained(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """The module's parameters, then the tensors the optimizer steps that are none of them
+    (the shards ZeRO-1 and ZeRO-2 from scratch step, whose gradients are the reduced ones)."""
     params = list(module.parameters())
+    seen = {id(p) for p in params}
+    stepped = [p for g in optimizer.param_groups for p in g["params"]] if optimizer else []
+    return params + [p for p in stepped if id(p) not in seen]
+
+
+def measure(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    device: torch.device,
+    activation_bytes: int = 0,
+) -> dict[str, int]:
+    """``param_bytes``, ``grad_bytes`` (every gradient the rank holds: its parameters' and
+    its optimizer's shards'), ``optimizer_bytes``, ``activation_bytes`` (as measured by an
+    ``ActivationMeter``) and ``peak_bytes`` of this rank."""
     return {
-        "param_bytes": sum(tensor_bytes(p) for p in params),
-        "grad_bytes": sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
+        "param_bytes": sum(tensor_bytes(p) for p in module.parameters()),
+        "grad_bytes": sum(
+            tensor_bytes(p.grad) for p in trained(module, optimizer) if p.grad is not None
+        ),
         "optimizer_bytes": optimizer_bytes(optimizer),
+        "activation_bytes": activation_bytes,
         "peak_bytes": peak_bytes(device),
     }
