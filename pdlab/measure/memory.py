@@ -71,3 +71,82 @@ def measure(
         "activation_bytes": activation_bytes,
         "peak_bytes": peak_bytes(device),
     }
+
+
+class _Saved:
+    """What autograd keeps for one saved tensor while ``SavedTensors`` is on: the tensor, and
+    its storage counted as live until autograd drops this (after the op's backward)."""
+
+    def __init__(self, meter: SavedTensors, tensor: torch.Tensor, key: int, nbytes: int):
+        self.meter, self.tensor, self.key = meter, tensor, key
+        meter.hold(key, nbytes)
+
+    def __del__(self) -> None:
+        self.meter.release(self.key)
+
+
+class SavedTensors:
+    """``with SavedTensors() as saved:`` … ``saved.peak``: the most bytes of tensors saved
+    for backward (activations) alive at once inside the block, through
+    ``torch.autograd.graph.saved_tensors_hooks``; ``saved.bytes``: alive now.
+
+    A storage counts once however many ops save it (views included), at its full size.
+    Parameters and views of them are left out (a matmul saves its weight: model state,
+    counted as such). A checkpointed region saves its inputs (counted) and nothing inside.
+    """
+
+    def __init__(self) -> None:
+        self.live: dict[int, list[int]] = {}  # storage -> [bytes, saved tensors on it]
+        self.bytes = self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self) -> SavedTensors:
+        self._hooks.__enter__()
+        _active.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _active.remove(self)
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor) -> object:
+        if _is_parameter(tensor):
+            return tensor
+        storage = _local(tensor).untyped_storage()
+        return _Saved(self, tensor, storage.data_ptr(), storage.nbytes())
+
+    @staticmethod
+    def _unpack(saved: object) -> torch.Tensor:
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def hold(self, key: int, nbytes: int) -> None:
+        entry = self.live.setdefault(key, [nbytes, 0])
+        if entry[1] == 0:
+            self.bytes += nbytes
+            self.peak = max(self.peak, self.bytes)
+        entry[1] += 1
+
+    def release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.bytes -= entry[0]
+            del self.live[key]
+
+
+_active: list[SavedTensors] = []
+
+
+def saved_bytes() -> int:
+    """Bytes saved for backward and alive now, in the innermost ``SavedTensors`` (0: none)."""
+    return _active[-1].bytes if _active else 0
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """A parameter or a view of one (``weight.t()``; FSDP2's gathered ones are Parameters)."""
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a DTensor's local shard (which holds its storage)."""
+    return t._local_tensor if isinstance(t, DTensor) else t

@@ -16,6 +16,7 @@ from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
 
 OPTIMIZERS = ("sgd", "adam")
+RECOMPUTE = ("none", "selective", "full")  # pdlab.training.models.set_recompute
 
 
 def _strategies() -> tuple[str, ...]:
@@ -55,6 +56,12 @@ class TrainConfig:
     lr: float = _field(0.01, "learning rate")
     optimizer: str = _field(
         "adam", "optimizer (plain: no momentum, no weight decay)", lambda: OPTIMIZERS
+    )
+    recompute: str = _field(
+        "none",
+        "activation recomputation on the gpt's blocks: none, selective (attention's core) "
+        "or full (all but each block's input)",
+        lambda: RECOMPUTE,
     )
     seed: int = _field(0, "seed of the model's weights and the data")
     world_size: int = _field(1, "ranks (single uses 1)")

@@ -46,7 +46,7 @@ from pdlab.training import checkpoint, registry
 from pdlab.training.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.training.data import load_dataset
 from pdlab.training.layout import Layout
-from pdlab.training.models import build_model
+from pdlab.training.models import build_model, set_recompute
 from pdlab.training.parallel.base import Implementation, Mesh
 from pdlab.training.registry import layout_for
 
@@ -75,6 +75,11 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"lr must be finite, got {config.lr!r}: try 0.01")
     if (links := _link_emulation(config)) is not None:
         links.parse(config.link)
+    if config.recompute != "none" and config.model != "gpt":
+        raise ValueError(
+            f"recompute={config.recompute!r} recomputes the gpt's transformer blocks; model "
+            f"{config.model!r} has none: use model='gpt', or recompute='none'"
+        )
     strategy = registry.get(config.strategy)
     if config.micro_batches != 1 and not strategy.micro_batched:
         raise ValueError(
@@ -185,7 +190,9 @@ def run_on_rank(
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not the process's
     mesh = mesh_for(layout, device)
     data = load_dataset(config.model, config.seed)
-    strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
+    model = build_model(config.model, config.seed)
+    set_recompute(model, config.recompute)
+    strategy = strategy_class(config)(model, config, mesh)
     first = checkpoint.resume(strategy, config)
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
     dispatch = not strategy.counts_own_comm
@@ -202,8 +209,10 @@ def run_on_rank(
             counter = FlopCounter() if counted is None else contextlib.nullcontext()
             before = wire_reading()
             start = time.perf_counter()
+            saved = memory.SavedTensors()
             with spans.step() as timed, CommMeter(dispatch, names, emulator) as meter, counter:
-                out = strategy.train_step(x.to(device), y.to(device))
+                with saved:
+                    out = strategy.train_step(x.to(device), y.to(device))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the step is done when the GPU is
             step_time = time.perf_counter() - start
@@ -222,7 +231,7 @@ def run_on_rank(
                 "comm": [asdict(e) for e in meter.events],
                 # Bytes sent on each TCP connection (None: not measurable, see wire_reading).
                 "wire": None if before is None or after is None else wire.sent_since(before, after),
-                "memory": memory.measure(strategy.module, strategy.optimizer, device),
+                "memory": memory.measure(strategy.module, strategy.optimizer, device, saved.peak),
                 "timeline": out.timeline,
                 "spans": timed,
             }
@@ -237,7 +246,12 @@ def run_on_rank(
     return {
         "rank": mesh.rank,
         "records": records,
-        "memory": memory.measure(strategy.module, strategy.optimizer, device),
+        "memory": memory.measure(
+            strategy.module,
+            strategy.optimizer,
+            device,
+            records[-1]["memory"]["activation_bytes"] if records else 0,  # the last step's
+        ),
         "state_dict": state if mesh.rank == 0 else None,
     }
 

@@ -298,6 +298,15 @@ class Zero3(Single):
         units = (ShardedUnit(u, group) for u in model.to(mesh.device))
         super().__init__(nn.Sequential(*units), config, mesh)
 
+    @staticmethod
+    def check(config: TrainConfig, layout: Layout) -> None:
+        if config.recompute != "none":
+            raise ValueError(
+                f"zero3/scratch recomputes every unit already (that is how it frees the "
+                f"gathered parameters): recompute={config.recompute!r} would run it a third "
+                "time. Use recompute='none', or impl='torch' (FSDP2) to choose it"
+            )
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
         with torch.no_grad():
