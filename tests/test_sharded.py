@@ -121,16 +121,18 @@ def _zero2_memory(keep_full_gradients: bool) -> dict[str, int]:
     return memory.measure(z.module, z.optimizer, mesh.device)
 
 
-def holds_zero2_split(held: dict[str, int], n: int) -> bool:
-    """The ZeRO paper's P_os+g split (Figure 1; fp32 here: 4Ψ, 4Ψ/N_d, 8Ψ/N_d), as the planner
-    computes it, up to the padding of each of the mlp's 4 units (< N_d elements each) and
-    Adam's 4-byte step counter a unit."""
-    want = model_state_bytes(P // 4, PRECISIONS["fp32"], zero=2, dp=n)
-    padding, steps = 4 * 4 * (n - 1), 4 * 4
+def holds_zero2_split(held: dict[str, int], n: int, precision=PRECISIONS["fp32"]) -> bool:
+    """The ZeRO paper's P_os+g split (Figure 1: 2Ψ + (2 + K)Ψ/N_d in mixed precision; fp32:
+    4Ψ, 4Ψ/N_d, 8Ψ/N_d), as the planner computes it, up to the padding of each of the mlp's
+    4 units (< N_d elements each) and Adam's 4-byte step counter a unit."""
+    want = model_state_bytes(P // 4, precision, zero=2, dp=n)
+    padding = 4 * (n - 1)  # elements, at most, over the 4 units
     return (
         held["param_bytes"] == want["param_bytes"]
-        and 0 <= held["grad_bytes"] - want["grad_bytes"] <= padding
-        and 0 <= held["optimizer_bytes"] - want["optimizer_bytes"] <= 2 * padding + steps
+        and 0 <= held["grad_bytes"] - want["grad_bytes"] <= precision.grad_bytes * padding
+        and 0
+        <= held["optimizer_bytes"] - want["optimizer_bytes"]
+        <= precision.optimizer_bytes * padding + 4 * 4
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 OPTIMIZERS = ("sgd", "adam")
 RECOMPUTE = ("none", "selective", "full")  # pdlab.training.models.set_recompute
+PRECISIONS = ("fp32", "bf16")  # pdlab.training.parallel.base.model_for, MasterWeights
 
 
 def _strategies() -> tuple[str, ...]:
@@ -62,6 +63,12 @@ class TrainConfig:
         "activation recomputation on the gpt's blocks: none, selective (attention's core) "
         "or full (all but each block's input)",
         lambda: RECOMPUTE,
+    )
+    precision: str = _field(
+        "fp32",
+        "bf16: parameters, activations and gradients (so the bytes communicated) in bfloat16, "
+        "fp32 master weights and Adam state in the optimizer (ZeRO's mixed precision)",
+        lambda: PRECISIONS,
     )
     seed: int = _field(0, "seed of the model's weights and the data")
     world_size: int = _field(1, "ranks (single uses 1)")

@@ -46,8 +46,7 @@ from pdlab.training import checkpoint, registry
 from pdlab.training.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.training.data import load_dataset
 from pdlab.training.layout import Layout
-from pdlab.training.models import build_model, set_recompute
-from pdlab.training.parallel.base import Implementation, Mesh
+from pdlab.training.parallel.base import Implementation, Mesh, model_for
 from pdlab.training.registry import layout_for
 
 
@@ -65,6 +64,12 @@ def validate(config: TrainConfig) -> None:
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ValueError(
             f"checkpoint_every must be a whole number of steps >= 0 (0: never), got {every!r}"
+        )
+    if (config.checkpoint_every or config.resume) and config.precision != "fp32":
+        raise ValueError(
+            f"checkpoints hold fp32 runs: precision={config.precision!r} keeps fp32 master "
+            "weights in its optimizer, which pdlab's checkpoints don't save yet: use "
+            "precision='fp32' to checkpoint"
         )
     if (config.checkpoint_every or config.resume) and not config.checkpoint_dir:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
@@ -190,9 +195,7 @@ def run_on_rank(
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not the process's
     mesh = mesh_for(layout, device)
     data = load_dataset(config.model, config.seed)
-    model = build_model(config.model, config.seed)
-    set_recompute(model, config.recompute)
-    strategy = strategy_class(config)(model, config, mesh)
+    strategy = strategy_class(config)(model_for(config), config, mesh)
     first = checkpoint.resume(strategy, config)
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
     dispatch = not strategy.counts_own_comm

@@ -45,7 +45,7 @@ class Dense(nn.Module):
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x)
+        x = self.linear(x.to(self.linear.weight.dtype))  # the data is float32 (bf16 runs)
         return F.relu(x) if self.relu else x
 
 
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         softmax's b·a·s² probabilities: Korthikanti et al.'s 5as/h term (2as/h here, without
         dropout), which selective recompute drops."""
         t = q.shape[-2]
-        causal = torch.full((t, t), float("-inf"), device=q.device).triu(1)  # added: not saved
+        causal = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
         scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5 + causal
         return scores.softmax(-1) @ v
 
@@ -194,8 +194,9 @@ def build_model(name: str, seed: int = 0, vocab_size: int | None = None) -> nn.S
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; works for class logits ``[B, C]`` and token logits ``[B, T, V]``."""
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+    """Mean cross-entropy; works for class logits ``[B, C]`` and token logits ``[B, T, V]``.
+    Computed in float32 whatever the logits' dtype (bf16 runs), as Megatron does."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
 
 def stage(model: nn.Sequential, start: int, stop: int) -> nn.Sequential:

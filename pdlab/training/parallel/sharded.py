@@ -36,7 +36,7 @@ from pdlab.compat import all_gather, reduce_scatter
 from pdlab.measure import comm
 from pdlab.measure.comm import CommEvent
 from pdlab.training.layout import Layout
-from pdlab.training.parallel.base import Mesh, TrainConfig, build_optimizer, meta_model
+from pdlab.training.parallel.base import DTYPES, Mesh, TrainConfig, build_optimizer, meta_model
 from pdlab.training.parallel.data import DDP, flatten
 from pdlab.training.parallel.single import Single
 
@@ -46,9 +46,10 @@ def padded(numel: int, n: int) -> int:
     return -(-numel // n) * n
 
 
-def _per_rank(ops: list[tuple[str, int]], layout: Layout) -> list[CommEvent]:
-    """``(op, float32 elements)`` issued by every rank of the dp group, as events of all ranks."""
-    events = [comm.event(op, 4 * numel, "dp", layout.dp) for op, numel in ops]
+def _per_rank(ops: list[tuple[str, int]], config: TrainConfig, layout: Layout) -> list[CommEvent]:
+    """``(op, elements)`` issued by every rank of the dp group, as events of all ranks."""
+    size = DTYPES[config.precision].itemsize
+    events = [comm.event(op, size * numel, "dp", layout.dp) for op, numel in ops]
     return comm.on_ranks(events, range(layout.world_size))
 
 
@@ -104,7 +105,7 @@ class Zero1(Single):
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
         """Reduce-scatter and all-gather of the padded flat size S: DP's all-reduce, in halves."""
         s = padded(sum(p.numel() for p in meta_model(config).parameters()), layout.dp)
-        return _per_rank([("reduce_scatter", s), ("all_gather", s)], layout)
+        return _per_rank([("reduce_scatter", s), ("all_gather", s)], config, layout)
 
 
 def zero_partition(numels: list[int], n: int) -> list[int]:
@@ -144,8 +145,9 @@ class Zero1Torch(DDP):
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
         numels = [p.numel() for p in meta_model(config).parameters()]
         n = layout.dp  # pure data parallelism: dp ranks are global ranks
+        size = DTYPES[config.precision].itemsize
         broadcasts = [  # rank ``root`` sends its partition; every rank takes part
-            comm.event("broadcast", 4 * numel, "dp", n, rank, position=(rank - root) % n)
+            comm.event("broadcast", size * numel, "dp", n, rank, position=(rank - root) % n)
             for rank in range(n)
             for root, numel in enumerate(zero_partition(numels, n))
         ]
@@ -278,7 +280,8 @@ def _unit_comm(
     unit_numel: Callable[[nn.Module], int],
 ) -> list[CommEvent]:
     """``ops`` (in order) on each unit's ``unit_numel`` elements, unit after unit."""
-    return _per_rank([(op, unit_numel(unit)) for unit in meta_model(config) for op in ops], layout)
+    units = meta_model(config)
+    return _per_rank([(op, unit_numel(unit)) for unit in units for op in ops], config, layout)
 
 
 def _padded_unit(layout: Layout) -> Callable[[nn.Module], int]:
