@@ -3,6 +3,9 @@ state. The gradient bytes halve on the wire; the losses match one process run in
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -87,3 +90,20 @@ def test_bf16_runs_are_refused_a_checkpoint(tmp_path):
         validate(config)
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         validate(TrainConfig(precision="fp16"))
+
+
+def test_cli_runs_zero2_with_recompute_and_bf16_and_says_what_to_use_instead():
+    command = [sys.executable, "-m", "pdlab", "run", "--strategy", "zero2", "--steps", "2"]
+    out = subprocess.run(
+        [*command, "--impl", "torch", "--model", "gpt", "--recompute", "full", "--precision", "bf16", "--json"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    *steps, summary = [json.loads(line) for line in out.stdout.splitlines()]
+    assert all(row["comm_bytes"] == row["expected_comm_bytes"] for row in steps)
+    assert summary["summary"]["precision"] == "bf16"
+    refused = subprocess.run(
+        [*command, "--recompute", "full"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2
+    assert "model 'mlp' has none: use model='gpt', or recompute='none'" in refused.stderr

@@ -58,7 +58,7 @@ class Assumptions:
     - On any other device, each rank's measured compute keeps its shape (where its ops fall)
       and is rescaled to ``flops / (peak[dtype] · efficiency) + kernels · op_overhead``: the
       FLOPs and kernel count of the rank's first step (``pdlab.measure.flops``), the device's dense
-      peak for ``dtype`` (pdlab trains in fp32; "tf32" or "bf16" ask "what if").
+      peak for ``dtype`` (by default the run's precision, fp32 or bf16; "tf32" asks "what if").
     - ``mfu``: the model's FLOPs for one global batch in one process (``model_flops``,
       no recompute) over step time × ranks × peak. On this machine the peak is its measured
       matmul rate (NaN without a calibration).
@@ -100,7 +100,7 @@ class Assumptions:
     """
 
     efficiency: float = 0.5  # of the device's dense peak: what the planner assumes too
-    dtype: str = "fp32"
+    dtype: str | None = None  # None: the run's precision
     op_overhead: float = 10e-6  # s a kernel, PyTorch eager on a GPU: an assumption
     algorithm: str = "ring"
 
@@ -428,6 +428,8 @@ def predict(
     """
     assume = assumptions or Assumptions()
     config = result.config
+    if assume.dtype is None:
+        assume = replace(assume, dtype=config.precision)
     where = resolve(target, config, cluster, calibration, assume.algorithm)
     layout = layout_for(config.strategy, config.world_size)
 
@@ -470,9 +472,10 @@ def predict(
 @functools.lru_cache(maxsize=64)  # a dashboard predicts a run's new steps at every repaint
 def model_flops(config) -> int:
     """FLOPs of one forward and backward of ``config``'s model on one global batch, in one
-    process (the meta device: shapes only, nothing computed)."""
+    process (the meta device: shapes only, nothing computed); without recompute, whose extra
+    forward is work MFU doesn't count."""
     x, y = load_dataset(config.model, config.seed).batch(0, config.batch_size)
-    model = meta_model(config)
+    model = meta_model(replace(config, recompute="none"))
     with FlopCounter() as counter:
         loss_fn(model(x.to("meta")), y.to("meta")).backward()
     return counter.flops

@@ -16,7 +16,6 @@ from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
 
 OPTIMIZERS = ("sgd", "adam")
-RECOMPUTE = ("none", "selective", "full")  # pdlab.training.models.set_recompute
 PRECISIONS = ("fp32", "bf16")  # pdlab.training.parallel.base.model_for, MasterWeights
 
 
@@ -36,6 +35,12 @@ def _models() -> tuple[str, ...]:
     from pdlab.training.models import MODELS
 
     return MODELS
+
+
+def _recompute() -> tuple[str, ...]:
+    from pdlab.training.models import RECOMPUTE
+
+    return RECOMPUTE
 
 
 def _field(default: Any, help: str, choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
@@ -62,7 +67,7 @@ class TrainConfig:
         "none",
         "activation recomputation on the gpt's blocks: none, selective (attention's core) "
         "or full (all but each block's input)",
-        lambda: RECOMPUTE,
+        _recompute,
     )
     precision: str = _field(
         "fp32",

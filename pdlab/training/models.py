@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pdlab.training.config import RECOMPUTE
 from pdlab.training.data import BLOCK_SIZE, text_vocab_size
 
 # Model configs as plain values (nanoGPT style). Widths are divisible by 4 so TP and PP
@@ -162,6 +161,7 @@ def gpt(cfg: GPTConfig) -> nn.Sequential:
 
 
 MODELS = ("article", "mlp", "gpt")
+RECOMPUTE = ("none", "selective", "full")
 
 
 def set_recompute(model: nn.Module, mode: str) -> None:
