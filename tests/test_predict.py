@@ -31,6 +31,7 @@ from pdlab.cost.predictor import (
     replay,
     wait_rule,
 )
+from pdlab.cost.topology import Topology
 from pdlab.lab.cli import main
 from pdlab.measure.busy import BusyClock
 from pdlab.measure.flops import FlopCounter
@@ -262,6 +263,16 @@ def test_predict_on_a_gpu_cluster_uses_the_runs_flops(slow_ddp):
     assert (h100.mfu > 0).all() and (h100.mfu < 1).all()
     faster = pdlab.predict(slow_ddp, "2x1 h100-sxm nvlink4 ib-ndr400", assumptions=Assumptions(op_overhead=0))  # fmt: skip
     assert faster.compute.median() < h100.compute.median() / 10
+
+
+def test_a_bf16_run_is_predicted_on_the_bf16_peak():
+    run = pdlab.train(strategy="single", model="gpt", steps=1, precision="bf16")
+    free = {"op_overhead": 0}  # compute is then FLOPs over the peak alone
+    bf16 = pdlab.predict(run, "1x1 h100-sxm nvlink4", assumptions=Assumptions(**free))
+    fp32 = pdlab.predict(run, "1x1 h100-sxm nvlink4", assumptions=Assumptions(dtype="fp32", **free))
+    h100 = Topology.parse("1x1 h100-sxm nvlink4").device
+    ratio = h100.peak("bf16") / h100.peak("fp32")
+    assert fp32.compute.iloc[0] == pytest.approx(ratio * bf16.compute.iloc[0])
 
 
 def test_predict_names_what_it_cannot_read(slow_ddp):
