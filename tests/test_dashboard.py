@@ -103,6 +103,13 @@ def test_a_bad_choice_is_shown_and_nothing_starts(dashboard, cluster):
     assert dashboard.cluster is cluster and cluster.run(pdlab.rank) == [0, 1]
 
 
+def test_the_menu_shows_zero2_between_zero1_and_zero3():
+    d = pdlab.Dashboard()
+    keys = [key for _, key in d.controls["strategy"].options]
+    assert keys.index("zero1") < keys.index("zero2") < keys.index("zero3")
+    assert ("ZeRO-2", "zero2") in d.controls["strategy"].options
+
+
 def test_fsdp_is_zero3_with_torch():
     d = pdlab.Dashboard()
     d.controls["strategy"].value = "fsdp"

@@ -54,6 +54,13 @@ def test_cli_json_rows_match_the_zero_paper():
     assert rows[0]["fits"] and rows[-1]["strategy"] == "dp"  # fitting rows first
 
 
+def test_every_data_parallel_row_names_a_strategy_pdlab_runs():
+    from pdlab.training import registry
+
+    rows = plan(7.5e9, world_size=4)
+    assert set(rows.strategy) == {"dp", "zero1", "zero2", "zero3"} <= set(registry.names())
+
+
 def test_cli_table_best_and_errors(capsys):
     assert main(["plan", "--model", "llama3-8b", "--topology", "8xH100", "--best", "--json"]) == 0
     (line,) = capsys.readouterr().out.splitlines()

@@ -31,6 +31,7 @@ from pdlab.cost.predictor import (
     replay,
     wait_rule,
 )
+from pdlab.cost.topology import Topology
 from pdlab.lab.cli import main
 from pdlab.measure.busy import BusyClock
 from pdlab.measure.flops import FlopCounter
@@ -159,6 +160,8 @@ def test_wait_rules_follow_each_strategy():
     assert wait_rule("ps", "scratch", "send", "dp", gpu=False) == BLOCKING
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=False) == BLOCKING  # CPU: sync
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=True) == "prefetch"
+    assert wait_rule("zero2", "torch", "all_gather", "dp", gpu=True) == "prefetch"
+    assert wait_rule("zero2", "scratch", "all_gather", "dp", gpu=True) == BLOCKING
 
 
 def test_fsdp_prefetch_overlaps_the_next_gather_with_compute_on_a_gpu():
@@ -262,11 +265,27 @@ def test_predict_on_a_gpu_cluster_uses_the_runs_flops(slow_ddp):
     assert faster.compute.median() < h100.compute.median() / 10
 
 
+def test_a_bf16_run_is_predicted_on_the_bf16_peak():
+    run = pdlab.train(strategy="single", model="gpt", steps=1, precision="bf16")
+    free = {"op_overhead": 0}  # compute is then FLOPs over the peak alone
+    bf16 = pdlab.predict(run, "1x1 h100-sxm nvlink4", assumptions=Assumptions(**free))
+    fp32 = pdlab.predict(run, "1x1 h100-sxm nvlink4", assumptions=Assumptions(dtype="fp32", **free))
+    h100 = Topology.parse("1x1 h100-sxm nvlink4").device
+    ratio = h100.peak("bf16") / h100.peak("fp32")
+    assert fp32.compute.iloc[0] == pytest.approx(ratio * bf16.compute.iloc[0])
+
+
 def test_predict_names_what_it_cannot_read(slow_ddp):
     with pytest.raises(ValueError, match="emulate"):
         pdlab.predict(slow_ddp, "a fast cluster")
     with pytest.raises(ValueError, match="at least 2"):
         pdlab.predict(slow_ddp, "1 h100-sxm nvlink4")
+
+
+def test_zero2_is_predicted_from_its_run(cluster2):
+    result = pdlab.train(cluster2, strategy="zero2", model="gpt", steps=2)
+    rows = pdlab.predict(result, "8xH100")
+    assert len(rows) == 2 and (rows.step_time > 0).all() and (rows.exposed_comm > 0).all()
 
 
 def test_tensor_parallel_flops_are_counted_on_local_shards(cluster2):

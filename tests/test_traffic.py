@@ -138,7 +138,8 @@ def test_every_op_sends_what_the_model_says_plus_framing(request, ranks, numel):
 AT_2 = [
     ("dp", "scratch"), ("dp", "torch"), ("ps", "scratch"), ("tp", "scratch"), ("tp", "torch"),
     ("pp-gpipe", "scratch"), ("pp-1f1b", "scratch"), ("pp-gpipe", "torch"), ("pp-1f1b", "torch"),
-    ("zero1", "scratch"), ("zero1", "torch"), ("zero3", "scratch"), ("zero3", "torch"),
+    ("zero1", "scratch"), ("zero1", "torch"), ("zero2", "scratch"), ("zero2", "torch"),
+    ("zero3", "scratch"), ("zero3", "torch"),
 ]  # fmt: skip
 AT_4 = [
     ("dp-tp", "scratch"), ("dp-tp", "torch"), ("dp-pp", "scratch"), ("dp-pp", "torch"),

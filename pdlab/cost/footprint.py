@@ -152,16 +152,22 @@ def layer_activation_bytes(
     sequence_parallel: bool = False,
     recompute: bool = False,
     flash_attention: bool = False,
+    dropout: bool = True,
 ) -> float:
     """Bytes one transformer layer keeps for its backward (Korthikanti et al. 2022: Eq. 1,
-    Eq. 2 and Table 2; see the module docstring). 16-bit activations."""
+    Eq. 2 and Table 2; see the module docstring). 16-bit activations.
+
+    ``dropout=False`` (pdlab's GPT): no 1-byte masks (sbh after attention, sbh after the
+    MLP, a·s²·b on the probabilities) and no dropped-out copy of the probabilities (2a·s²·b):
+    34 becomes 32 and 5as/h becomes 2as/h."""
     sbh = s * b * h
     if recompute:
         return 2 * sbh / (t if sequence_parallel else 1)
-    scores = 0 if flash_attention else 5 * a * s / h
+    masks = 2 if dropout else 0  # the two sbh masks, replicated across tp without SP
+    scores = 0 if flash_attention else (5 if dropout else 2) * a * s / h
     if sequence_parallel:
-        return sbh / t * (34 + scores)
-    return sbh * (10 + 24 / t + scores / t)
+        return sbh / t * (32 + masks + scores)
+    return sbh * (8 + masks + 24 / t + scores / t)
 
 
 def flops_per_token(spec: ModelSpec, seq_len: int) -> float:

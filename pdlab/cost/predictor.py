@@ -59,7 +59,7 @@ class Assumptions:
     - On any other device, each rank's measured compute keeps its shape (where its ops fall)
       and is rescaled to ``flops / (peak[dtype] · efficiency) + kernels · op_overhead``: the
       FLOPs and kernel count of the rank's first step (``pdlab.measure.flops``), the device's dense
-      peak for ``dtype`` (pdlab trains in fp32; "tf32" or "bf16" ask "what if").
+      peak for ``dtype`` (by default the run's precision, fp32 or bf16; "tf32" asks "what if").
     - ``mfu``: the model's FLOPs for one global batch in one process (``model_flops``,
       no recompute) over step time × ranks × peak. On this machine the peak is its measured
       matmul rate (NaN without a calibration).
@@ -91,7 +91,7 @@ class Assumptions:
       it fuses them with; receives block, so a stage waits for its input (the bubble)
       through the measured order of forward and backward micro-batches, with p2p time on
       each edge;
-    - FSDP2 (zero3 torch): on CPU ranks its collectives are synchronous (no streams:
+    - FSDP2 (zero2 and zero3 torch): on CPU ranks its collectives are synchronous (no streams:
       ``async_op=False``) and replayed so. On a GPU target it prefetches: each all-gather
       is issued as soon as the previous one is waited for and is waited for where the run
       did, overlapping the compute between; reduce-scatters are waited at the end.
@@ -101,7 +101,7 @@ class Assumptions:
     """
 
     efficiency: float = 0.5  # of the device's dense peak: what the planner assumes too
-    dtype: str = "fp32"
+    dtype: str | None = None  # None: the run's precision
     op_overhead: float = 10e-6  # s a kernel, PyTorch eager on a GPU: an assumption
     algorithm: str = "ring"
 
@@ -232,7 +232,7 @@ def wait_rule(strategy: str, impl: str, op: str, group: str, gpu: bool) -> str:
         return BUCKETS
     if op == "send" and group == "pp":  # torch's 1F1B fuses each send with the next recv
         return WITH_NEXT if (strategy, impl) == ("pp-1f1b", "torch") else AT_END
-    if (strategy, impl) == ("zero3", "torch") and gpu:
+    if strategy in ("zero2", "zero3") and impl == "torch" and gpu:  # FSDP2
         return PREFETCH if op == "all_gather" else AT_END
     return BLOCKING
 
@@ -439,6 +439,8 @@ def predict(
         )
     assume = assumptions or Assumptions()
     config = result.config
+    if assume.dtype is None:
+        assume = replace(assume, dtype=config.precision)
     where = resolve(target, config, cluster, calibration, assume.algorithm, result.backend)
     layout = layout_for(config.strategy, config.world_size)
 
@@ -481,9 +483,10 @@ def predict(
 @functools.lru_cache(maxsize=64)  # a dashboard predicts a run's new steps at every repaint
 def model_flops(config) -> int:
     """FLOPs of one forward and backward of ``config``'s model on one global batch, in one
-    process (the meta device: shapes only, nothing computed)."""
+    process (the meta device: shapes only, nothing computed); without recompute, whose extra
+    forward is work MFU doesn't count."""
     x, y = load_dataset(config.model, config.seed).batch(0, config.batch_size)
-    model = meta_model(config)
+    model = meta_model(replace(config, recompute="none"))
     with FlopCounter() as counter:
         loss_fn(model(x.to("meta")), y.to("meta")).backward()
     return counter.flops

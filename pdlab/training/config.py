@@ -16,6 +16,7 @@ from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
 
 OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("fp32", "bf16")  # pdlab.training.parallel.base.model_for, MasterWeights
 
 
 def _strategies() -> tuple[str, ...]:
@@ -34,6 +35,12 @@ def _models() -> tuple[str, ...]:
     from pdlab.training.models import MODELS
 
     return MODELS
+
+
+def _recompute() -> tuple[str, ...]:
+    from pdlab.training.models import RECOMPUTE
+
+    return RECOMPUTE
 
 
 def _field(default: Any, help: str, choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
@@ -55,6 +62,18 @@ class TrainConfig:
     lr: float = _field(0.01, "learning rate")
     optimizer: str = _field(
         "adam", "optimizer (plain: no momentum, no weight decay)", lambda: OPTIMIZERS
+    )
+    recompute: str = _field(
+        "none",
+        "activation recomputation on the gpt's blocks: none, selective (attention's core) "
+        "or full (all but each block's input)",
+        _recompute,
+    )
+    precision: str = _field(
+        "fp32",
+        "bf16: parameters, activations and gradients (so the bytes communicated) in bfloat16, "
+        "fp32 master weights and Adam state in the optimizer (ZeRO's mixed precision)",
+        lambda: PRECISIONS,
     )
     seed: int = _field(0, "seed of the model's weights and the data")
     world_size: int = _field(1, "ranks (single uses 1)")

@@ -47,8 +47,7 @@ from pdlab.training import checkpoint, registry
 from pdlab.training.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.training.data import load_dataset
 from pdlab.training.layout import Layout
-from pdlab.training.models import build_model
-from pdlab.training.parallel.base import Implementation, Mesh
+from pdlab.training.parallel.base import Implementation, Mesh, model_for
 from pdlab.training.registry import layout_for
 
 
@@ -61,12 +60,23 @@ def validate(config: TrainConfig) -> None:
     for name, least in (("steps", 1), ("batch_size", 1), ("micro_batches", 1), ("seed", 0)):
         checks.whole(getattr(config, name), name, least)
     checks.whole(config.checkpoint_every, "checkpoint_every", 0)  # 0: never
+    if (config.checkpoint_every or config.resume) and config.precision != "fp32":
+        raise ValueError(
+            f"checkpoints hold fp32 runs: precision={config.precision!r} keeps fp32 master "
+            "weights in its optimizer, which pdlab's checkpoints don't save yet: use "
+            "precision='fp32' to checkpoint"
+        )
     if (config.checkpoint_every or config.resume) and not config.checkpoint_dir:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir all ranks can reach")
     checkpoint.check(config)  # its folder; resume's value; resuming, steps must go past it
     checks.number(config.lr, "lr", above=0)
     if (links := _link_emulation(config)) is not None:
         links.parse(config.link)
+    if config.recompute != "none" and config.model != "gpt":
+        raise ValueError(
+            f"recompute={config.recompute!r} recomputes the gpt's transformer blocks; model "
+            f"{config.model!r} has none: use model='gpt', or recompute='none'"
+        )
     strategy = registry.get(config.strategy)
     if config.micro_batches != 1 and not strategy.micro_batched:
         raise ValueError(
@@ -177,7 +187,7 @@ def run_on_rank(
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not the process's
     mesh = mesh_for(layout, device)
     data = load_dataset(config.model, config.seed)
-    strategy = strategy_class(config)(build_model(config.model, config.seed), config, mesh)
+    strategy = strategy_class(config)(model_for(config), config, mesh)
     first = checkpoint.resume(strategy, config)
     names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
     dispatch = not strategy.counts_own_comm
@@ -194,8 +204,10 @@ def run_on_rank(
             counter = FlopCounter() if counted is None else contextlib.nullcontext()
             before = wire_reading()
             start = time.perf_counter()
+            saved = memory.SavedTensors()
             with spans.step() as timed, CommMeter(dispatch, names, emulator) as meter, counter:
-                out = strategy.train_step(x.to(device), y.to(device))
+                with saved:
+                    out = strategy.train_step(x.to(device), y.to(device))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the step is done when the GPU is
             step_time = time.perf_counter() - start
@@ -214,7 +226,7 @@ def run_on_rank(
                 "comm": [asdict(e) for e in meter.events],
                 # Bytes sent on each TCP connection (None: not measurable, see wire_reading).
                 "wire": None if before is None or after is None else wire.sent_since(before, after),
-                "memory": memory.measure(strategy.module, strategy.optimizer, device),
+                "memory": memory.measure(strategy.module, strategy.optimizer, device, saved.peak),
                 "timeline": out.timeline,
                 "spans": timed,
             }
@@ -229,7 +241,12 @@ def run_on_rank(
     return {
         "rank": mesh.rank,
         "records": records,
-        "memory": memory.measure(strategy.module, strategy.optimizer, device),
+        "memory": memory.measure(
+            strategy.module,
+            strategy.optimizer,
+            device,
+            records[-1]["memory"]["activation_bytes"] if records else 0,  # the last step's
+        ),
         "state_dict": state if mesh.rank == 0 else None,
     }
 

@@ -16,6 +16,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pdlab.training.data import BLOCK_SIZE, text_vocab_size
 
@@ -43,7 +44,7 @@ class Dense(nn.Module):
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x)
+        x = self.linear(x.to(self.linear.weight.dtype))  # the data is float32 (bf16 runs)
         return F.relu(x) if self.relu else x
 
 
@@ -81,6 +82,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.v = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.recompute = False  # selective recompute of ``core`` (``set_recompute``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -88,10 +90,21 @@ class Attention(nn.Module):
         def heads(h: torch.Tensor) -> torch.Tensor:
             return h.view(b, t, -1, self.head_dim).transpose(1, 2)
 
-        y = F.scaled_dot_product_attention(
-            heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), is_causal=True
-        )
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        if self.recompute:  # keep q, k, v; compute the scores again in backward
+            y = checkpoint(self.core, q, k, v, use_reentrant=False)
+        else:
+            y = self.core(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ/√d, causal)·v, written out (not fused) so that backward keeps the
+        softmax's b·a·s² probabilities: Korthikanti et al.'s 5as/h term (2as/h here, without
+        dropout), which selective recompute drops."""
+        t = q.shape[-2]
+        causal = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5 + causal
+        return scores.softmax(-1) @ v
 
 
 class FeedForward(nn.Module):
@@ -113,8 +126,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = FeedForward(cfg)
+        self.recompute = False  # full recompute: keep the input only (``set_recompute``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute:
+            return checkpoint(self.layer, x, use_reentrant=False)
+        return self.layer(x)
+
+    def layer(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -142,6 +161,21 @@ def gpt(cfg: GPTConfig) -> nn.Sequential:
 
 
 MODELS = ("article", "mlp", "gpt")
+RECOMPUTE = ("none", "selective", "full")
+
+
+def set_recompute(model: nn.Module, mode: str) -> None:
+    """Activation recomputation (Korthikanti et al. 2022, torch.utils.checkpoint) on the
+    GPT's blocks: "full" keeps each block's input and runs the block again in backward (2sbh
+    bytes a layer in 16 bits); "selective" recomputes only attention's core, whose b·a·s²
+    probabilities are most of the memory and little of the compute; "none" keeps everything."""
+    if mode not in RECOMPUTE:
+        raise ValueError(f"unknown recompute {mode!r}: choose one of {', '.join(RECOMPUTE)}")
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.recompute = mode == "full"
+        elif isinstance(m, Attention):
+            m.recompute = mode == "selective"
 
 
 def build_model(name: str, seed: int = 0, vocab_size: int | None = None) -> nn.Sequential:
@@ -160,8 +194,9 @@ def build_model(name: str, seed: int = 0, vocab_size: int | None = None) -> nn.S
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; works for class logits ``[B, C]`` and token logits ``[B, T, V]``."""
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+    """Mean cross-entropy; works for class logits ``[B, C]`` and token logits ``[B, T, V]``.
+    Computed in float32 whatever the logits' dtype (bf16 runs), as Megatron does."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
 
 def stage(model: nn.Sequential, start: int, stop: int) -> nn.Sequential:

@@ -149,6 +149,7 @@ register(Strategy("tp", "tensor", "pdlab.training.parallel.tensor", {"scratch": 
 register(Strategy("pp-gpipe", "pipeline GPipe", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
 register(Strategy("pp-1f1b", "pipeline 1F1B", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
 register(Strategy("zero1", "ZeRO-1", "pdlab.training.parallel.sharded", {"scratch": "Zero1", "torch": "Zero1Torch"}))
+register(Strategy("zero2", "ZeRO-2", "pdlab.training.parallel.sharded", {"scratch": "Zero2", "torch": "Zero2Torch"}))
 register(Strategy("zero3", "ZeRO-3", "pdlab.training.parallel.sharded", {"scratch": "Zero3", "torch": "Zero3Torch"}))
 alias("fsdp", "FSDP (= ZeRO-3 torch)", "zero3", "torch")
 register(Strategy("dp-tp", "hybrid DP×TP", "pdlab.training.parallel.hybrid", {"scratch": "DataTensorParallel", "torch": "DataDTensorParallel"}, layout=lambda n: Layout(dp=2, tp=n // 2), min_world_size=4, world_size_multiple=2))

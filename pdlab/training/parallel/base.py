@@ -6,8 +6,8 @@ imported inside the functions that need it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from pdlab.training.config import OPTIMIZERS, TrainConfig
 from pdlab.training.layout import Layout
-from pdlab.training.models import build_model
+from pdlab.training.models import build_model, set_recompute
 
 if TYPE_CHECKING:
     from pdlab.measure.comm import CommEvent
@@ -114,8 +114,55 @@ def by_kind(params: Iterable[torch.Tensor]) -> list[dict]:
     return [{"params": g} for g in groups if g]
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # TrainConfig.precision's
+
+
+def model_for(config: TrainConfig) -> nn.Sequential:
+    """``config``'s model as every rank builds it: weights from ``config.seed``, recompute
+    set, in the precision's dtype (rounded from the same float32 weights on every rank)."""
+    model = build_model(config.model, config.seed)
+    set_recompute(model, config.recompute)
+    return model.to(DTYPES[config.precision])
+
+
+class MasterWeights(torch.optim.Optimizer):
+    """Mixed precision as ZeRO and Megatron keep it: the model computes, and its gradients
+    are communicated, in bf16; the optimizer (``inner``) steps an fp32 master copy of every
+    parameter, whose rounding then becomes the parameter. Its state, masters and Adam's
+    moments, is ZeRO's K = 12 bytes a weight (4 + 4 + 4): 2 + 2 + 12 with the bf16
+    parameter and gradient."""
+
+    def __init__(self, params, inner: Callable[[list[dict]], torch.optim.Optimizer]):
+        super().__init__(params, {})
+        for p in self._params():
+            self.state[p]["master"] = p.detach().to(torch.float32)
+        self.inner = inner(
+            [{"params": [self.state[p]["master"] for p in g["params"]]} for g in self.param_groups]
+        )
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for p in self._params():
+            master = self.state[p]["master"]
+            master.grad = None if p.grad is None else p.grad.to(torch.float32)
+        self.inner.step()
+        for p in self._params():
+            master = self.state[p]["master"]
+            p.copy_(master)
+            master.grad = None
+            self.state[p].update(self.inner.state[master])  # the moments, for memory's count
+
+
 def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer ``config`` names, over ``params`` (plain: no momentum, no weight decay)."""
+    """The optimizer ``config`` names, over ``params`` (plain: no momentum, no weight decay);
+    in bf16, over fp32 master copies of them (``MasterWeights``)."""
+    if config.precision == "bf16":
+        return MasterWeights(
+            params, lambda masters: build_optimizer(masters, replace(config, precision="fp32"))
+        )
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr)
     if config.optimizer == "adam":
@@ -128,4 +175,4 @@ def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
 def meta_model(config: TrainConfig) -> nn.Sequential:
     """``config``'s model as shapes only (meta device): for formulas; the global RNG is untouched."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        return build_model(config.model, config.seed)
+        return model_for(config)

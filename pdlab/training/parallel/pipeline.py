@@ -35,6 +35,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from pdlab import compat
+from pdlab.measure import memory
 from pdlab.measure.comm import CommEvent, event
 from pdlab.training import models
 from pdlab.training.data import load_dataset
@@ -229,37 +230,26 @@ class Timeline:
     """One rank's compute events per step, with the activations held after each.
 
     ``held`` counts micro-batches whose forward ran and backward has not (GPipe: up to ``m``;
-    1F1B: up to ``p-s``); ``held_bytes`` is the tensors autograd saved for their backward,
-    parameters excluded, measured with ``saved_tensors_hooks``. Times are ``time.time()``:
-    the kernel lines up events from different processes, and only the wall clock is
-    documented as shared by processes (``perf_counter``/``monotonic`` have an undefined
-    reference point).
+    1F1B: up to ``p-s``); ``held_bytes`` is the bytes of the tensors autograd has saved for
+    their backward, parameters excluded, as the training loop's ``SavedTensors`` counts them
+    (``pdlab.measure.memory.saved_bytes``). Times are ``time.time()``: the kernel lines up
+    events from different processes, and only the wall clock is documented as shared by
+    processes (``perf_counter``/``monotonic`` have an undefined reference point).
     """
 
-    def __init__(self, stage: int, module: nn.Module):
+    def __init__(self, stage: int):
         self.stage = stage
-        self._params = {q.untyped_storage().data_ptr() for q in module.parameters()}
-        self._held: dict[int, int] = {}  # micro-batch -> saved bytes
+        self._held: set[int] = set()  # micro-batches between their forward and backward
         self.events: list[dict] = []
 
     @contextmanager
     def record(self, mb: int, phase: str) -> Iterator[None]:
         start = time.time()
+        yield
         if phase == "F":
-            saved: dict[int, int] = {}  # storage -> bytes; tensors sharing storage count once
-
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in self._params:
-                    saved[storage.data_ptr()] = storage.nbytes()
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                yield
-            self._held[mb] = sum(saved.values())
+            self._held.add(mb)
         else:
-            yield
-            self._held.pop(mb)
+            self._held.remove(mb)
         self.events.append(
             {
                 "mb": mb,
@@ -268,7 +258,7 @@ class Timeline:
                 "start": start,
                 "end": time.time(),
                 "held": len(self._held),
-                "held_bytes": sum(self._held.values()),
+                "held_bytes": memory.saved_bytes(),
             }
         )
 
@@ -318,7 +308,7 @@ class Pipeline(Single):
         self.group = mesh.group("pp")
         start, stop = partition(model, self.p)[self.s]
         super().__init__(models.stage(model, start, stop), config, mesh)
-        self.timeline = Timeline(self.s, self.module)
+        self.timeline = Timeline(self.s)
         # What crosses this stage's cuts per micro-batch: the shapes of what it receives.
         x = _example_microbatch(config, mesh.layout)
         outs = _unit_outputs(model, x)

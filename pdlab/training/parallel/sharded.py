@@ -8,14 +8,16 @@ mixed-precision count is 2 + 2 + 12). ZeRO partitions that state over the ranks 
   zero-padded parameter buffer and steps only that slice; gradients reach the owner by a
   reduce-scatter and the updated slices go back to everyone by an all-gather. An all-reduce
   *is* a reduce-scatter then an all-gather, so the bytes equal DP's; the Adam state is 1/N_d.
-- P_os+g (ZeRO-2): gradients partitioned too (keep only the reduce-scattered slice). Not a
-  strategy of its own here: on top of ``zero1`` it only frees the full gradient earlier.
+- P_os+g (ZeRO-2, ``zero2``): gradients partitioned too. Each unit's gradient is
+  reduce-scattered as soon as backward has produced it and only the owned slice is kept;
+  the updated slices are all-gathered after the step: DP's bytes, 1/N_d of the gradients.
 - P_os+g+p (ZeRO-3, ``zero3``): parameters partitioned too. Each unit keeps 1/N_d of its flat
   parameters, all-gathers them just before its forward, frees them after, gathers them again
   for its backward and reduce-scatters its gradient: 1.5x DP's bytes, 1/N_d of every state.
 
 ``impl="torch"`` puts PyTorch's versions beside them: ``ZeroRedundancyOptimizer`` over DDP
-(P_os) and FSDP2 ``fully_shard`` (P_os+g+p).
+(P_os), FSDP2 ``fully_shard(reshard_after_forward=False)`` (P_os+g, see ``Zero2Torch`` for
+how it differs) and ``fully_shard`` (P_os+g+p).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pdlab.compat import all_gather, reduce_scatter
 from pdlab.measure import comm
 from pdlab.measure.comm import CommEvent
 from pdlab.training.layout import Layout
-from pdlab.training.parallel.base import Mesh, TrainConfig, build_optimizer, meta_model
+from pdlab.training.parallel.base import DTYPES, Mesh, TrainConfig, build_optimizer, meta_model
 from pdlab.training.parallel.data import DDP, flatten
 from pdlab.training.parallel.single import Single
 
@@ -44,13 +46,34 @@ def padded(numel: int, n: int) -> int:
     return -(-numel // n) * n
 
 
-def _per_rank(ops: list[tuple[str, int]], layout: Layout) -> list[CommEvent]:
-    """``(op, float32 elements)`` issued by every rank of the dp group, as events of all ranks."""
-    events = [comm.event(op, 4 * numel, "dp", layout.dp) for op, numel in ops]
+def _per_rank(ops: list[tuple[str, int]], config: TrainConfig, layout: Layout) -> list[CommEvent]:
+    """``(op, elements)`` issued by every rank of the dp group, as events of all ranks."""
+    size = DTYPES[config.precision].itemsize
+    events = [comm.event(op, size * numel, "dp", layout.dp) for op, numel in ops]
     return comm.on_ranks(events, range(layout.world_size))
 
 
 # --- ZeRO-1 (P_os) ------------------------------------------------------------------------
+
+
+class FlatShards:
+    """``params`` made views of one flat buffer ``flat``, zero-padded (``padding`` elements)
+    so it splits into N_d equal shards; ``owned`` is this rank's shard, a Parameter on the
+    same storage (stepping it updates the parameters) with a gradient of its own: the mean
+    gradient of that shard, once reduce-scattered."""
+
+    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup):
+        self.params = params
+        n, r = group.size(), group.rank()
+        sizes = [p.numel() for p in params]
+        self.flat = params[0].new_zeros(padded(sum(sizes), n))
+        self.padding = len(self.flat) - sum(sizes)
+        for p, view in zip(params, self.flat[: sum(sizes)].split(sizes), strict=True):
+            view.copy_(p.detach().flatten())
+            p.data = view.view_as(p)
+        shard = len(self.flat) // n
+        self.owned = nn.Parameter(self.flat[r * shard : (r + 1) * shard])
+        self.owned.grad = torch.zeros_like(self.owned)
 
 
 class Zero1(Single):
@@ -65,18 +88,9 @@ class Zero1(Single):
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(model, config, mesh)
         self.group = mesh.group("dp")
-        n, r = self.group.size(), self.group.rank()
         self.params = list(self.model.parameters())
-        sizes = [p.numel() for p in self.params]
-        self.flat_param = self.params[0].new_zeros(padded(sum(sizes), n))
-        self.padding = len(self.flat_param) - sum(sizes)
-        for p, view in zip(self.params, self.flat_param[: sum(sizes)].split(sizes), strict=True):
-            view.copy_(p.detach().flatten())
-            p.data = view.view_as(p)
-        shard = len(self.flat_param) // n
-        # A Parameter made from a view shares its storage: stepping it updates the model.
-        self.owned = nn.Parameter(self.flat_param[r * shard : (r + 1) * shard])
-        self.owned.grad = torch.zeros_like(self.owned)  # the mean gradient of the owned shard
+        shards = FlatShards(self.params, self.group)
+        self.flat_param, self.owned, self.padding = shards.flat, shards.owned, shards.padding
         self.optimizer = build_optimizer([self.owned], config)
 
     def update(self) -> None:
@@ -91,7 +105,7 @@ class Zero1(Single):
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
         """Reduce-scatter and all-gather of the padded flat size S: DP's all-reduce, in halves."""
         s = padded(sum(p.numel() for p in meta_model(config).parameters()), layout.dp)
-        return _per_rank([("reduce_scatter", s), ("all_gather", s)], layout)
+        return _per_rank([("reduce_scatter", s), ("all_gather", s)], config, layout)
 
 
 def zero_partition(numels: list[int], n: int) -> list[int]:
@@ -131,15 +145,73 @@ class Zero1Torch(DDP):
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
         numels = [p.numel() for p in meta_model(config).parameters()]
         n = layout.dp  # pure data parallelism: dp ranks are global ranks
+        size = DTYPES[config.precision].itemsize
         broadcasts = [  # rank ``root`` sends its partition; every rank takes part
-            comm.event("broadcast", 4 * numel, "dp", n, rank, position=(rank - root) % n)
+            comm.event("broadcast", size * numel, "dp", n, rank, position=(rank - root) % n)
             for rank in range(n)
             for root, numel in enumerate(zero_partition(numels, n))
         ]
         return DDP.expected_comm(config, layout) + broadcasts
 
 
+# --- ZeRO-2 (P_os+g) ----------------------------------------------------------------------
+
+
+class Zero2(Single):
+    """ZeRO stage 2, P_os+g, from scratch: full parameters, sharded gradients and optimizer.
+
+    ZeRO-1 with the gradients partitioned too. Each unit's parameters get a ``FlatShards``
+    of their own (a bucket, where ZeRO-1 has one for the whole model); the moment backward
+    has accumulated a unit's last gradient (a post-accumulate-grad hook), the unit's
+    gradient is reduce-scattered into its owned shard's and dropped, so no rank holds more
+    than one unit's full gradient. Memory 2Ψ + (2 + K)Ψ/N_d in the paper's mixed-precision
+    bytes; here (fp32) 4Ψ of parameters, 4Ψ/N_d of gradients, 8Ψ/N_d of Adam moments. After
+    backward: step the owned shards, all-gather each unit's shards back into its parameters.
+    The bytes are ZeRO-1's, a unit at a time: 2Ψ on a ring, as DP (ZeRO paper §7).
+    """
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(model, config, mesh)
+        self.group = mesh.group("dp")
+        self.buckets = [FlatShards(list(unit.parameters()), self.group) for unit in self.model]
+        self.ready = [0] * len(self.buckets)  # a bucket's gradients accumulated so far
+        for i, bucket in enumerate(self.buckets):
+            for p in bucket.params:
+                p.register_post_accumulate_grad_hook(lambda _, i=i: self._grad_ready(i))
+        self.optimizer = build_optimizer([b.owned for b in self.buckets], config)
+
+    def _grad_ready(self, i: int) -> None:
+        """In backward, after each gradient of bucket ``i``: once all are in, shard them."""
+        bucket, self.ready[i] = self.buckets[i], self.ready[i] + 1
+        if self.ready[i] < len(bucket.params):
+            return
+        self.ready[i] = 0
+        grads = nn.functional.pad(flatten([p.grad for p in bucket.params]), (0, bucket.padding))
+        reduce_scatter(bucket.owned.grad, grads, group=self.group)  # SUM: gloo's AVG is newer
+        bucket.owned.grad /= self.group.size()
+        self.drop_gradients(bucket)
+
+    def drop_gradients(self, bucket: FlatShards) -> None:
+        """ZeRO-2's saving: the unit's full gradient goes once its shard has been reduced."""
+        for p in bucket.params:
+            p.grad = None
+
+    def update(self) -> None:
+        self.optimizer.step()
+        for b in self.buckets:
+            all_gather(b.flat, b.owned.detach(), group=self.group)  # in place, as ZeRO-1
+
+    @staticmethod
+    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+        """Per unit, S_u its flat size padded to a multiple of N_d: a reduce-scatter (in
+        backward) and an all-gather (after the step)."""
+        return _unit_comm(config, layout, ("reduce_scatter", "all_gather"), _padded_unit(layout))
+
+
 # --- ZeRO-3 (P_os+g+p) --------------------------------------------------------------------
+
+
+ZERO3_OPS = ("all_gather", "all_gather", "reduce_scatter")  # a unit's, each step
 
 
 class _GatherParams(torch.autograd.Function):
@@ -201,15 +273,20 @@ class ShardedUnit(nn.Module):
         return {name: t.view(s) for (name, s), t in zip(self.shapes.items(), pieces, strict=True)}
 
 
-def _gather_comm(
-    config: TrainConfig, layout: Layout, unit_numel: Callable[[nn.Module], int]
+def _unit_comm(
+    config: TrainConfig,
+    layout: Layout,
+    ops: tuple[str, ...],
+    unit_numel: Callable[[nn.Module], int],
 ) -> list[CommEvent]:
-    """Per unit: all-gather (forward), all-gather (backward), reduce-scatter (gradient)."""
-    ops = []
-    for unit in meta_model(config):
-        s = unit_numel(unit)
-        ops += [("all_gather", s), ("all_gather", s), ("reduce_scatter", s)]
-    return _per_rank(ops, layout)
+    """``ops`` (in order) on each unit's ``unit_numel`` elements, unit after unit."""
+    units = meta_model(config)
+    return _per_rank([(op, unit_numel(unit)) for unit in units for op in ops], config, layout)
+
+
+def _padded_unit(layout: Layout) -> Callable[[nn.Module], int]:
+    """A unit's flat size padded to a multiple of N_d (the scratch ZeROs' buckets)."""
+    return lambda unit: padded(sum(p.numel() for p in unit.parameters()), layout.dp)
 
 
 class Zero3(Single):
@@ -224,6 +301,15 @@ class Zero3(Single):
         units = (ShardedUnit(u, group) for u in model.to(mesh.device))
         super().__init__(nn.Sequential(*units), config, mesh)
 
+    @staticmethod
+    def check(config: TrainConfig, layout: Layout) -> None:
+        if config.recompute != "none":
+            raise ValueError(
+                f"zero3/scratch recomputes every unit already (that is how it frees the "
+                f"gathered parameters): recompute={config.recompute!r} would run it a third "
+                "time. Use recompute='none', or impl='torch' (FSDP2) to choose it"
+            )
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
         with torch.no_grad():
@@ -234,12 +320,9 @@ class Zero3(Single):
 
     @staticmethod
     def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
-        """S_u = the unit's flat size, padded to a multiple of N_d."""
-        return _gather_comm(
-            config,
-            layout,
-            lambda unit: padded(sum(p.numel() for p in unit.parameters()), layout.dp),
-        )
+        """Per unit (S_u its flat size padded to a multiple of N_d): all-gather (forward),
+        all-gather (backward), reduce-scatter (gradient)."""
+        return _unit_comm(config, layout, ZERO3_OPS, _padded_unit(layout))
 
 
 def fsdp_numel(shape: torch.Size, n: int) -> int:
@@ -256,22 +339,43 @@ class Zero3Torch(Single):
     parameters of its own, so it adds no collective.
     """
 
+    reshard_after_forward = True  # free a unit's gathered parameters after its forward
+    ops = ZERO3_OPS  # a unit's collectives a step
+
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         dp_mesh = mesh.device_mesh["dp"]
         model.to(mesh.device)
         for unit in model:
-            fully_shard(unit, mesh=dp_mesh)
+            fully_shard(unit, mesh=dp_mesh, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mesh=dp_mesh)
         super().__init__(model, config, mesh)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.full_tensor().cpu() for k, v in self.model.state_dict().items()}
 
-    @staticmethod
-    def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+    @classmethod
+    def expected_comm(cls, config: TrainConfig, layout: Layout) -> list[CommEvent]:
         """S_u = the sum of the unit's parameters, each padded by rows (``fsdp_numel``)."""
-        return _gather_comm(
+        return _unit_comm(
             config,
             layout,
+            cls.ops,
             lambda unit: sum(fsdp_numel(p.shape, layout.dp) for p in unit.parameters()),
         )
+
+
+class Zero2Torch(Zero3Torch):
+    """P_os+g with PyTorch: FSDP2 ``fully_shard(unit, reshard_after_forward=False)``.
+
+    Told not to reshard after a unit's forward, FSDP2 keeps the gathered parameters through
+    the backward, which needs no second all-gather: one all-gather and one reduce-scatter a
+    unit, ZeRO-2's 2Ψ (padded by rows, ``fsdp_numel``). What differs from ZeRO-2 (checked on
+    torch 2.13): the all-gather comes before the next forward, not after the optimizer step
+    (the same bytes a step, the first step included), and after backward FSDP2 reshards
+    (``reshard_after_backward``): between steps a rank holds 1/N_d of the parameters, as in
+    ZeRO-3, and all of them only from its first forward to the end of its backward. So
+    ``result.memory``, read after the step, shows ZeRO-3's split; ZeRO-2's is its peak.
+    """
+
+    reshard_after_forward = False
+    ops = ("all_gather", "reduce_scatter")

@@ -167,7 +167,10 @@ def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
 
     Per region: ``g`` all-reduces its output ``[B, (T,) out]`` forward, and ``f`` all-reduces
     its input's gradient ``[B, (T,) in]`` backward, unless that input is the data (the
-    first Dense layer: no gradient, so no backward). ``B`` is the rank's data shard. Both
+    first Dense layer: no gradient, so no backward). Full recompute runs a block's forward
+    again in backward, up to the last tensor backward needs (torch's non-reentrant
+    checkpoint stops early): attention's ``g`` again, not the MLP's, whose output nothing
+    saves. One more all-reduce a layer, where Megatron, recomputing all of it, has two. ``B`` is the rank's data shard. Both
     impls issue exactly these (DTensor as functional all-reduces; see ``shard_torch``).
     """
     model = meta_model(config)
@@ -177,7 +180,9 @@ def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
     for region in regions(model):
         column, row = model.get_submodule(region.columns[0]), model.get_submodule(region.row)
         feature = rows * row.weight.element_size()  # bytes of one feature over the batch
-        per_rank.append(event("all_reduce", feature * row.out_features, "tp", layout.tp))
+        forward = event("all_reduce", feature * row.out_features, "tp", layout.tp)
+        again = config.recompute == "full" and region.entry.endswith(".attn")
+        per_rank += [forward] * (2 if again else 1)
         if region.entry != "0":  # unit 0's input is the data
             per_rank.append(event("all_reduce", feature * column.in_features, "tp", layout.tp))
     return on_ranks(per_rank, range(layout.world_size))
