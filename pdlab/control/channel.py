@@ -18,7 +18,6 @@ import contextlib
 import queue
 import signal
 import socket
-import subprocess
 import threading
 import time
 import traceback
@@ -27,7 +26,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from pdlab.control import launcher, protocol
+from pdlab.control import protocol
+from pdlab.control.forkserver import ForkedRank
+from pdlab.control.processes import Spawned
 
 HANDSHAKE_S = 5.0  # one deadline for a whole handshake, however slowly the peer sends
 MAX_PENDING = 32
@@ -42,7 +43,7 @@ class RankLink:
     pid: int | None = None
     host: str | None = None
     ready: bool = False
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    process: Spawned | ForkedRank | None = field(default=None, repr=False)
     conn: Connection | None = field(default=None, repr=False)
     lost: bool = False  # its connection ended (the only sign of life of an attached rank)
     send_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -50,7 +51,7 @@ class RankLink:
     @property
     def alive(self) -> bool:
         if self.process is not None:
-            return not launcher.exited(self.process)
+            return not self.process.exited()
         return self.conn is not None and not self.lost
 
     def send(self, message: Any) -> None:
@@ -63,7 +64,7 @@ class RankLink:
         """Why the rank is gone, in words: its exit code or signal, else the connection."""
         if self.process is None:
             return "its connection closed"
-        code = launcher.exit_code(self.process, wait_s=1.0)
+        code = self.process.exit_code(wait_s=1.0)
         if code is None:
             return "its connection closed"
         if code < 0:

@@ -40,18 +40,18 @@ import cloudpickle
 
 from pdlab import checks
 from pdlab.control import launcher, protocol
+from pdlab.control.asking import WHERE_S, Asker
 from pdlab.control.channel import ControlServer, RankLink
 from pdlab.control.launcher import choose_backend
 from pdlab.control.output import RankOutput
-from pdlab.measure import flight
-from pdlab.measure.where import Location, Locations
+from pdlab.control.processes import Spawned
+from pdlab.measure.where import Locations
 
 __all__ = ["CallTimeout", "Cluster", "ClusterStatus", "RankError", "choose_backend", "current"]
 
 START_TIMEOUT_S = 120.0
 GRACE_S = 1.0  # how long peers of a failed rank may take to finish before the group is reset
 STOPPED_S = 2.0  # a rank stopped this long during a call fails it: its peers can only wait
-WHERE_S = 2.0  # how long ranks may take to say where they are
 
 _started: list[weakref.ref[Cluster]] = []  # clusters by start, oldest first
 
@@ -219,8 +219,7 @@ class Cluster:
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._calls = itertools.count(1)
         self._busy = threading.Lock()  # one call at a time: replies share one event queue
-        self._asking = threading.Lock()  # one where() at a time: answers share one queue
-        self._questions = itertools.count(1)
+        self._asker = Asker()  # where() and the places a failed call reports
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.close, False)
         self.state = "stopped"
@@ -282,7 +281,7 @@ class Cluster:
                     f"rank {rank} died while starting: it could not join the process group:\n"
                     + message.traceback
                 )
-            dead = next((r for r in links if r.process and launcher.exited(r.process)), None)
+            dead = next((r for r in links if r.process and r.process.exited()), None)
             if dead is not None:
                 self._fail_start(
                     f"rank {dead.rank} died while starting ({dead.exit_reason()}). Its output:\n"
@@ -368,7 +367,7 @@ class Cluster:
             self._token,
             self._resources.private_dir(),
         )
-        self._resources.nodes += nodes
+        self._resources.nodes += [Spawned(node) for node in nodes]
         return nodes
 
     # ----- metrics ---------------------------------------------------------------------------
@@ -495,7 +494,7 @@ class Cluster:
         ranks answer from their reader threads and nothing is stopped.
         """
         self._ensure_started()
-        return Locations(place for place, _ in self._ask_where(range(self.world_size), timeout))
+        return self._asker.places(self._resources, range(self.world_size), timeout)
 
     def profile(self, path: str | os.PathLike | None = None) -> Any:
         """torch.profiler on every rank, merged into one Chrome/Perfetto trace (``path``):
@@ -506,54 +505,12 @@ class Cluster:
         return Profile(self, path)
 
     def clock_offsets(self) -> dict[int, float]:
-        """Seconds each rank's ``time.time()`` is ahead of this kernel's.
-
-        Ranks on this machine share its clock (0). Attached ranks on other hosts are asked
-        three times; each offset is the median of the rank's clock minus the midpoint of the
-        question's round trip (Cristian's algorithm: as accurate as half a round trip).
-        """
-        here = os.uname().nodename
-        away = [r.rank for r in self._resources.links if r.host not in (None, here)]
-        offsets = dict.fromkeys(range(self.world_size), 0.0)
-        if away:
-            samples = [dict(self._ask_where(away, WHERE_S)) for _ in range(3)]
-            for rank in away:
-                found = sorted(s[rank] for s in samples if rank in s)
-                offsets[rank] = found[len(found) // 2] if found else 0.0
-        return offsets
-
-    def _ask_where(self, ranks: Sequence[int], timeout: float) -> list[tuple[Location, float]]:
-        """Each rank's ``Location`` and clock offset (the rank's clock minus the midpoint of
-        the round trip); dead ranks and ranks silent for ``timeout`` s say so."""
-        links, server = self._resources.links, self._resources.server
-        with self._asking:
-            question, asked = next(self._questions), time.time()
-            # (No links at all once a failed call has stopped every rank.)
-            alive = [r for r in ranks if r < len(links) and links[r].alive and links[r].conn]
-            for rank in alive:
-                links[rank].send(protocol.Where(question))
-            answers: dict[int, tuple[Location, float]] = {}
-            deadline = time.monotonic() + timeout
-            while server is not None and len(answers) < len(alive) and time.monotonic() < deadline:
-                try:
-                    rank, here, received = server.answers.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                if here.request_id == question:  # else a late answer to an earlier question
-                    answers[rank] = here.location, here.location.clock - (asked + received) / 2
-        labels = next((place.groups for place, _ in answers.values()), {})
-        return [answers.get(r, (self._silent(r, alive, labels), 0.0)) for r in ranks]
-
-    def _silent(self, rank: int, alive: list[int], labels: dict[str, str]) -> Location:
-        """A rank that did not answer: unknown if alive; if dead, what its black box says."""
-        local = self._resources.local
-        if rank in alive or local is None:
-            return Location(rank, "unknown" if rank in alive else "dead")
-        ops = flight.read_black_box(flight.black_box_path(local.tmpdir, rank))
-        return flight.dead(rank, ops, labels)
+        """Seconds each rank's ``time.time()`` is ahead of this kernel's (0 on this machine;
+        see ``pdlab.control.asking``)."""
+        return self._asker.clock_offsets(self._resources, self.world_size)
 
     def _locate(self, ranks: Sequence[int]) -> Locations:
-        places = Locations(place for place, _ in self._ask_where(ranks, WHERE_S))
+        places = self._asker.places(self._resources, ranks)
         for place in places:  # the counts at the call's start: "after op #57 (53 in this call)"
             issued = self._in_step_counts.get(place.rank, {})
             place.before = {place.groups.get(name, name): n for name, n in issued.items()}
@@ -803,7 +760,7 @@ class _Call:
         self._next_look = now + 0.25
         for rank in sorted(self.pending):
             link = self.cluster._resources.links[rank]
-            if link.process is not None and launcher.exited(link.process):
+            if link.process is not None and link.process.exited():
                 self._died(rank)
                 continue
             pid = link.pid

@@ -52,8 +52,9 @@ import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from pdlab.control import warmup, worker
+from pdlab.control import processes, warmup, worker
 from pdlab.control.keeper import show_as
+from pdlab.control.processes import Spawned
 
 
 def supported() -> bool:
@@ -80,7 +81,7 @@ class ForkedRank:
     """A rank the fork server forked, with the part of ``subprocess.Popen`` pdlab uses.
 
     ``returncode`` is set when the server reports the exit (the rank is a zombie until
-    ``end``), like ``launcher.exited`` sees a spawned rank.
+    ``end``), as ``processes.Spawned`` sees a spawned rank.
     """
 
     def __init__(self, pid: int, server: ForkServer):
@@ -113,6 +114,13 @@ class ForkedRank:
             raise subprocess.TimeoutExpired(f"rank pid {self.pid}", timeout or 0)
         return self.returncode
 
+    def exit_code(self, wait_s: float = 0.0) -> int | None:
+        """Its exit code (minus a signal), as the server reports it; None if it still runs
+        after ``wait_s`` seconds."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.wait(wait_s)
+        return self.returncode
+
     def end(self) -> None:
         """Kill what is left of its process group and have it reaped; returns once it is."""
         with self._ending:  # asked once: the server reaps it once
@@ -140,19 +148,21 @@ class ForkServer:
     def __init__(self, env: dict[str, str]):
         ours, theirs = socket.socketpair()
         with theirs:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pdlab.control.forkserver",
-                    f"--fd={theirs.fileno()}",
-                    f"--parent-pid={os.getpid()}",
-                ],
-                env=env,
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                start_new_session=True,  # the terminal's and Jupyter's signals stay away
+            self.process = Spawned(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pdlab.control.forkserver",
+                        f"--fd={theirs.fileno()}",
+                        f"--parent-pid={os.getpid()}",
+                    ],
+                    env=env,
+                    pass_fds=[theirs.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    start_new_session=True,  # the terminal's and Jupyter's signals stay away
+                )
             )
         self.pid = self.process.pid
         self.env = env  # the environment it started with
@@ -261,11 +271,6 @@ def cuda_driver_loaded() -> bool:
     return "/libcuda.so" in Path("/proc/self/maps").read_text()
 
 
-def waitid_code(info: os.waitid_result) -> int:
-    """``Popen.returncode`` for a ``waitid`` result: the exit code, or minus the signal."""
-    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-
-
 class _Server:
     """The server's loop: forks on request, preloads while idle, reports and reaps exits."""
 
@@ -344,7 +349,7 @@ class _Server:
         self.selector.unregister(self.pidfds[pid])
         os.close(self.pidfds.pop(pid))
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # not reaped
-        self.conn.send(("exited", pid, waitid_code(info)))
+        self.conn.send(("exited", pid, processes.waitid_code(info)))
 
     def _end(self, pid: int) -> None:
         if pid not in self.children:

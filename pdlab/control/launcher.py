@@ -17,11 +17,9 @@ dashboard callback) must not be their parent.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdlab.control import forkserver, protocol
+from pdlab.control.processes import Spawned
 
 BACKENDS = ("gloo", "nccl")
 DEVICES = ("cpu", "cuda")
@@ -204,7 +203,7 @@ class LocalRanks:
         self.master_port = free_loopback_port()  # for scripts that read it; nothing listens
         self.run_id = str(uuid.uuid4())  # torchrun --standalone's rendezvous id
 
-    def spawn(self, rank: int) -> subprocess.Popen | forkserver.ForkedRank:
+    def spawn(self, rank: int) -> Spawned | forkserver.ForkedRank:
         """Start rank ``rank``: forked from the fork server when there is one for us, else a
         new process (from the long-lived spawner thread; see the module docstring)."""
         if self.server is not None:
@@ -215,7 +214,7 @@ class LocalRanks:
                 )
             except forkserver.ForkRefused:
                 self.server = None  # it exited, or can't fork safely: start processes
-        return _spawner.submit(self._popen, rank).result()
+        return Spawned(_spawner.submit(self._popen, rank).result())
 
     def prestart_next(self) -> None:
         """Have a fork server ready for the next cluster start (see ``keep_fork_server``)."""
@@ -433,53 +432,12 @@ def launch_local_nodes(
     ]
 
 
-def stop(process: subprocess.Popen | forkserver.ForkedRank, deadline: float) -> None:
+def stop(process: Spawned | forkserver.ForkedRank, deadline: float) -> None:
     """Give ``process`` until ``deadline`` (``time.monotonic()``) to exit, then end it and
-    everything left in its process group — what it started (a ``sleep``, DataLoader workers)
-    — and reap it. Only for processes started here with ``start_new_session``: their PID is
-    their process group's ID, which stays ours while any member lives (not reaped before
-    the group is killed, so the ID can't be reused meanwhile)."""
-    while time.monotonic() < deadline and not exited(process):
+    everything it started (a ``sleep``, DataLoader workers), and reap it."""
+    while time.monotonic() < deadline and not process.exited():
         time.sleep(0.01)
-    if isinstance(process, forkserver.ForkedRank):
-        process.end()  # its parent, the fork server, kills the group and reaps it
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def exited(process: subprocess.Popen | forkserver.ForkedRank) -> bool:
-    """Whether ``process`` has exited, without reaping it (its zombie keeps the group ID)."""
-    if process.returncode is not None:
-        return True
-    if isinstance(process, forkserver.ForkedRank):
-        return process.exited()
-    try:
-        return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:  # reaped elsewhere
-        return True
-
-
-def exit_code(process: subprocess.Popen | forkserver.ForkedRank, wait_s: float = 0.0) -> int | None:
-    """``process``'s exit code (minus the signal that ended it, as ``Popen.returncode``), or
-    None if it still runs after ``wait_s`` seconds; without reaping it (see ``stop``)."""
-    if isinstance(process, forkserver.ForkedRank):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(wait_s)  # its server reports the code
-        return process.returncode
-    deadline = time.monotonic() + wait_s
-    while process.returncode is None:
-        try:
-            info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:  # reaped elsewhere: its code is lost
-            return process.returncode
-        if info is not None:
-            return forkserver.waitid_code(info)
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.01)
-    return process.returncode
+    process.end()
 
 
 def reachable_address(host: str) -> str:
