@@ -252,3 +252,10 @@ def parallelize_in_place(module: torch.nn.Module, mesh: Any, plan: dict) -> torc
     if "src_data_rank" in inspect.signature(parallelize_module).parameters:
         return parallelize_module(module, mesh, plan, src_data_rank=None)
     return parallelize_module(module, mesh, plan)
+
+
+def print_options() -> dict[str, Any]:
+    """torch's tensor print options, live (``torch.set_printoptions`` has no getter; the
+    dict is ``torch._tensor_str.PRINT_OPTS``'s own, 2.0 to 2.13): a script's changes are
+    read and put back through it."""
+    return vars(torch._tensor_str.PRINT_OPTS)

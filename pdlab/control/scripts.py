@@ -229,7 +229,7 @@ def _same(now: Any, saved: Any) -> bool:
     return torch.equal(now, saved) if isinstance(now, torch.Tensor) else bool(now == saved)
 
 
-_PRINT_OPTIONS = vars(torch._tensor_str.PRINT_OPTS)
+_PRINT_OPTIONS = compat.print_options()
 
 
 def _reset_warnings() -> None:
