@@ -42,15 +42,22 @@ def command_lines(pids: list[int]) -> dict[int, list[bytes]]:
     return found
 
 
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().split()[3])
+
+
 def forked_ranks() -> list[int]:
-    """Rank processes below this test whose parent is a fork server."""
+    """Rank processes below this test forked from a fork server: a rank's parent is its
+    keeper (``pdlab.control.keeper``), the keeper's the server."""
     lines = command_lines(descendants(os.getpid()))
     servers = {pid for pid, args in lines.items() if b"pdlab.control.forkserver" in args}
+    keepers = {pid for pid, args in lines.items() if args[0] == b"pdlab.control.keeper"}
     return [
         pid
         for pid, args in lines.items()
         if args[0] == b"pdlab.control.worker"
-        and int(Path(f"/proc/{pid}/stat").read_text().split()[3]) in servers
+        and parent(pid) in keepers
+        and parent(parent(pid)) in servers
     ]
 
 
