@@ -184,7 +184,7 @@ def test_the_cli_prints_the_steps_and_an_error_line_when_the_end_fails(tmp_path)
     script = tmp_path / "cli.py"
     script.write_text(
         "import os, sys\n"
-        "from pdlab import training\n"
+        "from pdlab.training import loop as training\n"
         "from pdlab.lab.cli import main\n"
         "def refuse(self, path):\n"
         "    raise OSError(28, 'No space left on device')\n"

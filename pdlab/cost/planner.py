@@ -443,11 +443,11 @@ def run_command(args: argparse.Namespace, measure_here: Callable[[int], Topology
     ``measure_here(world_size)``: the topology of that many ranks here, measured."""
     model = args.params if args.params is not None else args.model
     topology = args.topology
-    if (topology or "").strip().lower() == THIS_MACHINE:
-        world = 2 if args.world_size is None else args.world_size  # 0 is refused, not 2
-        topology = measure_here(world)  # its ranks are what is measured
-    request = (model, topology, args.global_batch, args.seq_len, args.precision)
     try:
+        if (topology or "").strip().lower() == THIS_MACHINE:
+            world = 2 if args.world_size is None else args.world_size  # 0 is refused, not 2
+            topology = measure_here(world)  # its ranks are what is measured
+        request = (model, topology, args.global_batch, args.seq_len, args.precision)
         assume = Assumptions(
             efficiency=args.efficiency,
             sequence_parallel=not args.no_sequence_parallel,
