@@ -208,6 +208,7 @@ MISTAKES = [
     ("lab 04 fit", fit("zero2", "full", "fp32"), "all in fp32: try precision='bf16'"),
     ("lab 04 fit", fit("dp", "full", "bf16"), "plain data parallelism keeps the whole model state on every rank"),
     ("lab 04 fit", fit("zero3", "full", "bf16"), "zero3/scratch recomputes every unit already"),
+    ("lab 04 fit", fit("tp", "full", "bf16"), "choose zero1, zero2 or zero3"),
     ("lab 04 fit", {"strategy": "zero2"}, "write choice = dict(strategy=..., recompute=..., precision=...)"),
 ]  # fmt: skip
 

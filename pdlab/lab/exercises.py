@@ -702,6 +702,8 @@ FIT_RUN = {"model": "gpt", "batch_size": 16, "steps": 2}  # the run whose memory
 # and 1.69 MB.
 FIT_BUDGET = {2: 2_250_000, 4: 1_400_000}
 FIT_CHOICES = ("strategy", "recompute", "precision")
+FIT_STRATEGIES = ("zero1", "zero2", "zero3")  # and dp, measured to show it can't fit
+FIT_TIMEOUT_S = 120.0  # a first run on fresh ranks imports the trainer (~10 s on a busy CPU)
 PARTS = {
     "param_bytes": "parameters",
     "grad_bytes": "gradients",
@@ -719,10 +721,10 @@ def _fit_hint(choice: Mapping[str, str], parts: dict[str, int], over: int) -> st
     ``over`` bytes past the budget: the levers in the order that costs the least traffic."""
     total, act = sum(parts.values()), parts["activation_bytes"]
     strategy, recompute = choice["strategy"], choice["recompute"]
-    if strategy not in ("zero1", "zero2", "zero3"):
+    if strategy not in FIT_STRATEGIES:
         return (
-            f"{strategy!r} is no ZeRO stage: plain data parallelism keeps the whole model state "
-            "on every rank, whatever the other levers; shard it with zero1, zero2 or zero3"
+            "plain data parallelism keeps the whole model state on every rank, whatever the "
+            "other levers; shard it with zero1, zero2 or zero3"
         )
     if recompute != "full" and act == max(parts.values()):
         kept = "selective recomputes attention's core only; " if recompute == "selective" else ""
@@ -765,10 +767,20 @@ def _fit_on_ranks(cluster: Cluster, name: str, choice: Mapping[str, str]) -> pd.
             "write choice = dict(strategy=..., recompute=..., precision=...)",
         )
         return None
+    if choice["strategy"] not in ("dp", *FIT_STRATEGIES):
+        report(
+            name,
+            False,
+            f"strategy {choice['strategy']!r} is not data parallelism",
+            f"one of {', '.join(FIT_STRATEGIES)}",
+            repr(choice["strategy"]),
+            "this budget is met by sharding data parallelism's state: choose zero1, zero2 or zero3",
+        )
+        return None
     try:
-        return train(cluster, **FIT_RUN, **choice, timeout=4 * TIMEOUT_S).memory
+        return train(cluster, **FIT_RUN, **choice, timeout=FIT_TIMEOUT_S).memory
     except ValueError as err:  # refused before any rank trained: the message says what to change
-        report(name, False, "pdlab.train refused the choice", "a run", "refused", str(err))
+        report(name, False, "pdlab.train refused the choice", "a run", "ValueError", str(err))
     return None
 
 
