@@ -164,11 +164,19 @@ def no_padding(z):
     dist.all_gather_into_tensor(z.flat_param, z.owned.detach(), group=z.group)
 
 
+# ---- lab 04, make it fit: a choice of strategy, recompute and precision -----------------------
+
+
+def fit(strategy, recompute, precision):
+    return {"strategy": strategy, "recompute": recompute, "precision": precision}
+
+
 CHECKS = {
     "lab 01": (exercises.check_gradient_allreduce, solutions.allreduce_gradients),
     "lab 02": (exercises.check_column_parallel, solutions.column_parallel_forward),
     "lab 03": (exercises.check_gpipe, solutions.gpipe_step),
     "lab 04": (exercises.check_zero1, solutions.zero1_update),
+    "lab 04 fit": (exercises.check_fit, solutions.fit_choice),
 }
 MISTAKES = [
     ("lab 01", sum_not_mean, "2 times too big: all_reduce sums"),
@@ -192,10 +200,25 @@ MISTAKES = [
     ("lab 04", plain_data_parallel, "that is plain data parallelism"),
     ("lab 04", all_reduce_then_my_shard, "you all-reduced the gradient"),
     ("lab 04", no_padding, "pad the torch.cat of the gradients with z.padding zeros"),
+    # Each one lever short of the reference (it fits with that lever pulled), and plain dp
+    # with every other lever pulled: the budget is measured between them.
+    ("lab 04 fit", fit("zero2", "none", "bf16"), "activations are 2.49 MB of your 4.37 MB, 2.12 MB over budget: try recompute='full'"),
+    ("lab 04 fit", fit("zero2", "selective", "bf16"), "selective recomputes attention's core only; try recompute='full'"),
+    ("lab 04 fit", fit("zero1", "full", "bf16"), "gradients are 0.63 MB of your 2.55 MB, 0.30 MB over budget: zero1 keeps every full gradient"),
+    ("lab 04 fit", fit("zero2", "full", "fp32"), "all in fp32: try precision='bf16'"),
+    ("lab 04 fit", fit("dp", "full", "bf16"), "plain data parallelism keeps the whole model state on every rank"),
+    ("lab 04 fit", fit("zero3", "full", "bf16"), "zero3/scratch recomputes every unit already"),
+    ("lab 04 fit", fit("tp", "full", "bf16"), "choose zero1, zero2 or zero3"),
+    ("lab 04 fit", {"strategy": "zero2"}, "write choice = dict(strategy=..., recompute=..., precision=...)"),
 ]  # fmt: skip
 
 
-HANG = {only_rank_0_syncs, never_sends_back}  # a peer waits forever: the check times out
+def name(wrong) -> str:
+    """A mistake's test id: the function's name, or the choice's values."""
+    return wrong.__name__ if callable(wrong) else "-".join(wrong.values())
+
+
+HANG = (only_rank_0_syncs, never_sends_back)  # a peer waits forever: the check times out
 
 
 @pytest.mark.parametrize("lab", sorted(CHECKS))
@@ -209,7 +232,7 @@ def test_the_reference_passes(cluster2, capsys, lab):
 @pytest.mark.parametrize(
     ("lab", "wrong", "hint"),
     MISTAKES,
-    ids=[f"{lab}-{wrong.__name__}" for lab, wrong, _ in MISTAKES],
+    ids=[f"{lab}-{name(wrong)}" for lab, wrong, _ in MISTAKES],
 )
 def test_a_mistake_fails_with_a_hint_naming_it(cluster2, capsys, monkeypatch, lab, wrong, hint):
     if wrong in HANG:

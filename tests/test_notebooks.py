@@ -72,8 +72,17 @@ RUNS = {
             "PASS ZeRO-1 update",
             *(
                 f"{s}: parity with one process (within 1e-5): True"
-                for s in ("DP", "ZeRO-1", "ZeRO-1 (ZeroRedundancyOptimizer)", "ZeRO-3", "FSDP2")
+                for s in (
+                    "DP",
+                    "ZeRO-1",
+                    "ZeRO-1 (ZeroRedundancyOptimizer)",
+                    "ZeRO-2",
+                    "ZeRO-3",
+                    "FSDP2",
+                )
             ),
+            "ZeRO-2 in bf16, rank 0's model state: 1,878,936 bytes measured, 1,878,912",
+            "PASS make it fit: strategy='zero2'",
             "measured bytes == predicted: True",
             "FSDP2: ",
             "of its communication overlapped compute",

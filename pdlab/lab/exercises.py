@@ -18,14 +18,16 @@ numbers the wrong way (the whole output sliced, data parallelism passed off as Z
 | 02 | ``column_parallel_forward(x, linear, rank, world_size)`` | ``check_column_parallel`` |
 | 03 | ``gpipe_step(stage, xs, ys, link)`` | ``check_gpipe`` |
 | 04 | ``zero1_update(z)`` | ``check_zero1`` |
+| 04 | a ``strategy``, ``recompute`` and ``precision`` that fit a budget | ``check_fit`` |
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,7 +41,7 @@ from pdlab.training import models
 from pdlab.training.config import TrainConfig
 from pdlab.training.data import load_dataset, points
 from pdlab.training.layout import Layout
-from pdlab.training.loop import mesh_for
+from pdlab.training.loop import mesh_for, train
 from pdlab.training.parallel.data import flatten
 from pdlab.training.parallel.pipeline import StageLink, partition
 from pdlab.training.parallel.sharded import Zero1
@@ -688,4 +690,132 @@ def check_zero1(cluster: Cluster, zero1_update: Callable) -> bool:
         f"after {ZERO_STEPS} Adam steps all {n} ranks hold one process's parameters; each "
         f"kept Adam's moments for its {k} of {flat} elements ({8 * k:,} of {8 * flat:,} bytes), "
         f"reduce-scattered the gradient and all-gathered the parameters ({4 * flat:,} bytes each)",
+    )
+
+
+# ---- lab 04: make it fit ---------------------------------------------------------------------
+
+FIT_RUN = {"model": "gpt", "batch_size": 16, "steps": 2}  # the run whose memory must fit
+# Bytes a rank may hold (parameters + gradients + optimizer state + activations), measured on
+# FIT_RUN: the reference (zero2, full recompute, bf16) holds 2.13 MB at 2 ranks and 1.28 MB at
+# 4; plain dp with every lever 3.60 and 3.47; zero1 or fp32 with every other lever 2.54-2.55
+# and 1.69 MB.
+FIT_BUDGET = {2: 2_250_000, 4: 1_400_000}
+FIT_CHOICES = ("strategy", "recompute", "precision")
+FIT_STRATEGIES = ("zero1", "zero2", "zero3")  # and dp, measured to show it can't fit
+FIT_TIMEOUT_S = 120.0  # a first run on fresh ranks imports the trainer (~10 s on a busy CPU)
+PARTS = {
+    "param_bytes": "parameters",
+    "grad_bytes": "gradients",
+    "optimizer_bytes": "optimizer state",
+    "activation_bytes": "activations",
+}
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.2f} MB"
+
+
+def _fit_hint(choice: Mapping[str, str], parts: dict[str, int], over: int) -> str:
+    """The lever to pull next for ``choice``, whose rank holds ``parts`` (bytes by part),
+    ``over`` bytes past the budget: the levers in the order that costs the least traffic."""
+    total, act = sum(parts.values()), parts["activation_bytes"]
+    strategy, recompute = choice["strategy"], choice["recompute"]
+    if strategy not in FIT_STRATEGIES:
+        return (
+            "plain data parallelism keeps the whole model state on every rank, whatever the "
+            "other levers; shard it with zero1, zero2 or zero3"
+        )
+    if recompute != "full" and act == max(parts.values()):
+        kept = "selective recomputes attention's core only; " if recompute == "selective" else ""
+        return (
+            f"activations are {_mb(act)} of your {_mb(total)}, {_mb(over)} over budget: "
+            f"{kept}try recompute='full' (each block keeps only its input and recomputes the "
+            "rest in backward)"
+        )
+    if strategy == "zero1":
+        return (
+            f"gradients are {_mb(parts['grad_bytes'])} of your {_mb(total)}, {_mb(over)} over "
+            "budget: zero1 keeps every full gradient (and its reduced shard); zero2 shards the "
+            "gradients too, for the same bytes on the wire"
+        )
+    if choice["precision"] == "fp32":
+        return (
+            f"parameters, gradients and activations are "
+            f"{_mb(total - parts['optimizer_bytes'])} of your {_mb(total)}, {_mb(over)} over "
+            "budget, all in fp32: try precision='bf16', which halves them (the optimizer "
+            "keeps fp32 master weights of its shard)"
+        )
+    if strategy == "zero2":
+        return (
+            f"parameters are {_mb(parts['param_bytes'])} of your {_mb(total)}, {_mb(over)} over "
+            "budget, whole on every rank: zero3 shards them too, for 1.5x DP's bytes"
+        )
+    return f"{_mb(over)} over budget: pull the levers left, recompute='full' and precision='bf16'"
+
+
+def _fit_on_ranks(cluster: Cluster, name: str, choice: Mapping[str, str]) -> pd.DataFrame | None:
+    """``result.memory`` of FIT_RUN trained with ``choice``, or None after a FAIL saying why."""
+    if not isinstance(choice, Mapping) or set(choice) != set(FIT_CHOICES):
+        got = sorted(choice) if isinstance(choice, Mapping) else type(choice).__name__
+        report(
+            name,
+            False,
+            "the choice is not a dict of the three levers",
+            f"a dict with keys {', '.join(FIT_CHOICES)}",
+            str(got),
+            "write choice = dict(strategy=..., recompute=..., precision=...)",
+        )
+        return None
+    if choice["strategy"] not in ("dp", *FIT_STRATEGIES):
+        report(
+            name,
+            False,
+            f"strategy {choice['strategy']!r} is not data parallelism",
+            f"one of {', '.join(FIT_STRATEGIES)}",
+            repr(choice["strategy"]),
+            "this budget is met by sharding data parallelism's state: choose zero1, zero2 or zero3",
+        )
+        return None
+    try:
+        return train(cluster, **FIT_RUN, **choice, timeout=FIT_TIMEOUT_S).memory
+    except ValueError as err:  # refused before any rank trained: the message says what to change
+        report(name, False, "pdlab.train refused the choice", "a run", "ValueError", str(err))
+    return None
+
+
+def check_fit(cluster: Cluster, choice: Mapping[str, str]) -> bool:
+    """Check ``choice`` (``strategy``: zero1, zero2 or zero3; ``recompute``; ``precision``):
+    trained on the ranks (``FIT_RUN``), each rank's parameters, gradients, optimizer state and
+    activations, as ``result.memory`` measures them, must fit ``FIT_BUDGET`` bytes."""
+    name, n = "make it fit", cluster.world_size
+    if n not in FIT_BUDGET:
+        return report(
+            name,
+            False,
+            f"the budget is set for {' or '.join(map(str, FIT_BUDGET))} ranks",
+            f"a world size in {sorted(FIT_BUDGET)}",
+            f"world size {n}",
+            "run the check on a cluster of 2 or 4 ranks: pdlab.Cluster(2)",
+        )
+    memory = _fit_on_ranks(cluster, name, choice)
+    if memory is None:
+        return False
+    budget, totals = FIT_BUDGET[n], memory[list(PARTS)].sum(axis=1)
+    worst = memory.loc[totals.idxmax(), list(PARTS)].astype(int).to_dict()
+    split = ", ".join(f"{what} {_mb(worst[part])}" for part, what in PARTS.items())
+    shown = ", ".join(f"{k}={v!r}" for k, v in choice.items())
+    if totals.max() <= budget:
+        return report(
+            name,
+            True,
+            f"{shown} holds {_mb(totals.max())} a rank, within the {_mb(budget)} budget: {split}",
+        )
+    return report(
+        name,
+        False,
+        f"{shown} holds {_mb(totals.max())} on its fullest rank",
+        f"at most {_mb(budget)} a rank",
+        f"{_mb(totals.max())}: {split}",
+        _fit_hint(choice, worst, int(totals.max()) - budget),
     )
