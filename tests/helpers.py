@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pdlab.measure.comm import CommEvent, totals
@@ -18,8 +19,8 @@ def assert_float32_close(actual, expected, msg: str | None = None) -> None:
     float32 tolerance (rtol 1.3e-6, atol 1e-5). pandas and Python floats are float64, and
     float64's tolerance (1e-7) fails a correct float32 run on a different reduction order."""
     torch.testing.assert_close(
-        torch.as_tensor(actual, dtype=torch.float32),
-        torch.as_tensor(expected, dtype=torch.float32),
+        torch.tensor(np.array(actual, dtype=np.float32)),  # a copy: pandas' arrays are read-only
+        torch.tensor(np.array(expected, dtype=np.float32)),
         msg=msg,
     )
 
@@ -28,8 +29,8 @@ def assert_bfloat16_close(actual, expected, msg: str | None = None) -> None:
     """``actual`` equals ``expected`` up to bfloat16 rounding: both as bfloat16, with torch's
     bfloat16 tolerance (rtol 1.6e-2, atol 1e-5): 8 bits of mantissa, a step of 2^-8 (0.4%)."""
     torch.testing.assert_close(
-        torch.as_tensor(actual).to(torch.bfloat16),
-        torch.as_tensor(expected).to(torch.bfloat16),
+        torch.tensor(np.array(actual, dtype=np.float32)).to(torch.bfloat16),
+        torch.tensor(np.array(expected, dtype=np.float32)).to(torch.bfloat16),
         msg=msg,
     )
 
