@@ -1,4 +1,5 @@
-"""Pipeline parallelism: GPipe and 1F1B, scratch and torch, match one process step for step."""
+"""Pipeline parallelism: GPipe, 1F1B and ZB-H1, scratch and torch, match one process step
+for step."""
 
 from __future__ import annotations
 
@@ -45,9 +46,55 @@ def test_schedules_run_every_micro_batch_forward_then_backward():
     ]
 
 
+def test_zb_h1_defers_each_w_p_minus_1_micro_batches():
+    # The paper's Figure 3 (top), p=4, m=8: stage 0 and the last stage.
+    assert " ".join(f"{a}{i}" for a, i in pipeline.zb_h1(8, 4, 0)) == (
+        "F0 F1 F2 F3 B0 W0 F4 B1 W1 F5 B2 W2 F6 B3 W3 F7 B4 W4 B5 W5 B6 W6 B7 W7"
+    )
+    assert " ".join(f"{a}{i}" for a, i in pipeline.zb_h1(8, 4, 3)) == (
+        "F0 B0 F1 B1 F2 B2 F3 B3 W0 F4 B4 W1 F5 B5 W2 F6 B6 W3 F7 B7 W4 W5 W6 W7"
+    )
+
+
+def _unit_time_step(schedule, m: int, p: int, split: bool) -> int:
+    """Ticks a step takes when every F, B and W takes one (1F1B's B, both halves, two): each
+    stage runs its actions in order, F(i) after the previous stage's, B(i) after the next's."""
+    orders = [schedule(m, p, s) for s in range(p)]
+    done, clock, pc = {}, [0] * p, [0] * p
+    while any(pc[s] < len(orders[s]) for s in range(p)):
+        for s in range(p):
+            while pc[s] < len(orders[s]):
+                phase, i = orders[s][pc[s]]
+                peer = {"F": s - 1, "B": s + 1}.get(phase)
+                dep = (phase, i, peer) if peer is not None and 0 <= peer < p else None
+                if dep is not None and dep not in done:
+                    break  # waits for the peer's action: go run the other stages
+                start = max(clock[s], done.get(dep, 0))
+                clock[s] = done[(phase, i, s)] = start + (2 if phase == "B" and not split else 1)
+                pc[s] += 1
+    return max(clock)
+
+
+@pytest.mark.parametrize(("p", "m"), [(2, 2), (2, 4), (3, 6), (4, 4), (4, 8)])
+def test_bubble_formulas_match_the_schedules_in_unit_time(p, m):
+    # Busy 3m ticks a stage out of the step: the idle share is the formula's.
+    for strategy, split in (("pp-1f1b", False), ("pp-gpipe", False), ("pp-zb", True)):
+        ticks = _unit_time_step(pipeline.SCHEDULES[strategy], m, p, split)
+        assert 1 - 3 * m / ticks == pytest.approx(pipeline.analytic_bubble(p, m, strategy))
+    # Split B and W but run each W right after its B (1F1B's order): the bubble stays above
+    # ZB-H1's, the formula's check fails on it.
+    eager_w = lambda m, p, s: [  # noqa: E731
+        a for phase, i in pipeline.one_f_one_b(m, p, s)
+        for a in ([("F", i)] if phase == "F" else [("B", i), ("W", i)])
+    ]  # fmt: skip
+    ticks = _unit_time_step(eager_w, m, p, True)
+    assert 1 - 3 * m / ticks > pipeline.analytic_bubble(p, m, "pp-zb") + 0.01
+
+
 def test_bubble_formula():
     assert pipeline.analytic_bubble(p=2, m=1) == 0.5
     assert pipeline.analytic_bubble(p=4, m=8) == pytest.approx(3 / 11)
+    assert pipeline.analytic_bubble(p=4, m=8, strategy="pp-zb") == pytest.approx(3 / 27)
 
 
 def test_expected_comm_is_activations_and_gradients_per_micro_batch():
@@ -66,6 +113,10 @@ def test_expected_comm_is_activations_and_gradients_per_micro_batch():
         ({"world_size": 8}, "8 pipeline stages but model 'mlp' has only 4 units"),
         ({"micro_batches": 3}, r"batch per data-parallel rank \(32\) does not split into 3"),
         ({"strategy": "pp-1f1b", "impl": "torch", "micro_batches": 1}, "micro_batches >= 2"),
+        (
+            {"strategy": "pp-zb", "impl": "torch", "micro_batches": 5, "batch_size": 20},
+            "rounds of 2 and needs micro_batches",
+        ),
     ],
 )
 def test_invalid_configs_say_what_to_change(changes, message):
@@ -104,10 +155,11 @@ def _assert_matches_single(cluster2, strategy: str, impl: str, micro_batches: in
 
 PARITY_MLP = [
     (strategy, impl, m)
-    for strategy in ("pp-gpipe", "pp-1f1b")
+    for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb")
     for impl in ("scratch", "torch")
     for m in (1, 4)
     if not (strategy == "pp-1f1b" and impl == "torch" and m == 1)  # torch needs m >= p
+    if not (strategy == "pp-zb" and m == 1)  # nothing to defer W to
 ]
 
 
@@ -116,7 +168,9 @@ def test_mlp_pp2_matches_single(cluster2, strategy, impl, micro_batches):
     _assert_matches_single(cluster2, strategy, impl, micro_batches)
 
 
-@pytest.mark.parametrize(("strategy", "impl"), [("pp-gpipe", "scratch"), ("pp-1f1b", "torch")])
+@pytest.mark.parametrize(
+    ("strategy", "impl"), [("pp-gpipe", "scratch"), ("pp-1f1b", "torch"), ("pp-zb", "scratch")]
+)
 def test_gpt_pp2_matches_single(cluster2, strategy, impl):
     # SGD, not Adam: the attention key bias has a gradient that is exactly zero in exact
     # arithmetic (softmax ignores a shift of every score), and Adam's g/sqrt(v) turns its
@@ -137,14 +191,17 @@ def _timelines(cluster2, **kwargs) -> list[list[dict]]:
 
 
 @pytest.mark.parametrize("impl", ["scratch", "torch"])
-@pytest.mark.parametrize("strategy", ["pp-gpipe", "pp-1f1b"])
+@pytest.mark.parametrize("strategy", ["pp-gpipe", "pp-1f1b", "pp-zb"])
 def test_timeline_follows_the_schedule_and_bounds_held_activations(cluster2, strategy, impl):
     m, p = 4, 2
     for s, events in enumerate(_timelines(cluster2, strategy=strategy, impl=impl, micro_batches=m)):
+        # torch's ScheduleInterleavedZeroBubble, one stage a rank, runs ZB-H1's order too.
         assert [(e["phase"], e["mb"]) for e in events] == pipeline.SCHEDULES[strategy](m, p, s)
         assert all(e["stage"] == s and e["start"] <= e["end"] for e in events)
-        # GPipe holds every micro-batch's activations before the first backward; 1F1B p-s.
-        assert pipeline.peak_held(events) == (m if strategy == "pp-gpipe" else min(p - s, m))
+        # GPipe holds every micro-batch's activations before the first backward; 1F1B p-s;
+        # ZB-H1 keeps each until its W, p-1 later: p on every stage (1F1B's stage 0).
+        held = {"pp-gpipe": m, "pp-1f1b": min(p - s, m), "pp-zb": p}[strategy]
+        assert pipeline.peak_held(events) == held
         assert max(e["held_bytes"] for e in events) > 0 and events[-1]["held"] == 0
 
 
@@ -157,7 +214,7 @@ def test_naive_pipeline_bubble_is_at_least_the_formula(cluster2):
 
 def test_expected_comm_is_registered_for_every_impl():
     # The bytes don't depend on m: m micro-batches of B/m samples carry the whole batch.
-    for strategy in ("pp-gpipe", "pp-1f1b"):
+    for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb"):
         for impl in ("scratch", "torch"):
             for m in (2, 4):
                 config = TrainConfig(strategy=strategy, impl=impl, micro_batches=m, world_size=2)

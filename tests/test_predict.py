@@ -157,6 +157,8 @@ def test_wait_rules_follow_each_strategy():
     assert wait_rule("pp-1f1b", "scratch", "recv", "pp", gpu=False) == BLOCKING
     assert wait_rule("pp-1f1b", "scratch", "send", "pp", gpu=False) == "at end"
     assert wait_rule("pp-1f1b", "torch", "send", "pp", gpu=False) == "with the next"
+    # torch's zero-bubble runtime keeps its sends and waits for them all at the end.
+    assert wait_rule("pp-zb", "torch", "send", "pp", gpu=False) == "at end"
     assert wait_rule("ps", "scratch", "send", "dp", gpu=False) == BLOCKING
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=False) == BLOCKING  # CPU: sync
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=True) == "prefetch"
@@ -286,6 +288,13 @@ def test_zero2_is_predicted_from_its_run(cluster2):
     result = pdlab.train(cluster2, strategy="zero2", model="gpt", steps=2)
     rows = pdlab.predict(result, "8xH100")
     assert len(rows) == 2 and (rows.step_time > 0).all() and (rows.exposed_comm > 0).all()
+
+
+@pytest.mark.parametrize("impl", ["scratch", "torch"])
+def test_zero_bubble_is_predicted_from_its_run(cluster2, impl):
+    result = pdlab.train(cluster2, strategy="pp-zb", impl=impl, micro_batches=4, steps=2)
+    rows = pdlab.predict(result, "8xH100")
+    assert len(rows) == 2 and (rows.step_time > rows.compute).all() and (rows.bubble > 0).all()
 
 
 def test_tensor_parallel_flops_are_counted_on_local_shards(cluster2):

@@ -138,6 +138,7 @@ def test_every_op_sends_what_the_model_says_plus_framing(request, ranks, numel):
 AT_2 = [
     ("dp", "scratch"), ("dp", "torch"), ("ps", "scratch"), ("tp", "scratch"), ("tp", "torch"),
     ("pp-gpipe", "scratch"), ("pp-1f1b", "scratch"), ("pp-gpipe", "torch"), ("pp-1f1b", "torch"),
+    ("pp-zb", "scratch"), ("pp-zb", "torch"),
     ("zero1", "scratch"), ("zero1", "torch"), ("zero2", "scratch"), ("zero2", "torch"),
     ("zero3", "scratch"), ("zero3", "torch"),
 ]  # fmt: skip

@@ -34,7 +34,7 @@ RUN_COLORS = px.colors.qualitative.Plotly  # run i has the same color on every p
 # Runs that coincide (a strategy and one process) stay visible: each run its own dash and marker.
 RUN_DASHES = ("solid", "dash", "dot", "dashdot")
 RUN_MARKERS = ("circle-open", "x", "diamond-open", "square-open", "cross", "triangle-up-open")
-PHASE_COLORS = {"F": "#4C78A8", "B": "#F58518"}
+PHASE_COLORS = {"F": "#4C78A8", "B": "#F58518", "W": "#54A24B"}
 MEMORY_PARTS = {
     "param_bytes": ("parameters", "#4C78A8"),
     "grad_bytes": ("gradients", "#F58518"),
@@ -273,6 +273,8 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
         return fig
     events = [{**e, "rank": rec["rank"]} for rec in chosen for e in rec["timeline"]]
     t0 = min(e["start"] for e in events)
+    split = any(e["phase"] == "W" for e in events)  # a zero-bubble run: B and W apart
+    names = {"F": "forward", "B": "input gradient (B)" if split else "backward", "W": "weights (W)"}
     for phase, color in PHASE_COLORS.items():
         mine = [e for e in events if e["phase"] == phase]
         fig.add_bar(
@@ -284,14 +286,15 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
             textposition="inside",
             insidetextanchor="middle",
             textangle=0,  # never turned on end to fit a thin bar: left out instead
-            name="forward" if phase == "F" else "backward",
+            name=names[phase],
             marker_color=color,
         )
     p = len({e["stage"] for e in events})
     m = len({e["mb"] for e in events})
     fig.update_layout(
         title=f"Pipeline step {chosen[0]['step']}: bubble {bubble_fraction(events):.0%} measured, "
-        f"(p-1)/(m+p-1) = {analytic_bubble(p, m):.0%} for p={p}, m={m}",
+        f"{'(p-1)/(3m+p-1)' if split else '(p-1)/(m+p-1)'} = "
+        f"{analytic_bubble(p, m, 'pp-zb' if split else 'pp-1f1b'):.0%} for p={p}, m={m}",
         yaxis_autorange="reversed",
         uniformtext={"minsize": 9, "mode": "hide"},  # a label that doesn't fit is left out
     )

@@ -10,6 +10,13 @@ backward runs the other way, sending the gradient of the stage's input. Two sche
 - 1F1B, PipeDream-Flush (Narayanan et al. 2021, arXiv 2104.04473): ``p-s-1`` warm-up
   forwards, then one forward one backward, then the cool-down backwards. Same bubble, but a
   stage holds at most ``p-s`` micro-batches' activations.
+- ZB-H1, zero bubble (Qi et al. 2023, arXiv 2401.10241): each backward split in two, B (the
+  gradient of the stage's input, which the previous stage waits for) and W (the weight
+  gradients, which nobody waits for). Stage ``s`` runs 1F1B's order with B in place of the
+  backward and each W ``p-1`` micro-batches later, where 1F1B's stages sat idle. With equal
+  F, B and W times the bubble drops to ``(p-1)/(3m+p-1)`` of the step (``(p-1)/(3m)`` of the
+  compute) for ``m >= p``; the traffic is 1F1B's, and a stage holds at most ``p``
+  micro-batches (1F1B's peak, on stage 0).
 
 The loss is the mean over micro-batches of each micro-batch's mean loss, so the gradients
 equal the single-process full-batch gradient (micro-batches are equal-sized).
@@ -32,7 +39,12 @@ from itertools import pairwise
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleavedZeroBubble,
+)
 
 from pdlab import compat
 from pdlab.measure import memory
@@ -50,7 +62,7 @@ from pdlab.training.parallel.base import (
 )
 from pdlab.training.parallel.single import Single
 
-Action = tuple[str, int]  # ("F" | "B", micro-batch index)
+Action = tuple[str, int]  # ("F" | "B" | "W", micro-batch index)
 
 
 # --- partition ---------------------------------------------------------------------------
@@ -149,11 +161,29 @@ def one_f_one_b(m: int, p: int, s: int) -> list[Action]:
     return order + [("B", i) for i in range(m - warmup, m)]
 
 
+def zb_h1(m: int, p: int, s: int) -> list[Action]:
+    """ZB-H1: at tick ``x``, ``F(x)``, then ``B(x-(p-1-s))`` (1F1B's pairing), then
+    ``W(x-(p-1))``, each where its micro-batch exists (the paper's Figure 3, top)."""
+    order = []
+    for x in range(m + p - 1):
+        triple = (("F", x), ("B", x - (p - 1 - s)), ("W", x - (p - 1)))
+        order += [(phase, i) for phase, i in triple if 0 <= i < m]
+    return order
+
+
 SCHEDULES: dict[str, Callable[[int, int, int], list[Action]]] = {
     "pp-gpipe": gpipe,
     "pp-1f1b": one_f_one_b,
+    "pp-zb": zb_h1,
 }
-TORCH_SCHEDULES = {"pp-gpipe": ScheduleGPipe, "pp-1f1b": Schedule1F1B}
+# torch's zero-bubble schedule with one stage a rank runs ZB-H1's order (checked in
+# tests/test_pipeline.py against ``zb_h1``).
+TORCH_SCHEDULES = {
+    "pp-gpipe": ScheduleGPipe,
+    "pp-1f1b": Schedule1F1B,
+    "pp-zb": ScheduleInterleavedZeroBubble,
+}
+SPLIT_BACKWARD = ("pp-zb",)  # the schedules whose backward is B then W
 
 
 # --- the link between stages ------------------------------------------------------------
@@ -230,15 +260,16 @@ class Timeline:
     """One rank's compute events per step, with the activations held after each.
 
     ``held`` counts micro-batches whose forward ran and backward has not (GPipe: up to ``m``;
-    1F1B: up to ``p-s``); ``held_bytes`` is the bytes of the tensors autograd has saved for
+    1F1B: up to ``p-s``; with a split backward, until its W: ZB-H1 up to ``p``); ``held_bytes`` is the bytes of the tensors autograd has saved for
     their backward, parameters excluded, as the training loop's ``SavedTensors`` counts them
     (``pdlab.measure.memory.saved_bytes``). Times are ``time.time()``: the kernel lines up
     events from different processes, and only the wall clock is documented as shared by
     processes (``perf_counter``/``monotonic`` have an undefined reference point).
     """
 
-    def __init__(self, stage: int):
+    def __init__(self, stage: int, split_backward: bool = False):
         self.stage = stage
+        self._done = "W" if split_backward else "B"  # the phase that frees a micro-batch
         self._held: set[int] = set()  # micro-batches between their forward and backward
         self.events: list[dict] = []
 
@@ -248,7 +279,7 @@ class Timeline:
         yield
         if phase == "F":
             self._held.add(mb)
-        else:
+        elif phase == self._done:
             self._held.remove(mb)
         self.events.append(
             {
@@ -275,8 +306,15 @@ def bubble_fraction(events: list[dict]) -> float:
     return 1 - busy / (lanes * span)
 
 
-def analytic_bubble(p: int, m: int) -> float:
-    """GPipe's and 1F1B's bubble ``(p-1)/(m+p-1)``, with equal F and B times on every stage."""
+def analytic_bubble(p: int, m: int, strategy: str = "pp-1f1b") -> float:
+    """The idle share of a step with equal phase times on every stage.
+
+    GPipe and 1F1B: ``(p-1)/(m+p-1)``, the ``p-1`` fill and drain slots of F+B beside ``m``
+    busy ones. ZB-H1 (``m >= p``): ``(p-1)/(3m+p-1)``; each stage is busy ``3m`` (F, B, W)
+    and idle ``p-1`` ticks of one phase, the ``(p-1)(F+B-W)`` of the paper.
+    """
+    if strategy == "pp-zb":
+        return (p - 1) / (3 * m + p - 1)
     return (p - 1) / (m + p - 1)
 
 
@@ -308,7 +346,7 @@ class Pipeline(Single):
         self.group = mesh.group("pp")
         start, stop = partition(model, self.p)[self.s]
         super().__init__(models.stage(model, start, stop), config, mesh)
-        self.timeline = Timeline(self.s)
+        self.timeline = Timeline(self.s, config.strategy in SPLIT_BACKWARD)
         # What crosses this stage's cuts per micro-batch: the shapes of what it receives.
         x = _example_microbatch(config, mesh.layout)
         outs = _unit_outputs(model, x)
@@ -336,8 +374,8 @@ class Pipeline(Single):
 
 
 class PipelineScratch(Pipeline):
-    """``pp-gpipe`` / ``pp-1f1b`` from scratch: the schedule's actions in order, over a
-    ``StageLink``; the sends are waited on at the end of the step."""
+    """``pp-gpipe`` / ``pp-1f1b`` / ``pp-zb`` from scratch: the schedule's actions in order,
+    over a ``StageLink``; the sends are waited on at the end of the step."""
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(model, config, mesh)
@@ -346,30 +384,90 @@ class PipelineScratch(Pipeline):
     def run_schedule(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         xs, ys, link = x.tensor_split(self.m), y.tensor_split(self.m), self.link
         inputs, outputs, losses = {}, {}, []
+        pending_w = {}  # micro-batch -> each unit's output and its gradient, for its W
         for phase, i in SCHEDULES[self.config.strategy](self.m, self.p, self.s):
             if phase == "F":
                 h = xs[i] if self.is_first else link.recv_forward()
                 with self.timeline.record(i, "F"):
-                    out = self.module(h)
+                    outs = self._forward_units(h)
                     if self.is_last:
-                        losses.append(models.loss_fn(out, ys[i]))
-                        out = losses[-1] / self.m  # mean over micro-batches = full-batch loss
+                        losses.append(models.loss_fn(outs[-1], ys[i]))
+                        outs[-1] = losses[-1] / self.m  # mean over micro-batches = full-batch loss
                 if not self.is_last:
-                    link.send_forward(out)
-                inputs[i], outputs[i] = h, out
-            else:
+                    link.send_forward(outs[-1])
+                inputs[i], outputs[i] = h, outs
+            elif phase == "B" and self.config.strategy not in SPLIT_BACKWARD:
                 grad = None if self.is_last else link.recv_backward()
                 with self.timeline.record(i, "B"):
-                    torch.autograd.backward(outputs.pop(i), grad)
+                    torch.autograd.backward(outputs.pop(i)[-1], grad)
                 h = inputs.pop(i)
                 if not self.is_first:
                     link.send_backward(h.grad)
+            elif phase == "B":
+                grad = None if self.is_last else link.recv_backward()
+                with self.timeline.record(i, "B"):
+                    h, outs = inputs.pop(i), outputs.pop(i)
+                    grads = backward_input(h, outs, grad)
+                if not self.is_first:
+                    link.send_backward(grads[0])
+                pending_w[i] = (outs, [*grads[1:], grad])
+            else:
+                with self.timeline.record(i, "W"):
+                    backward_weight(self.module, *pending_w.pop(i))
         link.wait()
         return [loss.detach() for loss in losses]
 
+    def _forward_units(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Each unit's output in turn; the last is the stage's. ZB's W starts at each one."""
+        if self.config.strategy not in SPLIT_BACKWARD:
+            return [self.module(h)]
+        outs = []
+        for unit in self.module:
+            h = unit(h)
+            outs.append(h)
+        return outs
+
+
+# --- the split backward (ZB's B and W) in plain autograd ---------------------------------
+
+
+def backward_input(
+    h: torch.Tensor, outs: list[torch.Tensor], grad: torch.Tensor | None
+) -> list[torch.Tensor | None]:
+    """B: the gradients of the stage's input ``h`` and of every unit's input after the first
+    (the earlier units' outputs), from ``grad``, the gradient of the last output.
+
+    ``torch.autograd.grad`` follows only the paths to the tensors asked for, so no weight
+    gradient is computed, and ``retain_graph`` keeps the graph for W. ``h`` of the first
+    stage needs no gradient (the data, or token ids): its place in the answer is ``None``.
+    """
+    wanted = ([h] if h.requires_grad else []) + outs[:-1]
+    got = list(torch.autograd.grad(outs[-1], wanted, grad, retain_graph=True)) if wanted else []
+    return got if h.requires_grad else [None, *got]
+
+
+def backward_weight(
+    units: nn.Sequential, outs: list[torch.Tensor], grads: list[torch.Tensor | None]
+) -> None:
+    """W: every unit's weight gradients, accumulated into ``.grad``, from the gradient of its
+    output that B found (``grads[k]`` for ``outs[k]``, the output of ``units[k]``).
+
+    ``inputs=`` the unit's parameters: autograd goes back from the unit's output only along
+    the paths to them, inside the unit (B already carried the gradient past it), and frees
+    the graph behind it. Inside a unit those paths re-run part of B's work (a transformer
+    block's attention backward, to reach its q, k, v weights); torch's own split
+    (``stage_backward_weight``) keeps B's intermediate gradients to avoid that.
+    """
+    for unit, out, grad in zip(units, outs, grads, strict=True):
+        params = [q for q in unit.parameters() if q.requires_grad]
+        if params:
+            torch.autograd.backward(out, grad, inputs=params)
+
 
 class _TimedStage(PipelineStage):
-    """torch's stage, recording each micro-batch's forward and full backward in a Timeline.
+    """torch's stage, recording each micro-batch's forward and backward in a Timeline: the
+    full backward as B, or, under a zero-bubble schedule, its input half as B and its weight
+    half (``backward_weight_one_chunk``) as W.
 
     The timings are exact for the stage's compute; the last stage's loss is computed by the
     schedule outside ``forward_one_chunk``, so it falls between events.
@@ -387,10 +485,17 @@ class _TimedStage(PipelineStage):
         with self.timeline.record(bwd_chunk_id, "B"):
             return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
 
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
+        with self.timeline.record(bwd_chunk_id, "W"):
+            return super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
+
 
 class PipelineTorch(Pipeline):
-    """``pp-gpipe`` / ``pp-1f1b`` with PyTorch: the same stage given to a ``PipelineStage``
-    and run by ``ScheduleGPipe`` / ``Schedule1F1B``, which divide the gradients by ``m``."""
+    """``pp-gpipe`` / ``pp-1f1b`` / ``pp-zb`` with PyTorch: the same stage given to a
+    ``PipelineStage`` and run by ``ScheduleGPipe`` / ``Schedule1F1B`` /
+    ``ScheduleInterleavedZeroBubble`` (one stage a rank: ZB-H1), which divide the gradients
+    by ``m``. The zero-bubble one runs on gloo in torch 2.13 (the hang of pytorch issue
+    132644 was fixed by PR 152938)."""
 
     @staticmethod
     def check(config: TrainConfig, layout: Layout) -> None:
@@ -399,6 +504,14 @@ class PipelineTorch(Pipeline):
             raise ValueError(
                 f"torch's Schedule1F1B needs at least as many micro-batches as stages: use "
                 f"micro_batches >= {layout.pp} (or impl='scratch', whose 1F1B runs any number)"
+            )
+        rounds = max(1, config.micro_batches // layout.pp)
+        if config.strategy == "pp-zb" and config.micro_batches % rounds:
+            raise ValueError(
+                f"torch's ScheduleInterleavedZeroBubble runs micro-batches in rounds of "
+                f"{layout.pp} and needs micro_batches ({config.micro_batches}) to be a "
+                f"multiple of its {rounds} rounds: use a multiple of {layout.pp} (or "
+                f"impl='scratch')"
             )
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
@@ -419,8 +532,10 @@ class PipelineTorch(Pipeline):
             output_args=self._empty(self.output_like).requires_grad_(),
             group=self.group,
         )
-        self._schedule = TORCH_SCHEDULES[config.strategy](
-            stage, n_microbatches=self.m, loss_fn=models.loss_fn
+        schedule = TORCH_SCHEDULES[config.strategy]
+        multi = schedule is ScheduleInterleavedZeroBubble  # a looped schedule: takes a list
+        self._schedule = schedule(
+            [stage] if multi else stage, n_microbatches=self.m, loss_fn=models.loss_fn
         )
         # The one-time P2P handshake now rather than inside the first step, so every step
         # sends only activations and gradients.
