@@ -12,7 +12,7 @@ import pytest
 
 import pdlab
 from pdlab.lab import plots
-from pdlab.training.loop import train
+from pdlab.training.loop import train, validate
 
 SMALL = {"model": "mlp", "batch_size": 8}
 
@@ -118,6 +118,20 @@ def test_fsdp_is_zero3_with_torch():
     assert (config.strategy, config.impl) == ("zero3", "torch")
     d.controls["strategy"].value = "dp"
     assert not d.controls["impl"].disabled
+
+
+def test_the_pipeline_schedules_are_in_the_menu_and_interleaved_gets_its_chunks():
+    d = pdlab.Dashboard()
+    keys = [key for _, key in d.controls["strategy"].options]
+    assert {"pp-zb", "pp-interleaved"} <= set(keys)
+    assert d.controls["virtual_stages"].disabled
+    d.controls["strategy"].value = "pp-interleaved"
+    assert not d.controls["virtual_stages"].disabled
+    validate(d.config())  # 2 chunks a rank: without them, validate says to set them
+    assert d.config().virtual_stages == 2
+    d.controls["strategy"].value = "pp-1f1b"
+    assert d.config().virtual_stages == 1 and d.controls["virtual_stages"].disabled
+    validate(d.config())
 
 
 def test_world_size_restarts_the_cluster_and_keeps_it_otherwise():

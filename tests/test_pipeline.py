@@ -56,22 +56,28 @@ def test_zb_h1_defers_each_w_p_minus_1_micro_batches():
     )
 
 
-def _unit_time_step(schedule, m: int, p: int, split: bool) -> int:
-    """Ticks a step takes when every F, B and W takes one (1F1B's B, both halves, two): each
-    stage runs its actions in order, F(i) after the previous stage's, B(i) after the next's."""
-    orders = [schedule(m, p, s) for s in range(p)]
-    done, clock, pc = {}, [0] * p, [0] * p
+def _unit_time_step(schedule, m: int, p: int, split: bool, v: int = 1) -> float | None:
+    """Ticks a step takes when a stage's F, B and W take one each (1F1B's B, both halves, two)
+    and a chunk's ``1/v`` of that; ``None`` if the stages deadlock. Each rank runs its actions
+    in order; F(i) of global stage g waits for g-1's, B(i) for g+1's (stage g: rank g % p)."""
+    orders = [[(*a, 0)[:3] for a in schedule(m, p, s)] for s in range(p)]
+    done, clock, pc = {}, [0.0] * p, [0] * p
     while any(pc[s] < len(orders[s]) for s in range(p)):
+        before = sum(pc)
         for s in range(p):
             while pc[s] < len(orders[s]):
-                phase, i = orders[s][pc[s]]
-                peer = {"F": s - 1, "B": s + 1}.get(phase)
-                dep = (phase, i, peer) if peer is not None and 0 <= peer < p else None
+                phase, i, c = orders[s][pc[s]]
+                g = s + c * p
+                peer = {"F": g - 1, "B": g + 1}.get(phase)
+                dep = (phase, i, peer) if peer is not None and 0 <= peer < p * v else None
                 if dep is not None and dep not in done:
                     break  # waits for the peer's action: go run the other stages
                 start = max(clock[s], done.get(dep, 0))
-                clock[s] = done[(phase, i, s)] = start + (2 if phase == "B" and not split else 1)
+                ticks = 2 if phase == "B" and not split else 1
+                clock[s] = done[(phase, i, g)] = start + ticks / v
                 pc[s] += 1
+        if sum(pc) == before:
+            return None
     return max(clock)
 
 
@@ -91,10 +97,43 @@ def test_bubble_formulas_match_the_schedules_in_unit_time(p, m):
     assert 1 - 3 * m / ticks > pipeline.analytic_bubble(p, m, "pp-zb") + 0.01
 
 
+@pytest.mark.parametrize(("p", "m", "v"), [(2, 2, 2), (2, 4, 2), (2, 4, 3), (4, 8, 2), (4, 8, 4)])
+def test_interleaved_bubble_matches_its_schedule_in_unit_time(p, m, v):
+    order = lambda m, p, s: pipeline.interleaved(m, p, s, v)  # noqa: E731
+    ticks = _unit_time_step(order, m, p, False, v)
+    bubble = pipeline.analytic_bubble(p, m, "pp-interleaved", v)
+    assert 1 - 3 * m / ticks == pytest.approx(bubble)
+    assert bubble < pipeline.analytic_bubble(p, m, "pp-1f1b")
+    # Each micro-batch through all of a rank's chunks before the next one (not p at a time):
+    # the ranks wait on each other, or deadlock.
+    wrong = lambda m, p, s: _depth_first(pipeline.interleaved(m, p, s, v))  # noqa: E731
+    ticks = _unit_time_step(wrong, m, p, False, v)
+    assert ticks is None or 1 - 3 * m / ticks > bubble + 0.1
+
+
+def _depth_first(order: list) -> list:
+    """``order`` with its forwards by (micro-batch, chunk) and backwards by (micro-batch,
+    chunk reversed), in the same F and B slots."""
+    fs = iter(sorted((a for a in order if a[0] == "F"), key=lambda a: (a[1], a[2])))
+    bs = iter(sorted((a for a in order if a[0] == "B"), key=lambda a: (a[1], -a[2])))
+    return [next(fs) if a[0] == "F" else next(bs) for a in order]
+
+
+def test_interleaved_runs_p_micro_batches_through_each_chunk_in_turn():
+    # Megatron's order, p=2, v=2, m=4, stage 0: 2(p-1) + (v-1)p = 4 warm-up forwards.
+    assert pipeline.interleaved(4, 2, 0, 2) == [
+        ("F", 0, 0), ("F", 1, 0), ("F", 0, 1), ("F", 1, 1),
+        ("F", 2, 0), ("B", 0, 1), ("F", 3, 0), ("B", 1, 1),
+        ("F", 2, 1), ("B", 0, 0), ("F", 3, 1), ("B", 1, 0),
+        ("B", 2, 1), ("B", 3, 1), ("B", 2, 0), ("B", 3, 0),
+    ]  # fmt: skip
+
+
 def test_bubble_formula():
     assert pipeline.analytic_bubble(p=2, m=1) == 0.5
     assert pipeline.analytic_bubble(p=4, m=8) == pytest.approx(3 / 11)
     assert pipeline.analytic_bubble(p=4, m=8, strategy="pp-zb") == pytest.approx(3 / 27)
+    assert pipeline.analytic_bubble(4, 8, "pp-interleaved", v=2) == pytest.approx(3 / 19)
 
 
 def test_expected_comm_is_activations_and_gradients_per_micro_batch():
@@ -113,6 +152,13 @@ def test_expected_comm_is_activations_and_gradients_per_micro_batch():
         ({"world_size": 8}, "8 pipeline stages but model 'mlp' has only 4 units"),
         ({"micro_batches": 3}, r"batch per data-parallel rank \(32\) does not split into 3"),
         ({"strategy": "pp-1f1b", "impl": "torch", "micro_batches": 1}, "micro_batches >= 2"),
+        ({"strategy": "pp-1f1b", "virtual_stages": 2}, "only pp-interleaved runs several"),
+        ({"strategy": "pp-interleaved"}, "needs virtual_stages >= 2"),
+        ({"strategy": "pp-interleaved", "virtual_stages": 3}, r"6 pipeline stages \(2 ranks x 3"),
+        (
+            {"strategy": "pp-interleaved", "virtual_stages": 2, "micro_batches": 1},
+            "use micro_batches a multiple of 2",
+        ),
         (
             {"strategy": "pp-zb", "impl": "torch", "micro_batches": 5, "batch_size": 20},
             "rounds of 2 and needs micro_batches",
@@ -137,6 +183,7 @@ def _assert_matches_single(cluster2, strategy: str, impl: str, micro_batches: in
         strategy=strategy,
         impl=impl,
         micro_batches=micro_batches,
+        virtual_stages=2 if strategy == "pp-interleaved" else 1,
         **run,
         timeout=CALL_TIMEOUT,
     )
@@ -160,7 +207,7 @@ PARITY_MLP = [
     for m in (1, 4)
     if not (strategy == "pp-1f1b" and impl == "torch" and m == 1)  # torch needs m >= p
     if not (strategy == "pp-zb" and m == 1)  # nothing to defer W to
-]
+] + [("pp-interleaved", impl, 4) for impl in ("scratch", "torch")]
 
 
 @pytest.mark.parametrize(("strategy", "impl", "micro_batches"), PARITY_MLP)
@@ -169,7 +216,13 @@ def test_mlp_pp2_matches_single(cluster2, strategy, impl, micro_batches):
 
 
 @pytest.mark.parametrize(
-    ("strategy", "impl"), [("pp-gpipe", "scratch"), ("pp-1f1b", "torch"), ("pp-zb", "scratch")]
+    ("strategy", "impl"),
+    [
+        ("pp-gpipe", "scratch"),
+        ("pp-1f1b", "torch"),
+        ("pp-zb", "scratch"),
+        ("pp-interleaved", "torch"),
+    ],
 )
 def test_gpt_pp2_matches_single(cluster2, strategy, impl):
     # SGD, not Adam: the attention key bias has a gradient that is exactly zero in exact
@@ -205,6 +258,24 @@ def test_timeline_follows_the_schedule_and_bounds_held_activations(cluster2, str
         assert max(e["held_bytes"] for e in events) > 0 and events[-1]["held"] == 0
 
 
+@pytest.mark.parametrize("impl", ["scratch", "torch"])
+def test_interleaved_timeline_runs_each_chunk_in_megatrons_order(cluster2, impl):
+    m, p, v = 4, 2, 2
+    timelines = _timelines(
+        cluster2, strategy="pp-interleaved", impl=impl, micro_batches=m, virtual_stages=v
+    )
+    for s, events in enumerate(timelines):
+        # torch's ScheduleInterleaved1F1B runs the same order.
+        assert [(e["phase"], e["mb"], e["chunk"]) for e in events] == pipeline.interleaved(
+            m, p, s, v
+        )
+        # A warm-up of 2(p-s-1) + (v-1)p chunk passes: held at once, then one in, one out.
+        assert pipeline.peak_held(events) == 2 * (p - s - 1) + (v - 1) * p + 1
+    # A chunk pass holds 1/v of a stage's activations: stage 0 holds 1F1B's p stages' worth
+    # times 1 + (p-1)/(pv), Megatron's formula.
+    assert pipeline.peak_held(timelines[0]) / v == pytest.approx(p * (1 + (p - 1) / (p * v)))
+
+
 def test_naive_pipeline_bubble_is_at_least_the_formula(cluster2):
     # With one micro-batch the stages run strictly one after another: idle >= (p-1)/p.
     timelines = _timelines(cluster2, strategy="pp-gpipe", micro_batches=1)
@@ -214,11 +285,16 @@ def test_naive_pipeline_bubble_is_at_least_the_formula(cluster2):
 
 def test_expected_comm_is_registered_for_every_impl():
     # The bytes don't depend on m: m micro-batches of B/m samples carry the whole batch.
-    for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb"):
+    for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb", "pp-interleaved"):
         for impl in ("scratch", "torch"):
             for m in (2, 4):
-                config = TrainConfig(strategy=strategy, impl=impl, micro_batches=m, world_size=2)
-                assert totals(expected_comm(config)) == {("send", "pp"): (16384, 16384.0)}
+                v = 2 if strategy == "pp-interleaved" else 1
+                config = TrainConfig(
+                    strategy=strategy, impl=impl, micro_batches=m, world_size=2, virtual_stages=v
+                )
+                # Interleaved: 3 cuts instead of 1 (p·v-1 against p-1), the same bytes each.
+                sent = 16384 * (3 if v == 2 else 1)
+                assert totals(expected_comm(config)) == {("send", "pp"): (sent, float(sent))}
 
 
 def test_result_carries_every_ranks_timeline(cluster2):

@@ -291,8 +291,11 @@ def test_zero2_is_predicted_from_its_run(cluster2):
 
 
 @pytest.mark.parametrize("impl", ["scratch", "torch"])
-def test_zero_bubble_is_predicted_from_its_run(cluster2, impl):
-    result = pdlab.train(cluster2, strategy="pp-zb", impl=impl, micro_batches=4, steps=2)
+@pytest.mark.parametrize(("strategy", "chunks"), [("pp-zb", 1), ("pp-interleaved", 2)])
+def test_new_pipeline_schedules_are_predicted_from_their_runs(cluster2, strategy, chunks, impl):
+    result = pdlab.train(
+        cluster2, strategy=strategy, impl=impl, micro_batches=4, virtual_stages=chunks, steps=2
+    )
     rows = pdlab.predict(result, "8xH100")
     assert len(rows) == 2 and (rows.step_time > rows.compute).all() and (rows.bubble > 0).all()
 

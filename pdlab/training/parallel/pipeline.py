@@ -17,6 +17,12 @@ backward runs the other way, sending the gradient of the stage's input. Two sche
   F, B and W times the bubble drops to ``(p-1)/(3m+p-1)`` of the step (``(p-1)/(3m)`` of the
   compute) for ``m >= p``; the traffic is 1F1B's, and a stage holds at most ``p``
   micro-batches (1F1B's peak, on stage 0).
+- Interleaved 1F1B (Narayanan et al. 2021, §2.2): the units cut into ``p·v`` stages, rank
+  ``s`` holding ``v`` model chunks, stages ``s, s+p, ..., s+(v-1)p`` (``virtual_stages``).
+  Megatron's order: micro-batches go through the chunks ``p`` at a time, a longer warm-up,
+  then 1F1B over the ``m·v`` chunk passes. A chunk pass takes ``1/v`` of a stage's, so the
+  bubble drops to ``(p-1)/(v·m+p-1)`` (``(p-1)/(v·m)`` of the compute); every micro-batch
+  crosses ``p·v-1`` cuts instead of ``p-1``: about ``v`` times the point-to-point bytes.
 
 The loss is the mean over micro-batches of each micro-batch's mean loss, so the gradients
 equal the single-process full-batch gradient (micro-batches are equal-sized).
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import pairwise
@@ -43,6 +50,7 @@ from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
     ScheduleGPipe,
+    ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
 
@@ -63,6 +71,7 @@ from pdlab.training.parallel.base import (
 from pdlab.training.parallel.single import Single
 
 Action = tuple[str, int]  # ("F" | "B" | "W", micro-batch index)
+ChunkAction = tuple[str, int, int]  # the same and the model chunk (pp-interleaved)
 
 
 # --- partition ---------------------------------------------------------------------------
@@ -87,17 +96,24 @@ def partition(model: nn.Sequential, p: int) -> list[tuple[int, int]]:
 
 def check(config: TrainConfig, layout: Layout) -> None:
     """Raise ValueError, saying what to change, if ``config`` cannot run as a ``layout.pp`` pipeline."""
-    units = len(meta_model(config))
-    if layout.pp > units:
+    units, stages = len(meta_model(config)), layout.pp * config.virtual_stages
+    if stages > units:
+        chunks = f" ({layout.pp} ranks x {config.virtual_stages})" if stages > layout.pp else ""
         raise ValueError(
-            f"{layout.pp} pipeline stages but model {config.model!r} has only {units} units: "
-            f"use at most {units} stages"
+            f"{stages} pipeline stages{chunks} but model {config.model!r} has only {units} "
+            f"units: use at most {units} stages"
         )
     per_rank = config.batch_size // layout.dp
     if config.micro_batches < 1 or per_rank % config.micro_batches:
         raise ValueError(
             f"the batch per data-parallel rank ({per_rank}) does not split into "
             f"{config.micro_batches} micro-batches: use a divisor of {per_rank}"
+        )
+    if config.strategy == "pp-interleaved" and config.micro_batches % layout.pp:
+        raise ValueError(
+            f"interleaved 1F1B sends micro-batches through the chunks {layout.pp} at a time "
+            f"(Megatron's order): use micro_batches a multiple of {layout.pp}, not "
+            f"{config.micro_batches}"
         )
 
 
@@ -119,7 +135,8 @@ def _unit_outputs(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
 def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
     """One step's traffic on every rank of the ``pp`` group (and of each ``dp`` replica).
 
-    Per micro-batch and stage boundary: the activation forward and its gradient backward,
+    Per micro-batch and stage boundary (``p·v-1`` of them, stage ``k`` on pipeline rank
+    ``k mod p``): the activation forward and its gradient backward,
     each a send of ``b * activation shape * dtype size`` bytes (``b`` = micro-batch size;
     its payload counted at the sender) and the matching recv (payload 0; it receives those
     bytes). Both impls send exactly this:
@@ -129,12 +146,12 @@ def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
     outs = _unit_outputs(model, _example_microbatch(config, layout))
     stage_of = [layout.coords(rank)[1] for rank in range(layout.world_size)]
     events = []
-    for s, (_, stop) in enumerate(partition(model, p)[:-1]):
+    for k, (_, stop) in enumerate(partition(model, p * config.virtual_stages)[:-1]):
         size = outs[stop - 1].nbytes
-        # The ranks of stage s and of stage s+1, replica by replica (dp-pp has several).
+        # The ranks of stage k and of stage k+1, replica by replica (dp-pp has several).
         pairs = zip(
-            [r for r, t in enumerate(stage_of) if t == s],
-            [r for r, t in enumerate(stage_of) if t == s + 1],
+            [r for r, t in enumerate(stage_of) if t == k % p],
+            [r for r, t in enumerate(stage_of) if t == (k + 1) % p],
             strict=True,
         )
         for before, after in pairs:
@@ -171,6 +188,31 @@ def zb_h1(m: int, p: int, s: int) -> list[Action]:
     return order
 
 
+def interleaved(m: int, p: int, s: int, v: int) -> list[ChunkAction]:
+    """Interleaved 1F1B (Megatron's ``forward_backward_pipelining_with_interleaving``): the
+    ``k``-th chunk pass of a rank is micro-batch ``(k // pv)·p + k % p`` on chunk
+    ``(k // p) % v`` (backwards: chunks in reverse); ``2(p-s-1) + (v-1)p`` warm-up forwards,
+    then one forward one backward, then the cool-down. ``m`` must be a multiple of ``p``."""
+
+    def action(k: int, phase: str) -> ChunkAction:
+        chunk = (k // p) % v
+        return (phase, (k // (p * v)) * p + k % p, chunk if phase == "F" else v - 1 - chunk)
+
+    passes = m * v
+    warmup = min(2 * (p - s - 1) + (v - 1) * p, passes)
+    order = [action(k, "F") for k in range(warmup)]
+    for k in range(passes - warmup):
+        order += [action(warmup + k, "F"), action(k, "B")]
+    return order + [action(k, "B") for k in range(passes - warmup, passes)]
+
+
+def actions(config: TrainConfig, p: int, s: int) -> list[ChunkAction]:
+    """Stage ``s``'s actions in ``config``'s schedule, each with its model chunk."""
+    if config.strategy == "pp-interleaved":
+        return interleaved(config.micro_batches, p, s, config.virtual_stages)
+    return [(phase, i, 0) for phase, i in SCHEDULES[config.strategy](config.micro_batches, p, s)]
+
+
 SCHEDULES: dict[str, Callable[[int, int, int], list[Action]]] = {
     "pp-gpipe": gpipe,
     "pp-1f1b": one_f_one_b,
@@ -182,6 +224,7 @@ TORCH_SCHEDULES = {
     "pp-gpipe": ScheduleGPipe,
     "pp-1f1b": Schedule1F1B,
     "pp-zb": ScheduleInterleavedZeroBubble,
+    "pp-interleaved": ScheduleInterleaved1F1B,
 }
 SPLIT_BACKWARD = ("pp-zb",)  # the schedules whose backward is B then W
 
@@ -194,7 +237,11 @@ class StageLink:
     gradients of those activations backward.
 
     The stage is this rank's place in ``group`` (``None``: the world), its neighbours the
-    ranks before and after it. ``input_like`` and ``output_like`` are one micro-batch's input
+    ranks before and after it. With ``chunks`` model chunks a rank (interleaved 1F1B), this
+    link is chunk ``chunk``'s: global stage ``stage + chunk·stages``, its neighbours wrap
+    around the group (the last rank's chunk 0 feeds the first rank's chunk 1). Each cut's
+    messages carry their own tag, activations and gradients apart, so two streams between the
+    same pair of ranks never take each other's place. ``input_like`` and ``output_like`` are one micro-batch's input
     and output of the stage (meta tensors will do): their shapes and dtypes are what the
     receives expect. Tensors arrive on ``device``; on gloo they travel through the CPU
     (``wire_device``).
@@ -211,10 +258,14 @@ class StageLink:
         input_like: torch.Tensor,
         output_like: torch.Tensor,
         device: torch.device,
+        chunk: int = 0,
+        chunks: int = 1,
     ):
         self.group = group or dist.group.WORLD
         self.stage, self.stages = dist.get_rank(self.group), dist.get_world_size(self.group)
-        self.is_first, self.is_last = self.stage == 0, self.stage == self.stages - 1
+        self.cut = self.stage + chunk * self.stages  # the cut behind this (global) stage
+        self.is_first, self.is_last = self.cut == 0, self.cut == self.stages * chunks - 1
+        self.prev, self.next = (self.stage - 1) % self.stages, (self.stage + 1) % self.stages
         self.input_like, self.output_like = input_like, output_like
         self.device, self.wire = device, wire_device(self.group, device)
         self._sends: list[dist.Work] = []
@@ -222,19 +273,19 @@ class StageLink:
     def recv_forward(self) -> torch.Tensor:
         """The previous stage's activation, ready for autograd: after backward, its ``.grad``
         is what ``send_backward`` returns to that stage."""
-        return self._recv(self.input_like, self.stage - 1).requires_grad_()
+        return self._recv(self.input_like, self.prev, 2 * self.cut - 2).requires_grad_()
 
     def send_forward(self, out: torch.Tensor) -> None:
         """Start sending this stage's output to the next stage."""
-        self._isend(out.detach(), self.stage + 1)
+        self._isend(out.detach(), self.next, 2 * self.cut)
 
     def recv_backward(self) -> torch.Tensor:
         """The gradient of this stage's output, from the next stage."""
-        return self._recv(self.output_like, self.stage + 1)
+        return self._recv(self.output_like, self.next, 2 * self.cut + 1)
 
     def send_backward(self, grad: torch.Tensor) -> None:
         """Start sending the gradient of this stage's input to the previous stage."""
-        self._isend(grad, self.stage - 1)
+        self._isend(grad, self.prev, 2 * self.cut - 1)
 
     def wait(self) -> None:
         """Wait until every send started so far is done."""
@@ -242,14 +293,14 @@ class StageLink:
             work.wait()
         self._sends = []
 
-    def _isend(self, t: torch.Tensor, peer: int) -> None:
+    def _isend(self, t: torch.Tensor, peer: int, tag: int) -> None:
         # The Work holds the tensor it sends (a copy on the CPU, on gloo) until it is done.
         t = t.to(self.wire).contiguous()
-        self._sends.append(dist.isend(t, group=self.group, group_dst=peer))
+        self._sends.append(dist.isend(t, group=self.group, group_dst=peer, tag=tag))
 
-    def _recv(self, like: torch.Tensor, peer: int) -> torch.Tensor:
+    def _recv(self, like: torch.Tensor, peer: int, tag: int) -> torch.Tensor:
         buf = torch.empty(like.shape, dtype=like.dtype, device=self.wire)
-        dist.recv(buf, group=self.group, group_src=peer)
+        dist.recv(buf, group=self.group, group_src=peer, tag=tag)
         return buf.to(self.device)
 
 
@@ -270,21 +321,22 @@ class Timeline:
     def __init__(self, stage: int, split_backward: bool = False):
         self.stage = stage
         self._done = "W" if split_backward else "B"  # the phase that frees a micro-batch
-        self._held: set[int] = set()  # micro-batches between their forward and backward
+        self._held: set[tuple[int, int]] = set()  # (chunk, micro-batch) between F and backward
         self.events: list[dict] = []
 
     @contextmanager
-    def record(self, mb: int, phase: str) -> Iterator[None]:
+    def record(self, mb: int, phase: str, chunk: int = 0) -> Iterator[None]:
         start = time.time()
         yield
         if phase == "F":
-            self._held.add(mb)
+            self._held.add((chunk, mb))
         elif phase == self._done:
-            self._held.remove(mb)
+            self._held.remove((chunk, mb))
         self.events.append(
             {
                 "mb": mb,
                 "phase": phase,
+                "chunk": chunk,
                 "stage": self.stage,
                 "start": start,
                 "end": time.time(),
@@ -306,13 +358,16 @@ def bubble_fraction(events: list[dict]) -> float:
     return 1 - busy / (lanes * span)
 
 
-def analytic_bubble(p: int, m: int, strategy: str = "pp-1f1b") -> float:
+def analytic_bubble(p: int, m: int, strategy: str = "pp-1f1b", v: int = 1) -> float:
     """The idle share of a step with equal phase times on every stage.
 
     GPipe and 1F1B: ``(p-1)/(m+p-1)``, the ``p-1`` fill and drain slots of F+B beside ``m``
     busy ones. ZB-H1 (``m >= p``): ``(p-1)/(3m+p-1)``; each stage is busy ``3m`` (F, B, W)
-    and idle ``p-1`` ticks of one phase, the ``(p-1)(F+B-W)`` of the paper.
+    and idle ``p-1`` ticks of one phase, the ``(p-1)(F+B-W)`` of the paper. Interleaved
+    1F1B with ``v`` chunks a rank: ``(p-1)/(v·m+p-1)``, its fill and drain are chunk passes.
     """
+    if strategy == "pp-interleaved":
+        return (p - 1) / (v * m + p - 1)
     if strategy == "pp-zb":
         return (p - 1) / (3 * m + p - 1)
     return (p - 1) / (m + p - 1)
@@ -344,14 +399,19 @@ class Pipeline(Single):
         self.p, self.s, self.m = mesh.layout.pp, mesh.pp_rank, config.micro_batches
         self.is_first, self.is_last = self.s == 0, self.s == self.p - 1
         self.group = mesh.group("pp")
-        start, stop = partition(model, self.p)[self.s]
-        super().__init__(models.stage(model, start, stop), config, mesh)
+        # This rank's chunks: stages s, s+p, ... of p·v (one, unless pp-interleaved).
+        self.v = config.virtual_stages
+        cuts = partition(model, self.p * self.v)
+        ranges = [cuts[self.s + k * self.p] for k in range(self.v)]
+        chunks = [models.stage(model, start, stop) for start, stop in ranges]
+        units = OrderedDict(unit for chunk in chunks for unit in chunk.named_children())
+        super().__init__(nn.Sequential(units) if self.v > 1 else chunks[0], config, mesh)
+        self.chunks = [self.module] if self.v == 1 else chunks  # they share the units
         self.timeline = Timeline(self.s, config.strategy in SPLIT_BACKWARD)
-        # What crosses this stage's cuts per micro-batch: the shapes of what it receives.
+        # What crosses each chunk's cuts per micro-batch: the shapes of what it receives.
         x = _example_microbatch(config, mesh.layout)
         outs = _unit_outputs(model, x)
-        self.input_like = outs[start - 1] if start else x
-        self.output_like = outs[stop - 1]
+        self.likes = [(outs[start - 1] if start else x, outs[stop - 1]) for start, stop in ranges]
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Run the schedule over ``m`` micro-batches; the last stage reports the mean loss."""
@@ -379,50 +439,55 @@ class PipelineScratch(Pipeline):
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(model, config, mesh)
-        self.link = StageLink(self.group, self.input_like, self.output_like, mesh.device)
+        self.links = [
+            StageLink(self.group, *self.likes[c], mesh.device, chunk=c, chunks=self.v)
+            for c in range(self.v)
+        ]
 
     def run_schedule(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        xs, ys, link = x.tensor_split(self.m), y.tensor_split(self.m), self.link
-        inputs, outputs, losses = {}, {}, []
-        pending_w = {}  # micro-batch -> each unit's output and its gradient, for its W
-        for phase, i in SCHEDULES[self.config.strategy](self.m, self.p, self.s):
+        xs, ys = x.tensor_split(self.m), y.tensor_split(self.m)
+        inputs, outputs, losses = {}, {}, []  # inputs and outputs by (chunk, micro-batch)
+        pending_w = {}  # (chunk, micro-batch) -> its units' outputs and gradients, for W
+        for phase, i, c in actions(self.config, self.p, self.s):
+            link, at = self.links[c], (c, i)
             if phase == "F":
-                h = xs[i] if self.is_first else link.recv_forward()
-                with self.timeline.record(i, "F"):
-                    outs = self._forward_units(h)
-                    if self.is_last:
+                h = xs[i] if link.is_first else link.recv_forward()
+                with self.timeline.record(i, "F", c):
+                    outs = self._forward_units(self.chunks[c], h)
+                    if link.is_last:
                         losses.append(models.loss_fn(outs[-1], ys[i]))
                         outs[-1] = losses[-1] / self.m  # mean over micro-batches = full-batch loss
-                if not self.is_last:
+                if not link.is_last:
                     link.send_forward(outs[-1])
-                inputs[i], outputs[i] = h, outs
+                inputs[at], outputs[at] = h, outs
             elif phase == "B" and self.config.strategy not in SPLIT_BACKWARD:
-                grad = None if self.is_last else link.recv_backward()
-                with self.timeline.record(i, "B"):
-                    torch.autograd.backward(outputs.pop(i)[-1], grad)
-                h = inputs.pop(i)
-                if not self.is_first:
+                grad = None if link.is_last else link.recv_backward()
+                with self.timeline.record(i, "B", c):
+                    torch.autograd.backward(outputs.pop(at)[-1], grad)
+                h = inputs.pop(at)
+                if not link.is_first:
                     link.send_backward(h.grad)
             elif phase == "B":
-                grad = None if self.is_last else link.recv_backward()
-                with self.timeline.record(i, "B"):
-                    h, outs = inputs.pop(i), outputs.pop(i)
+                grad = None if link.is_last else link.recv_backward()
+                with self.timeline.record(i, "B", c):
+                    h, outs = inputs.pop(at), outputs.pop(at)
                     grads = backward_input(h, outs, grad)
-                if not self.is_first:
+                if not link.is_first:
                     link.send_backward(grads[0])
-                pending_w[i] = (outs, [*grads[1:], grad])
+                pending_w[at] = (outs, [*grads[1:], grad])
             else:
-                with self.timeline.record(i, "W"):
-                    backward_weight(self.module, *pending_w.pop(i))
-        link.wait()
+                with self.timeline.record(i, "W", c):
+                    backward_weight(self.chunks[c], *pending_w.pop(at))
+        for link in self.links:
+            link.wait()
         return [loss.detach() for loss in losses]
 
-    def _forward_units(self, h: torch.Tensor) -> list[torch.Tensor]:
-        """Each unit's output in turn; the last is the stage's. ZB's W starts at each one."""
+    def _forward_units(self, chunk: nn.Sequential, h: torch.Tensor) -> list[torch.Tensor]:
+        """Each unit's output in turn; the last is the chunk's. ZB's W starts at each one."""
         if self.config.strategy not in SPLIT_BACKWARD:
-            return [self.module(h)]
+            return [chunk(h)]
         outs = []
-        for unit in self.module:
+        for unit in chunk:
             h = unit(h)
             outs.append(h)
         return outs
@@ -478,15 +543,15 @@ class _TimedStage(PipelineStage):
         self.timeline = timeline
 
     def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
-        with self.timeline.record(fwd_chunk_id, "F"):
+        with self.timeline.record(fwd_chunk_id, "F", self.stage_index // self.group_size):
             return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
 
     def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
-        with self.timeline.record(bwd_chunk_id, "B"):
+        with self.timeline.record(bwd_chunk_id, "B", self.stage_index // self.group_size):
             return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
 
     def backward_weight_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
-        with self.timeline.record(bwd_chunk_id, "W"):
+        with self.timeline.record(bwd_chunk_id, "W", self.stage_index // self.group_size):
             return super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
 
 
@@ -521,21 +586,26 @@ class PipelineTorch(Pipeline):
                 "torch.distributed.pipelining sends CUDA tensors point to point, which gloo "
                 "cannot: run it with one GPU per rank (NCCL), or use impl='scratch'"
             )
-        stage = _TimedStage(
-            self.timeline,
-            self.module,
-            self.s,
-            self.p,
-            mesh.device,
-            # Static shapes (no metadata exchange); requires_grad says which grads flow.
-            input_args=self._empty(self.input_like).requires_grad_(not self.is_first),
-            output_args=self._empty(self.output_like).requires_grad_(),
-            group=self.group,
-        )
+        stages = [
+            _TimedStage(
+                self.timeline,
+                chunk,
+                self.s + c * self.p,  # its global stage
+                self.p * self.v,
+                mesh.device,
+                # Static shapes (no metadata exchange); requires_grad says which grads flow.
+                input_args=self._empty(input_like).requires_grad_(self.s + c > 0),
+                output_args=self._empty(output_like).requires_grad_(),
+                group=self.group,
+            )
+            for c, (chunk, (input_like, output_like)) in enumerate(
+                zip(self.chunks, self.likes, strict=True)
+            )
+        ]
         schedule = TORCH_SCHEDULES[config.strategy]
-        multi = schedule is ScheduleInterleavedZeroBubble  # a looped schedule: takes a list
+        looped = schedule in (ScheduleInterleavedZeroBubble, ScheduleInterleaved1F1B)
         self._schedule = schedule(
-            [stage] if multi else stage, n_microbatches=self.m, loss_fn=models.loss_fn
+            stages if looped else stages[0], n_microbatches=self.m, loss_fn=models.loss_fn
         )
         # The one-time P2P handshake now rather than inside the first step, so every step
         # sends only activations and gradients.
