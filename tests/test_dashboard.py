@@ -178,6 +178,16 @@ def test_timeline_reports_the_bubble():
     fig = plots.timeline(records)
     assert "bubble 33% measured, (p-1)/(m+p-1) = 33% for p=2, m=2" in fig.layout.title.text
     assert [t.name for t in fig.data] == ["forward", "backward"]
+    # ZB-H1's order, unit-time F, B and W: the last W ends at 7, busy 6 a stage, idle 1/7.
+    records = [
+        rec(0, [(0, 0, "F", 0, 1), (0, 1, "F", 1, 2), (0, 0, "B", 3, 4), (0, 0, "W", 4, 5),
+                (0, 1, "B", 5, 6), (0, 1, "W", 6, 7)]),
+        rec(1, [(1, 0, "F", 1, 2), (1, 0, "B", 2, 3), (1, 1, "F", 3, 4), (1, 1, "B", 4, 5),
+                (1, 0, "W", 5, 6), (1, 1, "W", 6, 7)]),
+    ]  # fmt: skip
+    fig = plots.timeline(records)
+    assert "bubble 14% measured, (p-1)/(3m+p-1) = 14% for p=2, m=2" in fig.layout.title.text
+    assert [t.name for t in fig.data] == ["forward", "input gradient (B)", "weights (W)"]
 
 
 # ----- what a learner sees --------------------------------------------------------------------
