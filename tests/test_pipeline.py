@@ -154,6 +154,7 @@ def test_expected_comm_is_activations_and_gradients_per_micro_batch():
         ({"strategy": "pp-1f1b", "impl": "torch", "micro_batches": 1}, "micro_batches >= 2"),
         ({"strategy": "pp-1f1b", "virtual_stages": 2}, "only pp-interleaved runs several"),
         ({"strategy": "pp-interleaved"}, "needs virtual_stages >= 2"),
+        ({"strategy": "pp-zbv"}, "pdlab has no scratch ZBV"),
         ({"strategy": "pp-interleaved", "virtual_stages": 3}, r"6 pipeline stages \(2 ranks x 3"),
         (
             {"strategy": "pp-interleaved", "virtual_stages": 2, "micro_batches": 1},
@@ -200,14 +201,18 @@ def _assert_matches_single(cluster2, strategy: str, impl: str, micro_batches: in
         assert measured == expected, f"step {step}"
 
 
-PARITY_MLP = [
-    (strategy, impl, m)
-    for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb")
-    for impl in ("scratch", "torch")
-    for m in (1, 4)
-    if not (strategy == "pp-1f1b" and impl == "torch" and m == 1)  # torch needs m >= p
-    if not (strategy == "pp-zb" and m == 1)  # nothing to defer W to
-] + [("pp-interleaved", impl, 4) for impl in ("scratch", "torch")]
+PARITY_MLP = (
+    [
+        (strategy, impl, m)
+        for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb")
+        for impl in ("scratch", "torch")
+        for m in (1, 4)
+        if not (strategy == "pp-1f1b" and impl == "torch" and m == 1)  # torch needs m >= p
+        if not (strategy == "pp-zb" and m == 1)  # nothing to defer W to
+    ]
+    + [("pp-interleaved", impl, 4) for impl in ("scratch", "torch")]
+    + [("pp-zbv", "torch", 4)]
+)
 
 
 @pytest.mark.parametrize(("strategy", "impl", "micro_batches"), PARITY_MLP)
@@ -276,6 +281,21 @@ def test_interleaved_timeline_runs_each_chunk_in_megatrons_order(cluster2, impl)
     assert pipeline.peak_held(timelines[0]) / v == pytest.approx(p * (1 + (p - 1) / (p * v)))
 
 
+def test_zbv_runs_a_v_of_two_chunks_a_rank_with_b_and_w_apart(cluster2):
+    m = 4
+    timelines = _timelines(cluster2, strategy="pp-zbv", impl="torch", micro_batches=m)
+    for events in timelines:
+        # Every micro-batch through both chunks: F, then B, then W, each once.
+        for chunk in (0, 1):
+            for mb in range(m):
+                mine = [e["phase"] for e in events if (e["chunk"], e["mb"]) == (chunk, mb)]
+                assert mine == ["F", "B", "W"], (chunk, mb, mine)
+    # The V: rank 0 holds stages 0 and 3, so it runs micro-batch 0's first forward and its
+    # last backward; rank 1 holds the turn (stages 1, 2): its first two passes are F0 on both.
+    assert (timelines[0][0]["chunk"], timelines[0][0]["phase"]) == (0, "F")
+    assert [(e["phase"], e["chunk"]) for e in timelines[1][:2]] == [("F", 0), ("F", 1)]
+
+
 def test_naive_pipeline_bubble_is_at_least_the_formula(cluster2):
     # With one micro-batch the stages run strictly one after another: idle >= (p-1)/p.
     timelines = _timelines(cluster2, strategy="pp-gpipe", micro_batches=1)
@@ -285,15 +305,15 @@ def test_naive_pipeline_bubble_is_at_least_the_formula(cluster2):
 
 def test_expected_comm_is_registered_for_every_impl():
     # The bytes don't depend on m: m micro-batches of B/m samples carry the whole batch.
-    for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb", "pp-interleaved"):
-        for impl in ("scratch", "torch"):
+    cuts = {"pp-interleaved": 3, "pp-zbv": 2}  # p·v-1 cuts; ZBV's turn stays on one rank
+    for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb", "pp-interleaved", "pp-zbv"):
+        for impl in ("scratch", "torch") if strategy != "pp-zbv" else ("torch",):
             for m in (2, 4):
                 v = 2 if strategy == "pp-interleaved" else 1
                 config = TrainConfig(
                     strategy=strategy, impl=impl, micro_batches=m, world_size=2, virtual_stages=v
                 )
-                # Interleaved: 3 cuts instead of 1 (p·v-1 against p-1), the same bytes each.
-                sent = 16384 * (3 if v == 2 else 1)
+                sent = 16384 * cuts.get(strategy, 1)  # the same bytes a cut
                 assert totals(expected_comm(config)) == {("send", "pp"): (sent, float(sent))}
 
 

@@ -139,7 +139,7 @@ AT_2 = [
     ("dp", "scratch"), ("dp", "torch"), ("ps", "scratch"), ("tp", "scratch"), ("tp", "torch"),
     ("pp-gpipe", "scratch"), ("pp-1f1b", "scratch"), ("pp-gpipe", "torch"), ("pp-1f1b", "torch"),
     ("pp-zb", "scratch"), ("pp-zb", "torch"), ("pp-interleaved", "scratch"),
-    ("pp-interleaved", "torch"),
+    ("pp-interleaved", "torch"), ("pp-zbv", "torch"),
     ("zero1", "scratch"), ("zero1", "torch"), ("zero2", "scratch"), ("zero2", "torch"),
     ("zero3", "scratch"), ("zero3", "torch"),
 ]  # fmt: skip

@@ -295,13 +295,16 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
     p = len({e["stage"] for e in events})
     m = len({e["mb"] for e in events})
     schedule, formula = (
-        ("pp-interleaved", "(p-1)/(v·m+p-1)") if v > 1
+        ("pp-zbv", "") if v > 1 and split  # ZBV: no closed form here
+        else ("pp-interleaved", "(p-1)/(v·m+p-1)") if v > 1
         else ("pp-zb", "(p-1)/(3m+p-1)") if split
         else ("pp-1f1b", "(p-1)/(m+p-1)")
     )  # fmt: skip
+    measured = f"Pipeline step {chosen[0]['step']}: bubble {bubble_fraction(events):.0%} measured"
     fig.update_layout(
-        title=f"Pipeline step {chosen[0]['step']}: bubble {bubble_fraction(events):.0%} measured, "
-        f"{formula} = {analytic_bubble(p, m, schedule, v):.0%} for p={p}, m={m}"
+        title=f"{measured}, ZBV (zero in theory with equal F, B, W), p={p}, m={m}"
+        if schedule == "pp-zbv"
+        else f"{measured}, {formula} = {analytic_bubble(p, m, schedule, v):.0%} for p={p}, m={m}"
         + (f", v={v}" if v > 1 else ""),
         yaxis_autorange="reversed",
         uniformtext={"minsize": 9, "mode": "hide"},  # a label that doesn't fit is left out

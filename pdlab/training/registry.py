@@ -150,6 +150,7 @@ register(Strategy("pp-gpipe", "pipeline GPipe", "pdlab.training.parallel.pipelin
 register(Strategy("pp-1f1b", "pipeline 1F1B", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
 register(Strategy("pp-zb", "pipeline zero bubble (ZB-H1)", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
 register(Strategy("pp-interleaved", "pipeline interleaved 1F1B", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
+register(Strategy("pp-zbv", "pipeline zero bubble V (ZBV, torch)", "pdlab.training.parallel.pipeline", {"torch": "PipelineTorch"}, layout=lambda n: Layout(pp=n), micro_batched=True, refused={"scratch": "pdlab has no scratch ZBV: its V schedule is torch's (ScheduleZBVZeroBubble); use impl='torch', or pp-zb for a zero-bubble schedule written in plain autograd"}))
 register(Strategy("zero1", "ZeRO-1", "pdlab.training.parallel.sharded", {"scratch": "Zero1", "torch": "Zero1Torch"}))
 register(Strategy("zero2", "ZeRO-2", "pdlab.training.parallel.sharded", {"scratch": "Zero2", "torch": "Zero2Torch"}))
 register(Strategy("zero3", "ZeRO-3", "pdlab.training.parallel.sharded", {"scratch": "Zero3", "torch": "Zero3Torch"}))

@@ -52,6 +52,7 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
 )
 
 from pdlab import compat
@@ -96,9 +97,9 @@ def partition(model: nn.Sequential, p: int) -> list[tuple[int, int]]:
 
 def check(config: TrainConfig, layout: Layout) -> None:
     """Raise ValueError, saying what to change, if ``config`` cannot run as a ``layout.pp`` pipeline."""
-    units, stages = len(meta_model(config)), layout.pp * config.virtual_stages
+    units, stages = len(meta_model(config)), layout.pp * chunks_per_rank(config)
     if stages > units:
-        chunks = f" ({layout.pp} ranks x {config.virtual_stages})" if stages > layout.pp else ""
+        chunks = f" ({layout.pp} ranks x {chunks_per_rank(config)})" if stages > layout.pp else ""
         raise ValueError(
             f"{stages} pipeline stages{chunks} but model {config.model!r} has only {units} "
             f"units: use at most {units} stages"
@@ -115,6 +116,19 @@ def check(config: TrainConfig, layout: Layout) -> None:
             f"(Megatron's order): use micro_batches a multiple of {layout.pp}, not "
             f"{config.micro_batches}"
         )
+
+
+def chunks_per_rank(config: TrainConfig) -> int:
+    """Model chunks a pipeline rank holds: ``virtual_stages`` (pp-interleaved), 2 (ZBV's V)."""
+    return 2 if config.strategy == "pp-zbv" else config.virtual_stages
+
+
+def stages_of(strategy: str, p: int, s: int, v: int) -> list[int]:
+    """The global stages of rank ``s``'s chunks, of ``p·v``: ``s, s+p, ...`` (looped), or
+    ZBV's V, ``s`` down the ranks and ``2p-1-s`` back up (the last rank holds the turn)."""
+    if strategy == "pp-zbv":
+        return [s, 2 * p - 1 - s]
+    return [s + k * p for k in range(v)]
 
 
 def _example_microbatch(config: TrainConfig, layout: Layout) -> torch.Tensor:
@@ -146,12 +160,16 @@ def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
     outs = _unit_outputs(model, _example_microbatch(config, layout))
     stage_of = [layout.coords(rank)[1] for rank in range(layout.world_size)]
     events = []
-    for k, (_, stop) in enumerate(partition(model, p * config.virtual_stages)[:-1]):
+    v = chunks_per_rank(config)
+    rank_of = {g: s for s in range(p) for g in stages_of(config.strategy, p, s, v)}
+    for k, (_, stop) in enumerate(partition(model, p * v)[:-1]):
         size = outs[stop - 1].nbytes
+        if rank_of[k] == rank_of[k + 1]:
+            continue  # ZBV's turn: both stages on one rank, nothing sent
         # The ranks of stage k and of stage k+1, replica by replica (dp-pp has several).
         pairs = zip(
-            [r for r, t in enumerate(stage_of) if t == k % p],
-            [r for r, t in enumerate(stage_of) if t == (k + 1) % p],
+            [r for r, t in enumerate(stage_of) if t == rank_of[k]],
+            [r for r, t in enumerate(stage_of) if t == rank_of[k + 1]],
             strict=True,
         )
         for before, after in pairs:
@@ -225,8 +243,9 @@ TORCH_SCHEDULES = {
     "pp-1f1b": Schedule1F1B,
     "pp-zb": ScheduleInterleavedZeroBubble,
     "pp-interleaved": ScheduleInterleaved1F1B,
+    "pp-zbv": ScheduleZBVZeroBubble,
 }
-SPLIT_BACKWARD = ("pp-zb",)  # the schedules whose backward is B then W
+SPLIT_BACKWARD = ("pp-zb", "pp-zbv")  # the schedules whose backward is B then W
 
 
 # --- the link between stages ------------------------------------------------------------
@@ -397,12 +416,14 @@ class Pipeline(Single):
         self.check(config, mesh.layout)
         self.config, self.mesh = config, mesh
         self.p, self.s, self.m = mesh.layout.pp, mesh.pp_rank, config.micro_batches
-        self.is_first, self.is_last = self.s == 0, self.s == self.p - 1
         self.group = mesh.group("pp")
-        # This rank's chunks: stages s, s+p, ... of p·v (one, unless pp-interleaved).
-        self.v = config.virtual_stages
+        # This rank's chunks: stages s, s+p, ... of p·v (one, unless pp-interleaved), or ZBV's.
+        self.v = chunks_per_rank(config)
         cuts = partition(model, self.p * self.v)
-        ranges = [cuts[self.s + k * self.p] for k in range(self.v)]
+        self.stage_ids = stages_of(config.strategy, self.p, self.s, self.v)
+        # Whether it feeds the data in, and computes the loss (ZBV: rank 0 does both).
+        self.is_first, self.is_last = 0 in self.stage_ids, self.p * self.v - 1 in self.stage_ids
+        ranges = [cuts[g] for g in self.stage_ids]
         chunks = [models.stage(model, start, stop) for start, stop in ranges]
         units = OrderedDict(unit for chunk in chunks for unit in chunk.named_children())
         super().__init__(nn.Sequential(units) if self.v > 1 else chunks[0], config, mesh)
@@ -590,11 +611,11 @@ class PipelineTorch(Pipeline):
             _TimedStage(
                 self.timeline,
                 chunk,
-                self.s + c * self.p,  # its global stage
+                self.stage_ids[c],
                 self.p * self.v,
                 mesh.device,
                 # Static shapes (no metadata exchange); requires_grad says which grads flow.
-                input_args=self._empty(input_like).requires_grad_(self.s + c > 0),
+                input_args=self._empty(input_like).requires_grad_(self.stage_ids[c] > 0),
                 output_args=self._empty(output_like).requires_grad_(),
                 group=self.group,
             )
@@ -603,7 +624,11 @@ class PipelineTorch(Pipeline):
             )
         ]
         schedule = TORCH_SCHEDULES[config.strategy]
-        looped = schedule in (ScheduleInterleavedZeroBubble, ScheduleInterleaved1F1B)
+        looped = schedule in (
+            ScheduleInterleavedZeroBubble,
+            ScheduleInterleaved1F1B,
+            ScheduleZBVZeroBubble,
+        )
         self._schedule = schedule(
             stages if looped else stages[0], n_microbatches=self.m, loss_fn=models.loss_fn
         )
