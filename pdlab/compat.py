@@ -220,13 +220,16 @@ def queue_backward_callback(callback: Any) -> None:
 
 
 def initialize_pipeline_stage(schedule: Any) -> None:
-    """Run a single-stage schedule's one-time shape handshake now, not in its first step.
+    """Run a schedule's one-time shape handshake now, not in its first step.
 
-    ``PipelineScheduleSingle._initialize_stage(args, kwargs)`` is private; 2.6 to 2.13 take
-    those two arguments first (2.13 adds optional ``target``, ``loss_kwargs``). With static
-    shapes given to the stage, the handshake is one int32 vote each way per boundary.
+    ``PipelineScheduleSingle._initialize_stage(args, kwargs)`` and, for the looped schedules
+    (``ScheduleInterleavedZeroBubble``), ``PipelineScheduleMulti._initialize_stages`` are
+    private; 2.6 to 2.13 take those two arguments first (2.13 adds optional ``target``,
+    ``loss_kwargs``). With static shapes given to the stage, the handshake is one int32 vote
+    each way per boundary.
     """
-    schedule._initialize_stage((), {})
+    single = getattr(schedule, "_initialize_stage", None)
+    (single or schedule._initialize_stages)((), {})
 
 
 def replicate(module: torch.nn.Module, mesh: Any) -> torch.nn.Module:

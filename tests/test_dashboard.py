@@ -12,7 +12,7 @@ import pytest
 
 import pdlab
 from pdlab.lab import plots
-from pdlab.training.loop import train
+from pdlab.training.loop import train, validate
 
 SMALL = {"model": "mlp", "batch_size": 8}
 
@@ -120,6 +120,20 @@ def test_fsdp_is_zero3_with_torch():
     assert not d.controls["impl"].disabled
 
 
+def test_the_pipeline_schedules_are_in_the_menu_and_interleaved_gets_its_chunks():
+    d = pdlab.Dashboard()
+    keys = [key for _, key in d.controls["strategy"].options]
+    assert {"pp-zb", "pp-interleaved"} <= set(keys)
+    assert d.controls["virtual_stages"].disabled
+    d.controls["strategy"].value = "pp-interleaved"
+    assert not d.controls["virtual_stages"].disabled
+    validate(d.config())  # 2 chunks a rank: without them, validate says to set them
+    assert d.config().virtual_stages == 2
+    d.controls["strategy"].value = "pp-1f1b"
+    assert d.config().virtual_stages == 1 and d.controls["virtual_stages"].disabled
+    validate(d.config())
+
+
 def test_world_size_restarts_the_cluster_and_keeps_it_otherwise():
     first = pdlab.Cluster(2)
     d = pdlab.Dashboard(first, refresh_s=0.05)
@@ -164,6 +178,16 @@ def test_timeline_reports_the_bubble():
     fig = plots.timeline(records)
     assert "bubble 33% measured, (p-1)/(m+p-1) = 33% for p=2, m=2" in fig.layout.title.text
     assert [t.name for t in fig.data] == ["forward", "backward"]
+    # ZB-H1's order, unit-time F, B and W: the last W ends at 7, busy 6 a stage, idle 1/7.
+    records = [
+        rec(0, [(0, 0, "F", 0, 1), (0, 1, "F", 1, 2), (0, 0, "B", 3, 4), (0, 0, "W", 4, 5),
+                (0, 1, "B", 5, 6), (0, 1, "W", 6, 7)]),
+        rec(1, [(1, 0, "F", 1, 2), (1, 0, "B", 2, 3), (1, 1, "F", 3, 4), (1, 1, "B", 4, 5),
+                (1, 0, "W", 5, 6), (1, 1, "W", 6, 7)]),
+    ]  # fmt: skip
+    fig = plots.timeline(records)
+    assert "bubble 14% measured, (p-1)/(3m+p-1) = 14% for p=2, m=2" in fig.layout.title.text
+    assert [t.name for t in fig.data] == ["forward", "input gradient (B)", "weights (W)"]
 
 
 # ----- what a learner sees --------------------------------------------------------------------

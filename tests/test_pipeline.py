@@ -1,4 +1,5 @@
-"""Pipeline parallelism: GPipe and 1F1B, scratch and torch, match one process step for step."""
+"""Pipeline parallelism: GPipe, 1F1B and ZB-H1, scratch and torch, match one process step
+for step."""
 
 from __future__ import annotations
 
@@ -45,9 +46,94 @@ def test_schedules_run_every_micro_batch_forward_then_backward():
     ]
 
 
+def test_zb_h1_defers_each_w_p_minus_1_micro_batches():
+    # The paper's Figure 3 (top), p=4, m=8: stage 0 and the last stage.
+    assert " ".join(f"{a}{i}" for a, i in pipeline.zb_h1(8, 4, 0)) == (
+        "F0 F1 F2 F3 B0 W0 F4 B1 W1 F5 B2 W2 F6 B3 W3 F7 B4 W4 B5 W5 B6 W6 B7 W7"
+    )
+    assert " ".join(f"{a}{i}" for a, i in pipeline.zb_h1(8, 4, 3)) == (
+        "F0 B0 F1 B1 F2 B2 F3 B3 W0 F4 B4 W1 F5 B5 W2 F6 B6 W3 F7 B7 W4 W5 W6 W7"
+    )
+
+
+def _unit_time_step(schedule, m: int, p: int, split: bool, v: int = 1) -> float | None:
+    """Ticks a step takes when a stage's F, B and W take one each (1F1B's B, both halves, two)
+    and a chunk's ``1/v`` of that; ``None`` if the stages deadlock. Each rank runs its actions
+    in order; F(i) of global stage g waits for g-1's, B(i) for g+1's (stage g: rank g % p)."""
+    orders = [[(*a, 0)[:3] for a in schedule(m, p, s)] for s in range(p)]
+    done, clock, pc = {}, [0.0] * p, [0] * p
+    while any(pc[s] < len(orders[s]) for s in range(p)):
+        before = sum(pc)
+        for s in range(p):
+            while pc[s] < len(orders[s]):
+                phase, i, c = orders[s][pc[s]]
+                g = s + c * p
+                peer = {"F": g - 1, "B": g + 1}.get(phase)
+                dep = (phase, i, peer) if peer is not None and 0 <= peer < p * v else None
+                if dep is not None and dep not in done:
+                    break  # waits for the peer's action: go run the other stages
+                start = max(clock[s], done.get(dep, 0))
+                ticks = 2 if phase == "B" and not split else 1
+                clock[s] = done[(phase, i, g)] = start + ticks / v
+                pc[s] += 1
+        if sum(pc) == before:
+            return None
+    return max(clock)
+
+
+@pytest.mark.parametrize(("p", "m"), [(2, 2), (2, 4), (3, 6), (4, 4), (4, 8)])
+def test_bubble_formulas_match_the_schedules_in_unit_time(p, m):
+    # Busy 3m ticks a stage out of the step: the idle share is the formula's.
+    for strategy, split in (("pp-1f1b", False), ("pp-gpipe", False), ("pp-zb", True)):
+        ticks = _unit_time_step(pipeline.SCHEDULES[strategy], m, p, split)
+        assert 1 - 3 * m / ticks == pytest.approx(pipeline.analytic_bubble(p, m, strategy))
+    # Split B and W but run each W right after its B (1F1B's order): the bubble stays above
+    # ZB-H1's, the formula's check fails on it.
+    eager_w = lambda m, p, s: [  # noqa: E731
+        a for phase, i in pipeline.one_f_one_b(m, p, s)
+        for a in ([("F", i)] if phase == "F" else [("B", i), ("W", i)])
+    ]  # fmt: skip
+    ticks = _unit_time_step(eager_w, m, p, True)
+    assert 1 - 3 * m / ticks > pipeline.analytic_bubble(p, m, "pp-zb") + 0.01
+
+
+@pytest.mark.parametrize(("p", "m", "v"), [(2, 2, 2), (2, 4, 2), (2, 4, 3), (4, 8, 2), (4, 8, 4)])
+def test_interleaved_bubble_matches_its_schedule_in_unit_time(p, m, v):
+    order = lambda m, p, s: pipeline.interleaved(m, p, s, v)  # noqa: E731
+    ticks = _unit_time_step(order, m, p, False, v)
+    bubble = pipeline.analytic_bubble(p, m, "pp-interleaved", v)
+    assert 1 - 3 * m / ticks == pytest.approx(bubble)
+    assert bubble < pipeline.analytic_bubble(p, m, "pp-1f1b")
+    # Each micro-batch through all of a rank's chunks before the next one (not p at a time):
+    # the ranks wait on each other, or deadlock.
+    wrong = lambda m, p, s: _depth_first(pipeline.interleaved(m, p, s, v))  # noqa: E731
+    ticks = _unit_time_step(wrong, m, p, False, v)
+    assert ticks is None or 1 - 3 * m / ticks > bubble + 0.1
+
+
+def _depth_first(order: list) -> list:
+    """``order`` with its forwards by (micro-batch, chunk) and backwards by (micro-batch,
+    chunk reversed), in the same F and B slots."""
+    fs = iter(sorted((a for a in order if a[0] == "F"), key=lambda a: (a[1], a[2])))
+    bs = iter(sorted((a for a in order if a[0] == "B"), key=lambda a: (a[1], -a[2])))
+    return [next(fs) if a[0] == "F" else next(bs) for a in order]
+
+
+def test_interleaved_runs_p_micro_batches_through_each_chunk_in_turn():
+    # Megatron's order, p=2, v=2, m=4, stage 0: 2(p-1) + (v-1)p = 4 warm-up forwards.
+    assert pipeline.interleaved(4, 2, 0, 2) == [
+        ("F", 0, 0), ("F", 1, 0), ("F", 0, 1), ("F", 1, 1),
+        ("F", 2, 0), ("B", 0, 1), ("F", 3, 0), ("B", 1, 1),
+        ("F", 2, 1), ("B", 0, 0), ("F", 3, 1), ("B", 1, 0),
+        ("B", 2, 1), ("B", 3, 1), ("B", 2, 0), ("B", 3, 0),
+    ]  # fmt: skip
+
+
 def test_bubble_formula():
     assert pipeline.analytic_bubble(p=2, m=1) == 0.5
     assert pipeline.analytic_bubble(p=4, m=8) == pytest.approx(3 / 11)
+    assert pipeline.analytic_bubble(p=4, m=8, strategy="pp-zb") == pytest.approx(3 / 27)
+    assert pipeline.analytic_bubble(4, 8, "pp-interleaved", v=2) == pytest.approx(3 / 19)
 
 
 def test_expected_comm_is_activations_and_gradients_per_micro_batch():
@@ -66,6 +152,18 @@ def test_expected_comm_is_activations_and_gradients_per_micro_batch():
         ({"world_size": 8}, "8 pipeline stages but model 'mlp' has only 4 units"),
         ({"micro_batches": 3}, r"batch per data-parallel rank \(32\) does not split into 3"),
         ({"strategy": "pp-1f1b", "impl": "torch", "micro_batches": 1}, "micro_batches >= 2"),
+        ({"strategy": "pp-1f1b", "virtual_stages": 2}, "only pp-interleaved runs several"),
+        ({"strategy": "pp-interleaved"}, "needs virtual_stages >= 2"),
+        ({"strategy": "pp-zbv"}, "pdlab has no scratch ZBV"),
+        ({"strategy": "pp-interleaved", "virtual_stages": 3}, r"6 pipeline stages \(2 ranks x 3"),
+        (
+            {"strategy": "pp-interleaved", "virtual_stages": 2, "micro_batches": 1},
+            "use micro_batches a multiple of 2",
+        ),
+        (
+            {"strategy": "pp-zb", "impl": "torch", "micro_batches": 5, "batch_size": 20},
+            "rounds of 2 and needs micro_batches",
+        ),
     ],
 )
 def test_invalid_configs_say_what_to_change(changes, message):
@@ -86,6 +184,7 @@ def _assert_matches_single(cluster2, strategy: str, impl: str, micro_batches: in
         strategy=strategy,
         impl=impl,
         micro_batches=micro_batches,
+        virtual_stages=2 if strategy == "pp-interleaved" else 1,
         **run,
         timeout=CALL_TIMEOUT,
     )
@@ -102,13 +201,18 @@ def _assert_matches_single(cluster2, strategy: str, impl: str, micro_batches: in
         assert measured == expected, f"step {step}"
 
 
-PARITY_MLP = [
-    (strategy, impl, m)
-    for strategy in ("pp-gpipe", "pp-1f1b")
-    for impl in ("scratch", "torch")
-    for m in (1, 4)
-    if not (strategy == "pp-1f1b" and impl == "torch" and m == 1)  # torch needs m >= p
-]
+PARITY_MLP = (
+    [
+        (strategy, impl, m)
+        for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb")
+        for impl in ("scratch", "torch")
+        for m in (1, 4)
+        if not (strategy == "pp-1f1b" and impl == "torch" and m == 1)  # torch needs m >= p
+        if not (strategy == "pp-zb" and m == 1)  # nothing to defer W to
+    ]
+    + [("pp-interleaved", impl, 4) for impl in ("scratch", "torch")]
+    + [("pp-zbv", "torch", 4)]
+)
 
 
 @pytest.mark.parametrize(("strategy", "impl", "micro_batches"), PARITY_MLP)
@@ -116,7 +220,15 @@ def test_mlp_pp2_matches_single(cluster2, strategy, impl, micro_batches):
     _assert_matches_single(cluster2, strategy, impl, micro_batches)
 
 
-@pytest.mark.parametrize(("strategy", "impl"), [("pp-gpipe", "scratch"), ("pp-1f1b", "torch")])
+@pytest.mark.parametrize(
+    ("strategy", "impl"),
+    [
+        ("pp-gpipe", "scratch"),
+        ("pp-1f1b", "torch"),
+        ("pp-zb", "scratch"),
+        ("pp-interleaved", "torch"),
+    ],
+)
 def test_gpt_pp2_matches_single(cluster2, strategy, impl):
     # SGD, not Adam: the attention key bias has a gradient that is exactly zero in exact
     # arithmetic (softmax ignores a shift of every score), and Adam's g/sqrt(v) turns its
@@ -137,15 +249,51 @@ def _timelines(cluster2, **kwargs) -> list[list[dict]]:
 
 
 @pytest.mark.parametrize("impl", ["scratch", "torch"])
-@pytest.mark.parametrize("strategy", ["pp-gpipe", "pp-1f1b"])
+@pytest.mark.parametrize("strategy", ["pp-gpipe", "pp-1f1b", "pp-zb"])
 def test_timeline_follows_the_schedule_and_bounds_held_activations(cluster2, strategy, impl):
     m, p = 4, 2
     for s, events in enumerate(_timelines(cluster2, strategy=strategy, impl=impl, micro_batches=m)):
+        # torch's ScheduleInterleavedZeroBubble, one stage a rank, runs ZB-H1's order too.
         assert [(e["phase"], e["mb"]) for e in events] == pipeline.SCHEDULES[strategy](m, p, s)
         assert all(e["stage"] == s and e["start"] <= e["end"] for e in events)
-        # GPipe holds every micro-batch's activations before the first backward; 1F1B p-s.
-        assert pipeline.peak_held(events) == (m if strategy == "pp-gpipe" else min(p - s, m))
+        # GPipe holds every micro-batch's activations before the first backward; 1F1B p-s;
+        # ZB-H1 keeps each until its W, p-1 later: p on every stage (1F1B's stage 0).
+        held = {"pp-gpipe": m, "pp-1f1b": min(p - s, m), "pp-zb": p}[strategy]
+        assert pipeline.peak_held(events) == held
         assert max(e["held_bytes"] for e in events) > 0 and events[-1]["held"] == 0
+
+
+@pytest.mark.parametrize("impl", ["scratch", "torch"])
+def test_interleaved_timeline_runs_each_chunk_in_megatrons_order(cluster2, impl):
+    m, p, v = 4, 2, 2
+    timelines = _timelines(
+        cluster2, strategy="pp-interleaved", impl=impl, micro_batches=m, virtual_stages=v
+    )
+    for s, events in enumerate(timelines):
+        # torch's ScheduleInterleaved1F1B runs the same order.
+        assert [(e["phase"], e["mb"], e["chunk"]) for e in events] == pipeline.interleaved(
+            m, p, s, v
+        )
+        # A warm-up of 2(p-s-1) + (v-1)p chunk passes: held at once, then one in, one out.
+        assert pipeline.peak_held(events) == 2 * (p - s - 1) + (v - 1) * p + 1
+    # A chunk pass holds 1/v of a stage's activations: stage 0 holds 1F1B's p stages' worth
+    # times 1 + (p-1)/(pv), Megatron's formula.
+    assert pipeline.peak_held(timelines[0]) / v == pytest.approx(p * (1 + (p - 1) / (p * v)))
+
+
+def test_zbv_runs_a_v_of_two_chunks_a_rank_with_b_and_w_apart(cluster2):
+    m = 4
+    timelines = _timelines(cluster2, strategy="pp-zbv", impl="torch", micro_batches=m)
+    for events in timelines:
+        # Every micro-batch through both chunks: F, then B, then W, each once.
+        for chunk in (0, 1):
+            for mb in range(m):
+                mine = [e["phase"] for e in events if (e["chunk"], e["mb"]) == (chunk, mb)]
+                assert mine == ["F", "B", "W"], (chunk, mb, mine)
+    # The V: rank 0 holds stages 0 and 3, so it runs micro-batch 0's first forward and its
+    # last backward; rank 1 holds the turn (stages 1, 2): its first two passes are F0 on both.
+    assert (timelines[0][0]["chunk"], timelines[0][0]["phase"]) == (0, "F")
+    assert [(e["phase"], e["chunk"]) for e in timelines[1][:2]] == [("F", 0), ("F", 1)]
 
 
 def test_naive_pipeline_bubble_is_at_least_the_formula(cluster2):
@@ -157,11 +305,16 @@ def test_naive_pipeline_bubble_is_at_least_the_formula(cluster2):
 
 def test_expected_comm_is_registered_for_every_impl():
     # The bytes don't depend on m: m micro-batches of B/m samples carry the whole batch.
-    for strategy in ("pp-gpipe", "pp-1f1b"):
-        for impl in ("scratch", "torch"):
+    cuts = {"pp-interleaved": 3, "pp-zbv": 2}  # p·v-1 cuts; ZBV's turn stays on one rank
+    for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb", "pp-interleaved", "pp-zbv"):
+        for impl in ("scratch", "torch") if strategy != "pp-zbv" else ("torch",):
             for m in (2, 4):
-                config = TrainConfig(strategy=strategy, impl=impl, micro_batches=m, world_size=2)
-                assert totals(expected_comm(config)) == {("send", "pp"): (16384, 16384.0)}
+                v = 2 if strategy == "pp-interleaved" else 1
+                config = TrainConfig(
+                    strategy=strategy, impl=impl, micro_batches=m, world_size=2, virtual_stages=v
+                )
+                sent = 16384 * cuts.get(strategy, 1)  # the same bytes a cut
+                assert totals(expected_comm(config)) == {("send", "pp"): (sent, float(sent))}
 
 
 def test_result_carries_every_ranks_timeline(cluster2):

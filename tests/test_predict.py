@@ -157,6 +157,8 @@ def test_wait_rules_follow_each_strategy():
     assert wait_rule("pp-1f1b", "scratch", "recv", "pp", gpu=False) == BLOCKING
     assert wait_rule("pp-1f1b", "scratch", "send", "pp", gpu=False) == "at end"
     assert wait_rule("pp-1f1b", "torch", "send", "pp", gpu=False) == "with the next"
+    # torch's zero-bubble runtime keeps its sends and waits for them all at the end.
+    assert wait_rule("pp-zb", "torch", "send", "pp", gpu=False) == "at end"
     assert wait_rule("ps", "scratch", "send", "dp", gpu=False) == BLOCKING
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=False) == BLOCKING  # CPU: sync
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=True) == "prefetch"
@@ -286,6 +288,23 @@ def test_zero2_is_predicted_from_its_run(cluster2):
     result = pdlab.train(cluster2, strategy="zero2", model="gpt", steps=2)
     rows = pdlab.predict(result, "8xH100")
     assert len(rows) == 2 and (rows.step_time > 0).all() and (rows.exposed_comm > 0).all()
+
+
+NEW_PIPELINES = [
+    (strategy, impl, chunks)
+    for strategy, chunks in (("pp-zb", 1), ("pp-interleaved", 2), ("pp-zbv", 1))
+    for impl in ("scratch", "torch")
+    if (strategy, impl) != ("pp-zbv", "scratch")  # ZBV is torch's only
+]
+
+
+@pytest.mark.parametrize(("strategy", "impl", "chunks"), NEW_PIPELINES)
+def test_new_pipeline_schedules_are_predicted_from_their_runs(cluster2, strategy, impl, chunks):
+    result = pdlab.train(
+        cluster2, strategy=strategy, impl=impl, micro_batches=4, virtual_stages=chunks, steps=2
+    )
+    rows = pdlab.predict(result, "8xH100")
+    assert len(rows) == 2 and (rows.step_time > rows.compute).all() and (rows.bubble > 0).all()
 
 
 def test_tensor_parallel_flops_are_counted_on_local_shards(cluster2):

@@ -138,6 +138,8 @@ def test_every_op_sends_what_the_model_says_plus_framing(request, ranks, numel):
 AT_2 = [
     ("dp", "scratch"), ("dp", "torch"), ("ps", "scratch"), ("tp", "scratch"), ("tp", "torch"),
     ("pp-gpipe", "scratch"), ("pp-1f1b", "scratch"), ("pp-gpipe", "torch"), ("pp-1f1b", "torch"),
+    ("pp-zb", "scratch"), ("pp-zb", "torch"), ("pp-interleaved", "scratch"),
+    ("pp-interleaved", "torch"), ("pp-zbv", "torch"),
     ("zero1", "scratch"), ("zero1", "torch"), ("zero2", "scratch"), ("zero2", "torch"),
     ("zero3", "scratch"), ("zero3", "torch"),
 ]  # fmt: skip
@@ -185,8 +187,15 @@ def assert_bytes_on_the_wire(result) -> None:
 @pytest.mark.parametrize(("strategy", "impl"), AT_2)
 def test_every_strategy_at_2_ranks(cluster2, strategy, impl):
     micro = 2 if strategy.startswith("pp") else 1
+    chunks = 2 if strategy == "pp-interleaved" else 1
     result = train(
-        cluster2, strategy=strategy, impl=impl, steps=3, batch_size=16, micro_batches=micro
+        cluster2,
+        strategy=strategy,
+        impl=impl,
+        steps=3,
+        batch_size=16,
+        micro_batches=micro,
+        virtual_stages=chunks,
     )
     assert_bytes_on_the_wire(result)
 

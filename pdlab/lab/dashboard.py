@@ -353,6 +353,14 @@ class Dashboard:
             "micro_batches": widgets.BoundedIntText(
                 START.micro_batches, min=1, max=256, description="micro-batches", **size
             ),
+            "virtual_stages": widgets.BoundedIntText(
+                START.virtual_stages,
+                min=1,
+                max=16,
+                description="virtual stages",
+                disabled=START.strategy != "pp-interleaved",  # see _on_strategy
+                **size,
+            ),
             "lr": widgets.BoundedFloatText(
                 START.lr, min=1e-6, max=10.0, step=0.001, description="lr", **size
             ),
@@ -410,6 +418,10 @@ class Dashboard:
         if fixed:
             self.controls["impl"].value = fixed
         self.controls["impl"].disabled = fixed is not None
+        # Model chunks a rank: interleaved 1F1B needs two or more, every other strategy one.
+        interleaved = self.menu[change["new"]].strategy == "pp-interleaved"
+        self.controls["virtual_stages"].value = 2 if interleaved else 1
+        self.controls["virtual_stages"].disabled = not interleaved
 
     def _on_cluster(self, change: dict) -> None:
         self.controls["emulate"].disabled = not _emulable(change["new"])
@@ -447,7 +459,8 @@ class Dashboard:
         """Start a run in the background and return at once.
 
         ``settings`` set controls first: ``strategy`` (a key of ``self.menu``), ``impl``,
-        ``world_size``, ``model``, ``batch_size``, ``micro_batches``, ``lr``, ``steps``,
+        ``world_size``, ``model``, ``batch_size``, ``micro_batches``, ``virtual_stages``
+        (pp-interleaved), ``lr``, ``steps``,
         ``cluster`` (a value of ``CLUSTERS``: where the steps are predicted) and ``emulate``
         (a link cluster: whether the ranks emulate it). A bad combination raises ValueError,
         also shown in the dashboard; nothing starts then.
@@ -457,7 +470,8 @@ class Dashboard:
         unknown = set(settings) - set(self.controls)
         if unknown:
             raise TypeError(f"unknown setting(s) {sorted(unknown)}: use {list(self.controls)}")
-        for name, value in settings.items():
+        # The strategy first: choosing it resets virtual_stages.
+        for name, value in sorted(settings.items(), key=lambda item: item[0] != "strategy"):
             self.controls[name].value = value
         target = self.controls["cluster"].value
         try:

@@ -34,7 +34,7 @@ RUN_COLORS = px.colors.qualitative.Plotly  # run i has the same color on every p
 # Runs that coincide (a strategy and one process) stay visible: each run its own dash and marker.
 RUN_DASHES = ("solid", "dash", "dot", "dashdot")
 RUN_MARKERS = ("circle-open", "x", "diamond-open", "square-open", "cross", "triangle-up-open")
-PHASE_COLORS = {"F": "#4C78A8", "B": "#F58518"}
+PHASE_COLORS = {"F": "#4C78A8", "B": "#F58518", "W": "#54A24B"}
 MEMORY_PARTS = {
     "param_bytes": ("parameters", "#4C78A8"),
     "grad_bytes": ("gradients", "#F58518"),
@@ -273,25 +273,39 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
         return fig
     events = [{**e, "rank": rec["rank"]} for rec in chosen for e in rec["timeline"]]
     t0 = min(e["start"] for e in events)
+    split = any(e["phase"] == "W" for e in events)  # a zero-bubble run: B and W apart
+    v = 1 + max(e.get("chunk", 0) for e in events)  # model chunks a rank (pp-interleaved)
+    names = {"F": "forward", "B": "input gradient (B)" if split else "backward", "W": "weights (W)"}
     for phase, color in PHASE_COLORS.items():
         mine = [e for e in events if e["phase"] == phase]
+        if not mine:
+            continue  # W only in a zero-bubble run
         fig.add_bar(
             orientation="h",
             y=[f"rank {e['rank']} · stage {e['stage']}" for e in mine],
             base=[(e["start"] - t0) * 1e3 for e in mine],
             x=[(e["end"] - e["start"]) * 1e3 for e in mine],
-            text=[f"{phase}{e['mb']}" for e in mine],
+            text=[f"{phase}{e['mb']}" + (f"·{e['chunk']}" if v > 1 else "") for e in mine],
             textposition="inside",
             insidetextanchor="middle",
             textangle=0,  # never turned on end to fit a thin bar: left out instead
-            name="forward" if phase == "F" else "backward",
+            name=names[phase],
             marker_color=color,
         )
     p = len({e["stage"] for e in events})
     m = len({e["mb"] for e in events})
+    schedule, formula = (
+        ("pp-zbv", "") if v > 1 and split  # ZBV: no closed form here
+        else ("pp-interleaved", "(p-1)/(v·m+p-1)") if v > 1
+        else ("pp-zb", "(p-1)/(3m+p-1)") if split
+        else ("pp-1f1b", "(p-1)/(m+p-1)")
+    )  # fmt: skip
+    measured = f"Pipeline step {chosen[0]['step']}: bubble {bubble_fraction(events):.0%} measured"
     fig.update_layout(
-        title=f"Pipeline step {chosen[0]['step']}: bubble {bubble_fraction(events):.0%} measured, "
-        f"(p-1)/(m+p-1) = {analytic_bubble(p, m):.0%} for p={p}, m={m}",
+        title=f"{measured}, ZBV (zero in theory with equal F, B, W), p={p}, m={m}"
+        if schedule == "pp-zbv"
+        else f"{measured}, {formula} = {analytic_bubble(p, m, schedule, v):.0%} for p={p}, m={m}"
+        + (f", v={v}" if v > 1 else ""),
         yaxis_autorange="reversed",
         uniformtext={"minsize": 9, "mode": "hide"},  # a label that doesn't fit is left out
     )

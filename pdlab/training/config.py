@@ -59,6 +59,9 @@ class TrainConfig:
     steps: int = _field(20, "optimizer steps")
     batch_size: int = _field(32, "global batch, over all data-parallel ranks")
     micro_batches: int = _field(1, "pipelines split each rank's batch into these")
+    virtual_stages: int = _field(
+        1, "model chunks a pipeline rank holds (pp-interleaved: 2 or more; Megatron's v)"
+    )
     lr: float = _field(0.01, "learning rate")
     optimizer: str = _field(
         "adam", "optimizer (plain: no momentum, no weight decay)", lambda: OPTIMIZERS

@@ -57,7 +57,9 @@ def validate(config: TrainConfig) -> None:
         options, value = choices(f), getattr(config, f.name)
         if options is not None and value not in options:
             raise ValueError(f"unknown {f.name} {value!r}: choose one of {', '.join(options)}")
-    for name, least in (("steps", 1), ("batch_size", 1), ("micro_batches", 1), ("seed", 0)):
+    for name, least in (
+        ("steps", 1), ("batch_size", 1), ("micro_batches", 1), ("virtual_stages", 1), ("seed", 0)
+    ):  # fmt: skip
         checks.whole(getattr(config, name), name, least)
     checks.whole(config.checkpoint_every, "checkpoint_every", 0)  # 0: never
     if (config.checkpoint_every or config.resume) and config.precision != "fp32":
@@ -83,6 +85,12 @@ def validate(config: TrainConfig) -> None:
             f"micro_batches={config.micro_batches} applies to pipelines only "
             f"({', '.join(registry.micro_batched())}); strategy {config.strategy!r} computes "
             "each rank's batch at once: leave micro_batches at 1"
+        )
+    if (config.virtual_stages != 1) != (config.strategy == "pp-interleaved"):
+        raise ValueError(
+            f"virtual_stages={config.virtual_stages} with strategy {config.strategy!r}: only "
+            "pp-interleaved runs several model chunks a rank, and it needs virtual_stages >= 2 "
+            "(with one chunk a rank, use pp-1f1b)"
         )
     strategy.check_world_size(config.world_size)
     layout = strategy.layout(config.world_size)

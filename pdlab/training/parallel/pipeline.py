@@ -10,6 +10,19 @@ backward runs the other way, sending the gradient of the stage's input. Two sche
 - 1F1B, PipeDream-Flush (Narayanan et al. 2021, arXiv 2104.04473): ``p-s-1`` warm-up
   forwards, then one forward one backward, then the cool-down backwards. Same bubble, but a
   stage holds at most ``p-s`` micro-batches' activations.
+- ZB-H1, zero bubble (Qi et al. 2023, arXiv 2401.10241): each backward split in two, B (the
+  gradient of the stage's input, which the previous stage waits for) and W (the weight
+  gradients, which nobody waits for). Stage ``s`` runs 1F1B's order with B in place of the
+  backward and each W ``p-1`` micro-batches later, where 1F1B's stages sat idle. With equal
+  F, B and W times the bubble drops to ``(p-1)/(3m+p-1)`` of the step (``(p-1)/(3m)`` of the
+  compute) for ``m >= p``; the traffic is 1F1B's, and a stage holds at most ``p``
+  micro-batches (1F1B's peak, on stage 0).
+- Interleaved 1F1B (Narayanan et al. 2021, §2.2): the units cut into ``p·v`` stages, rank
+  ``s`` holding ``v`` model chunks, stages ``s, s+p, ..., s+(v-1)p`` (``virtual_stages``).
+  Megatron's order: micro-batches go through the chunks ``p`` at a time, a longer warm-up,
+  then 1F1B over the ``m·v`` chunk passes. A chunk pass takes ``1/v`` of a stage's, so the
+  bubble drops to ``(p-1)/(v·m+p-1)`` (``(p-1)/(v·m)`` of the compute); every micro-batch
+  crosses ``p·v-1`` cuts instead of ``p-1``: about ``v`` times the point-to-point bytes.
 
 The loss is the mean over micro-batches of each micro-batch's mean loss, so the gradients
 equal the single-process full-batch gradient (micro-batches are equal-sized).
@@ -25,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import pairwise
@@ -32,7 +46,14 @@ from itertools import pairwise
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
 
 from pdlab import compat
 from pdlab.measure import memory
@@ -50,7 +71,8 @@ from pdlab.training.parallel.base import (
 )
 from pdlab.training.parallel.single import Single
 
-Action = tuple[str, int]  # ("F" | "B", micro-batch index)
+Action = tuple[str, int]  # ("F" | "B" | "W", micro-batch index)
+ChunkAction = tuple[str, int, int]  # the same and the model chunk (pp-interleaved)
 
 
 # --- partition ---------------------------------------------------------------------------
@@ -75,11 +97,12 @@ def partition(model: nn.Sequential, p: int) -> list[tuple[int, int]]:
 
 def check(config: TrainConfig, layout: Layout) -> None:
     """Raise ValueError, saying what to change, if ``config`` cannot run as a ``layout.pp`` pipeline."""
-    units = len(meta_model(config))
-    if layout.pp > units:
+    units, stages = len(meta_model(config)), layout.pp * chunks_per_rank(config)
+    if stages > units:
+        chunks = f" ({layout.pp} ranks x {chunks_per_rank(config)})" if stages > layout.pp else ""
         raise ValueError(
-            f"{layout.pp} pipeline stages but model {config.model!r} has only {units} units: "
-            f"use at most {units} stages"
+            f"{stages} pipeline stages{chunks} but model {config.model!r} has only {units} "
+            f"units: use at most {units} stages"
         )
     per_rank = config.batch_size // layout.dp
     if config.micro_batches < 1 or per_rank % config.micro_batches:
@@ -87,6 +110,25 @@ def check(config: TrainConfig, layout: Layout) -> None:
             f"the batch per data-parallel rank ({per_rank}) does not split into "
             f"{config.micro_batches} micro-batches: use a divisor of {per_rank}"
         )
+    if config.strategy == "pp-interleaved" and config.micro_batches % layout.pp:
+        raise ValueError(
+            f"interleaved 1F1B sends micro-batches through the chunks {layout.pp} at a time "
+            f"(Megatron's order): use micro_batches a multiple of {layout.pp}, not "
+            f"{config.micro_batches}"
+        )
+
+
+def chunks_per_rank(config: TrainConfig) -> int:
+    """Model chunks a pipeline rank holds: ``virtual_stages`` (pp-interleaved), 2 (ZBV's V)."""
+    return 2 if config.strategy == "pp-zbv" else config.virtual_stages
+
+
+def stages_of(strategy: str, p: int, s: int, v: int) -> list[int]:
+    """The global stages of rank ``s``'s chunks, of ``p·v``: ``s, s+p, ...`` (looped), or
+    ZBV's V, ``s`` down the ranks and ``2p-1-s`` back up (the last rank holds the turn)."""
+    if strategy == "pp-zbv":
+        return [s, 2 * p - 1 - s]
+    return [s + k * p for k in range(v)]
 
 
 def _example_microbatch(config: TrainConfig, layout: Layout) -> torch.Tensor:
@@ -107,7 +149,8 @@ def _unit_outputs(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
 def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
     """One step's traffic on every rank of the ``pp`` group (and of each ``dp`` replica).
 
-    Per micro-batch and stage boundary: the activation forward and its gradient backward,
+    Per micro-batch and stage boundary (``p·v-1`` of them, stage ``k`` on pipeline rank
+    ``k mod p``): the activation forward and its gradient backward,
     each a send of ``b * activation shape * dtype size`` bytes (``b`` = micro-batch size;
     its payload counted at the sender) and the matching recv (payload 0; it receives those
     bytes). Both impls send exactly this:
@@ -117,12 +160,16 @@ def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
     outs = _unit_outputs(model, _example_microbatch(config, layout))
     stage_of = [layout.coords(rank)[1] for rank in range(layout.world_size)]
     events = []
-    for s, (_, stop) in enumerate(partition(model, p)[:-1]):
+    v = chunks_per_rank(config)
+    rank_of = {g: s for s in range(p) for g in stages_of(config.strategy, p, s, v)}
+    for k, (_, stop) in enumerate(partition(model, p * v)[:-1]):
         size = outs[stop - 1].nbytes
-        # The ranks of stage s and of stage s+1, replica by replica (dp-pp has several).
+        if rank_of[k] == rank_of[k + 1]:
+            continue  # ZBV's turn: both stages on one rank, nothing sent
+        # The ranks of stage k and of stage k+1, replica by replica (dp-pp has several).
         pairs = zip(
-            [r for r, t in enumerate(stage_of) if t == s],
-            [r for r, t in enumerate(stage_of) if t == s + 1],
+            [r for r, t in enumerate(stage_of) if t == rank_of[k]],
+            [r for r, t in enumerate(stage_of) if t == rank_of[k + 1]],
             strict=True,
         )
         for before, after in pairs:
@@ -149,11 +196,56 @@ def one_f_one_b(m: int, p: int, s: int) -> list[Action]:
     return order + [("B", i) for i in range(m - warmup, m)]
 
 
+def zb_h1(m: int, p: int, s: int) -> list[Action]:
+    """ZB-H1: at tick ``x``, ``F(x)``, then ``B(x-(p-1-s))`` (1F1B's pairing), then
+    ``W(x-(p-1))``, each where its micro-batch exists (the paper's Figure 3, top)."""
+    order = []
+    for x in range(m + p - 1):
+        triple = (("F", x), ("B", x - (p - 1 - s)), ("W", x - (p - 1)))
+        order += [(phase, i) for phase, i in triple if 0 <= i < m]
+    return order
+
+
+def interleaved(m: int, p: int, s: int, v: int) -> list[ChunkAction]:
+    """Interleaved 1F1B (Megatron's ``forward_backward_pipelining_with_interleaving``): the
+    ``k``-th chunk pass of a rank is micro-batch ``(k // pv)·p + k % p`` on chunk
+    ``(k // p) % v`` (backwards: chunks in reverse); ``2(p-s-1) + (v-1)p`` warm-up forwards,
+    then one forward one backward, then the cool-down. ``m`` must be a multiple of ``p``."""
+
+    def action(k: int, phase: str) -> ChunkAction:
+        chunk = (k // p) % v
+        return (phase, (k // (p * v)) * p + k % p, chunk if phase == "F" else v - 1 - chunk)
+
+    passes = m * v
+    warmup = min(2 * (p - s - 1) + (v - 1) * p, passes)
+    order = [action(k, "F") for k in range(warmup)]
+    for k in range(passes - warmup):
+        order += [action(warmup + k, "F"), action(k, "B")]
+    return order + [action(k, "B") for k in range(passes - warmup, passes)]
+
+
+def actions(config: TrainConfig, p: int, s: int) -> list[ChunkAction]:
+    """Stage ``s``'s actions in ``config``'s schedule, each with its model chunk."""
+    if config.strategy == "pp-interleaved":
+        return interleaved(config.micro_batches, p, s, config.virtual_stages)
+    return [(phase, i, 0) for phase, i in SCHEDULES[config.strategy](config.micro_batches, p, s)]
+
+
 SCHEDULES: dict[str, Callable[[int, int, int], list[Action]]] = {
     "pp-gpipe": gpipe,
     "pp-1f1b": one_f_one_b,
+    "pp-zb": zb_h1,
 }
-TORCH_SCHEDULES = {"pp-gpipe": ScheduleGPipe, "pp-1f1b": Schedule1F1B}
+# torch's zero-bubble schedule with one stage a rank runs ZB-H1's order (checked in
+# tests/test_pipeline.py against ``zb_h1``).
+TORCH_SCHEDULES = {
+    "pp-gpipe": ScheduleGPipe,
+    "pp-1f1b": Schedule1F1B,
+    "pp-zb": ScheduleInterleavedZeroBubble,
+    "pp-interleaved": ScheduleInterleaved1F1B,
+    "pp-zbv": ScheduleZBVZeroBubble,
+}
+SPLIT_BACKWARD = ("pp-zb", "pp-zbv")  # the schedules whose backward is B then W
 
 
 # --- the link between stages ------------------------------------------------------------
@@ -164,7 +256,11 @@ class StageLink:
     gradients of those activations backward.
 
     The stage is this rank's place in ``group`` (``None``: the world), its neighbours the
-    ranks before and after it. ``input_like`` and ``output_like`` are one micro-batch's input
+    ranks before and after it. With ``chunks`` model chunks a rank (interleaved 1F1B), this
+    link is chunk ``chunk``'s: global stage ``stage + chunk·stages``, its neighbours wrap
+    around the group (the last rank's chunk 0 feeds the first rank's chunk 1). Each cut's
+    messages carry their own tag, activations and gradients apart, so two streams between the
+    same pair of ranks never take each other's place. ``input_like`` and ``output_like`` are one micro-batch's input
     and output of the stage (meta tensors will do): their shapes and dtypes are what the
     receives expect. Tensors arrive on ``device``; on gloo they travel through the CPU
     (``wire_device``).
@@ -181,10 +277,14 @@ class StageLink:
         input_like: torch.Tensor,
         output_like: torch.Tensor,
         device: torch.device,
+        chunk: int = 0,
+        chunks: int = 1,
     ):
         self.group = group or dist.group.WORLD
         self.stage, self.stages = dist.get_rank(self.group), dist.get_world_size(self.group)
-        self.is_first, self.is_last = self.stage == 0, self.stage == self.stages - 1
+        self.cut = self.stage + chunk * self.stages  # the cut behind this (global) stage
+        self.is_first, self.is_last = self.cut == 0, self.cut == self.stages * chunks - 1
+        self.prev, self.next = (self.stage - 1) % self.stages, (self.stage + 1) % self.stages
         self.input_like, self.output_like = input_like, output_like
         self.device, self.wire = device, wire_device(self.group, device)
         self._sends: list[dist.Work] = []
@@ -192,19 +292,19 @@ class StageLink:
     def recv_forward(self) -> torch.Tensor:
         """The previous stage's activation, ready for autograd: after backward, its ``.grad``
         is what ``send_backward`` returns to that stage."""
-        return self._recv(self.input_like, self.stage - 1).requires_grad_()
+        return self._recv(self.input_like, self.prev, 2 * self.cut - 2).requires_grad_()
 
     def send_forward(self, out: torch.Tensor) -> None:
         """Start sending this stage's output to the next stage."""
-        self._isend(out.detach(), self.stage + 1)
+        self._isend(out.detach(), self.next, 2 * self.cut)
 
     def recv_backward(self) -> torch.Tensor:
         """The gradient of this stage's output, from the next stage."""
-        return self._recv(self.output_like, self.stage + 1)
+        return self._recv(self.output_like, self.next, 2 * self.cut + 1)
 
     def send_backward(self, grad: torch.Tensor) -> None:
         """Start sending the gradient of this stage's input to the previous stage."""
-        self._isend(grad, self.stage - 1)
+        self._isend(grad, self.prev, 2 * self.cut - 1)
 
     def wait(self) -> None:
         """Wait until every send started so far is done."""
@@ -212,14 +312,14 @@ class StageLink:
             work.wait()
         self._sends = []
 
-    def _isend(self, t: torch.Tensor, peer: int) -> None:
+    def _isend(self, t: torch.Tensor, peer: int, tag: int) -> None:
         # The Work holds the tensor it sends (a copy on the CPU, on gloo) until it is done.
         t = t.to(self.wire).contiguous()
-        self._sends.append(dist.isend(t, group=self.group, group_dst=peer))
+        self._sends.append(dist.isend(t, group=self.group, group_dst=peer, tag=tag))
 
-    def _recv(self, like: torch.Tensor, peer: int) -> torch.Tensor:
+    def _recv(self, like: torch.Tensor, peer: int, tag: int) -> torch.Tensor:
         buf = torch.empty(like.shape, dtype=like.dtype, device=self.wire)
-        dist.recv(buf, group=self.group, group_src=peer)
+        dist.recv(buf, group=self.group, group_src=peer, tag=tag)
         return buf.to(self.device)
 
 
@@ -230,30 +330,32 @@ class Timeline:
     """One rank's compute events per step, with the activations held after each.
 
     ``held`` counts micro-batches whose forward ran and backward has not (GPipe: up to ``m``;
-    1F1B: up to ``p-s``); ``held_bytes`` is the bytes of the tensors autograd has saved for
+    1F1B: up to ``p-s``; with a split backward, until its W: ZB-H1 up to ``p``); ``held_bytes`` is the bytes of the tensors autograd has saved for
     their backward, parameters excluded, as the training loop's ``SavedTensors`` counts them
     (``pdlab.measure.memory.saved_bytes``). Times are ``time.time()``: the kernel lines up
     events from different processes, and only the wall clock is documented as shared by
     processes (``perf_counter``/``monotonic`` have an undefined reference point).
     """
 
-    def __init__(self, stage: int):
+    def __init__(self, stage: int, split_backward: bool = False):
         self.stage = stage
-        self._held: set[int] = set()  # micro-batches between their forward and backward
+        self._done = "W" if split_backward else "B"  # the phase that frees a micro-batch
+        self._held: set[tuple[int, int]] = set()  # (chunk, micro-batch) between F and backward
         self.events: list[dict] = []
 
     @contextmanager
-    def record(self, mb: int, phase: str) -> Iterator[None]:
+    def record(self, mb: int, phase: str, chunk: int = 0) -> Iterator[None]:
         start = time.time()
         yield
         if phase == "F":
-            self._held.add(mb)
-        else:
-            self._held.remove(mb)
+            self._held.add((chunk, mb))
+        elif phase == self._done:
+            self._held.remove((chunk, mb))
         self.events.append(
             {
                 "mb": mb,
                 "phase": phase,
+                "chunk": chunk,
                 "stage": self.stage,
                 "start": start,
                 "end": time.time(),
@@ -275,8 +377,18 @@ def bubble_fraction(events: list[dict]) -> float:
     return 1 - busy / (lanes * span)
 
 
-def analytic_bubble(p: int, m: int) -> float:
-    """GPipe's and 1F1B's bubble ``(p-1)/(m+p-1)``, with equal F and B times on every stage."""
+def analytic_bubble(p: int, m: int, strategy: str = "pp-1f1b", v: int = 1) -> float:
+    """The idle share of a step with equal phase times on every stage.
+
+    GPipe and 1F1B: ``(p-1)/(m+p-1)``, the ``p-1`` fill and drain slots of F+B beside ``m``
+    busy ones. ZB-H1 (``m >= p``): ``(p-1)/(3m+p-1)``; each stage is busy ``3m`` (F, B, W)
+    and idle ``p-1`` ticks of one phase, the ``(p-1)(F+B-W)`` of the paper. Interleaved
+    1F1B with ``v`` chunks a rank: ``(p-1)/(v·m+p-1)``, its fill and drain are chunk passes.
+    """
+    if strategy == "pp-interleaved":
+        return (p - 1) / (v * m + p - 1)
+    if strategy == "pp-zb":
+        return (p - 1) / (3 * m + p - 1)
     return (p - 1) / (m + p - 1)
 
 
@@ -304,16 +416,23 @@ class Pipeline(Single):
         self.check(config, mesh.layout)
         self.config, self.mesh = config, mesh
         self.p, self.s, self.m = mesh.layout.pp, mesh.pp_rank, config.micro_batches
-        self.is_first, self.is_last = self.s == 0, self.s == self.p - 1
         self.group = mesh.group("pp")
-        start, stop = partition(model, self.p)[self.s]
-        super().__init__(models.stage(model, start, stop), config, mesh)
-        self.timeline = Timeline(self.s)
-        # What crosses this stage's cuts per micro-batch: the shapes of what it receives.
+        # This rank's chunks: stages s, s+p, ... of p·v (one, unless pp-interleaved), or ZBV's.
+        self.v = chunks_per_rank(config)
+        cuts = partition(model, self.p * self.v)
+        self.stage_ids = stages_of(config.strategy, self.p, self.s, self.v)
+        # Whether it feeds the data in, and computes the loss (ZBV: rank 0 does both).
+        self.is_first, self.is_last = 0 in self.stage_ids, self.p * self.v - 1 in self.stage_ids
+        ranges = [cuts[g] for g in self.stage_ids]
+        chunks = [models.stage(model, start, stop) for start, stop in ranges]
+        units = OrderedDict(unit for chunk in chunks for unit in chunk.named_children())
+        super().__init__(nn.Sequential(units) if self.v > 1 else chunks[0], config, mesh)
+        self.chunks = [self.module] if self.v == 1 else chunks  # they share the units
+        self.timeline = Timeline(self.s, config.strategy in SPLIT_BACKWARD)
+        # What crosses each chunk's cuts per micro-batch: the shapes of what it receives.
         x = _example_microbatch(config, mesh.layout)
         outs = _unit_outputs(model, x)
-        self.input_like = outs[start - 1] if start else x
-        self.output_like = outs[stop - 1]
+        self.likes = [(outs[start - 1] if start else x, outs[stop - 1]) for start, stop in ranges]
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Run the schedule over ``m`` micro-batches; the last stage reports the mean loss."""
@@ -336,40 +455,105 @@ class Pipeline(Single):
 
 
 class PipelineScratch(Pipeline):
-    """``pp-gpipe`` / ``pp-1f1b`` from scratch: the schedule's actions in order, over a
-    ``StageLink``; the sends are waited on at the end of the step."""
+    """``pp-gpipe`` / ``pp-1f1b`` / ``pp-zb`` from scratch: the schedule's actions in order,
+    over a ``StageLink``; the sends are waited on at the end of the step."""
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(model, config, mesh)
-        self.link = StageLink(self.group, self.input_like, self.output_like, mesh.device)
+        self.links = [
+            StageLink(self.group, *self.likes[c], mesh.device, chunk=c, chunks=self.v)
+            for c in range(self.v)
+        ]
 
     def run_schedule(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        xs, ys, link = x.tensor_split(self.m), y.tensor_split(self.m), self.link
-        inputs, outputs, losses = {}, {}, []
-        for phase, i in SCHEDULES[self.config.strategy](self.m, self.p, self.s):
+        xs, ys = x.tensor_split(self.m), y.tensor_split(self.m)
+        inputs, outputs, losses = {}, {}, []  # inputs and outputs by (chunk, micro-batch)
+        pending_w = {}  # (chunk, micro-batch) -> its units' outputs and gradients, for W
+        for phase, i, c in actions(self.config, self.p, self.s):
+            link, at = self.links[c], (c, i)
             if phase == "F":
-                h = xs[i] if self.is_first else link.recv_forward()
-                with self.timeline.record(i, "F"):
-                    out = self.module(h)
-                    if self.is_last:
-                        losses.append(models.loss_fn(out, ys[i]))
-                        out = losses[-1] / self.m  # mean over micro-batches = full-batch loss
-                if not self.is_last:
-                    link.send_forward(out)
-                inputs[i], outputs[i] = h, out
-            else:
-                grad = None if self.is_last else link.recv_backward()
-                with self.timeline.record(i, "B"):
-                    torch.autograd.backward(outputs.pop(i), grad)
-                h = inputs.pop(i)
-                if not self.is_first:
+                h = xs[i] if link.is_first else link.recv_forward()
+                with self.timeline.record(i, "F", c):
+                    outs = self._forward_units(self.chunks[c], h)
+                    if link.is_last:
+                        losses.append(models.loss_fn(outs[-1], ys[i]))
+                        outs[-1] = losses[-1] / self.m  # mean over micro-batches = full-batch loss
+                if not link.is_last:
+                    link.send_forward(outs[-1])
+                inputs[at], outputs[at] = h, outs
+            elif phase == "B" and self.config.strategy not in SPLIT_BACKWARD:
+                grad = None if link.is_last else link.recv_backward()
+                with self.timeline.record(i, "B", c):
+                    torch.autograd.backward(outputs.pop(at)[-1], grad)
+                h = inputs.pop(at)
+                if not link.is_first:
                     link.send_backward(h.grad)
-        link.wait()
+            elif phase == "B":
+                grad = None if link.is_last else link.recv_backward()
+                with self.timeline.record(i, "B", c):
+                    h, outs = inputs.pop(at), outputs.pop(at)
+                    grads = backward_input(h, outs, grad)
+                if not link.is_first:
+                    link.send_backward(grads[0])
+                pending_w[at] = (outs, [*grads[1:], grad])
+            else:
+                with self.timeline.record(i, "W", c):
+                    backward_weight(self.chunks[c], *pending_w.pop(at))
+        for link in self.links:
+            link.wait()
         return [loss.detach() for loss in losses]
+
+    def _forward_units(self, chunk: nn.Sequential, h: torch.Tensor) -> list[torch.Tensor]:
+        """Each unit's output in turn; the last is the chunk's. ZB's W starts at each one."""
+        if self.config.strategy not in SPLIT_BACKWARD:
+            return [chunk(h)]
+        outs = []
+        for unit in chunk:
+            h = unit(h)
+            outs.append(h)
+        return outs
+
+
+# --- the split backward (ZB's B and W) in plain autograd ---------------------------------
+
+
+def backward_input(
+    h: torch.Tensor, outs: list[torch.Tensor], grad: torch.Tensor | None
+) -> list[torch.Tensor | None]:
+    """B: the gradients of the stage's input ``h`` and of every unit's input after the first
+    (the earlier units' outputs), from ``grad``, the gradient of the last output.
+
+    ``torch.autograd.grad`` follows only the paths to the tensors asked for, so no weight
+    gradient is computed, and ``retain_graph`` keeps the graph for W. ``h`` of the first
+    stage needs no gradient (the data, or token ids): its place in the answer is ``None``.
+    """
+    wanted = ([h] if h.requires_grad else []) + outs[:-1]
+    got = list(torch.autograd.grad(outs[-1], wanted, grad, retain_graph=True)) if wanted else []
+    return got if h.requires_grad else [None, *got]
+
+
+def backward_weight(
+    units: nn.Sequential, outs: list[torch.Tensor], grads: list[torch.Tensor | None]
+) -> None:
+    """W: every unit's weight gradients, accumulated into ``.grad``, from the gradient of its
+    output that B found (``grads[k]`` for ``outs[k]``, the output of ``units[k]``).
+
+    ``inputs=`` the unit's parameters: autograd goes back from the unit's output only along
+    the paths to them, inside the unit (B already carried the gradient past it), and frees
+    the graph behind it. Inside a unit those paths re-run part of B's work (a transformer
+    block's attention backward, to reach its q, k, v weights); torch's own split
+    (``stage_backward_weight``) keeps B's intermediate gradients to avoid that.
+    """
+    for unit, out, grad in zip(units, outs, grads, strict=True):
+        params = [q for q in unit.parameters() if q.requires_grad]
+        if params:
+            torch.autograd.backward(out, grad, inputs=params)
 
 
 class _TimedStage(PipelineStage):
-    """torch's stage, recording each micro-batch's forward and full backward in a Timeline.
+    """torch's stage, recording each micro-batch's forward and backward in a Timeline: the
+    full backward as B, or, under a zero-bubble schedule, its input half as B and its weight
+    half (``backward_weight_one_chunk``) as W.
 
     The timings are exact for the stage's compute; the last stage's loss is computed by the
     schedule outside ``forward_one_chunk``, so it falls between events.
@@ -380,17 +564,24 @@ class _TimedStage(PipelineStage):
         self.timeline = timeline
 
     def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
-        with self.timeline.record(fwd_chunk_id, "F"):
+        with self.timeline.record(fwd_chunk_id, "F", self.stage_index // self.group_size):
             return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
 
     def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
-        with self.timeline.record(bwd_chunk_id, "B"):
+        with self.timeline.record(bwd_chunk_id, "B", self.stage_index // self.group_size):
             return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
+        with self.timeline.record(bwd_chunk_id, "W", self.stage_index // self.group_size):
+            return super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
 
 
 class PipelineTorch(Pipeline):
-    """``pp-gpipe`` / ``pp-1f1b`` with PyTorch: the same stage given to a ``PipelineStage``
-    and run by ``ScheduleGPipe`` / ``Schedule1F1B``, which divide the gradients by ``m``."""
+    """``pp-gpipe`` / ``pp-1f1b`` / ``pp-zb`` with PyTorch: the same stage given to a
+    ``PipelineStage`` and run by ``ScheduleGPipe`` / ``Schedule1F1B`` /
+    ``ScheduleInterleavedZeroBubble`` (one stage a rank: ZB-H1), which divide the gradients
+    by ``m``. The zero-bubble one runs on gloo in torch 2.13 (the hang of pytorch issue
+    132644 was fixed by PR 152938)."""
 
     @staticmethod
     def check(config: TrainConfig, layout: Layout) -> None:
@@ -400,6 +591,14 @@ class PipelineTorch(Pipeline):
                 f"torch's Schedule1F1B needs at least as many micro-batches as stages: use "
                 f"micro_batches >= {layout.pp} (or impl='scratch', whose 1F1B runs any number)"
             )
+        rounds = max(1, config.micro_batches // layout.pp)
+        if config.strategy == "pp-zb" and config.micro_batches % rounds:
+            raise ValueError(
+                f"torch's ScheduleInterleavedZeroBubble runs micro-batches in rounds of "
+                f"{layout.pp} and needs micro_batches ({config.micro_batches}) to be a "
+                f"multiple of its {rounds} rounds: use a multiple of {layout.pp} (or "
+                f"impl='scratch')"
+            )
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(model, config, mesh)
@@ -408,19 +607,30 @@ class PipelineTorch(Pipeline):
                 "torch.distributed.pipelining sends CUDA tensors point to point, which gloo "
                 "cannot: run it with one GPU per rank (NCCL), or use impl='scratch'"
             )
-        stage = _TimedStage(
-            self.timeline,
-            self.module,
-            self.s,
-            self.p,
-            mesh.device,
-            # Static shapes (no metadata exchange); requires_grad says which grads flow.
-            input_args=self._empty(self.input_like).requires_grad_(not self.is_first),
-            output_args=self._empty(self.output_like).requires_grad_(),
-            group=self.group,
+        stages = [
+            _TimedStage(
+                self.timeline,
+                chunk,
+                self.stage_ids[c],
+                self.p * self.v,
+                mesh.device,
+                # Static shapes (no metadata exchange); requires_grad says which grads flow.
+                input_args=self._empty(input_like).requires_grad_(self.stage_ids[c] > 0),
+                output_args=self._empty(output_like).requires_grad_(),
+                group=self.group,
+            )
+            for c, (chunk, (input_like, output_like)) in enumerate(
+                zip(self.chunks, self.likes, strict=True)
+            )
+        ]
+        schedule = TORCH_SCHEDULES[config.strategy]
+        looped = schedule in (
+            ScheduleInterleavedZeroBubble,
+            ScheduleInterleaved1F1B,
+            ScheduleZBVZeroBubble,
         )
-        self._schedule = TORCH_SCHEDULES[config.strategy](
-            stage, n_microbatches=self.m, loss_fn=models.loss_fn
+        self._schedule = schedule(
+            stages if looped else stages[0], n_microbatches=self.m, loss_fn=models.loss_fn
         )
         # The one-time P2P handshake now rather than inside the first step, so every step
         # sends only activations and gradients.
