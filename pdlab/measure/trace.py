@@ -55,10 +55,18 @@ class StepSpans:
         self.spans: list[dict] = []
         self._forwards = 0
         self._began: tuple[float, float, int] | None = None
-        module, optimizer = strategy.module, strategy.optimizer
+        # A pipeline rank holding several model chunks runs each on its own (pp-interleaved).
+        modules, optimizer = (
+            getattr(strategy, "chunks", None) or [strategy.module],
+            strategy.optimizer,
+        )
         self._handles = [
-            module.register_forward_pre_hook(self._before_forward),
-            module.register_forward_hook(self._after_forward),
+            hook
+            for module in modules
+            for hook in (
+                module.register_forward_pre_hook(self._before_forward),
+                module.register_forward_hook(self._after_forward),
+            )
         ]
         if optimizer is not None:
             self._handles += [

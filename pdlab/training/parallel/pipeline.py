@@ -504,13 +504,17 @@ class PipelineScratch(Pipeline):
         return [loss.detach() for loss in losses]
 
     def _forward_units(self, chunk: nn.Sequential, h: torch.Tensor) -> list[torch.Tensor]:
-        """Each unit's output in turn; the last is the chunk's. ZB's W starts at each one."""
+        """Each unit's output in turn; the last is the chunk's. ZB's W starts at each one.
+        The chunk itself is called, so hooks on it (a step's timed spans) see its forward."""
         if self.config.strategy not in SPLIT_BACKWARD:
             return [chunk(h)]
-        outs = []
-        for unit in chunk:
-            h = unit(h)
-            outs.append(h)
+        outs: list[torch.Tensor] = []
+        hooks = [unit.register_forward_hook(lambda _, __, out: outs.append(out)) for unit in chunk]
+        try:
+            chunk(h)
+        finally:
+            for hook in hooks:
+                hook.remove()
         return outs
 
 
