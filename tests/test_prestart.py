@@ -228,11 +228,28 @@ def draws_while_warming_up() -> tuple[bool, list[str], dict]:
     return warming, half_imported, first_draws()
 
 
-def test_a_first_call_runs_during_the_warm_up_and_finds_the_generators_untouched(monkeypatch):
+def slow_warm_up(monkeypatch, folder: Path) -> None:
+    """Ranks whose warm-up also imports a module that takes 5 s: a first call sent as soon as
+    the cluster is up then meets the warm-up running, however fast this machine is (on a
+    quiet one, a rank that started first had finished its warm-up before the call came)."""
+    (folder / "slow_to_import.py").write_text("import time\ntime.sleep(5)\n")
+    (folder / "sitecustomize.py").write_text(  # read by every Python the ranks start
+        "from pdlab.control import warmup\nwarmup.preload('slow_to_import')\n"
+    )
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])
+    )
+
+
+def test_a_first_call_runs_during_the_warm_up_and_finds_the_generators_untouched(
+    monkeypatch, tmp_path
+):
     spawn_with_warm_up(monkeypatch)
+    slow_warm_up(monkeypatch, tmp_path)
     with pdlab.Cluster(2) as during:
         replies = during.run(draws_while_warming_up)  # the first call, while they warm up
         assert all(warming for warming, _, _ in replies)  # it did not wait for the whole warm-up
+        assert all(during.run(lambda: "slow_to_import" in list(warmup.modules())))
         # ...but for the module it was importing: two threads importing one module graph can
         # leave a call with a half-imported module (CI: KeyError 'pdlab.training.loop' in pickle)
         assert [half for _, half, _ in replies] == [[], []]
