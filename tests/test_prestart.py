@@ -199,17 +199,27 @@ def spawn_with_warm_up(monkeypatch) -> None:
     monkeypatch.setattr(launcher.LocalRanks, "_popen", SPAWN)
 
 
+ATTEMPTS = 5  # fresh clusters tried until a first call meets every rank's warm-up running
+
+
 def test_a_first_call_runs_during_the_warm_up_and_finds_the_generators_untouched(monkeypatch):
     spawn_with_warm_up(monkeypatch)
-    with pdlab.Cluster(2) as during:
-        replies = during.run(draws_while_warming_up)  # the first call, while they warm up
-        assert all(warming for warming, _, _ in replies), [
-            r[:2] for r in replies
-        ]  # it did not wait for the whole warm-up
-        # ...but for the module it was importing: two threads importing one module graph can
-        # leave a call with a half-imported module (CI: KeyError 'pdlab.training.loop' in pickle)
-        assert [half for _, half, _ in replies] == [[], []]
-        assert parents(during) == [os.getpid()] * 2  # spawned, not forked warm
+    # A rank imports much before its warm-up starts, so a call sent as the cluster comes up
+    # can find a rank's warm-up already done (about 1 in 3 here, on a quiet machine): such an
+    # attempt proves nothing, and a fresh cluster tries again.
+    tries = []
+    for _ in range(ATTEMPTS):
+        with pdlab.Cluster(2) as during:
+            replies = during.run(draws_while_warming_up)  # the first call
+            assert parents(during) == [os.getpid()] * 2  # spawned, not forked warm
+        tries.append([warming for warming, _, _ in replies])
+        if all(tries[-1]):
+            break
+    # It ran during the warm-up, without waiting for all of it...
+    assert all(tries[-1]), f"no first call met the warm-up running: {tries}"
+    # ...but for the module it was importing: two threads importing one module graph can
+    # leave a call with a half-imported module (CI: KeyError 'pdlab.training.loop' in pickle)
+    assert [half for _, half, _ in replies] == [[], []]
     with pdlab.Cluster(2) as after:
         wait_for_warm_up(after)
         assert_fresh_and_their_own([d for _, _, d in replies] + after.run(first_draws))
