@@ -26,7 +26,6 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
 from pdlab import checks
@@ -38,7 +37,7 @@ from pdlab.cost.topology import THIS_MACHINE, Device, Topology
 from pdlab.measure.flops import FlopCounter
 from pdlab.measure.trace import overlap, union
 from pdlab.training.data import load_dataset
-from pdlab.training.layout import Layout
+from pdlab.training.layout import DIMS, Layout
 from pdlab.training.models import loss_fn
 from pdlab.training.parallel.base import meta_model
 from pdlab.training.registry import layout_for
@@ -238,19 +237,15 @@ def wait_rule(strategy: str, impl: str, op: str, group: str, gpu: bool) -> str:
 
 
 def group_ranks(layout: Layout, group: str, rank: int) -> tuple[int, ...]:
-    """The global ranks of ``rank``'s ``group`` ("dp", "pp", "tp" or "world") in ``layout``."""
+    """The global ranks of ``rank``'s ``group`` (one of the layout's ``DIMS``, or "world")."""
     if group == "world":
         return tuple(range(layout.world_size))
-    if group not in ("dp", "pp", "tp"):
+    if group not in DIMS:
         raise ValueError(
             f"can't place an op of group {group!r} on the ranks: the replay knows pdlab's "
-            "groups, dp, pp, tp and world (name others with CommMeter(names=...))"
+            f"groups, {', '.join(DIMS)} and world (name others with CommMeter(names=...))"
         )
-    grid = np.arange(layout.world_size).reshape(layout.dp, layout.pp, layout.tp)
-    axis = ("dp", "pp", "tp").index(group)
-    coords = list(layout.coords(rank))
-    coords[axis] = slice(None)
-    return tuple(int(r) for r in grid[tuple(coords)])
+    return layout.group_ranks(rank, group)
 
 
 def _posted(e, rank: int, layout: Layout, counts: dict[Hashable, int]) -> Issue:

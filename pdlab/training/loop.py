@@ -46,7 +46,7 @@ from pdlab.measure.trace import StepSpans
 from pdlab.training import checkpoint, registry
 from pdlab.training.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.training.data import load_dataset
-from pdlab.training.layout import Layout
+from pdlab.training.layout import DIMS, Layout
 from pdlab.training.parallel.base import Implementation, Mesh, model_for
 from pdlab.training.registry import layout_for
 
@@ -197,7 +197,7 @@ def run_on_rank(
     data = load_dataset(config.model, config.seed)
     strategy = strategy_class(config)(model_for(config), config, mesh)
     first = checkpoint.resume(strategy, config)
-    names = {mesh.group(d): d for d in ("dp", "pp", "tp") if getattr(layout, d) > 1}
+    names = {mesh.group(d): d for d in DIMS if getattr(layout, d) > 1}
     dispatch = not strategy.counts_own_comm
     spans = StepSpans(strategy)  # forward, backward and optimizer times, for traces
     records = []
@@ -208,7 +208,9 @@ def run_on_rank(
         for step in range(first, config.steps):
             if announce and step == first:
                 runtime.log(phase="first step")
-            x, y = data.batch(step, config.batch_size, shard=mesh.dp_rank, num_shards=layout.dp)
+            x, y = data.batch(
+                step, config.batch_size, shard=mesh.data_shard, num_shards=layout.data_shards
+            )
             counter = FlopCounter() if counted is None else contextlib.nullcontext()
             before = wire_reading()
             start = time.perf_counter()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from pdlab.training.config import OPTIMIZERS, TrainConfig
-from pdlab.training.layout import Layout
+from pdlab.training.layout import DIMS, Layout
 from pdlab.training.models import build_model, set_recompute
 
 if TYPE_CHECKING:
@@ -37,25 +37,41 @@ class Mesh:
         # One rank needs no groups, even inside a bigger world (``single`` on a cluster's rank 0).
         if layout.world_size == 1:
             return cls(layout, device)
+        # dp, pp and tp always (strategies ask for them even when 1); cp and ep where used,
+        # so that runs without them build no extra process groups.
+        dims = [d for d in DIMS if d in ("dp", "pp", "tp") or getattr(layout, d) > 1]
         mesh = init_device_mesh(
-            device.type, (layout.dp, layout.pp, layout.tp), mesh_dim_names=("dp", "pp", "tp")
+            device.type, tuple(getattr(layout, d) for d in dims), mesh_dim_names=tuple(dims)
         )
         return cls(layout, device, mesh, dist.get_rank())
 
     @property
     def dp_rank(self) -> int:
-        return self.layout.coords(self.rank)[0]
+        return self.layout.coords(self.rank)["dp"]
 
     @property
     def pp_rank(self) -> int:
-        return self.layout.coords(self.rank)[1]
+        return self.layout.coords(self.rank)["pp"]
 
     @property
     def tp_rank(self) -> int:
-        return self.layout.coords(self.rank)[2]
+        return self.layout.coords(self.rank)["tp"]
+
+    @property
+    def cp_rank(self) -> int:
+        return self.layout.coords(self.rank)["cp"]
+
+    @property
+    def ep_rank(self) -> int:
+        return self.layout.coords(self.rank)["ep"]
+
+    @property
+    def data_shard(self) -> int:
+        """Which slice of the global batch this rank reads (its (dp, ep) coordinate)."""
+        return self.layout.data_shard(self.rank)
 
     def group(self, dim: str) -> dist.ProcessGroup | None:
-        """The process group along ``dim`` ("dp", "pp" or "tp"); None in a one-process run."""
+        """The process group along ``dim`` (one of ``DIMS``); None in a one-process run."""
         return None if self.device_mesh is None else self.device_mesh[dim].get_group()
 
 

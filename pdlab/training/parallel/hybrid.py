@@ -163,7 +163,7 @@ def dp_pp_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
         for start, stop in pipeline.partition(model, layout.pp)
     ]
     return pipeline.expected_comm(_pipeline_config(config), layout) + allreduce_comm(
-        layout, lambda rank: stages[layout.coords(rank)[1]]
+        layout, lambda rank: stages[layout.coords(rank)["pp"]]
     )
 
 

@@ -158,7 +158,7 @@ def expected_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
     """
     model, m, p = meta_model(config), config.micro_batches, layout.pp
     outs = _unit_outputs(model, _example_microbatch(config, layout))
-    stage_of = [layout.coords(rank)[1] for rank in range(layout.world_size)]
+    stage_of = [layout.coords(rank)["pp"] for rank in range(layout.world_size)]
     events = []
     v = chunks_per_rank(config)
     rank_of = {g: s for s in range(p) for g in stages_of(config.strategy, p, s, v)}
