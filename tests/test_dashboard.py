@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
@@ -336,20 +337,23 @@ def test_the_cluster_choice_predicts_every_step_there(dashboard):
     dashboard.start(strategy="dp", steps=6, **SMALL)
     result = dashboard.wait(timeout=120)
     run = dashboard.runs[-1]
-    assert run.config.link is None and run.name == "#1 dp/scratch mlp w2"
+    # The run's name says where it is predicted, as the menu names that cluster.
+    assert run.config.link is None and run.name == "#1 dp/scratch mlp w2 → 8xH100 (NVLink)"
     assert list(run.prediction.step) == list(result.steps.step)  # predicted a few at a time
     whole = pdlab.predict(result, "8xH100")  # the same steps predicted at once
     assert run.prediction.step_time.tolist() == pytest.approx(whole.step_time.tolist())
     throughput = {t.name: t for t in dashboard.figure.data if t.xaxis == "x2"}
-    dotted = throughput["#1 predicted"]
-    assert dotted.hovertext == "#1 dp/scratch mlp w2, predicted on 8xH100"
+    dotted = throughput[f"{run.name}, predicted on 8xH100"]
     assert list(dotted.y) == pytest.approx(list(run.prediction.samples_per_s))
     assert dotted.line.dash == "dot" and dotted.line.color == throughput[run.name].line.color
+    # Measured lines are never dotted; one legend entry says what the dots are.
+    assert throughput[run.name].line.dash != "dot"
+    assert throughput["predicted"].line.dash == "dot" and throughput["predicted"].showlegend
     # One bar a run on the last row: compute, exposed communication and bubble add up to the
     # predicted step (the steps after the first).
     bars = [t for t in dashboard.figure.data if t.xaxis == "x6"]
     assert [t.name for t in bars] == [label for label, _ in plots.TIME_PARTS.values()]
-    assert all(list(t.y) == ["#1 on 8xH100"] for t in bars)
+    assert all(list(t.y) == [run.name] for t in bars)
     total_ms = sum(t.x[0] for t in bars)
     assert total_ms == pytest.approx(1e3 * run.prediction.step_time.iloc[1:].mean())
 
@@ -381,3 +385,14 @@ def test_a_prediction_that_fails_is_said_and_the_run_kept(dashboard, monkeypatch
     result = dashboard.wait(timeout=120)
     assert len(result.steps) == 3 and dashboard.runs[-1].prediction is None
     assert "no prediction on 8xH100: ValueError: no model of this" in dashboard.message.value
+
+
+def test_numbers_read_to_three_significant_figures_with_units():
+    assert plots.si(835072, "B") == "835 kB"  # not 835072.0
+    assert plots.si(7.215213e10, "B") == "72.2 GB"  # not 7.215213e+10
+    assert plots.si(999_700, "B") == "1 MB"  # rounding carries into the next prefix
+    assert plots.si(0.000264, "s") == "264 µs" and plots.si(0.4129, "%") == "41.3%"
+    table = pd.DataFrame({"samples_per_s": [124.123456], "sent": [835072.0], "steps": [20]})
+    shown = plots.readable(table).to_html()
+    assert "124 samples/s" in shown and "835 kB" in shown and ">20<" in shown
+    assert "124.123456" not in shown and "835072" not in shown

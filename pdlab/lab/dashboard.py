@@ -92,6 +92,9 @@ CLUSTERS = {
 # (measured in the browser test); a widget there has no width to fill, so the figure is fixed.
 WIDTH = 820
 QUIET = {"loss"}  # same runs and colors as the throughput plot: its legend is enough
+# Runs plotted at once: the latest ones. With more, a repaint took seconds (every run redrawn)
+# and legends overlapped; ``Dashboard.table()`` keeps every run.
+PLOTTED_RUNS = 8
 LEGEND_FONT = 10
 _dashboards: weakref.WeakSet[Dashboard] = weakref.WeakSet()  # every open dashboard
 SLOW, SLOW_MIN_S = 10, 2.0  # a step this many times the recent ones (and this long) is stuck?
@@ -480,7 +483,8 @@ class Dashboard:
         except (ValueError, NotImplementedError) as exc:
             self._say(str(exc), error=True)
             raise
-        name = f"#{len(self.runs) + 1} {config.label}"
+        on = "" if target == THIS_MACHINE else f" → {_cluster_name(target)}"
+        name = f"#{len(self.runs) + 1} {config.label}{on}"
         run = Run(name, config, self.controls["world_size"].value, cluster=target)
         self.runs.append(run)
         self._live = run
@@ -658,19 +662,30 @@ class Dashboard:
 
     def _plots(self, run: Run, current: TrainResult) -> go.Figure:
         """The plots with ``run`` as the current run, ``current`` its result so far."""
-        results = {r.name: current if r is run else r.result for r in self.runs}
+        shown = [r for r in self.runs[-PLOTTED_RUNS:] if r is not run] + [run]
+        results = {r.name: current if r is run else r.result for r in shown}
         named = {name: result for name, result in results.items() if result is not None}
-        predicted = [r for r in self.runs if r.prediction is not None]
+        predicted = [r for r in shown if r.prediction is not None]
+        # The latest pipeline run's steps: a run of another strategy has no timeline.
+        piped = next((r for r in reversed(shown) if plots.timeline_records(r.records)), run)
+        timeline = plots.timeline(piped.records)
+        if piped.records:
+            timeline.update_layout(title=f"{piped.name}: {timeline.layout.title.text}")
+        here = " → this machine"  # a run's name says the other clusters it is predicted on
         figures = {
             "loss": plots.loss(named),
             "throughput": plots.throughput(named, {r.name: r.prediction for r in predicted}),
             "comm": plots.comm(current),
             "memory": plots.memory(current),
-            "timeline": plots.timeline(run.records),
+            "timeline": timeline,
             "where": plots.where_time_goes(
-                {f"{r.name.split()[0]} on {r.cluster}": r.prediction for r in predicted}
+                {r.name + here * (r.cluster == THIS_MACHINE): r.prediction for r in predicted}
             ),
         }
+        if len(self.runs) > PLOTTED_RUNS:
+            figures["throughput"].update_layout(
+                title=f"{figures['throughput'].layout.title.text}, last {PLOTTED_RUNS} runs"
+            )
         return _combine(figures)
 
     def _where(self, run: Run, stuck_s: float) -> None:
@@ -702,6 +717,11 @@ class Dashboard:
     def _set_buttons(self, running: bool) -> None:
         self.start_button.disabled = running
         self.stop_button.disabled = not running
+
+
+def _cluster_name(cluster: str) -> str:
+    """A ``CLUSTERS`` value as its menu shows it ("8xH100 (NVLink)")."""
+    return next((name for name, value in CLUSTERS.items() if value == cluster), cluster)
 
 
 def _emulable(cluster: str) -> bool:

@@ -15,12 +15,15 @@ has one colour on every figure and in every run (``COLORS``, ``OP_COLORS``).
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from pandas.io.formats.style import Styler
 
 from pdlab.measure.comm import CommEvent
 from pdlab.training.loop import TrainResult
@@ -31,8 +34,10 @@ Runs = Mapping[str, TrainResult] | Iterable[TrainResult]  # named runs, or names
 HEIGHT = 300
 SPREAD = 30  # values further apart than this share an axis only on a log scale
 RUN_COLORS = px.colors.qualitative.Plotly  # run i has the same color on every plot
-# Runs that coincide (a strategy and one process) stay visible: each run its own dash and marker.
-RUN_DASHES = ("solid", "dash", "dot", "dashdot")
+# Runs that coincide (a strategy and one process) stay visible: each run its own dash and
+# marker. Dotted lines are predictions, so no run is drawn dotted.
+RUN_DASHES = ("solid", "dash", "longdash", "dashdot")
+PREDICTED = {"dash": "dot", "width": 3}
 RUN_MARKERS = ("circle-open", "x", "diamond-open", "square-open", "cross", "triangle-up-open")
 PHASE_COLORS = {"F": "#4C78A8", "B": "#F58518", "W": "#54A24B"}
 MEMORY_PARTS = {
@@ -87,9 +92,11 @@ def _per_step(
     title: str,
     yaxis: str,
     predicted: Mapping[str, pd.DataFrame] | None = None,
+    unit: str = "",
 ) -> go.Figure:
     fig = _figure(title, "step", yaxis)
     predicted = predicted or {}
+    hover = f"%{{fullData.name}}<br>step %{{x}}: %{{y:.3s}} {unit}<extra></extra>"
     for i, (name, result) in enumerate(_named(runs).items()):
         steps, color = result.steps, RUN_COLORS[i % len(RUN_COLORS)]
         fig.add_scatter(
@@ -98,21 +105,26 @@ def _per_step(
             name=name,
             legendgroup=name,
             mode="lines+markers",
-            line={"color": color, "dash": RUN_DASHES[i % 4]},
+            line={"color": color, "dash": RUN_DASHES[i % len(RUN_DASHES)]},
             marker={"symbol": RUN_MARKERS[i % len(RUN_MARKERS)], "size": max(4, 10 - 2 * i)},
+            hovertemplate=hover,
         )
         if (table := predicted.get(name)) is not None and not table.empty:
             fig.add_scatter(
                 x=table.step,
                 y=table[column],
-                name=f"{name.split()[0]} predicted",
+                name=f"{name}, predicted on {table.attrs.get('target', '?')}",
                 legendgroup=name,  # shown and hidden with its run, whose legend entry it shares
                 showlegend=False,
-                hovertext=f"{name}, predicted on {table.attrs.get('target', '?')}",
                 mode="lines",
-                line={"color": color, "dash": "dot", "width": 3},
+                line={"color": color, **PREDICTED},
                 opacity=0.6,
+                hovertemplate=hover,
             )
+    if any(trace.showlegend is False for trace in fig.data):  # one entry says what dots mean
+        fig.add_scatter(
+            x=[None], y=[None], mode="lines", name="predicted", line={"color": "gray", **PREDICTED}
+        )
     return fig
 
 
@@ -125,10 +137,10 @@ def throughput(runs: Runs, predicted: Mapping[str, pd.DataFrame] | None = None) 
     """Samples per second vs step (global batch / slowest rank's step time), one trace a run;
     dotted in the run's colour, ``predicted[name]`` (a ``pdlab.predict`` table) beside it."""
     title = "Throughput (dotted: predicted)" if predicted else "Throughput"
-    fig = _per_step(runs, "samples_per_s", title, "samples/s", predicted)
-    values = [y for trace in fig.data for y in trace.y if y > 0]
+    fig = _per_step(runs, "samples_per_s", title, "samples/s", predicted, "samples/s")
+    values = [y for trace in fig.data for y in trace.y if y is not None and y > 0]
     if values and max(values) > SPREAD * min(values):  # a GPU cluster beside these CPUs
-        fig.update_yaxes(type="log")
+        fig.update_yaxes(type="log", dtick="D2")  # 2 and 5 a decade, not every digit
     return fig
 
 
@@ -333,6 +345,41 @@ def compare(runs: Runs) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("run")
 
 
+SI_PREFIXES = {-4: "p", -3: "n", -2: "µ", -1: "m", 0: "", 1: "k", 2: "M", 3: "G", 4: "T"}
+
+
+def si(value: float, unit: str = "") -> str:
+    """``value`` to 3 significant figures with an SI prefix: 835072 bytes is "835 kB"; a
+    fraction in "%" is a percentage (0.412 is "41.2%")."""
+    if not math.isfinite(value):
+        return "–"
+    if unit == "%":
+        return f"{100 * value:.3g}%"
+    power = 0 if value == 0 else min(max(math.floor(math.log10(abs(value)) / 3), -4), 4)
+    if abs(float(f"{value / 1000**power:.3g}")) >= 1000 and power < 4:
+        power += 1  # 999.7 k rounds to 1.00 M, not "1e+03 k"
+    return f"{value / 1000**power:.3g} {SI_PREFIXES[power]}{unit}".rstrip()
+
+
+def _unit(column: str) -> str:
+    """The unit of a pdlab table's column, from its name."""
+    if column == "mfu":
+        return "%"
+    if column.endswith(("bytes", "sent", "state")):
+        return "B"
+    if column.endswith("_per_s"):
+        return column.removesuffix("_per_s") + "/s"  # samples/s, tokens/s
+    return "s" if column.endswith(("_time", "_s")) else ""
+
+
+def readable(table: pd.DataFrame) -> Styler:
+    """``table`` (``Dashboard.table()``, ``compare``, ``pdlab.plan``) as it reads best: every
+    number to 3 significant figures, with its unit (bytes as "835 kB", MFU as "41.2%")."""
+    numeric = table.select_dtypes("number").columns
+    floats = [c for c in numeric if not pd.api.types.is_integer_dtype(table[c]) or _unit(c)]
+    return table.style.format({c: functools.partial(si, unit=_unit(c)) for c in floats})
+
+
 # ---- predicted time (pdlab.predict) --------------------------------------------------------
 
 TIME_PARTS = {  # the colours of the measured breakdown's same parts (BREAKDOWN_PARTS)
@@ -384,6 +431,7 @@ def plan_layouts(rows: pd.DataFrame, title: str = "Every layout of the plan") ->
     return px.scatter(
         shown, x="GB", y="step_time", color="fits", hover_name="layout", title=title,
         labels={"GB": "GB a GPU", "step_time": "s a step"}, height=HEIGHT + 80,
+        hover_data={"GB": ":.3g", "step_time": ":.3g"},
     )  # fmt: skip
 
 
