@@ -236,3 +236,16 @@ def test_torch_context_parallel_does_not_run_on_cpu(cluster2):
 def test_what_cp_cannot_split_is_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         validate(TrainConfig(**{"strategy": "cp", "model": "gpt", "world_size": 2, **changes}))
+
+
+def test_the_dashboard_menu_offers_cp_and_names_the_model_it_needs():
+    import pdlab
+
+    d = pdlab.Dashboard()
+    options = d.controls["strategy"].options
+    assert {("context (ring attention)", "cp"), ("hybrid DP×CP", "dp-cp")} <= set(options)
+    d.controls["strategy"].value = "cp"
+    validate(d.config())  # its first model is the gpt
+    d.controls["model"].value = "mlp"
+    with pytest.raises(ValueError, match="use model='gpt'"):
+        validate(d.config())  # the dashboard shows this error beside the controls
