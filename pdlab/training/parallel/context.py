@@ -21,8 +21,9 @@ global positions of its queries and keys (a key after a query is masked), whiche
 they come from.
 
 Backward (``RingAttention.backward``) is written out rather than left to autograd over the
-sends: autograd would keep every received ``K, V`` block (``cp`` times this rank's ``K, V``,
-the memory CP exists to save) and can't differentiate through a recv. As FlashAttention's
+sends: c10d's ``isend``/``irecv`` have no derivative, and a backward that autograd builds
+from the forward's blocks would keep every received ``K, V`` block (``cp`` times this rank's
+``K, V``: the memory CP exists to save). As FlashAttention's
 backward, it recomputes each block's probabilities from ``lse``: ``P = exp(QKᵀ/√d - lse)``,
 ``dV = PᵀdO``, ``dS = P∘(dO Vᵀ - D)`` with ``D = rowsum(dO∘O)``, ``dQ += dS K/√d``,
 ``dK = dSᵀQ/√d``. ``K, V`` go around the ring again, and with each block its gradient
@@ -172,7 +173,7 @@ def simulate_ring(
 
 
 class Ring:
-    """This rank's place on the ``cp`` ring: it sends to the next rank, receives from the last."""
+    """This rank's place on the ``cp`` ring: it sends to the next rank, receives from the previous."""
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device):
         self.group, self.size, self.rank = group, group.size(), group.rank()
@@ -248,6 +249,8 @@ class ShardEmbedding(nn.Module):
 
 
 def _ring_core(ring: Ring, pos: list[torch.Tensor]) -> Callable:
+    """``Attention.core`` (its q, k, v heads in, its heads out) computed around ``ring``."""
+
     def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return RingAttention.apply(q, k, v, ring, pos)
 
