@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pdlab.cost import predictor
 from pdlab.cost.footprint import layer_activation_bytes
 from pdlab.cost.predictor import predict
 from pdlab.measure.comm import totals
@@ -103,7 +104,7 @@ def wrong_ring_bytes(expected: dict, layout_cp: int, ranks: int, b: int) -> dict
 
 @pytest.mark.parametrize(("strategy", "world", "cp"), [("cp", 2, 2), ("cp", 4, 4), ("dp-cp", 4, 2)])
 def test_parity_exact_bytes_the_wire_and_memory(
-    request, baseline, selective_activations, strategy, world, cp
+    request, monkeypatch, baseline, selective_activations, strategy, world, cp
 ):
     cluster = request.getfixturevalue(f"cluster{world}")
     result = train(cluster, strategy=strategy, **PARITY)
@@ -127,6 +128,11 @@ def test_parity_exact_bytes_the_wire_and_memory(
         assert world * kept != selective_activations + unsplit  # a formula without O, lse
     predicted = predict(result, "8xH100")  # the replay pairs every send with its recv
     assert (predicted.step_time > 0).all() and (predicted.comm > 0).all()
+    # Replayed as blocking, every rank's send would wait for a recv its peer posts after its
+    # own send: the ring's sends must be asynchronous there too.
+    monkeypatch.setattr(predictor, "wait_rule", lambda *_, **__: predictor.BLOCKING)
+    with pytest.raises(RuntimeError, match="deadlocked"):
+        predict(result, "8xH100")
 
 
 def test_ring_bytes_by_hand():
