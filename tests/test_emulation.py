@@ -253,6 +253,7 @@ def test_ddp_buckets_complete_late_and_overlap_backward(cluster2):
 # ---- every strategy's ops, through pdlab.train ----------------------------------------------
 
 SLOW = "1Mbit/s"  # the mlp's ~35 kB of gradients take 0.28 s: the link, not compute, sets the pace
+SLOW_GPT = "20Mbit/s"  # the gpt's ~0.8 MB (context parallelism's model) take 0.33 s
 CONFIGS = [(name, impl) for name in registry.names()[1:] for impl in registry.get(name).impls]
 
 
@@ -276,11 +277,10 @@ def test_every_strategy_is_slowed_by_the_link_with_the_same_losses_and_bytes(
     world_size = registry.get(strategy).min_world_size
     cluster = request.getfixturevalue(f"cluster{world_size}")
     split = 2 if registry.get(strategy).micro_batched else 1  # pipelines only
-    extra = {k: v for k, v in small_run(strategy).items() if k != "impl"}
-    config = TrainConfig(
-        strategy=strategy, impl=impl, model="mlp", steps=2, micro_batches=split, **extra
-    )
-    plain, slowed = train(cluster, config), train(cluster, config, link=SLOW)
+    extra = {"model": "mlp", **{k: v for k, v in small_run(strategy).items() if k != "impl"}}
+    config = TrainConfig(strategy=strategy, impl=impl, steps=2, micro_batches=split, **extra)
+    link = SLOW if config.model == "mlp" else SLOW_GPT
+    plain, slowed = train(cluster, config), train(cluster, config, link=link)
     assert slowed.steps.loss.tolist() == plain.steps.loss.tolist()
     keys = ["step", "rank", "op", "group", "group_size", "payload_bytes", "bus_bytes"]
     assert slowed.comm[keys].equals(plain.comm[keys])

@@ -89,7 +89,9 @@ class Assumptions:
       ``StageLink``, torch's GPipe) or, in torch's 1F1B, together with the next send or recv
       it fuses them with; receives block, so a stage waits for its input (the bubble)
       through the measured order of forward and backward micro-batches, with p2p time on
-      each edge;
+      each edge; the ring's sends (cp group) likewise, and its receives block where they are
+      issued: the overlap of a block's transfer with the previous block's compute is not
+      modelled (an upper bound);
     - FSDP2 (zero2 and zero3 torch): on CPU ranks its collectives are synchronous (no streams:
       ``async_op=False``) and replayed so. On a GPU target it prefetches: each all-gather
       is issued as soon as the previous one is waited for and is waited for where the run
@@ -229,7 +231,7 @@ def wait_rule(strategy: str, impl: str, op: str, group: str, gpu: bool) -> str:
     """When a rank waits for one of its ops (``Assumptions``, "Schedule")."""
     if op == "all_reduce" and group == "dp":
         return BUCKETS
-    if op == "send" and group == "pp":  # torch's 1F1B fuses each send with the next recv
+    if op == "send" and group in ("pp", "cp"):  # torch's 1F1B fuses each send with the next recv
         return WITH_NEXT if (strategy, impl) == ("pp-1f1b", "torch") else AT_END
     if strategy in ("zero2", "zero3") and impl == "torch" and gpu:  # FSDP2
         return PREFETCH if op == "all_gather" else AT_END

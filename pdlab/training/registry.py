@@ -157,6 +157,14 @@ register(Strategy("zero3", "ZeRO-3", "pdlab.training.parallel.sharded", {"scratc
 alias("fsdp", "FSDP (= ZeRO-3 torch)", "zero3", "torch")
 register(Strategy("dp-tp", "hybrid DP×TP", "pdlab.training.parallel.hybrid", {"scratch": "DataTensorParallel", "torch": "DataDTensorParallel"}, layout=lambda n: Layout(dp=2, tp=n // 2), min_world_size=4, world_size_multiple=2))
 register(Strategy("dp-pp", "hybrid DP×PP", "pdlab.training.parallel.hybrid", {"scratch": "DataPipelineParallel", "torch": "DataPipelineTorch"}, layout=lambda n: Layout(dp=2, pp=n // 2), min_world_size=4, world_size_multiple=2, micro_batched=True))
+CP_TORCH = (
+    "torch's context_parallel (torch.distributed.tensor.experimental) shards only the CUDA "
+    "kernels of scaled_dot_product_attention (flash, efficient, cuDNN); on the CPU it fails "
+    "(no sharding rule for aten._scaled_dot_product_flash_attention_for_cpu, torch 2.13), and "
+    "pdlab's GPT writes its attention out: use impl='scratch' (ring attention on isend/irecv)"
+)
+register(Strategy("cp", "context (ring attention)", "pdlab.training.parallel.context", {"scratch": "ContextParallel"}, layout=lambda n: Layout(cp=n), refused={"torch": CP_TORCH}))
+register(Strategy("dp-cp", "hybrid DP×CP", "pdlab.training.parallel.hybrid", {"scratch": "DataContextParallel"}, layout=lambda n: Layout(dp=2, cp=n // 2), min_world_size=4, world_size_multiple=2, refused={"torch": CP_TORCH}))
 # fmt: on
 
 # Idle ranks import each strategy's module (its torch machinery) ahead of a first run.

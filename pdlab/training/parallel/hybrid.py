@@ -25,6 +25,12 @@ model-parallel strategy is built first, whole, and a data-parallel wrapper holds
   ``comm.totals`` compares).
 
 Each replica's pipeline runs GPipe (``pp-gpipe``); ``micro_batches`` applies as in ``pp-*``.
+
+``dp-cp`` (scratch only, as ``cp``): each replica a context-parallel ring (``context.py``)
+whose ranks average the gradient over ``cp`` first, then ``AveragedReplicas`` over ``dp``:
+two all-reduces of the whole gradient S, ``2(cp-1)/cp·S + 2(dp-1)/dp·S`` a rank (2S at
+world 4), where one all-reduce over a merged dp×cp group (picotron's ``cp_dp_group``,
+Megatron's) would send ``2(n-1)/n·S`` (1.5S): the price of composing the two unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from pdlab.compat import replicate
 from pdlab.measure.comm import CommEvent
 from pdlab.training.layout import Layout
 from pdlab.training.models import stage
-from pdlab.training.parallel import pipeline, tensor
+from pdlab.training.parallel import context, pipeline, tensor
 from pdlab.training.parallel.base import (
     Implementation,
     Mesh,
@@ -49,7 +55,8 @@ from pdlab.training.parallel.base import (
     by_kind,
     meta_model,
 )
-from pdlab.training.parallel.data import allreduce_comm, allreduce_gradients
+from pdlab.training.parallel.context import ContextParallel
+from pdlab.training.parallel.data import allreduce_comm, allreduce_gradients, whole_model
 from pdlab.training.parallel.pipeline import PipelineScratch, PipelineTorch
 from pdlab.training.parallel.single import Single
 from pdlab.training.parallel.tensor import DTensorParallel, TensorParallel
@@ -187,3 +194,21 @@ class DataPipelineTorch(ReplicatedModule):
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(PipelineTorch(model, _pipeline_config(config), mesh), config, mesh)
+
+
+# --- dp-cp --------------------------------------------------------------------------------
+
+
+def dp_cp_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+    """The ring and cp's gradient average on a ``B/dp`` shard, then dp's of the same gradient."""
+    return context.expected_comm(config, layout) + allreduce_comm(layout, whole_model(config))
+
+
+class DataContextParallel(AveragedReplicas):
+    """``dp-cp`` from scratch: a ring-attention replica per dp rank, averaged over dp."""
+
+    check = staticmethod(context.check)
+    expected_comm = staticmethod(dp_cp_comm)
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(ContextParallel(model, config, mesh), mesh)
