@@ -91,3 +91,20 @@ def test_recompute_is_refused_where_it_means_nothing():
         validate(TrainConfig(strategy="zero3", model="gpt", world_size=2, recompute="selective"))
     with pytest.raises(ValueError, match="unknown recompute 'some'"):
         validate(TrainConfig(model="gpt", recompute="some"))
+
+
+def test_seq_len_sets_the_gpts_context_and_its_data():
+    """Doubling ``seq_len`` doubles every activation but the attention probabilities, which
+    grow 4x (Korthikanti et al.'s 5as/h term, 2as/h without dropout): what the sequence adds
+    beyond linear is exactly that term, L layers of it (a run whose data kept 32 tokens adds 0)."""
+    s = {n: train(strategy="single", model="gpt", steps=1, batch_size=B, seq_len=n) for n in (S, 2 * S)}  # fmt: skip
+    kept = {n: int(r.memory.activation_bytes[0]) for n, r in s.items()}
+
+    def probabilities(n: int) -> float:
+        return FP32 * 2 * A * n * n * B  # 2as/h · sbh bytes, float32
+
+    # One saved tensor doesn't grow with s: the loss's 0-d total weight (4 B), counted twice.
+    unsplit = 4
+    assert kept[2 * S] - 2 * kept[S] == L * (probabilities(2 * S) - 2 * probabilities(S)) - unsplit
+    with pytest.raises(ValueError, match="use model='gpt', or leave seq_len at 32"):
+        validate(TrainConfig(model="mlp", seq_len=64))

@@ -486,7 +486,9 @@ def model_flops(config) -> int:
     """FLOPs of one forward and backward of ``config``'s model on one global batch, in one
     process (the meta device: shapes only, nothing computed); without recompute, whose extra
     forward is work MFU doesn't count."""
-    x, y = load_dataset(config.model, config.seed).batch(0, config.batch_size)
+    x, y = load_dataset(config.model, config.seed, block_size=config.seq_len).batch(
+        0, config.batch_size
+    )
     model = meta_model(replace(config, recompute="none"))
     with FlopCounter() as counter:
         loss_fn(model(x.to("meta")), y.to("meta")).backward()

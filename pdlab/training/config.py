@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
 
+from pdlab.training.data import BLOCK_SIZE
+
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "bf16")  # pdlab.training.parallel.base.model_for, MasterWeights
 
@@ -58,6 +60,10 @@ class TrainConfig:
     model: str = _field("mlp", "the model and its data set", _models)
     steps: int = _field(20, "optimizer steps")
     batch_size: int = _field(32, "global batch, over all data-parallel ranks")
+    seq_len: int = _field(
+        BLOCK_SIZE,
+        "tokens in a gpt sample (its context, the text's window); other models have none",
+    )
     micro_batches: int = _field(1, "pipelines split each rank's batch into these")
     virtual_stages: int = _field(
         1, "model chunks a pipeline rank holds (pp-interleaved: 2 or more; Megatron's v)"

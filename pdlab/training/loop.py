@@ -45,7 +45,7 @@ from pdlab.measure.flops import FlopCounter
 from pdlab.measure.trace import StepSpans
 from pdlab.training import checkpoint, registry
 from pdlab.training.config import TrainConfig, choices, keywords, with_overrides
-from pdlab.training.data import load_dataset
+from pdlab.training.data import BLOCK_SIZE, load_dataset
 from pdlab.training.layout import DIMS, Layout
 from pdlab.training.parallel.base import Implementation, Mesh, model_for
 from pdlab.training.registry import layout_for
@@ -74,6 +74,12 @@ def validate(config: TrainConfig) -> None:
     checks.number(config.lr, "lr", above=0)
     if (links := _link_emulation(config)) is not None:
         links.parse(config.link)
+    checks.whole(config.seq_len, "seq_len", 1)
+    if config.seq_len != BLOCK_SIZE and config.model != "gpt":
+        raise ValueError(
+            f"seq_len={config.seq_len} sets the gpt's context; model {config.model!r} reads "
+            f"points, not sequences: use model='gpt', or leave seq_len at {BLOCK_SIZE}"
+        )
     if config.recompute != "none" and config.model != "gpt":
         raise ValueError(
             f"recompute={config.recompute!r} recomputes the gpt's transformer blocks; model "
@@ -194,7 +200,7 @@ def run_on_rank(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not the process's
     mesh = mesh_for(layout, device)
-    data = load_dataset(config.model, config.seed)
+    data = load_dataset(config.model, config.seed, block_size=config.seq_len)
     strategy = strategy_class(config)(model_for(config), config, mesh)
     first = checkpoint.resume(strategy, config)
     names = {mesh.group(d): d for d in DIMS if getattr(layout, d) > 1}

@@ -178,10 +178,14 @@ def set_recompute(model: nn.Module, mode: str) -> None:
             m.recompute = mode == "selective"
 
 
-def build_model(name: str, seed: int = 0, vocab_size: int | None = None) -> nn.Sequential:
+def build_model(
+    name: str, seed: int = 0, vocab_size: int | None = None, seq_len: int = BLOCK_SIZE
+) -> nn.Sequential:
     """Build model ``name`` with weights drawn from ``seed`` (same on every rank).
 
     ``vocab_size`` is only for ``gpt`` and defaults to the shipped text's alphabet.
+    ``seq_len`` is the gpt's context: its position embedding has that many rows (weights
+    drawn after the token embedding's, so ``wte`` is the same at every length).
     """
     torch.manual_seed(seed)
     if name == "article":
@@ -189,7 +193,7 @@ def build_model(name: str, seed: int = 0, vocab_size: int | None = None) -> nn.S
     if name == "mlp":
         return mlp(MLP_WIDTHS)
     if name == "gpt":
-        return gpt(GPTConfig(vocab_size=vocab_size or text_vocab_size()))
+        return gpt(GPTConfig(vocab_size=vocab_size or text_vocab_size(), block_size=seq_len))
     raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
 
 

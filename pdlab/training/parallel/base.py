@@ -136,7 +136,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # TrainConfig.precisio
 def model_for(config: TrainConfig) -> nn.Sequential:
     """``config``'s model as every rank builds it: weights from ``config.seed``, recompute
     set, in the precision's dtype (rounded from the same float32 weights on every rank)."""
-    model = build_model(config.model, config.seed)
+    model = build_model(config.model, config.seed, seq_len=config.seq_len)
     set_recompute(model, config.recompute)
     return model.to(DTYPES[config.precision])
 

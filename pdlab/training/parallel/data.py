@@ -146,7 +146,7 @@ def rebuild_buckets(
     example, one forward under ``no_sync`` (which rebuilds, and expects no backward), and
     the example's gradients dropped. Nothing is stepped, so training is unchanged.
     """
-    example = load_dataset(config.model, config.seed)
+    example = load_dataset(config.model, config.seed, block_size=config.seq_len)
     x, y = example.x[:1].to(device), example.y[:1].to(device)
     loss_fn(ddp(x), y).backward()
     with ddp.no_sync():

@@ -134,7 +134,7 @@ def stages_of(strategy: str, p: int, s: int, v: int) -> list[int]:
 def _example_microbatch(config: TrainConfig, layout: Layout) -> torch.Tensor:
     """A micro-batch of real inputs: its shape and dtype fix every activation's."""
     mb = config.batch_size // layout.dp // config.micro_batches
-    return load_dataset(config.model, config.seed).x[:mb]
+    return load_dataset(config.model, config.seed, block_size=config.seq_len).x[:mb]
 
 
 def _unit_outputs(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
