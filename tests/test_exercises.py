@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from pdlab.lab import exercises, solutions
 from pdlab.training.models import loss_fn
+from pdlab.training.parallel import context
+from tests.test_context import diagonal_mask, no_rescale
 
 # ---- lab 01: allreduce_gradients(params, group) ------------------------------------------
 
@@ -164,6 +166,28 @@ def no_padding(z):
     dist.all_gather_into_tensor(z.flat_param, z.owned.detach(), group=z.group)
 
 
+# ---- lab 08: ring_step(state, q, k, v, q_pos, k_pos, scale) ----------------------------------
+
+
+def forgot_the_rescale(state, q, k, v, q_pos, k_pos, scale):
+    s = q @ k.transpose(-2, -1) * scale + context.causal_mask(q_pos, k_pos, q.dtype)
+    m = s.amax(-1, keepdim=True)
+    if state is not None:
+        m = torch.maximum(state.m, m)
+    p = torch.exp(s - m)
+    if state is None:
+        return context.Partial(p @ v, m, p.sum(-1, keepdim=True))
+    return context.Partial(state.o + p @ v, m, state.l + p.sum(-1, keepdim=True))
+
+
+def ring_not_written(state, q, k, v, q_pos, k_pos, scale):
+    raise NotImplementedError("write ring_step")
+
+
+def returns_the_output(state, q, k, v, q_pos, k_pos, scale):
+    return context.attend_block(state, q, k, v, q_pos, k_pos, scale).result()[0]
+
+
 # ---- lab 04, make it fit: a choice of strategy, recompute and precision -----------------------
 
 
@@ -177,6 +201,7 @@ CHECKS = {
     "lab 03": (exercises.check_gpipe, solutions.gpipe_step),
     "lab 04": (exercises.check_zero1, solutions.zero1_update),
     "lab 04 fit": (exercises.check_fit, solutions.fit_choice),
+    "lab 08": (exercises.check_ring_step, solutions.ring_step),
 }
 MISTAKES = [
     ("lab 01", sum_not_mean, "2 times too big: all_reduce sums"),
@@ -209,6 +234,11 @@ MISTAKES = [
     ("lab 04 fit", fit("dp", "full", "bf16"), "plain data parallelism keeps the whole model state on every rank"),
     ("lab 04 fit", fit("zero3", "full", "bf16"), "zero3/scratch recomputes every unit already"),
     ("lab 04 fit", fit("tp", "full", "bf16"), "choose zero1, zero2 or zero3"),
+    ("lab 08", forgot_the_rescale, "multiply both by exp(m_old - m_new)"),
+    ("lab 08", diagonal_mask, "rank 0's queries at positions 0, 1 saw rank 1's keys at 2..5"),
+    ("lab 08", no_rescale, "exp(-inf - (-inf)) is NaN"),
+    ("lab 08", ring_not_written, "not written yet"),
+    ("lab 08", returns_the_output, "return context.Partial(o, m, l)"),
     ("lab 04 fit", {"strategy": "zero2"}, "write choice = dict(strategy=..., recompute=..., precision=...)"),
 ]  # fmt: skip
 

@@ -19,6 +19,7 @@ numbers the wrong way (the whole output sliced, data parallelism passed off as Z
 | 03 | ``gpipe_step(stage, xs, ys, link)`` | ``check_gpipe`` |
 | 04 | ``zero1_update(z)`` | ``check_zero1`` |
 | 04 | a ``strategy``, ``recompute`` and ``precision`` that fit a budget | ``check_fit`` |
+| 08 | ``ring_step(state, q, k, v, q_pos, k_pos, scale)`` | ``check_ring_step`` |
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pdlab.training.config import TrainConfig
 from pdlab.training.data import load_dataset, points
 from pdlab.training.layout import Layout
 from pdlab.training.loop import mesh_for, train
+from pdlab.training.parallel import context
 from pdlab.training.parallel.data import flatten
 from pdlab.training.parallel.pipeline import StageLink, partition
 from pdlab.training.parallel.sharded import Zero1
@@ -818,4 +820,147 @@ def check_fit(cluster: Cluster, choice: Mapping[str, str]) -> bool:
         f"at most {_mb(budget)} a rank",
         f"{_mb(totals.max())}: {split}",
         _fit_hint(choice, worst, int(totals.max()) - budget),
+    )
+
+
+# ---- lab 08: a ring-attention step -------------------------------------------------------------
+
+RING_RUN = {"model": "gpt", "steps": 2, "optimizer": "sgd", "lr": 0.1}  # checked on the ranks
+RING_TIMEOUT_S = 120.0  # a first cp run on fresh ranks imports the trainer
+RING_BEFORE_SWAP = context.attend_block  # each rank's own, put back after a check
+
+
+def _probe(ring_step: Callable, rank: int, scores: tuple[float, float]) -> torch.Tensor:
+    """Rank ``rank`` of a 2-rank ring on 8 tokens (rank 0 holds positions 0, 1, 6, 7, rank 1
+    2..5): its own block, then the other rank's, every key of a block scoring as given (one
+    head of width 1: q = 1, k = the score)."""
+    q_pos = context.positions(rank, 2, 8)
+    q, v, state = torch.ones(4, 1), torch.arange(8.0).view(2, 4, 1), None
+    for score, src, values in zip(scores, (rank, 1 - rank), v, strict=True):
+        k = torch.full((4, 1), score)
+        state = ring_step(state, q, k, values, q_pos, context.positions(src, 2, 8), 1.0)
+    return state.result()[0]
+
+
+# Rank 0's queries: rank 1's keys (2..5) come after its queries 0, 1 and before 6, 7. With its
+# own block scoring higher, the max never moves: nothing to rescale, only the mask matters.
+MASK_PROBE = (0, (5.0, 0.0))
+# Rank 1's queries (2..5) all see rank 0's keys 0, 1, which score higher: every row's max
+# rises, and what the row summed before must be rescaled.
+RESCALE_PROBE = (1, (0.0, 5.0))
+
+
+def _ring_step_hint(ring_step: Callable) -> str | None:
+    """The mistake ``ring_step`` makes in the two probes, or None if it makes neither."""
+    mask, rescale = (
+        (_probe(ring_step, *p), _probe(context.attend_block, *p))
+        for p in (MASK_PROBE, RESCALE_PROBE)
+    )
+    if mask[0].isnan().any() or rescale[0].isnan().any():
+        return (
+            "NaN: a row whose keys in this block are all masked has a block max of -inf, and "
+            "exp(-inf - (-inf)) is NaN: fold the block in against m = max(state.m, block max), "
+            "finite since every row saw its own diagonal key in the first block"
+        )
+    if not _close(mask[0][:2], mask[1][:2]):
+        return (
+            "wrong causal mask: rank 0's queries at positions 0, 1 saw rank 1's keys at 2..5, "
+            "which come after them. Mask by the global positions q_pos and k_pos (a key later "
+            "than its query gets -inf), not by the places in the block: only the diagonal block "
+            "is the usual triangle"
+        )
+    if not _close(mask[0], mask[1]):
+        return (
+            "wrong causal mask: rank 0's queries at positions 6, 7 come after all of rank 1's "
+            "keys (2..5) and must see every one of them; mask by the global positions q_pos and "
+            "k_pos, not by the places in the block"
+        )
+    if not _close(rescale[0], rescale[1]):
+        return (
+            "a new block raised the row's max m but the earlier o and l were summed against the "
+            "old one: multiply both by exp(m_old - m_new) before adding the new block's "
+            "exp(S - m_new)·V and exp(S - m_new) (the online-softmax rescale)"
+        )
+    return None
+
+
+def _use_ring_step(ring_step: Callable | None) -> None:
+    """On a rank: ring attention's forward runs ``ring_step`` (None: the rank's own again)."""
+    context.attend_block = ring_step or RING_BEFORE_SWAP
+
+
+def check_ring_step(cluster: Cluster, ring_step: Callable) -> bool:
+    """Check ``ring_step(state, q, k, v, q_pos, k_pos, scale) -> context.Partial``, one rank's
+    update with one block of keys and values (``pdlab.training.parallel.context.attend_block``):
+    first a ring of 2 and 4 ranks simulated in this process (``context.simulate_ring``) against
+    torch's causal attention, then a cp training run on the cluster's ranks, each running
+    your step in its ring attention, against one process."""
+    name = "ring-attention step"
+    cfg = models.GPTConfig()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, generator=g)
+        for _ in range(3)
+    )
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    try:
+        got = {cp: context.simulate_ring(q, k, v, cp, ring_step) for cp in (2, 4)}
+        hint = _ring_step_hint(ring_step)
+    except NotImplementedError:
+        return report(
+            name,
+            False,
+            "not written yet",
+            "your code",
+            "NotImplementedError",
+            "replace the `raise NotImplementedError` in the exercise cell with your code",
+        )
+    except Exception as err:  # the learner's code: any error is a FAIL with its message
+        return report(
+            name,
+            False,
+            "your step raised an exception",
+            "no exception",
+            f"{type(err).__name__}: {err}",
+            "return context.Partial(o, m, l): the "
+            "state after this block (state is None for a rank's first, own block)",
+        )
+    wrong = [cp for cp, out in got.items() if not _close(out, want)]
+    if wrong or hint:
+        cp = (wrong or [2])[0]
+        return report(
+            name,
+            False,
+            f"a simulated ring of {cp} ranks computed the wrong attention",
+            f"torch's causal attention, to {TOLERANCE:g}",
+            f"max |Δ| = {_max_diff(got[cp], want):.2g}"
+            if wrong
+            else "right here, wrong in a probe",
+            hint or "O = o / l after the last block: o = Σ exp(S - m)·V, l = Σ exp(S - m)",
+        )
+    if not _splits(name, cfg.block_size // 2, cluster.world_size, "chunks of the sequence"):
+        return False
+    baseline = train(strategy="single", **RING_RUN).steps.loss
+    if _run(cluster, name, _use_ring_step, ring_step) is None:
+        return False
+    try:
+        loss = train(cluster, strategy="cp", timeout=RING_TIMEOUT_S, **RING_RUN).steps.loss
+    finally:
+        cluster.run(_use_ring_step, None)
+    if not _close(torch.tensor(loss.to_numpy()), torch.tensor(baseline.to_numpy())):
+        return report(
+            name,
+            False,
+            f"on {cluster.world_size} ranks, cp's loss differs from one process's",
+            f"{baseline.tolist()}",
+            f"{loss.tolist()}",
+            "your step matched in one process: on the ranks it must use only its arguments "
+            "(q_pos and k_pos, not positions computed for a ring of another size)",
+        )
+    return report(
+        name,
+        True,
+        f"a simulated ring of 2 and 4 ranks matches torch's causal attention, and "
+        f"{RING_RUN['steps']} steps of cp on {cluster.world_size} ranks, each running your "
+        f"step, one process's loss (to {TOLERANCE:g})",
     )

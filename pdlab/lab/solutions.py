@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pdlab.training.models import loss_fn
+from pdlab.training.parallel.context import attend_block
 from pdlab.training.parallel.data import allreduce_gradients
 from pdlab.training.parallel.pipeline import StageLink
 from pdlab.training.parallel.sharded import Zero1
@@ -23,6 +24,7 @@ __all__ = [
     "column_parallel_forward",
     "fit_choice",
     "gpipe_step",
+    "ring_step",
     "zero1_update",
 ]
 
@@ -38,6 +40,12 @@ zero1_update = Zero1.update
 # (the optimizer keeps fp32 master weights of its shard): 2.13 MB a rank at 2 ranks, within
 # exercises.FIT_BUDGET. zero3 fits too, for 1.5x the traffic.
 fit_choice = {"strategy": "zero2", "recompute": "full", "precision": "bf16"}
+
+
+# Lab 08: one ring-attention step is ``attend_block`` (``pdlab/training/parallel/context.py``): the
+# block's scores masked by the global positions, the running max m raised to the block's, the
+# earlier o and l rescaled by exp(m_old - m_new), the block's exp(S - m)·V and exp(S - m) added.
+ring_step = attend_block
 
 
 def column_parallel_forward(
