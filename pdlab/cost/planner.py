@@ -559,8 +559,9 @@ def _matches(layout: Layout, only: Mapping[str, object]) -> bool:
 
 def describe(row: pd.Series) -> str:
     """A row's layout in one line: ``zero1×tp-sp (dp=4, tp=2, ..., precision=mixed)``."""
-    grid = ", ".join(f"{k}={row[k]}" for k in ("dp", "tp", "pp", "cp", "ep", "v") if row[k] != 1)
-    return f"{row.strategy} ({grid}, recompute={row.recompute}, precision={row.precision})"
+    parts = [f"{k}={row[k]}" for k in ("dp", "tp", "pp", "cp", "ep", "v") if row[k] != 1]
+    parts += [f"recompute={row.recompute}"] if row.recompute is not None else []
+    return f"{row.strategy} ({', '.join([*parts, f'precision={row.precision}'])})"
 
 
 def best(rows: pd.DataFrame) -> pd.Series:
@@ -570,7 +571,7 @@ def best(rows: pd.DataFrame) -> pd.Series:
         closest = rows.sort_values("over_bytes").iloc[0]
         raise ValueError(
             f"no layout fits: the closest, {describe(closest)}, needs "
-            f"{closest.over_bytes / 1e9:.3g} GB more per GPU. Use more GPUs, recompute, a "
+            f"{three_figures(closest.over_bytes / 1e9)} GB more per GPU. Use more GPUs, recompute, a "
             "smaller micro-batch or sequence, or a precision with smaller optimizer states."
         )
     return fitting.iloc[0]
