@@ -7,15 +7,17 @@ Writes ``handouts/NAME.ipynb`` (executed) and ``handouts/NAME.html`` (git-ignore
 fails stops the run, with papermill's error naming the cell.
 
 A handout is opened where there may be no network, so its HTML needs nothing from one: every
-plotly figure is drawn by plotly.js inlined once in the page (``offline``). Widgets need a
-kernel: a note stands in for each, and a lab shows a live figure's last state as a plain
-figure of its own (lab 05's last cell: ``dashboard.snapshot()``).
+plotly figure is drawn by plotly.js inlined once in the page (``offline``); every formula is
+MathML, which browsers draw themselves (``latex2mathml``, instead of MathJax from a CDN).
+Widgets need a kernel: a note stands in for each, and a lab shows a live figure's last state
+as a plain figure of its own (lab 05's last cell: ``dashboard.snapshot()``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import re
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import nbformat
 import papermill
 import plotly.graph_objects as go
 import plotly.io as pio
+from latex2mathml.converter import convert as mathml
 from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,10 +72,41 @@ def offline(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
+# $$display$$ or $inline$ TeX, outside code (`...` spans, ``` blocks: a shell's $VAR is no TeX).
+# Inline math may wrap onto the next line of its paragraph, not past a blank line.
+CODE_OR_MATH = re.compile(r"(```.*?```|`[^`\n]*`)|\$\$(.+?)\$\$|\$((?:[^$\n]|\n(?!\n))+?)\$", re.S)
+TEMPLATES = Path(__file__).resolve().parent / "handout"
+
+
+def math_as_mathml(nb: nbformat.NotebookNode) -> dict[str, str]:
+    """Replace every formula in ``nb``'s markdown by a placeholder; returns placeholder ->
+    its MathML. (Placed after markdown is rendered: markdown would read MathML's text.)"""
+    formulas: dict[str, str] = {}
+
+    def swap(match: re.Match) -> str:
+        code, display, inline = match.groups()
+        if code:
+            return code
+        key = f"PDLABMATH{len(formulas)}X"
+        formulas[key] = mathml(display or inline, display="block" if display else "inline")
+        return key
+
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source = CODE_OR_MATH.sub(swap, cell.source)
+    return formulas
+
+
 def export(executed: Path, page: Path) -> Path:
     """The executed notebook at ``executed`` as an HTML page at ``page`` that needs no network."""
     nb = offline(nbformat.read(executed, as_version=4))
-    html, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    formulas = math_as_mathml(nb)
+    exporter = HTMLExporter(
+        template_name="handout", extra_template_basedirs=[str(TEMPLATES.parent)]
+    )
+    html, _ = exporter.from_notebook_node(nb)
+    for key, formula in formulas.items():
+        html = html.replace(key, formula)
     page.write_text(html, encoding="utf-8")
     return page
 

@@ -327,14 +327,18 @@ class Target:
 
 def on_topology(topology: Topology, algorithm: str = "ring") -> Target:
     """Ranks placed on ``topology``: ``costmodel.op_time``; each rank a full-duplex link per
-    level (intra-node, inter-node), an op on the level its ranks span."""
+    level (intra-node, inter-node), an op on the level its ranks span; with
+    ``shared_inter``, one inter-node link a node, shared by its ranks."""
 
     def seconds(issue: Issue) -> float:
         return op_time(issue.op, issue.payload, list(issue.ranks), topology, algorithm=algorithm)
 
     def links(issue: Issue) -> list[Hashable]:
-        level = "inter" if len({topology.node_of(r) for r in issue.ranks}) > 1 else "intra"
-        return [(*link, level) for link in duplex(issue)]
+        if len({topology.node_of(r) for r in issue.ranks}) == 1:
+            return [(*link, "intra") for link in duplex(issue)]
+        if topology.shared_inter:  # every rank of a node behind its one port
+            return list(dict.fromkeys(("nic", topology.node_of(r), d) for r, d in duplex(issue)))
+        return [(*link, "inter") for link in duplex(issue)]
 
     return Target(topology.name, seconds, links, topology.device, measures_here(topology))
 

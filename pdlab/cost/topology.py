@@ -19,7 +19,9 @@ Conventions the other modules rely on:
   direction): NCCL-tests' bus bandwidth of a ring on that link. Datasheets quote NVLink and
   PCIe as the sum of both directions; the table halves them.
 - ``inter`` is each GPU's own share of the network (DGX-style nodes have one NIC per GPU). A
-  node whose 8 GPUs share one 100 GbE port has ``inter="12.5Gbit/s"`` per GPU.
+  node whose 8 GPUs share one 100 GbE port has ``inter="12.5Gbit/s"`` per GPU, or
+  ``inter="100Gbit/s", shared_inter=True``: every op crossing nodes then queues for the one
+  port (the predictor's replay), whichever ranks issue it.
 - Latency is per message (one ring step), not per collective; NCCL's tuning model
   (src/graph/tuning.cc, ``hwLat``) counts latency the same way.
 - Rates use decimal prefixes (1 GB/s = 10⁹ bytes/s); bits are written ``bit/s`` and bytes
@@ -227,6 +229,9 @@ class Topology:
     intra: Link = LINKS["nvlink4"]
     inter: Link | None = None
     name: str = ""
+    # True: a node's GPUs share one ``inter`` link (one NIC a host, as on two workstations),
+    # rather than each its own (DGX-style nodes, one NIC per GPU).
+    shared_inter: bool = False
 
     def __post_init__(self) -> None:
         checks.whole(self.nodes, "nodes")

@@ -1,0 +1,227 @@
+"""Two hosts for real: two network namespaces joined by a tbf-shaped veth pair (root only).
+
+    python benchmarks/two_hosts.py [--rate 100Mbit/s] [--steps 12] [--repeats 3]
+
+Each namespace is a host with its own loopback (unshaped: ranks on one host talk at memory
+speed) and one end of a veth pair whose sending side a ``tbf`` qdisc limits to ``--rate``:
+one NIC a host, shared by its ranks. The kernel runs in host A as
+``pdlab.Cluster(4, attach=True, host=A's address)``; each host starts 2 ranks with the
+command ``Cluster.attach_command`` prints (torchrun, c10d rendezvous at A's address: a real
+rendezvous across addresses, gloo over the veth between hosts).
+
+For each strategy (dp: a ring over both hosts; dp-tp: TP inside a host, DP across) the
+measured median step time is set beside ``pdlab.predict`` on the matching topology: 2 nodes
+× 2 ranks, compute the run's own, intra-node link calibrated on a 2-rank cluster inside
+host A, inter-node link what one TCP stream measures across the veth (tbf counts headers
+and ACKs; the payload gets ~94% of the rate), shared by a node's ranks
+(``Topology(shared_inter=True)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from benchmarks.emulation import NETNS_PREFIX, cannot_throttle, remove_stale_namespaces
+from pdlab.cost.topology import Link, parse_link
+
+WARMUP = 2  # steps left out of each median (see benchmarks/emulation.py)
+SUBNET = "10.231.7"
+STRATEGIES = ("dp", "dp-tp")
+
+
+@dataclass(frozen=True)
+class Host:
+    netns: str
+    nic: str
+    address: str
+
+    def run(self, *cmd: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.netns, *cmd], **kwargs)
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+@contextmanager
+def two_hosts(rate: str) -> Iterator[tuple[Host, Host]]:
+    """Hosts A and B joined by a veth pair, each side sending at most ``rate``; both
+    namespaces (and so the pair) are removed on exit, even on failure."""
+    if why := cannot_throttle():
+        raise RuntimeError(f"can't make two hosts: {why}")
+    bits_per_s = round(parse_link(rate).bandwidth * 8)
+    tag = os.getpid()
+    hosts = tuple(
+        Host(f"{NETNS_PREFIX}{tag}-{side}", f"pdl{tag % 100000}{side}", f"{SUBNET}.{k + 1}")
+        for k, side in enumerate("ab")
+    )
+    remove_stale_namespaces()
+    try:
+        for host in hosts:
+            _sh("ip", "netns", "add", host.netns)
+        a, b = hosts
+        _sh("ip", "link", "add", a.nic, "type", "veth", "peer", "name", b.nic)
+        for host in hosts:
+            _sh("ip", "link", "set", host.nic, "netns", host.netns)
+            _sh("ip", "-n", host.netns, "addr", "add", f"{host.address}/24", "dev", host.nic)
+            _sh("ip", "-n", host.netns, "link", "set", "lo", "up")
+            _sh("ip", "-n", host.netns, "link", "set", host.nic, "mtu", "1500", "up")
+            # A bucket of 64 KB: at 100 Mbit/s and more, 16 KB refills faster than the
+            # kernel's timer and the rate falls short (measured: 93 Mbit/s of TCP payload).
+            _sh("ip", "netns", "exec", host.netns, "tc", "qdisc", "add", "dev", host.nic,
+                "root", "tbf", "rate", f"{bits_per_s}bit", "burst", "64kb", "latency", "200ms")  # fmt: skip
+        yield a, b
+    finally:
+        for host in hosts:
+            subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
+
+
+RECEIVER = """
+import socket, sys, time
+server = socket.create_server((sys.argv[1], 0))
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+total, start = 0, None
+while chunk := conn.recv(1 << 20):
+    start = start or time.perf_counter()
+    total += len(chunk)
+print(total / (time.perf_counter() - start), flush=True)
+"""
+
+
+def goodput(sender: Host, receiver: Host, nbytes: int = 8 << 20) -> float:
+    """Bytes/s of payload one TCP stream gets from ``sender`` to ``receiver``."""
+    cmd = ["ip", "netns", "exec", receiver.netns, sys.executable, "-c", RECEIVER, receiver.address]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as listening:
+        port = int(listening.stdout.readline())
+        send = f"import socket; s = socket.create_connection(({receiver.address!r}, {port})); s.sendall(bytes({nbytes})); s.close()"  # fmt: skip
+        sender.run(sys.executable, "-c", send, check=True)
+        return float(listening.stdout.readline())
+
+
+def on_hosts(a: Host, b: Host, strategies, steps: int, batch_size: int, inter: Link) -> list[dict]:
+    """In host A (the kernel's): run each strategy on 2 + 2 attached ranks and predict it on
+    the matching topology, and on two wrong ones: a NIC per rank (each rank its own veth
+    rate), one host (every rank on A's loopback). One row per strategy, median step times."""
+    import pdlab
+    from pdlab.cost.calibration import calibrate
+    from pdlab.cost.topology import Topology
+
+    with pdlab.Cluster(2) as local:
+        calibration = calibrate(local)
+    device, loopback = calibration.topology.device, calibration.link
+    topologies = {
+        "predicted_s": Topology(2, 2, device, loopback, inter, shared_inter=True),
+        "nic_per_rank_s": Topology(2, 2, device, loopback, inter),
+        "one_host_s": Topology(1, 4, device, loopback),
+    }
+    rows = []
+    with (
+        pdlab.Cluster(4, attach=True, host=a.address) as cluster,
+        tempfile.TemporaryFile("w+") as log,
+    ):
+        env, *command = shlex.split(cluster.attach_command(nnodes=2).replace("HOST0", a.address))
+        token = env.split("=", 1)[1]
+        command = [sys.executable, "-m", "torch.distributed.run", *command[1:]]
+        # The hostname resolves to 127.0.0.1 in every namespace, so torchrun is told what it
+        # would guess wrong, as on hosts with several NICs: A hosts the rendezvous (torch's
+        # _matches_machine_hostname checks the hostname's addresses) and each node's address.
+        hosting = {a.netns: ["--rdzv-conf=is_host=1"], b.netns: []}
+        nodes = [
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    host.netns,
+                    *command[:3],
+                    *hosting[host.netns],
+                    f"--local-addr={host.address}",
+                    *command[3:],
+                ],
+                env={**os.environ, "PDLAB_TOKEN": token, "GLOO_SOCKET_IFNAME": host.nic},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            for host in (a, b)
+        ]
+        try:
+            for strategy in strategies:
+                result = pdlab.train(cluster, strategy=strategy, model="gpt", steps=steps,
+                                     batch_size=batch_size)  # fmt: skip
+                row = {"strategy": strategy, "measured_s": result.steps["step_time"]}
+                for column, topology in topologies.items():
+                    row[column] = pdlab.predict(result, topology)["step_time"]
+                rows.append({k: v if k == "strategy" else statistics.median(v.iloc[WARMUP:])
+                             for k, v in row.items()})  # fmt: skip
+        except BaseException:
+            log.seek(0)
+            print(f"torchrun's output on both hosts:\n{log.read()[-4000:]}", file=sys.stderr)
+            raise
+        finally:
+            cluster.shutdown()
+            for node in nodes:
+                node.wait(timeout=60)
+    return rows
+
+
+def measure(rate: str, strategies=STRATEGIES, steps: int = 12, batch_size: int = 32) -> dict:
+    """Build the two hosts, measure the link, run the kernel in host A; its rows as a dict."""
+    with two_hosts(rate) as (a, b):
+        inter_bandwidth = min(goodput(a, b), goodput(b, a))
+        inter = Link(f"veth {rate}", inter_bandwidth, 0.0, "one TCP stream across the veth")
+        args = [sys.executable, "-m", "benchmarks.two_hosts", "--on-hosts",
+                json.dumps([a.__dict__, b.__dict__, list(strategies), steps, batch_size,
+                            inter.bandwidth])]  # fmt: skip
+        run = a.run(*args, capture_output=True, text=True, timeout=600)
+        if run.returncode:
+            raise RuntimeError(f"the kernel in host A failed:\n{run.stderr[-4000:]}")
+        return {
+            "rate": rate,
+            "goodput": inter_bandwidth,
+            "rows": json.loads(run.stdout.splitlines()[-1]),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", default="100Mbit/s")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--on-hosts", help=argparse.SUPPRESS)  # the kernel, inside host A
+    args = parser.parse_args()
+    if args.on_hosts:
+        a, b, strategies, steps, batch, bandwidth = json.loads(args.on_hosts)
+        inter = Link("veth", bandwidth, 0.0)
+        print(json.dumps(on_hosts(Host(**a), Host(**b), strategies, steps, batch, inter)))
+        return
+    started = time.time()
+    print(f"two hosts, 2 ranks each, joined at {args.rate}; load {os.getloadavg()[0]:.2f}")
+    print(
+        "step time s, median   measured  predicted  ratio | NIC per rank  ratio | one host  ratio"
+    )
+    for _ in range(args.repeats):
+        out = measure(args.rate, steps=args.steps, batch_size=args.batch_size)
+        for row in out["rows"]:
+            m = row["measured_s"]
+            print(f"{row['strategy']:20} {m:10.3f} {row['predicted_s']:10.3f} {row['predicted_s'] / m:6.2f}"
+                  f" | {row['nic_per_rank_s']:12.3f} {row['nic_per_rank_s'] / m:6.2f}"
+                  f" | {row['one_host_s']:8.3f} {row['one_host_s'] / m:6.2f}")  # fmt: skip
+        print(f"(TCP goodput across the veth: {out['goodput'] * 8 / 1e6:.1f} Mbit/s)")
+    print(f"{time.time() - started:.0f} s; load {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
