@@ -25,6 +25,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 from pandas.io.formats.style import Styler
 
+from pdlab.cost.planner import describe
 from pdlab.measure.comm import CommEvent
 from pdlab.training.loop import TrainResult
 from pdlab.training.parallel.pipeline import analytic_bubble, bubble_fraction
@@ -425,9 +426,7 @@ def predicted_vs_measured(table: pd.DataFrame, color: str = "link") -> go.Figure
 def plan_layouts(rows: pd.DataFrame, title: str = "Every layout of the plan") -> go.Figure:
     """One point a layout of ``pdlab.plan``: memory per GPU across, step time up, colored by
     whether it fits; hover for its grid."""
-    grid = " tp" + rows.tp.astype(str) + " pp" + rows.pp.astype(str)
-    recompute = rows.recompute.map({True: " +recompute"}).fillna("")
-    shown = rows.assign(layout=rows.strategy + grid + recompute, GB=rows.total_bytes / 1e9)
+    shown = rows.assign(layout=rows.apply(describe, axis=1), GB=rows.total_bytes / 1e9)
     return px.scatter(
         shown, x="GB", y="step_time", color="fits", hover_name="layout", title=title,
         labels={"GB": "GB a GPU", "step_time": "s a step"}, height=HEIGHT + 80,

@@ -87,6 +87,7 @@ class CommEvent:
     start: float = 0.0  # time.time() at issue
     busy: float = 0.0  # the rank's compute seconds in this step before the op was issued
     peer: int = -1  # send/recv: the other rank (global); collectives: -1
+    tag: int = 0  # send/recv: the tag a recv matches its send by (two streams between a pair)
     model_seconds: float = 0.0  # its time on the emulated link (pdlab.cost.emulation), else 0
     added_seconds: float = 0.0  # how much later than here the emulated link completed it
     sent_bytes: float = 0.0  # this rank's link, out and in (``traffic``)
@@ -325,6 +326,7 @@ def _describe(func: Any, args: tuple, kwargs: dict) -> CommEvent | None:
     e = measured(op, nbytes, pg, bound.get("root_rank", bound.get("src")))
     if (peer := bound.get("dst", bound.get("src"))) is not None:
         e.peer = dist.get_global_rank(pg, peer)
+        e.tag = int(bound.get("tag") or 0)
     return e
 
 
