@@ -90,12 +90,17 @@ def allreduce_gradients(
 
 
 def allreduce_comm(
-    layout: Layout, params_of: Callable[[int], list[torch.Tensor]], bucket_bytes: int = BUCKET_BYTES
+    layout: Layout,
+    params_of: Callable[[int], list[torch.Tensor]],
+    bucket_bytes: int = BUCKET_BYTES,
+    dim: str = "dp",
 ) -> list[CommEvent]:
-    """One step of ``allreduce_gradients`` over ``dp`` on every rank; rank ``r`` averages the
-    gradients of ``params_of(r)`` (the whole model in DP, its shard or stage in hybrids)."""
+    """One step of ``allreduce_gradients`` over ``dim`` on every rank; rank ``r`` averages the
+    gradients of ``params_of(r)`` (the whole model in DP, its shard or stage in hybrids, the
+    replicated parameters in expert parallelism)."""
+    size = getattr(layout, dim)
     return [
-        comm.event("all_reduce", sum(map(_nbytes, bucket)), "dp", layout.dp, rank)
+        comm.event("all_reduce", sum(map(_nbytes, bucket)), dim, size, rank)
         for rank in range(layout.world_size)
         for bucket in buckets(params_of(rank), bucket_bytes)
     ]

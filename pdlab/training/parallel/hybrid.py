@@ -39,7 +39,7 @@ from pdlab.compat import replicate
 from pdlab.measure.comm import CommEvent
 from pdlab.training.layout import Layout
 from pdlab.training.models import stage
-from pdlab.training.parallel import pipeline, tensor
+from pdlab.training.parallel import expert, pipeline, tensor
 from pdlab.training.parallel.base import (
     Implementation,
     Mesh,
@@ -50,6 +50,7 @@ from pdlab.training.parallel.base import (
     meta_model,
 )
 from pdlab.training.parallel.data import allreduce_comm, allreduce_gradients
+from pdlab.training.parallel.expert import ExpertParallel
 from pdlab.training.parallel.pipeline import PipelineScratch, PipelineTorch
 from pdlab.training.parallel.single import Single
 from pdlab.training.parallel.tensor import DTensorParallel, TensorParallel
@@ -187,3 +188,32 @@ class DataPipelineTorch(ReplicatedModule):
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(PipelineTorch(model, _pipeline_config(config), mesh), config, mesh)
+
+
+# --- dp-ep --------------------------------------------------------------------------------
+
+
+def dp_ep_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+    """Expert parallelism's static part on every ``ep`` group, plus each rank's gradient
+    (the replicated parameters and its own experts) averaged over dp. The replicated
+    parameters are so averaged over all dp×ep ranks in two all-reduces, over ep then dp."""
+    named = list(meta_model(config).named_parameters())
+    per = expert.experts_per_rank(layout)
+
+    def params_of(rank: int) -> list[torch.Tensor]:
+        held = expert.held_experts(layout.coords(rank)["ep"], per)
+        return [p for name, p in named if expert.expert_index(name) in held]
+
+    return expert.ExpertParallel.expected_comm(config, layout) + allreduce_comm(layout, params_of)
+
+
+class DataExpertParallel(AveragedReplicas):
+    """``dp-ep`` from scratch: expert parallelism inside each replica (a row of ``ep``
+    ranks), every rank's parameters then averaged over dp."""
+
+    check = staticmethod(expert.check)
+    expected_comm = staticmethod(dp_ep_comm)
+    routed_comm = staticmethod(expert.routed_comm)
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(ExpertParallel(model, config, mesh), mesh)
