@@ -129,11 +129,14 @@ def wait_for_warm_up(cluster, seconds: float = 120) -> None:
 
 def small_run(strategy: str) -> dict:
     """What a small run of ``strategy`` needs beyond the defaults: pp-interleaved runs 2 model
-    chunks a rank, and a strategy without a scratch version runs torch's."""
+    chunks a rank, expert parallelism the moe model, and a strategy without a scratch version
+    runs torch's."""
     from pdlab.training import registry
 
     impls = registry.get(strategy).impls
     run = {"impl": "scratch" if "scratch" in impls else next(iter(impls))}
     if strategy == "pp-interleaved":
         run["virtual_stages"] = 2
+    if strategy in ("ep", "dp-ep"):
+        run.update(model="moe", batch_size=4)  # 4 sequences: ~0.3 MB a rank a step
     return run

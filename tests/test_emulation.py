@@ -278,7 +278,7 @@ def test_every_strategy_is_slowed_by_the_link_with_the_same_losses_and_bytes(
     split = 2 if registry.get(strategy).micro_batched else 1  # pipelines only
     extra = {k: v for k, v in small_run(strategy).items() if k != "impl"}
     config = TrainConfig(
-        strategy=strategy, impl=impl, model="mlp", steps=2, micro_batches=split, **extra
+        strategy=strategy, impl=impl, steps=2, micro_batches=split, **{"model": "mlp", **extra}
     )
     plain, slowed = train(cluster, config), train(cluster, config, link=SLOW)
     assert slowed.steps.loss.tolist() == plain.steps.loss.tolist()

@@ -228,12 +228,20 @@ class MoE(nn.Module):
         assigned = chosen.flatten()  # b·t·k assignments, token by token
         order = assigned.argsort(stable=True)  # ... sorted by expert
         token = order // self.top_k  # the token of each sorted assignment
-        counts = torch.bincount(assigned, minlength=len(self.experts))
-        self.tokens_per_expert = counts
-        out = self.experts(x.reshape(-1, h)[token], counts.tolist())
+        out = self.experts(x.reshape(-1, h)[token], self.count(assigned))
         out = out * weights.flatten()[order, None].to(out.dtype)
         y = torch.zeros_like(out[: b * t]).index_add(0, token, out).view(b, t, h)
         return AddBalanceLoss.apply(y, self.balance_loss(probs, chosen))
+
+    def count(self, assigned: torch.Tensor) -> list[int]:
+        """The assignments per expert (kept in ``tokens_per_expert``). On the meta device
+        (shapes only: the predictor's FLOP count) an even split: dropless, every routing
+        costs the same FLOPs."""
+        n, e = assigned.numel(), len(self.experts)
+        if assigned.is_meta:
+            return [n // e + (i < n % e) for i in range(e)]
+        self.tokens_per_expert = torch.bincount(assigned, minlength=e)
+        return self.tokens_per_expert.tolist()
 
     def balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Switch Transformer's α·E·Σ_i f_i·P_i (Fedus et al. 2021, eq. 4), f_i the share of

@@ -101,10 +101,10 @@ def combine(
 def dispatch_problems(
     received: torch.Tensor, received_counts: torch.Tensor, rank: int, n_expert: int, ranks: int
 ) -> list[str]:
-    """What is wrong with a rank's dispatch of ``test_rows`` (empty: nothing). Every row
+    """What is wrong with a rank's dispatch of ``example_rows`` (empty: nothing). Every row
     says where it comes from, so a row in the wrong place names the mistake."""
     local = n_expert // ranks
-    want = torch.stack([test_counts(src, n_expert)[rank * local : (rank + 1) * local]
+    want = torch.stack([example_counts(src, n_expert)[rank * local : (rank + 1) * local]
                         for src in range(ranks)])  # fmt: skip
     if received_counts.shape != want.shape or not torch.equal(received_counts, want):
         return [
@@ -112,7 +112,7 @@ def dispatch_problems(
             f"experts) but got {received_counts.tolist()}: exchange the [E] counts with an "
             "all-to-all of E/P counts to each rank before sending rows"
         ]
-    expected = torch.cat([test_rows(src, n_expert)[_rows_for(src, rank, local, n_expert)]
+    expected = torch.cat([example_rows(src, n_expert)[_rows_for(src, rank, local, n_expert)]
                           for src in range(ranks)])  # fmt: skip
     if received.shape != expected.shape:
         return [
@@ -129,20 +129,20 @@ def dispatch_problems(
     return []
 
 
-def test_counts(rank: int, n_expert: int) -> torch.Tensor:
+def example_counts(rank: int, n_expert: int) -> torch.Tensor:
     """A rank's assignments per expert in the dispatch check: uneven, some zero."""
     return (torch.arange(n_expert) * (rank + 1) + rank) % 4
 
 
-def test_rows(rank: int, n_expert: int) -> torch.Tensor:
+def example_rows(rank: int, n_expert: int) -> torch.Tensor:
     """Rows sorted by expert: [source rank, expert, index within that expert]."""
-    counts = test_counts(rank, n_expert)
+    counts = example_counts(rank, n_expert)
     rows = [[rank, e, i] for e in range(n_expert) for i in range(int(counts[e]))]
     return torch.tensor(rows, dtype=torch.float32).view(-1, 3)
 
 
 def _rows_for(src: int, dst: int, local: int, n_expert: int) -> torch.Tensor:
-    rows = test_rows(src, n_expert)
+    rows = example_rows(src, n_expert)
     return (rows[:, 1] >= dst * local) & (rows[:, 1] < (dst + 1) * local)
 
 
