@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from pdlab.lab import plots
 from pdlab.measure.comm import CommEvent, totals
 from pdlab.training.loop import train, validate
 from pdlab.training.models import build_model
@@ -182,3 +183,13 @@ def test_the_dispatch_check_names_the_mistake(cluster2, name, hint):
         assert problems == [[], []]
     else:
         assert any(hint in message for p in problems for message in p), problems
+
+
+def test_the_plots_show_tokens_per_expert_and_each_steps_formula(ep):
+    fig = plots.experts(ep, layer=1)
+    *lines, balanced = fig.data
+    routed = ep.routing[ep.routing.layer == 1].groupby(["expert", "step"]).tokens.sum()
+    assert [list(line.y) for line in lines] == [routed[e].tolist() for e in range(4)]
+    assert list(balanced.y) == [32 * 32 * 2 / 4] * 3  # B·T·k over E
+    table = plots.traffic(ep)
+    assert table.expected_sent_bytes.tolist() == pytest.approx(table.sent_bytes.tolist())

@@ -214,11 +214,41 @@ def check(config: TrainConfig, layout: Layout) -> None:
         )
 
 
+def routed_comm(
+    config: TrainConfig, layout: Layout, routing: dict[int, list[list[int]]]
+) -> list[CommEvent]:
+    """Every rank's dispatch and combine all-to-alls in one step, forward and backward, from
+    every rank's tokens per expert in each MoE layer (``routing[rank][layer][expert]``, as
+    ``models.routing`` logs them).
+
+    ``sends[i][j]``: the rows ep rank i sends ep rank j in a layer's dispatch, the sum of
+    i's counts for j's experts. Dispatch and combine's backward move ``sends``, combine and
+    dispatch's backward its transpose; a rank's rows for its own experts stay put (payload,
+    not sent)."""
+    row = MoEConfig.n_embd * DTYPES[config.precision].itemsize
+    per = MoEConfig.n_expert // layout.ep
+    events = []
+    for rank in range(layout.world_size):
+        group = layout.group_ranks(rank, "ep")
+        i = group.index(rank)
+        for layer in range(len(routing[rank])):
+            sends = [[sum(routing[src][layer][j * per : (j + 1) * per]) for j in range(len(group))]
+                     for src in group]  # fmt: skip
+            out_rows, in_rows = sum(sends[i]), sum(s[i] for s in sends)
+            mine = sends[i][i]
+            for rows, back in ((out_rows, in_rows), (in_rows, out_rows)) * 2:
+                e = comm.event("all_to_all", rows * row, "ep", layout.ep, rank)
+                e.sent_bytes, e.received_bytes = (rows - mine) * row, (back - mine) * row
+                events.append(e)
+    return events
+
+
 class ExpertParallel(Single):
     """``ep`` from scratch: experts split over the ``ep`` group, tokens sent by all-to-all,
     the replicated parameters' gradients averaged over ``ep``."""
 
     check = staticmethod(check)
+    routed_comm = staticmethod(routed_comm)
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         self.group = mesh.group("ep")
@@ -252,49 +282,3 @@ class ExpertParallel(Single):
         return comm.on_ranks([exchange] * layers, range(layout.world_size)) + allreduce_comm(
             layout, lambda rank: replicated, dim="ep"
         )
-
-    @staticmethod
-    def routed_comm(
-        config: TrainConfig, layout: Layout, routing: dict[int, list[list[int]]]
-    ) -> list[CommEvent]:
-        """The all-to-alls of one step, from every rank's tokens per expert in each MoE
-        layer (``routing[rank][layer][expert]``, as ``models.routing`` logs them)."""
-        return routed_comm(config, layout, routing)
-
-
-def meta_model_names(model: nn.Module) -> list[str]:
-    """The single-process parameter names, in their order (the experts' from every rank)."""
-    return [n for n in _single_names(model)]
-
-
-def _single_names(model: nn.Module) -> list[str]:
-    from pdlab.training.models import build_model
-
-    return list(build_model("moe").state_dict())
-
-
-def routed_comm(
-    config: TrainConfig, layout: Layout, routing: dict[int, list[list[int]]]
-) -> list[CommEvent]:
-    """Every rank's dispatch and combine all-to-alls in one step, forward and backward.
-
-    ``sends[i][j]``: the rows ep rank i sends ep rank j in a layer's dispatch, the sum of
-    i's counts for j's experts. Dispatch and combine's backward move ``sends``, combine and
-    dispatch's backward its transpose; a rank's rows for its own experts stay put (payload,
-    not sent)."""
-    row = MoEConfig.n_embd * DTYPES[config.precision].itemsize
-    per = MoEConfig.n_expert // layout.ep
-    events = []
-    for rank in range(layout.world_size):
-        group = layout.group_ranks(rank, "ep")
-        i = group.index(rank)
-        for layer in range(len(routing[rank])):
-            sends = [[sum(routing[src][layer][j * per : (j + 1) * per]) for j in range(len(group))]
-                     for src in group]  # fmt: skip
-            out_rows, in_rows = sum(sends[i]), sum(s[i] for s in sends)
-            mine = sends[i][i]
-            for rows, back in ((out_rows, in_rows), (in_rows, out_rows)) * 2:
-                e = comm.event("all_to_all", rows * row, "ep", layout.ep, rank)
-                e.sent_bytes, e.received_bytes = (rows - mine) * row, (back - mine) * row
-                events.append(e)
-    return events

@@ -25,6 +25,12 @@ model-parallel strategy is built first, whole, and a data-parallel wrapper holds
   ``comm.totals`` compares).
 
 Each replica's pipeline runs GPipe (``pp-gpipe``); ``micro_batches`` applies as in ``pp-*``.
+
+``dp-ep`` (scratch only) wraps expert parallelism (``expert.py``) the same way: each row of
+``ep`` ranks splits the experts, the rows are replicas. Its replicated parameters are thus
+averaged in two all-reduces, over ``ep`` (in ``ExpertParallel.update``) and over ``dp``: the
+mean over all dp×ep ranks, in more bytes than one all-reduce over them (at 2×2: 2S a rank
+instead of 1.5S), which would need a group over both dims.
 """
 
 from __future__ import annotations
