@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import pdlab
 from pdlab.lab import plots
 from pdlab.measure.comm import CommEvent, totals
 from pdlab.training.loop import train, validate
@@ -118,6 +119,24 @@ def test_the_balance_loss_of_shards_averages_to_the_batchs():
     assert not torch.allclose(halves, batch_wide(probs, chosen))
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_uniform_routing_sends_the_textbook_bytes(ranks):
+    """≈ 2·k·h·bytes·(P-1)/P a token a MoE layer forward, the same backward, exactly when
+    every rank routes as many tokens to every expert."""
+    config = TrainConfig(strategy="ep", model="moe", world_size=ranks, batch_size=ranks)
+    tokens, k, h = 32, 2, 64  # a sequence a rank
+    routing = {r: [[tokens * k // 4] * 4] * 4 for r in range(ranks)}
+    events = expert.routed_comm(config, expert.Layout(ep=ranks), routing)
+    per_token_layer = sum(e.sent_bytes for e in events) / (ranks * tokens * 4)
+    assert per_token_layer == 2 * (2 * k * h * 4 * (ranks - 1) / ranks)  # forward + backward
+
+
+def test_predict_replays_an_expert_parallel_run(ep):
+    table = pdlab.predict(ep, "8xH100")
+    assert table.step.tolist() == [0, 1, 2]
+    assert (table.step_time > 0).all() and (table.mfu > 0).all()
+
+
 def test_experts_split_over_ranks_in_memory(ep, dp_ep, baseline):
     named = dict(build_model("moe").named_parameters())
     experts = sum(p.numel() * 4 for name, p in named.items() if expert.is_expert(name))
@@ -136,6 +155,7 @@ def test_experts_split_over_ranks_in_memory(ep, dp_ep, baseline):
         ({"strategy": "ep", "world_size": 4, "batch_size": 6}, r"multiple of 4, e.g. 8"),
         ({"strategy": "tp"}, r"train model 'moe' with one of single, dp"),
         ({"strategy": "ep", "impl": "torch"}, r"no expert-parallel API"),
+        ({"strategy": "dp", "recompute": "full"}, r"route the moe model's tokens twice"),
     ],
 )
 def test_bad_runs_name_the_fix(changes, message):

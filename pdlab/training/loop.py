@@ -75,6 +75,12 @@ def validate(config: TrainConfig) -> None:
     checks.number(config.lr, "lr", above=0)
     if (links := _link_emulation(config)) is not None:
         links.parse(config.link)
+    if config.recompute != "none" and config.model == "moe":
+        raise ValueError(
+            f"recompute={config.recompute!r} would route the moe model's tokens twice (and "
+            "send them twice under ep): pdlab recomputes the gpt's blocks only, use "
+            "model='gpt' or recompute='none'"
+        )
     if config.recompute != "none" and config.model != "gpt":
         raise ValueError(
             f"recompute={config.recompute!r} recomputes the gpt's transformer blocks; model "
