@@ -213,3 +213,18 @@ def test_the_plots_show_tokens_per_expert_and_each_steps_formula(ep):
     assert list(balanced.y) == [32 * 32 * 2 / 4] * 3  # B·T·k over E
     table = plots.traffic(ep)
     assert table.expected_sent_bytes.tolist() == pytest.approx(table.sent_bytes.tolist())
+
+
+def test_the_dashboard_offers_ep_and_plots_tokens_per_expert_live(cluster2):
+    d = pdlab.Dashboard(cluster2, refresh_s=0.05)
+    try:
+        menu = dict(d.controls["strategy"].options)
+        assert menu["expert (MoE)"] == "ep" and menu["hybrid DP×EP"] == "dp-ep"
+        d.start(strategy="ep", model="moe", steps=2, batch_size=4)
+        result = d.wait(timeout=120)
+        panel = {t.name: list(t.y) for t in d.figure.data if t.xaxis == "x5"}  # row 3
+        assert list(panel) == ["expert 0", "expert 1", "expert 2", "expert 3", "balanced"]
+        routed = result.routing.groupby(["expert", "step"]).tokens.sum()
+        assert [panel[f"expert {e}"] for e in range(4)] == [routed[e].tolist() for e in range(4)]
+    finally:
+        d.close()

@@ -666,7 +666,10 @@ class Dashboard:
             "throughput": plots.throughput(named, {r.name: r.prediction for r in predicted}),
             "comm": plots.comm(current),
             "memory": plots.memory(current),
-            "timeline": plots.timeline(run.records),
+            # A moe run has no pipeline timeline: its panel shows the tokens per expert.
+            "timeline": plots.experts(current)
+            if len(current.routing)
+            else plots.timeline(run.records),
             "where": plots.where_time_goes(
                 {f"{r.name.split()[0]} on {r.cluster}": r.prediction for r in predicted}
             ),
