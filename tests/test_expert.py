@@ -163,6 +163,25 @@ def test_bad_runs_name_the_fix(changes, message):
         validate(TrainConfig(**{"model": "moe", "world_size": 2, **changes}))
 
 
+def _all_to_all_list_form(uneven: bool) -> str:
+    rank = dist.get_rank()
+    sizes = [1 + (rank + 2 * j if uneven else 0) for j in range(2)]  # to each rank
+    inputs = [torch.full((n,), float(rank)) for n in sizes]
+    outputs = [torch.empty(1 + (j + 2 * rank if uneven else 0)) for j in range(2)]
+    try:
+        dist.all_to_all(outputs, inputs)
+    except RuntimeError as error:
+        return str(error)
+    return "ok"
+
+
+def test_gloo_runs_the_list_all_to_all_only_with_equal_sizes(cluster2):
+    """Why dispatch uses all_to_all_single (torch 2.13; pytorch issue 88245 had no list form)."""
+    assert cluster2.run(_all_to_all_list_form, False) == ["ok", "ok"]
+    for message in cluster2.run(_all_to_all_list_form, True):
+        assert "ProcessGroupGloo::alltoall: invalid tensor size" in message
+
+
 # ---- the dispatch check (lab 08's exercise) ------------------------------------------------
 
 

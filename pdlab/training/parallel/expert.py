@@ -10,8 +10,9 @@ MoE layer a rank routes its tokens, then (torchtitan's ``token_dispatcher.py`` d
    so every rank learns how many rows it will receive from each rank for each of its experts.
 2. ``dispatch``: ``all_to_all_single`` with uneven splits sends each rank the rows (token
    vectors, one per assignment) for its experts. gloo runs it (``alltoall_base``, uneven
-   splits included); the list form ``all_to_all`` is not implemented on gloo (pytorch issue
-   88245: "ProcessGroupGloo does not support alltoall", still so in torch 2.13).
+   splits included). The list form ``all_to_all``, which gloo lacked (pytorch issue 88245),
+   runs on gloo in torch 2.13 but only with tensors of one size: uneven ones raise
+   "ProcessGroupGloo::alltoall: invalid tensor size" (``tests/test_expert.py``).
 3. the local experts run on what arrived, then ``combine`` sends the outputs back the same
    way reversed. Backward runs the two all-to-alls again, reversed (``AllToAll``).
 
@@ -160,7 +161,7 @@ class ExpertShard(nn.ModuleDict):
         self.group = group
 
     def forward(self, routed: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        counts_t = torch.tensor(counts)
+        counts_t = torch.tensor(counts, device=routed.device)  # NCCL sends device tensors
         received, received_counts = dispatch(routed, counts_t, self.group)
         # The rows arrive by source rank, then expert: each (rank, expert) piece runs
         # through its expert as it lies (torchtitan permutes them into one batch an expert
