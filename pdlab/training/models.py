@@ -121,14 +121,14 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block (``mlp``: the MLP it gets, a ``FeedForward`` by default)."""
+    """A pre-norm transformer block; ``mlp`` builds its MLP (the ``moe`` model's: a ``MoE``)."""
 
-    def __init__(self, cfg: GPTConfig, mlp: nn.Module | None = None):
+    def __init__(self, cfg: GPTConfig, mlp: Callable[[GPTConfig], nn.Module] = FeedForward):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.attn = Attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = FeedForward(cfg) if mlp is None else mlp
+        self.mlp = mlp(cfg)
         self.recompute = False  # full recompute: keep the input only (``set_recompute``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +155,7 @@ class Head(nn.Module):
 
 def gpt(cfg: GPTConfig, mlp: Callable[[GPTConfig], nn.Module] = FeedForward) -> nn.Sequential:
     """The GPT as units: embedding, ``n_layer`` blocks (each MLP built by ``mlp``), head."""
-    units = [Embedding(cfg), *(Block(cfg, mlp(cfg)) for _ in range(cfg.n_layer)), Head(cfg)]
+    units = [Embedding(cfg), *(Block(cfg, mlp) for _ in range(cfg.n_layer)), Head(cfg)]
     model = nn.Sequential(*units)
     # GPT-2's scaled init for the projections that write into the residual stream.
     for name, p in model.named_parameters():
