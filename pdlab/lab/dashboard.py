@@ -679,7 +679,8 @@ class Dashboard:
             "throughput": plots.throughput(named, {r.name: r.prediction for r in predicted}),
             "comm": plots.comm(current),
             "memory": plots.memory(current),
-            "timeline": timeline,
+            # A moe run has no pipeline timeline: its panel shows the tokens per expert.
+            "timeline": plots.experts(current) if len(current.routing) else timeline,
             "where": plots.where_time_goes(
                 {r.name + here * (r.cluster == THIS_MACHINE): r.prediction for r in predicted}
             ),

@@ -6,6 +6,7 @@ Runs are ``pdlab.train`` results (``TrainResult``); several overlay as one trace
     plots.loss(runs)              # loss vs step, one line per run
     plots.comm(runs[1])           # bytes each rank sends a step: by op, formula, on the wire
     plots.timeline(result.timeline)   # the last pipeline step, F/B per rank
+    plots.experts(moe_run)        # tokens per expert a step (model="moe")
 
 Every function returns a ``go.Figure``; ``go.FigureWidget(fig)`` makes it live. Bars are
 placed and stacked explicitly (``offset``, ``base``), not by the figure-wide ``barmode``, so
@@ -188,7 +189,10 @@ def traffic(result: TrainResult) -> pd.DataFrame:
     per_rank = result.ranks.groupby("rank")[
         ["sent_bytes", "wire_sent_bytes", "received_bytes", "wire_received_bytes"]
     ].mean()
-    expected = sent_by_rank(result.expected_comm).reindex(per_rank.index, fill_value=0.0)
+    # Where the bytes depend on the routing (ep), each step has its formula: their mean.
+    formulas = list(result.expected_by_step.values()) or [result.expected_comm]
+    expected = pd.concat([sent_by_rank(events) for events in formulas], axis=1).mean(axis=1)
+    expected = expected.reindex(per_rank.index, fill_value=0.0)
     per_rank.insert(1, "expected_sent_bytes", expected)
     return per_rank
 
@@ -242,6 +246,24 @@ def comm(result: TrainResult) -> go.Figure:
             x=ranks, y=per_rank.wire_received_bytes, name="received, wire",
             mode="markers", marker={"symbol": "x", "size": 9, "color": COLORS["wire"]},
         )  # fmt: skip
+    return fig
+
+
+def experts(result: TrainResult, layer: int | None = None) -> go.Figure:
+    """Tokens routed to each expert a step, over all ranks (a MoE ``layer``, or all summed),
+    beside the balanced share that the load-balance loss pulls them towards."""
+    routing = result.routing if layer is None else result.routing[result.routing.layer == layer]
+    where = "all MoE layers" if layer is None else f"MoE layer {layer}"
+    fig = _figure(f"Tokens per expert, {where}", "step", "tokens (token-expert pairs)")
+    if routing.empty:  # not a moe run
+        return fig
+    table = routing.groupby(["step", "expert"]).tokens.sum().unstack()
+    for e in table.columns:
+        fig.add_scatter(x=table.index, y=table[e], name=f"expert {e}", mode="lines+markers")
+    fig.add_scatter(
+        x=table.index, y=table.sum(axis=1) / len(table.columns), name="balanced",
+        mode="lines", line={"dash": "dot", "color": COLORS["formula"]},
+    )  # fmt: skip
     return fig
 
 
