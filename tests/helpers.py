@@ -130,7 +130,8 @@ def wait_for_warm_up(cluster, seconds: float = 120) -> None:
 def small_run(strategy: str) -> dict:
     """What a small run of ``strategy`` needs beyond the defaults: pp-interleaved runs 2 model
     chunks a rank, context parallelism a model with a sequence (the gpt, on 2 samples: its
-    ~0.8 MB of gradients are all-reduced over cp), and a strategy without a scratch version
+    ~0.8 MB of gradients are all-reduced over cp), expert parallelism the moe model, and a
+    strategy without a scratch version
     runs torch's."""
     from pdlab.training import registry
 
@@ -140,4 +141,6 @@ def small_run(strategy: str) -> dict:
         run["virtual_stages"] = 2
     if strategy in ("cp", "dp-cp"):
         run |= {"model": "gpt", "batch_size": 4}
+    if strategy in ("ep", "dp-ep"):
+        run |= {"model": "moe", "batch_size": 4}  # 4 sequences: ~0.3 MB a rank a step
     return run

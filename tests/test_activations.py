@@ -25,9 +25,7 @@ NORM_STATS = 2 * 2 * S * B * 4
 
 def formula(mode: str, b: int = B, **kw) -> float:
     """One layer's bytes in float32 for recompute ``mode``, pdlab's GPT having no dropout."""
-    return FP32 * layer_activation_bytes(
-        S, b, H, A, recompute=mode == "full", flash_attention=mode == "selective", **kw
-    )
+    return FP32 * layer_activation_bytes(S, b, H, A, recompute=mode, **kw)
 
 
 def block_saves(mode: str) -> int:

@@ -30,6 +30,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from pdlab.lab.dashboard import PLOTTED_RUNS
 from tests.conftest import descendants, worker_pids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +113,19 @@ OVERFLOW = """() => {
     return cut;
 }"""
 # Plotly bar labels drawn wider than their bar (smeared into the next one).
+# Legends that cover one another, or an axis title (a legend's right edge past its plot's
+# margin ran into the next plot's title): pairs of overlapping boxes, named.
+CROWDED = """() => {
+    const plot = document.querySelector('.js-plotly-plot');
+    const boxes = [...plot.querySelectorAll('g.legend')].map(g => ['legend ' + g.textContent.slice(0, 20), g.getBoundingClientRect()])
+        .concat([...plot.querySelectorAll('.g-ytitle, .g-y2title, .g-y3title, .g-y4title')].map(g => ['title ' + g.textContent, g.getBoundingClientRect()]));
+    const meet = (a, b) => a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1;
+    const crowded = [];
+    boxes.forEach(([na, a], i) => boxes.slice(i + 1).forEach(([nb, b]) => {
+        if (a.width && b.width && meet(a, b) && na.startsWith('legend')) crowded.push(`${na} / ${nb}`);
+    }));
+    return crowded;
+}"""
 SMEARED = """() => {
     const smeared = [];
     for (const point of document.querySelectorAll('.js-plotly-plot .bars .point')) {
@@ -431,17 +445,20 @@ def test_lab_05_dashboard_after_run_all(browser, server):
     new = {name: n for name, n in after.items() if name not in before}
     (run,) = [name for name in new if "pp-1f1b" in name]
     assert new[run] == 5 and run.endswith("@100Mbit/s"), after
-    number = run.split()[0]
     throughput = dict(page.evaluate(TRACES, ["x2"]))
-    assert throughput[f"{number} predicted"] == 5, throughput  # dotted beside the measured
+    (predicted,) = [name for name in throughput if name.startswith(f"{run}, predicted on")]
+    assert throughput[predicted] == 5, throughput  # dotted beside the measured
     where = [t for t in page.evaluate(DASHBOARD_DATA) if t["axis"] == "x6"]
     assert [t["name"] for t in where] == [
         "compute",
         "exposed communication",
         "waiting for other ranks (bubble)",
     ]
-    assert all(f"{number} on 100Mbit/s" in t["y"] for t in where), where
-    assert {name: after[name] for name in before} == before  # earlier runs stay on the plot
+    assert all(run in t["y"] for t in where), where
+    # Earlier runs stay on the plot, the latest PLOTTED_RUNS of them (a repaint redraws each).
+    kept = [name for name in before if name in after]
+    assert len(after) <= PLOTTED_RUNS and len(kept) == len(after) - len(new), (before, after)
+    assert {name: after[name] for name in kept} == {name: before[name] for name in kept}
     assert [name for name, _ in page.evaluate(TRACES, ["x5"])] == ["forward", "backward"]
     traces = page.evaluate(DASHBOARD_DATA)
     memory = [(t["name"], t["color"]) for t in traces if t["axis"] == "x4"]
@@ -454,6 +471,7 @@ def test_lab_05_dashboard_after_run_all(browser, server):
     assert comm["send@pp"] and all(y > 0 for y in comm["send@pp"]), comm  # no empty bars
     assert not any(name.startswith("recv") for name in comm), comm
     assert page.evaluate(SMEARED) == [] and page.evaluate(OVERFLOW) == []
+    assert page.evaluate(CROWDED) == []
     screenshot(dashboard, "dashboard")
 
     last = page.locator(".jp-CodeCell").last

@@ -39,9 +39,9 @@ from pdlab.training.layout import Layout
 
 
 def trace(*ops: tuple) -> pd.DataFrame:
-    """Events of one rank: ``(op, group, payload, busy[, peer])`` in issue order."""
-    columns = ["op", "group", "payload_bytes", "busy", "peer"]
-    return pd.DataFrame([(*o, -1)[:5] for o in ops], columns=columns)
+    """Events of one rank: ``(op, group, payload, busy[, peer[, tag]])`` in issue order."""
+    columns = ["op", "group", "payload_bytes", "busy", "peer", "tag"]
+    return pd.DataFrame([(*o, -1, 0)[:6] if len(o) < 5 else (*o, 0)[:6] for o in ops], columns=columns)  # fmt: skip
 
 
 def one_second_per_kb(issue: Issue) -> float:
@@ -143,6 +143,24 @@ def test_torch_1f1b_waits_for_a_send_with_the_next_p2p_op():
         rule = lambda op, group, impl=impl: wait_rule("pp-1f1b", impl, op, group, gpu=False)  # noqa: E731
         times = replay_traces(traces, {0: 4.0, 1: 5.0}, Layout(pp=2), rule)
         assert times[0].finish == pytest.approx(finish)
+
+
+def test_sends_pair_with_recvs_by_tag():
+    # Two streams from rank 1 to rank 0, as interleaved 1F1B's activations (tag 2) and
+    # gradients (tag 1). Rank 1 sends A (tag 2, 1 KB: 1 s) at 0, computes 4 s, sends G
+    # (tag 1, 3 KB: 3 s). Rank 0 receives G first, computes 1 s, then receives A.
+    # By tag: G runs 4-7, rank 0 computes 7-8, A runs 8-9: rank 0 finishes at 9. Paired by
+    # order alone, rank 0's first recv would take A (0-1) and it would finish at 7.
+    rule = lambda op, group: wait_rule("pp-interleaved", "scratch", op, group, gpu=False)  # noqa: E731
+    traces = {
+        0: trace(("recv", "pp", 0, 0.0, 1, 1), ("recv", "pp", 0, 1.0, 1, 2)),
+        1: trace(("send", "pp", 1000, 0.0, 0, 2), ("send", "pp", 3000, 4.0, 0, 1)),
+    }
+    times = replay_traces(traces, {0: 1.0, 1: 4.0}, Layout(pp=2), rule)
+    assert times[0].finish == pytest.approx(9.0)
+    untagged = {rank: t.assign(tag=0) for rank, t in traces.items()}
+    wrong = replay_traces(untagged, {0: 1.0, 1: 4.0}, Layout(pp=2), rule)
+    assert wrong[0].finish == pytest.approx(7.0)  # what the replay did before tags
 
 
 def test_the_replay_refuses_programs_that_never_meet():
@@ -305,6 +323,54 @@ def test_new_pipeline_schedules_are_predicted_from_their_runs(cluster2, strategy
     )
     rows = pdlab.predict(result, "8xH100")
     assert len(rows) == 2 and (rows.step_time > rows.compute).all() and (rows.bubble > 0).all()
+
+
+def test_recompute_is_predicted_as_the_extra_forward_it_runs():
+    """Full recompute reruns the blocks' forward: at most 4/3 of the FLOPs (forward 1 +
+    backward 2 + forward again; the planner's assumption). Measured on the GPT: 1.23, as
+    torch's non-reentrant checkpoint stops recomputing once backward has the tensors it
+    needs (its early stop), so a block's last matmul isn't rerun. Selective adds attention's
+    core only. MFU counts the model's FLOPs, so it drops as the step grows."""
+    free = Assumptions(op_overhead=0)  # compute is FLOPs over the peak alone
+    rows = {
+        mode: pdlab.predict(
+            pdlab.train(strategy="single", model="gpt", steps=1, recompute=mode),
+            "1x1 h100-sxm nvlink4",
+            assumptions=free,
+        ).iloc[0]
+        for mode in ("none", "selective", "full")
+    }
+    none, selective, full = (rows[m] for m in ("none", "selective", "full"))
+    assert 1.15 < full.compute / none.compute <= 4 / 3
+    assert none.compute < selective.compute < full.compute
+    assert full.mfu == pytest.approx(none.mfu * none.step_time / full.step_time)
+
+
+def test_zero_bubble_is_predicted_with_a_smaller_bubble_than_1f1b(cluster2):
+    """The same 4 micro-batches on 2 stages: ZB-H1 fills 1F1B's bubble with W passes, (p-1)/(3m)
+    against (p-1)/m with equal F, B, W times. Predicted on H100s (measured here: 0.035 ms
+    against 0.35 ms): at least 2x smaller."""
+    bubbles = {
+        strategy: pdlab.predict(
+            pdlab.train(cluster2, strategy=strategy, impl="scratch", micro_batches=4, steps=2),
+            "8xH100",
+        ).bubble.median()
+        for strategy in ("pp-1f1b", "pp-zb")
+    }
+    assert 0 < bubbles["pp-zb"] < bubbles["pp-1f1b"] / 2
+
+
+def test_pipeline_sends_carry_their_tags(cluster2):
+    """A scratch interleaved run records each send's and recv's tag (activations and
+    gradients of one cut apart), so the replay pairs them as gloo did."""
+    result = pdlab.train(
+        cluster2, strategy="pp-interleaved", micro_batches=4, virtual_stages=2, steps=1
+    )
+    p2p = result.comm[result.comm.op.isin(["send", "recv"])]
+    assert p2p.tag.nunique() > 2  # 2·cut and 2·cut ± 1 for each of the cuts
+    sends = p2p[p2p.op == "send"].groupby(["rank", "peer", "tag"]).size()
+    recvs = p2p[p2p.op == "recv"].groupby(["peer", "rank", "tag"]).size()
+    assert sends.to_dict() == recvs.to_dict()  # every stream: as many sends as recvs
 
 
 def test_tensor_parallel_flops_are_counted_on_local_shards(cluster2):

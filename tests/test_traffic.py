@@ -150,16 +150,21 @@ AT_4 = [
 
 
 def assert_bytes_on_the_wire(result) -> None:
-    """Every step and rank: the bytes its ops send and receive by the model are the formula's,
-    and gloo's sockets counted them plus at most ``framing`` an op."""
-    expected = (
-        pd.DataFrame(
-            [(e.rank, e.sent_bytes, e.received_bytes) for e in result.expected_comm],
-            columns=["rank", "sent", "received"],
+    """Every step and rank: the bytes its ops send and receive by the model are the formula's
+    (that step's, where they depend on the routing: ``expected_by_step``), and gloo's sockets
+    counted them plus at most ``framing`` an op."""
+
+    def expected_at(step: int) -> pd.DataFrame:
+        events = result.expected_by_step.get(step, result.expected_comm)
+        return (
+            pd.DataFrame(
+                [(e.rank, e.sent_bytes, e.received_bytes) for e in events],
+                columns=["rank", "sent", "received"],
+            )
+            .groupby("rank")
+            .sum()
         )
-        .groupby("rank")
-        .sum()
-    )
+
     allowance = (
         result.comm.assign(framing=result.comm.group_size.map(framing))
         .groupby(["step", "rank"])
@@ -169,6 +174,7 @@ def assert_bytes_on_the_wire(result) -> None:
     assert len(ranks) == result.config.steps * result.config.world_size
     for (step, rank), row in ranks.iterrows():
         where = f"{result.config.strategy}/{result.config.impl} step {step} rank {rank}"
+        expected = expected_at(step)
         if rank in expected.index:
             assert row.sent_bytes == pytest.approx(expected.sent[rank]), where
             assert row.received_bytes == pytest.approx(expected.received[rank]), where

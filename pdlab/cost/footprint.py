@@ -17,8 +17,15 @@ activations and FLOPs per token — the arithmetic ``pdlab.cost.planner`` builds
   backward, as the paper's selective recompute does (Table 2 without that term). The paper
   derives 34 for GPT layers (4h GeLU MLP, multi-head attention); other shapes (SwiGLU, GQA)
   are counted with the same formula, an approximation.
+  Context parallelism (ring attention) gives each rank s/cp of the tokens: every term
+  divides by cp.
+- Mixture of experts (Switch Transformer, arXiv 2101.03961; Mixtral, arXiv 2401.04088): each
+  MoE layer has E copies of the MLP and a router (h·E weights); a token runs top-k of them,
+  so the FLOPs count k MLPs, and the layer keeps the MLP's activations (19·s·b·h of
+  Korthikanti et al.'s 34, /t with TP) once more for each extra expert: derived, no paper.
 - FLOPs per token (the PaLM / Megatron MFU accounting): 6 per weight used in a matmul
-  (forward 2, backward 4) plus attention's 12·L·h·s; full recompute adds one forward.
+  (forward 2, backward 4) plus attention's 12·L·h·s; full recompute adds one forward,
+  selective recompute the attention core's forward (4·L·h·s; Korthikanti et al. §5).
 """
 
 from __future__ import annotations
@@ -66,18 +73,32 @@ class ModelSpec:
     bias: bool = True  # linears and norms carry biases (GPT-2), or not (Llama)
     tied_embeddings: bool = False  # the output head reuses the token embedding
     learned_positions: bool = True  # a position table of `context` rows (GPT-2) or RoPE
+    experts: int = 1  # MLPs a layer (> 1: a mixture of experts in every layer)
+    top_k: int = 1  # experts a token runs
 
     @property
     def kv_width(self) -> int:
         return self.hidden // self.n_head * self.n_kv_head
 
     @property
+    def mlp_params(self) -> int:
+        """One MLP (one expert)."""
+        h, f = self.hidden, self.ffn_hidden
+        return (3 if self.gated_mlp else 2) * h * f + (f + h if self.bias else 0)
+
+    @property
     def layer_params(self) -> int:
-        h, f, kv = self.hidden, self.ffn_hidden, self.kv_width
+        h, kv = self.hidden, self.kv_width
         attention = 2 * h * h + 2 * h * kv + (2 * h + 2 * kv if self.bias else 0)
-        mlp = (3 if self.gated_mlp else 2) * h * f + (f + h if self.bias else 0)
+        router = h * self.experts if self.experts > 1 else 0
         norms = 2 * h * (2 if self.bias else 1)
-        return attention + mlp + norms
+        return attention + self.experts * self.mlp_params + router + norms
+
+    @property
+    def expert_params(self) -> int:
+        """The experts' weights over all layers (0 for a dense model): what expert
+        parallelism splits."""
+        return self.n_layer * self.experts * self.mlp_params if self.experts > 1 else 0
 
     @property
     def embedding_params(self) -> int:
@@ -93,8 +114,10 @@ class ModelSpec:
 
     @property
     def matmul_params(self) -> int:
-        """Weights used in matmuls: the layers and the output head (tied or not)."""
-        return self.params - self.embedding_params + self.vocab_size * self.hidden * self.tied_embeddings  # fmt: skip
+        """Weights a token uses in matmuls: the layers (top_k of the experts) and the output
+        head (tied or not)."""
+        unused = self.n_layer * (self.experts - self.top_k) * self.mlp_params
+        return self.params - self.embedding_params + self.vocab_size * self.hidden * self.tied_embeddings - unused  # fmt: skip
 
 
 LLAMA = {"gated_mlp": True, "bias": False, "learned_positions": False}  # SwiGLU, RMSNorm, RoPE
@@ -107,6 +130,11 @@ MODEL_SPECS = {
         # Llama 3 (arXiv 2407.21783 Table 3; meta-llama/Meta-Llama-3-*/config.json: vocab 128,256)
         ModelSpec("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, **LLAMA),
         ModelSpec("llama3-70b", 80, 8192, 64, 8, 28672, 128256, 8192, **LLAMA),
+        ModelSpec("llama3-405b", 126, 16384, 128, 8, 53248, 128256, 8192, **LLAMA),
+        # Mixtral 8x7B (arXiv 2401.04088, Table 1): 8 experts, top-2; 46.7B, 12.9B active
+        ModelSpec(
+            "mixtral-8x7b", 32, 4096, 32, 8, 14336, 32000, 32768, experts=8, top_k=2, **LLAMA
+        ),
     )
 }
 MODEL_NAMES = ("gpt", *MODEL_SPECS)
@@ -142,6 +170,9 @@ def model_state_bytes(params: float, prec: Precision, zero: int, dp: int) -> dic
     }
 
 
+RECOMPUTE = ("none", "selective", "full")
+
+
 def layer_activation_bytes(
     s: int,
     b: int,
@@ -150,26 +181,45 @@ def layer_activation_bytes(
     t: int = 1,
     *,
     sequence_parallel: bool = False,
-    recompute: bool = False,
+    recompute: str = "none",
     flash_attention: bool = False,
     dropout: bool = True,
 ) -> float:
     """Bytes one transformer layer keeps for its backward (Korthikanti et al. 2022: Eq. 1,
-    Eq. 2 and Table 2; see the module docstring). 16-bit activations.
+    Eq. 2 and Table 2; see the module docstring). 16-bit activations. ``recompute``:
+    "none", "selective" (the attention core, the 5as/h term, is recomputed) or "full".
 
     ``dropout=False`` (pdlab's GPT): no 1-byte masks (sbh after attention, sbh after the
     MLP, a·s²·b on the probabilities) and no dropped-out copy of the probabilities (2a·s²·b):
     34 becomes 32 and 5as/h becomes 2as/h."""
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute is one of {', '.join(RECOMPUTE)}, got {recompute!r}")
     sbh = s * b * h
-    if recompute:
+    if recompute == "full":  # Table 2: only the layer's input, 2sbh (its 1/t with SP)
         return 2 * sbh / (t if sequence_parallel else 1)
     masks = 2 if dropout else 0  # the two sbh masks, replicated across tp without SP
-    scores = 0 if flash_attention else (5 if dropout else 2) * a * s / h
-    if sequence_parallel:
+    dropped = flash_attention or recompute == "selective"
+    scores = 0 if dropped else (5 if dropout else 2) * a * s / h
+    if sequence_parallel:  # Table 2: sbh(34/t + 5as/(ht)), selective 34sbh/t
         return sbh / t * (32 + masks + scores)
-    return sbh * (8 + masks + 24 / t + scores / t)
+    return sbh * (8 + masks + 24 / t + scores / t)  # Eq. 2 (Eq. 1 at t = 1)
+
+
+def moe_extra_activation_bytes(s: int, b: int, h: int, top_k: int, t: int = 1) -> float:
+    """What a top-k MoE layer keeps beyond a dense one: the MLP's 19·s·b·h of Korthikanti
+    et al.'s 34 (its input 2, first matmul's output 8, GeLU's output 8, dropout mask 1),
+    sharded by t, once for each extra expert a token runs (derived; no paper gives it)."""
+    return (top_k - 1) * 19 * s * b * h / t
 
 
 def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     """Model FLOPs per token of one training step: 6 per matmul weight + 12·L·h·s (attention)."""
     return 6 * spec.matmul_params + 12 * spec.n_layer * spec.hidden * seq_len
+
+
+def recompute_flops_per_token(spec: ModelSpec, seq_len: int, recompute: str) -> float:
+    """FLOPs recompute adds a token: full, one forward (a third of the step's); selective,
+    the attention core's forward, 4·L·h·s (Korthikanti et al. 2022, §5)."""
+    if recompute == "full":
+        return flops_per_token(spec, seq_len) / 3
+    return 4 * spec.n_layer * spec.hidden * seq_len if recompute == "selective" else 0.0

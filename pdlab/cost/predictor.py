@@ -252,8 +252,10 @@ def group_ranks(layout: Layout, group: str, rank: int) -> tuple[int, ...]:
 
 def _posted(e, rank: int, layout: Layout, counts: dict[Hashable, int]) -> Issue:
     """What ``rank`` posts for its event ``e``: a collective keyed by its group and how many
-    ops that group has had; a send or recv by its (sender, receiver) pair and its count there
-    (a recv posts 0 bytes: its send carries them)."""
+    ops that group has had; a send or recv by its (sender, receiver) pair, its tag and its
+    count there, as gloo and NCCL match them: two streams between the same ranks (the
+    interleaved pipeline's activations and gradients) pair by tag, each in order (a recv
+    posts 0 bytes: its send carries them)."""
     if e.op in ("send", "recv"):
         if e.peer < 0:
             raise ValueError(
@@ -261,8 +263,9 @@ def _posted(e, rank: int, layout: Layout, counts: dict[Hashable, int]) -> Issue:
                 "replay can't pair it (batched p2p ops are not replayed)"
             )
         pair = (rank, int(e.peer)) if e.op == "send" else (int(e.peer), rank)
-        counts[pair] += 1
-        return Issue(("p2p", *pair, counts[pair]), "send", e.payload_bytes, pair)
+        stream = (*pair, int(getattr(e, "tag", 0)))
+        counts[stream] += 1
+        return Issue(("p2p", *stream, counts[stream]), "send", e.payload_bytes, pair)
     members = group_ranks(layout, e.group, rank)
     counts[members] += 1
     return Issue((members, counts[members]), e.op, e.payload_bytes, members)

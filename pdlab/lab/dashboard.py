@@ -483,7 +483,9 @@ class Dashboard:
         except (ValueError, NotImplementedError) as exc:
             self._say(str(exc), error=True)
             raise
-        on = "" if target == THIS_MACHINE else f" → {_cluster_name(target)}"
+        # Where it is predicted, unless its label says the link it emulates ("@100Mbit/s").
+        elsewhere = target != THIS_MACHINE and config.link is None
+        on = f" → {_cluster_name(target)}" if elsewhere else ""
         name = f"#{len(self.runs) + 1} {config.label}{on}"
         run = Run(name, config, self.controls["world_size"].value, cluster=target)
         self.runs.append(run)
@@ -671,13 +673,14 @@ class Dashboard:
         timeline = plots.timeline(piped.records)
         if piped.records:
             timeline.update_layout(title=f"{piped.name}: {timeline.layout.title.text}")
-        here = " → this machine"  # a run's name says the other clusters it is predicted on
+        here = " → this machine"  # other runs' names say where they are predicted
         figures = {
             "loss": plots.loss(named),
             "throughput": plots.throughput(named, {r.name: r.prediction for r in predicted}),
             "comm": plots.comm(current),
             "memory": plots.memory(current),
-            "timeline": timeline,
+            # A moe run has no pipeline timeline: its panel shows the tokens per expert.
+            "timeline": plots.experts(current) if len(current.routing) else timeline,
             "where": plots.where_time_goes(
                 {r.name + here * (r.cluster == THIS_MACHINE): r.prediction for r in predicted}
             ),

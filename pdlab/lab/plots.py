@@ -6,6 +6,7 @@ Runs are ``pdlab.train`` results (``TrainResult``); several overlay as one trace
     plots.loss(runs)              # loss vs step, one line per run
     plots.comm(runs[1])           # bytes each rank sends a step: by op, formula, on the wire
     plots.timeline(result.timeline)   # the last pipeline step, F/B per rank
+    plots.experts(moe_run)        # tokens per expert a step (model="moe")
 
 Every function returns a ``go.Figure``; ``go.FigureWidget(fig)`` makes it live. Bars are
 placed and stacked explicitly (``offset``, ``base``), not by the figure-wide ``barmode``, so
@@ -25,6 +26,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 from pandas.io.formats.style import Styler
 
+from pdlab.cost.planner import describe
 from pdlab.measure.comm import CommEvent
 from pdlab.training.loop import TrainResult
 from pdlab.training.parallel.pipeline import analytic_bubble, bubble_fraction
@@ -187,7 +189,10 @@ def traffic(result: TrainResult) -> pd.DataFrame:
     per_rank = result.ranks.groupby("rank")[
         ["sent_bytes", "wire_sent_bytes", "received_bytes", "wire_received_bytes"]
     ].mean()
-    expected = sent_by_rank(result.expected_comm).reindex(per_rank.index, fill_value=0.0)
+    # Where the bytes depend on the routing (ep), each step has its formula: their mean.
+    formulas = list(result.expected_by_step.values()) or [result.expected_comm]
+    expected = pd.concat([sent_by_rank(events) for events in formulas], axis=1).mean(axis=1)
+    expected = expected.reindex(per_rank.index, fill_value=0.0)
     per_rank.insert(1, "expected_sent_bytes", expected)
     return per_rank
 
@@ -241,6 +246,24 @@ def comm(result: TrainResult) -> go.Figure:
             x=ranks, y=per_rank.wire_received_bytes, name="received, wire",
             mode="markers", marker={"symbol": "x", "size": 9, "color": COLORS["wire"]},
         )  # fmt: skip
+    return fig
+
+
+def experts(result: TrainResult, layer: int | None = None) -> go.Figure:
+    """Tokens routed to each expert a step, over all ranks (a MoE ``layer``, or all summed),
+    beside the balanced share that the load-balance loss pulls them towards."""
+    routing = result.routing if layer is None else result.routing[result.routing.layer == layer]
+    where = "all MoE layers" if layer is None else f"MoE layer {layer}"
+    fig = _figure(f"Tokens per expert, {where}", "step", "tokens (token-expert pairs)")
+    if routing.empty:  # not a moe run
+        return fig
+    table = routing.groupby(["step", "expert"]).tokens.sum().unstack()
+    for e in table.columns:
+        fig.add_scatter(x=table.index, y=table[e], name=f"expert {e}", mode="lines+markers")
+    fig.add_scatter(
+        x=table.index, y=table.sum(axis=1) / len(table.columns), name="balanced",
+        mode="lines", line={"dash": "dot", "color": COLORS["formula"]},
+    )  # fmt: skip
     return fig
 
 
@@ -425,9 +448,7 @@ def predicted_vs_measured(table: pd.DataFrame, color: str = "link") -> go.Figure
 def plan_layouts(rows: pd.DataFrame, title: str = "Every layout of the plan") -> go.Figure:
     """One point a layout of ``pdlab.plan``: memory per GPU across, step time up, colored by
     whether it fits; hover for its grid."""
-    grid = " tp" + rows.tp.astype(str) + " pp" + rows.pp.astype(str)
-    recompute = rows.recompute.map({True: " +recompute"}).fillna("")
-    shown = rows.assign(layout=rows.strategy + grid + recompute, GB=rows.total_bytes / 1e9)
+    shown = rows.assign(layout=rows.apply(describe, axis=1), GB=rows.total_bytes / 1e9)
     return px.scatter(
         shown, x="GB", y="step_time", color="fits", hover_name="layout", title=title,
         labels={"GB": "GB a GPU", "step_time": "s a step"}, height=HEIGHT + 80,

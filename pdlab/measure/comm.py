@@ -87,6 +87,7 @@ class CommEvent:
     start: float = 0.0  # time.time() at issue
     busy: float = 0.0  # the rank's compute seconds in this step before the op was issued
     peer: int = -1  # send/recv: the other rank (global); collectives: -1
+    tag: int = 0  # send/recv: the tag a recv matches its send by (two streams between a pair)
     model_seconds: float = 0.0  # its time on the emulated link (pdlab.cost.emulation), else 0
     added_seconds: float = 0.0  # how much later than here the emulated link completed it
     sent_bytes: float = 0.0  # this rank's link, out and in (``traffic``)
@@ -305,6 +306,16 @@ def measured(
     return replace(e, received_bytes=e.received_bytes + received) if received else e
 
 
+def _moved(t: torch.Tensor, splits: list[int], pg: dist.ProcessGroup) -> float:
+    """The bytes of an ``all_to_all_single`` buffer that cross the link: all but this rank's
+    own split, which stays in place (no split sizes: ``n`` equal splits)."""
+    rows = t.shape[0] if t.dim() else 0
+    if not rows:
+        return 0.0
+    mine = splits[pg.rank()] if splits else rows // pg.size()
+    return _nbytes(t) * (rows - mine) / rows
+
+
 def _describe(func: Any, args: tuple, kwargs: dict) -> CommEvent | None:
     """The event for a c10d op call (not yet timed), or None if ``func`` isn't communication."""
     table = {"c10d": _C10D_OPS, "_c10d_functional": _FUNCTIONAL_OPS}.get(func.namespace, {})
@@ -323,8 +334,12 @@ def _describe(func: Any, args: tuple, kwargs: dict) -> CommEvent | None:
     pg = compat.process_group(bound.get("process_group", bound.get("group_name")))
     nbytes = _nbytes(bound[tensor_arg]) * (pg.size() if scales else 1) if tensor_arg else 0
     e = measured(op, nbytes, pg, bound.get("root_rank", bound.get("src")))
+    if name == "alltoall_base_":  # uneven splits (expert parallelism): sizes from the splits
+        e.sent_bytes = _moved(bound["input"], bound["input_split_sizes"], pg)
+        e.received_bytes = _moved(bound["output"], bound["output_split_sizes"], pg)
     if (peer := bound.get("dst", bound.get("src"))) is not None:
         e.peer = dist.get_global_rank(pg, peer)
+        e.tag = int(bound.get("tag") or 0)
     return e
 
 

@@ -62,7 +62,7 @@ class TrainConfig:
     batch_size: int = _field(32, "global batch, over all data-parallel ranks")
     seq_len: int = _field(
         BLOCK_SIZE,
-        "tokens in a gpt sample (its context, the text's window); other models have none",
+        "tokens in a gpt or moe sample (its context, the text's window); other models have none",
     )
     micro_batches: int = _field(1, "pipelines split each rank's batch into these")
     virtual_stages: int = _field(

@@ -89,8 +89,9 @@ class Dataset:
 def load_dataset(
     model: str, seed: int = 0, n_points: int = 4096, block_size: int = BLOCK_SIZE
 ) -> Dataset:
-    """The data set that goes with ``model``: points for ``article``/``mlp``, text for ``gpt``."""
-    if model == "gpt":
+    """The data set that goes with ``model``: points for ``article``/``mlp``, text for ``gpt``
+    and ``moe``."""
+    if model in ("gpt", "moe"):
         x, y = text_windows(block_size)
     else:
         x, y = points(n_points, seed)

@@ -47,6 +47,7 @@ from pdlab.training import checkpoint, registry
 from pdlab.training.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.training.data import BLOCK_SIZE, load_dataset
 from pdlab.training.layout import DIMS, Layout
+from pdlab.training.models import routing
 from pdlab.training.parallel.base import Implementation, Mesh, model_for
 from pdlab.training.registry import layout_for
 
@@ -75,10 +76,17 @@ def validate(config: TrainConfig) -> None:
     if (links := _link_emulation(config)) is not None:
         links.parse(config.link)
     checks.whole(config.seq_len, "seq_len", 1)
-    if config.seq_len != BLOCK_SIZE and config.model != "gpt":
+    if config.seq_len != BLOCK_SIZE and config.model not in ("gpt", "moe"):
         raise ValueError(
-            f"seq_len={config.seq_len} sets the gpt's context; model {config.model!r} reads "
-            f"points, not sequences: use model='gpt', or leave seq_len at {BLOCK_SIZE}"
+            f"seq_len={config.seq_len} sets the context of the gpt and the moe; model "
+            f"{config.model!r} reads points, not sequences: use model='gpt', or leave seq_len "
+            f"at {BLOCK_SIZE}"
+        )
+    if config.recompute != "none" and config.model == "moe":
+        raise ValueError(
+            f"recompute={config.recompute!r} would route the moe model's tokens twice (and "
+            "send them twice under ep): pdlab recomputes the gpt's blocks only, use "
+            "model='gpt' or recompute='none'"
         )
     if config.recompute != "none" and config.model != "gpt":
         raise ValueError(
@@ -86,6 +94,11 @@ def validate(config: TrainConfig) -> None:
             f"{config.model!r} has none: use model='gpt', or recompute='none'"
         )
     strategy = registry.get(config.strategy)
+    if config.model == "moe" and config.strategy not in registry.MOE_STRATEGIES:
+        raise ValueError(
+            f"strategy {config.strategy!r} doesn't know the moe model's experts: train "
+            f"model 'moe' with one of {', '.join(registry.MOE_STRATEGIES)}"
+        )
     if config.micro_batches != 1 and not strategy.micro_batched:
         raise ValueError(
             f"micro_batches={config.micro_batches} applies to pipelines only "
@@ -245,6 +258,7 @@ def run_on_rank(
                 "memory": memory.measure(strategy.module, strategy.optimizer, device, saved.peak),
                 "timeline": out.timeline,
                 "spans": timed,
+                "routing": routing(strategy.module),  # tokens per expert a MoE layer, or []
             }
             runtime.log(**record)
             records.append(record)
@@ -302,6 +316,11 @@ class TrainResult:
     spans: pd.DataFrame = field(default_factory=pd.DataFrame)
     clock_offsets: dict[int, float] = field(default_factory=dict)  # attached ranks' clocks
     backend: str = "gloo"  # the ranks' (whose algorithms' bytes a link carried)
+    # MoE models: one row a step, rank, layer and expert: the tokens that rank routed to it
+    routing: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Strategies whose bytes depend on the routing (ep): each step's expected_comm, the
+    # static part plus the all-to-alls computed from that step's routing (``routed_comm``)
+    expected_by_step: dict[int, list[CommEvent]] = field(default_factory=dict)
 
     def trace(self, path: str | Path) -> Path:
         """Write the run as a Chrome/Perfetto trace (open it at https://ui.perfetto.dev):
@@ -327,13 +346,18 @@ def results(
 ) -> TrainResult:
     """Tables from what the ranks returned (or logged so far: the dashboard builds live ones),
     run on ``backend``."""
-    rows, ops, spans = [], [], []
+    rows, ops, spans, routed = [], [], [], []
     wire_sent: dict[int, dict[int, dict[str, int]]] = {}  # step -> rank -> its connections
     for out in outputs:
         for rec in out["records"]:
             where = {"step": rec["step"], "rank": out["rank"]}
             ops += [{**e, **where} for e in rec["comm"]]
             spans += [{**where, **span} for span in rec["spans"]]
+            routed += [
+                {**where, "layer": layer, "expert": e, "tokens": n}
+                for layer, counts in enumerate(rec.get("routing", []))
+                for e, n in enumerate(counts)
+            ]
             row = {
                 **where,
                 **{k: rec[k] for k in ("loss", "samples", "step_time", "busy", "flops", "kernels")},
@@ -359,15 +383,13 @@ def results(
     ranks = ranks.fillna({c: 0 for c in ranks.columns if "@" in c})
     columns = dict.fromkeys(["step", "rank", *(f.name for f in fields(CommEvent))])
     comm = pd.DataFrame(ops, columns=list(columns))
-    per_rank: dict[int | None, float] = {}
-    for e in expected:
-        per_rank[e.rank] = per_rank.get(e.rank, 0.0) + e.sent_bytes
-    # A formula that doesn't say which rank issues what can't name the busiest rank.
-    expected_max_rank = math.nan if None in per_rank else max(per_rank.values(), default=0.0)
+    routing = pd.DataFrame(routed, columns=["step", "rank", "layer", "expert", "tokens"])
+    by_step = routed_expected(config, expected, outputs)
 
     def aggregate(g: pd.DataFrame) -> pd.Series:
         reported = g[g.loss.notna()]
         step_time = g.step_time.max()
+        expected_now = by_step.get(g.name, expected)
         return pd.Series(
             {
                 "loss": (reported.loss * reported.samples).sum() / reported.samples.sum(),
@@ -375,13 +397,13 @@ def results(
                 "samples_per_s": config.batch_size / step_time,
                 "comm_bytes": g.comm_bytes.sum(),
                 "bus_bytes": g.bus_bytes.sum(),
-                "expected_comm_bytes": sum(e.payload_bytes for e in expected),
-                "expected_bus_bytes": sum(e.bus_bytes for e in expected),
+                "expected_comm_bytes": sum(e.payload_bytes for e in expected_now),
+                "expected_bus_bytes": sum(e.bus_bytes for e in expected_now),
                 "sent_bytes": g.sent_bytes.sum(),
                 "received_bytes": g.received_bytes.sum(),
                 "max_rank_sent_bytes": g.sent_bytes.max(),
-                "expected_sent_bytes": sum(e.sent_bytes for e in expected),
-                "expected_max_rank_sent_bytes": expected_max_rank,
+                "expected_sent_bytes": sum(e.sent_bytes for e in expected_now),
+                "expected_max_rank_sent_bytes": busiest_rank_sent(expected_now),
                 # NaN unless every rank's bytes were measured
                 "wire_sent_bytes": g.wire_sent_bytes.sum(min_count=len(g)),
                 "wire_received_bytes": g.wire_received_bytes.sum(min_count=len(g)),
@@ -409,7 +431,39 @@ def results(
         ],
         pd.DataFrame(spans, columns=["step", "rank", "name", "mb", "start", "end", "cpu"]),
         backend=backend,
+        routing=routing,
+        expected_by_step=by_step,
     )
+
+
+def busiest_rank_sent(expected: list[CommEvent]) -> float:
+    """The bytes the busiest rank sends in ``expected``; NaN for a formula that doesn't say
+    which rank issues what (it can't name the busiest rank)."""
+    per_rank: dict[int | None, float] = {}
+    for e in expected:
+        per_rank[e.rank] = per_rank.get(e.rank, 0.0) + e.sent_bytes
+    return math.nan if None in per_rank else max(per_rank.values(), default=0.0)
+
+
+def routed_expected(
+    config: TrainConfig, expected: list[CommEvent], outputs: list[dict]
+) -> dict[int, list[CommEvent]]:
+    """``{step: expected_comm}`` where a strategy's bytes depend on its routing (its class
+    has ``routed_comm``): ``expected`` plus the all-to-alls of that step's routing, for the
+    steps every rank has logged; {} for other strategies."""
+    routed = getattr(strategy_class(config), "routed_comm", None)
+    if routed is None:
+        return {}
+    layout = layout_for(config.strategy, config.world_size)
+    logged: dict[int, dict[int, list[list[int]]]] = {}
+    for out in outputs:
+        for rec in out["records"]:
+            logged.setdefault(rec["step"], {})[out["rank"]] = rec["routing"]
+    return {
+        step: expected + routed(config, layout, routing)
+        for step, routing in logged.items()
+        if len(routing) == layout.world_size
+    }
 
 
 # train takes these from its cluster, not as keywords

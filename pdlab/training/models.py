@@ -1,4 +1,5 @@
-"""The models every strategy trains: the article's network, a deeper MLP and a small GPT.
+"""The models every strategy trains: the article's network, a deeper MLP, a small GPT and
+its mixture-of-experts version (``moe``).
 
 Every model is an ``nn.Sequential`` of *units* (a dense layer, an embedding, a transformer
 block, the output head). That one shape is what the parallel strategies rely on:
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -108,24 +110,25 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, hidden: int | None = None):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        hidden = hidden or 4 * cfg.n_embd
+        self.fc = nn.Linear(cfg.n_embd, hidden)
+        self.proj = nn.Linear(hidden, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block."""
+    """A pre-norm transformer block; ``mlp`` builds its MLP (the ``moe`` model's: a ``MoE``)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, mlp: Callable[[GPTConfig], nn.Module] = FeedForward):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.attn = Attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = FeedForward(cfg)
+        self.mlp = mlp(cfg)
         self.recompute = False  # full recompute: keep the input only (``set_recompute``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +153,9 @@ class Head(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def gpt(cfg: GPTConfig) -> nn.Sequential:
-    units = [Embedding(cfg), *(Block(cfg) for _ in range(cfg.n_layer)), Head(cfg)]
+def gpt(cfg: GPTConfig, mlp: Callable[[GPTConfig], nn.Module] = FeedForward) -> nn.Sequential:
+    """The GPT as units: embedding, ``n_layer`` blocks (each MLP built by ``mlp``), head."""
+    units = [Embedding(cfg), *(Block(cfg, mlp) for _ in range(cfg.n_layer)), Head(cfg)]
     model = nn.Sequential(*units)
     # GPT-2's scaled init for the projections that write into the residual stream.
     for name, p in model.named_parameters():
@@ -160,7 +164,107 @@ def gpt(cfg: GPTConfig) -> nn.Sequential:
     return model
 
 
-MODELS = ("article", "mlp", "gpt")
+# --- mixture of experts: the ``moe`` model ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MoEConfig(GPTConfig):
+    n_expert: int = 4  # E experts in every block (4 split over 1, 2 or 4 expert-parallel ranks)
+    top_k: int = 2  # experts each token goes to
+    expert_hidden: int = 128  # an expert's hidden width (the gpt's one MLP has 4·n_embd)
+    balance: float = 1e-2  # α of the load-balance loss (Switch Transformer's value)
+
+
+class Experts(nn.ModuleList):
+    """The E experts of one MoE layer. ``forward(routed, counts)``: expert e runs on its
+    ``counts[e]`` rows of ``routed`` (the token assignments sorted by expert).
+
+    Every expert runs, on zero rows too: its parameters then get a (zero) gradient every
+    step, so DDP and the gradient all-reduces see the same parameters whatever the routing.
+    Expert parallelism swaps this module for one that sends the rows to the rank holding
+    their expert (``pdlab/training/parallel/expert.py``).
+    """
+
+    def forward(self, routed: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        chunks = routed.split(counts)
+        return torch.cat([expert(chunk) for expert, chunk in zip(self, chunks, strict=True)])
+
+
+class AddBalanceLoss(torch.autograd.Function):
+    """Forward: ``x`` unchanged; backward: ``x``'s gradient, and 1 for ``aux``. The
+    load-balance loss joins the gradient without changing the loss the run reports
+    (Megatron-LM's ``MoEAuxLossAutoScaler``): every strategy keeps its ``loss_fn``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.ones((), device=grad.device)
+
+
+class MoE(nn.Module):
+    """A top-k mixture of experts in place of the block's MLP (Shazeer et al. 2017; Mixtral's
+    routing: softmax over E, the top k renormalised). Dropless: every token reaches its k
+    experts, there is no capacity, so nothing depends on how tokens are split over ranks.
+
+    ``tokens_per_expert`` holds the last forward's assignments per expert (the dashboard's
+    plot, and the all-to-all bytes expert parallelism sends).
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
+        self.experts = Experts(FeedForward(cfg, cfg.expert_hidden) for _ in range(cfg.n_expert))
+        self.top_k, self.balance = cfg.top_k, cfg.balance
+        self.tokens_per_expert = torch.zeros(cfg.n_expert, dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        probs = self.router(x).float().softmax(-1)  # [b, t, E], float32 in bf16 runs too
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [b, t, k]
+        weights = weights / weights.sum(-1, keepdim=True)
+        assigned = chosen.flatten()  # b·t·k assignments, token by token
+        order = assigned.argsort(stable=True)  # ... sorted by expert
+        token = order // self.top_k  # the token of each sorted assignment
+        out = self.experts(x.reshape(-1, h)[token], self.count(assigned))
+        out = out * weights.flatten()[order, None].to(out.dtype)
+        y = torch.zeros_like(out[: b * t]).index_add(0, token, out).view(b, t, h)
+        return AddBalanceLoss.apply(y, self.balance_loss(probs, chosen))
+
+    def count(self, assigned: torch.Tensor) -> list[int]:
+        """The assignments per expert (kept in ``tokens_per_expert``). On the meta device
+        (shapes only: the predictor's FLOP count) an even split: dropless, every routing
+        costs the same FLOPs."""
+        n, e = assigned.numel(), len(self.experts)
+        if assigned.is_meta:
+            return [n // e + (i < n % e) for i in range(e)]
+        self.tokens_per_expert = torch.bincount(assigned, minlength=e)
+        return self.tokens_per_expert.tolist()
+
+    def balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Switch Transformer's α·E·Σ_i f_i·P_i (Fedus et al. 2021, eq. 4), f_i the share of
+        a sequence's k·T assignments expert i got and P_i its mean router probability, per
+        sequence and averaged over the sequences: DeepSeek-V3's sequence-wise form (arXiv
+        2412.19437, §2.1.2). Linear in the batch, so data-parallel ranks' averaged gradients
+        are one process's."""
+        e, t = probs.shape[-1], probs.shape[1]
+        f = F.one_hot(chosen, e).sum((1, 2)).float() / (self.top_k * t)  # [b, E]
+        return self.balance * e * (f * probs.mean(1)).sum(-1).mean()
+
+
+def moe(cfg: MoEConfig) -> nn.Sequential:
+    """The GPT with a ``MoE`` in place of every block's MLP."""
+    return gpt(cfg, MoE)
+
+
+def routing(model: nn.Module) -> list[list[int]]:
+    """Tokens per expert in each MoE layer of ``model`` in its last forward ([] if none)."""
+    return [m.tokens_per_expert.tolist() for m in model.modules() if isinstance(m, MoE)]
+
+
+MODELS = ("article", "mlp", "gpt", "moe")
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -183,9 +287,9 @@ def build_model(
 ) -> nn.Sequential:
     """Build model ``name`` with weights drawn from ``seed`` (same on every rank).
 
-    ``vocab_size`` is only for ``gpt`` and defaults to the shipped text's alphabet.
-    ``seq_len`` is the gpt's context: its position embedding has that many rows (weights
-    drawn after the token embedding's, so ``wte`` is the same at every length).
+    ``vocab_size`` is only for ``gpt`` and ``moe`` and defaults to the shipped text's alphabet.
+    ``seq_len`` is their context: the position embedding has that many rows (drawn after the
+    token embedding's, so ``wte`` is the same at every length).
     """
     torch.manual_seed(seed)
     if name == "article":
@@ -194,6 +298,8 @@ def build_model(
         return mlp(MLP_WIDTHS)
     if name == "gpt":
         return gpt(GPTConfig(vocab_size=vocab_size or text_vocab_size(), block_size=seq_len))
+    if name == "moe":
+        return moe(MoEConfig(vocab_size=vocab_size or text_vocab_size(), block_size=seq_len))
     raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
 
 

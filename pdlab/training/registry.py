@@ -169,3 +169,12 @@ register(Strategy("dp-cp", "hybrid DP×CP", "pdlab.training.parallel.hybrid", {"
 
 # Idle ranks import each strategy's module (its torch machinery) ahead of a first run.
 warmup.preload(*dict.fromkeys(get(name).module for name in names()))
+
+# fmt: off
+register(Strategy("ep", "expert (MoE)", "pdlab.training.parallel.expert", {"scratch": "ExpertParallel"}, layout=lambda n: Layout(ep=n), refused={"torch": "PyTorch has no expert-parallel API in torch.distributed (torchtitan builds its own on all_to_all_single, as pdlab's scratch does): use impl='scratch'"}))
+register(Strategy("dp-ep", "hybrid DP×EP", "pdlab.training.parallel.hybrid", {"scratch": "DataExpertParallel"}, layout=lambda n: Layout(dp=2, ep=n // 2), min_world_size=4, world_size_multiple=2, refused={"torch": "PyTorch has no expert-parallel API in torch.distributed: use impl='scratch'"}))
+# fmt: on
+
+# The strategies that train model 'moe' (its experts, router and load-balance loss): the
+# data-parallel ones, which take any model, and expert parallelism.
+MOE_STRATEGIES = ("single", "dp", "ps", "zero1", "zero2", "zero3", "ep", "dp-ep")

@@ -97,7 +97,8 @@ def allreduce_comm(
 ) -> list[CommEvent]:
     """One step of ``allreduce_gradients`` over ``dim`` on every rank; rank ``r`` averages the
     gradients of ``params_of(r)`` (the whole model in DP, its shard or stage in hybrids;
-    the whole model over ``cp`` in context parallelism)."""
+    the whole model over ``cp`` in context parallelism, the replicated parameters in expert
+    parallelism)."""
     size = getattr(layout, dim)
     return [
         comm.event("all_reduce", sum(map(_nbytes, bucket)), dim, size, rank)

@@ -1,7 +1,7 @@
 """Hybrid parallelism: data parallelism across replicas of a model-parallel group (§6.3 of
 the article; Narayanan et al. 2021, arXiv 2104.04473, §2.3 "PTD-P").
 
-The ranks are the grid ``arange(world).view(dp, pp, tp)`` (``base.Layout``). Each row of
+The ranks are the grid ``Layout`` (``arange(world).view(dp, ep, pp, cp, tp)``). Each row of
 the grid is one model replica, split by tensor parallelism (``dp-tp``: ``tensor.py`` on the
 ``tp`` group) or by pipeline stages (``dp-pp``: ``pipeline.py`` on the ``pp`` group). The
 ranks of a column hold the *same* part of the model and compute on different data shards,
@@ -31,6 +31,12 @@ whose ranks average the gradient over ``cp`` first, then ``AveragedReplicas`` ov
 two all-reduces of the whole gradient S, ``2(cp-1)/cp·S + 2(dp-1)/dp·S`` a rank (2S at
 world 4), where one all-reduce over a merged dp×cp group (picotron's ``cp_dp_group``,
 Megatron's) would send ``2(n-1)/n·S`` (1.5S): the price of composing the two unchanged.
+
+``dp-ep`` (scratch only) wraps expert parallelism (``expert.py``) the same way: each row of
+``ep`` ranks splits the experts, the rows are replicas. Its replicated parameters are thus
+averaged in two all-reduces, over ``ep`` (in ``ExpertParallel.update``) and over ``dp``: the
+mean over all dp×ep ranks, in more bytes than one all-reduce over them (at 2×2: 2S a rank
+instead of 1.5S), which would need a group over both dims.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from pdlab.compat import replicate
 from pdlab.measure.comm import CommEvent
 from pdlab.training.layout import Layout
 from pdlab.training.models import stage
-from pdlab.training.parallel import context, pipeline, tensor
+from pdlab.training.parallel import context, expert, pipeline, tensor
 from pdlab.training.parallel.base import (
     Implementation,
     Mesh,
@@ -57,6 +63,7 @@ from pdlab.training.parallel.base import (
 )
 from pdlab.training.parallel.context import ContextParallel
 from pdlab.training.parallel.data import allreduce_comm, allreduce_gradients, whole_model
+from pdlab.training.parallel.expert import ExpertParallel
 from pdlab.training.parallel.pipeline import PipelineScratch, PipelineTorch
 from pdlab.training.parallel.single import Single
 from pdlab.training.parallel.tensor import DTensorParallel, TensorParallel
@@ -212,3 +219,32 @@ class DataContextParallel(AveragedReplicas):
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         super().__init__(ContextParallel(model, config, mesh), mesh)
+
+
+# --- dp-ep --------------------------------------------------------------------------------
+
+
+def dp_ep_comm(config: TrainConfig, layout: Layout) -> list[CommEvent]:
+    """Expert parallelism's static part on every ``ep`` group, plus each rank's gradient
+    (the replicated parameters and its own experts) averaged over dp. The replicated
+    parameters are so averaged over all dp×ep ranks in two all-reduces, over ep then dp."""
+    named = list(meta_model(config).named_parameters())
+    per = expert.experts_per_rank(layout)
+
+    def params_of(rank: int) -> list[torch.Tensor]:
+        held = expert.held_experts(layout.coords(rank)["ep"], per)
+        return [p for name, p in named if expert.expert_index(name) in held]
+
+    return expert.ExpertParallel.expected_comm(config, layout) + allreduce_comm(layout, params_of)
+
+
+class DataExpertParallel(AveragedReplicas):
+    """``dp-ep`` from scratch: expert parallelism inside each replica (a row of ``ep``
+    ranks), every rank's parameters then averaged over dp."""
+
+    check = staticmethod(expert.check)
+    expected_comm = staticmethod(dp_ep_comm)
+    routed_comm = staticmethod(expert.routed_comm)
+
+    def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
+        super().__init__(ExpertParallel(model, config, mesh), mesh)
