@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pdlab.cost import predictor
 from pdlab.cost.footprint import layer_activation_bytes
 from pdlab.cost.predictor import predict
+from pdlab.lab import exercises
 from pdlab.measure.comm import totals
 from pdlab.training import registry
 from pdlab.training.loop import expected_comm, train, validate
@@ -192,17 +193,20 @@ def test_a_block_keeps_one_cp_th_of_the_activations(cluster2):
 def test_a_wrong_mask_on_the_ranks_breaks_parity(cluster2, baseline):
     """The parity check catches the exercise's mistakes on real ranks, not only in the simulation."""
 
-    def swap(step):
-        context.attend_block = step
-
-    right = context.attend_block
-    cluster2.run(swap, diagonal_mask)
+    # Not swapped back by sending context.attend_block: it pickles by name, and on the ranks
+    # that name is diagonal_mask by then (the session's later cp runs would all be wrong).
+    cluster2.run(exercises._use_ring_step, diagonal_mask)
     try:
         result = train(cluster2, strategy="cp", **{**PARITY, "steps": 2})
     finally:
-        cluster2.run(swap, right)
+        cluster2.run(exercises._use_ring_step, None)
+    assert cluster2.run(_step_name) == ["attend_block"] * 2
     with pytest.raises(AssertionError):
         assert_float32_close(result.steps.loss, baseline.steps.loss[:2])
+
+
+def _step_name() -> str:
+    return context.attend_block.__name__
 
 
 def _torch_context_parallel() -> str:

@@ -184,6 +184,10 @@ def ring_not_written(state, q, k, v, q_pos, k_pos, scale):
     raise NotImplementedError("write ring_step")
 
 
+def calls_attend_block(state, q, k, v, q_pos, k_pos, scale):
+    return context.attend_block(state, q, k, v, q_pos, k_pos, scale)
+
+
 def returns_the_output(state, q, k, v, q_pos, k_pos, scale):
     return context.attend_block(state, q, k, v, q_pos, k_pos, scale).result()[0]
 
@@ -239,6 +243,7 @@ MISTAKES = [
     ("lab 08", no_rescale, "exp(-inf - (-inf)) is NaN"),
     ("lab 08", ring_not_written, "not written yet"),
     ("lab 08", returns_the_output, "return context.Partial(o, m, l)"),
+    ("lab 08", calls_attend_block, "a step that calls it recurses"),
     ("lab 04 fit", {"strategy": "zero2"}, "write choice = dict(strategy=..., recompute=..., precision=...)"),
 ]  # fmt: skip
 

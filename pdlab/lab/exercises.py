@@ -827,7 +827,7 @@ def check_fit(cluster: Cluster, choice: Mapping[str, str]) -> bool:
 
 RING_RUN = {"model": "gpt", "steps": 2, "optimizer": "sgd", "lr": 0.1}  # checked on the ranks
 RING_TIMEOUT_S = 120.0  # a first cp run on fresh ranks imports the trainer
-RING_BEFORE_SWAP = context.attend_block  # each rank's own, put back after a check
+_OWN_STEP: dict[str, Callable] = {}  # on a rank: its own attend_block, kept at the first swap
 
 
 def _probe(ring_step: Callable, rank: int, scores: tuple[float, float]) -> torch.Tensor:
@@ -885,8 +885,12 @@ def _ring_step_hint(ring_step: Callable) -> str | None:
 
 
 def _use_ring_step(ring_step: Callable | None) -> None:
-    """On a rank: ring attention's forward runs ``ring_step`` (None: the rank's own again)."""
-    context.attend_block = ring_step or RING_BEFORE_SWAP
+    """On a rank: ring attention's forward runs ``ring_step`` (None: the rank's own again).
+
+    The rank's own is kept here, not sent back from the driver: ``context.attend_block``
+    pickles by name, and on a rank that name is whatever step was swapped in last."""
+    own = _OWN_STEP.setdefault("attend_block", context.attend_block)
+    context.attend_block = ring_step or own
 
 
 def check_ring_step(cluster: Cluster, ring_step: Callable) -> bool:
@@ -945,6 +949,13 @@ def check_ring_step(cluster: Cluster, ring_step: Callable) -> bool:
         return False
     try:
         loss = train(cluster, strategy="cp", timeout=RING_TIMEOUT_S, **RING_RUN).steps.loss
+    except RankError as err:  # a step that calls context.attend_block calls itself there
+        return report(
+            name, False, f"rank {err.rank} raised an exception in cp's ring attention",
+            "no exception", _exception_line(err),
+            "write the step from torch operations: on the ranks context.attend_block is your "
+            "step, so a step that calls it recurses",
+        )  # fmt: skip
     finally:
         cluster.run(_use_ring_step, None)
     if not _close(torch.tensor(loss.to_numpy()), torch.tensor(baseline.to_numpy())):
