@@ -157,6 +157,7 @@ register(Strategy("zero3", "ZeRO-3", "pdlab.training.parallel.sharded", {"scratc
 alias("fsdp", "FSDP (= ZeRO-3 torch)", "zero3", "torch")
 register(Strategy("dp-tp", "hybrid DP×TP", "pdlab.training.parallel.hybrid", {"scratch": "DataTensorParallel", "torch": "DataDTensorParallel"}, layout=lambda n: Layout(dp=2, tp=n // 2), min_world_size=4, world_size_multiple=2))
 register(Strategy("dp-pp", "hybrid DP×PP", "pdlab.training.parallel.hybrid", {"scratch": "DataPipelineParallel", "torch": "DataPipelineTorch"}, layout=lambda n: Layout(dp=2, pp=n // 2), min_world_size=4, world_size_multiple=2, micro_batched=True))
+register(Strategy("tp-sp", "tensor + sequence (Megatron SP)", "pdlab.training.parallel.sequence", {"scratch": "SequenceParallelScratch", "torch": "SequenceParallelTorch"}, layout=lambda n: Layout(tp=n)))
 # fmt: on
 
 # Idle ranks import each strategy's module (its torch machinery) ahead of a first run.
