@@ -279,7 +279,8 @@ def shard_scratch(model: nn.Sequential, mesh: Mesh, vocab_parallel: bool) -> nn.
 def shard_torch(model: nn.Sequential, mesh: Mesh, vocab_parallel: bool) -> nn.Sequential:
     """The same plan in DTensor (torchtitan's): ``SequenceParallel`` on the LayerNorms, the
     rows' outputs ``Shard``-ed along the tokens (a reduce-scatter), each region's entry
-    ``PrepareModuleInput`` from ``Shard`` to ``Replicate`` (an all-gather)."""
+    ``PrepareModuleInput`` from ``Shard`` to ``Replicate`` (an all-gather). The rows wait
+    for their reduce-scatter where they issue it (``compat.rowwise_parallel_waiting``)."""
     tokens = Shard(1) if isinstance(model[0], Embedding) else Shard(0)
     whole = (Replicate(),)
     plan = {}
@@ -290,7 +291,7 @@ def shard_torch(model: nn.Sequential, mesh: Mesh, vocab_parallel: bool) -> nn.Se
             continue
         plan[region.entry] = PrepareModuleInput(input_layouts=entry, desired_input_layouts=whole)
         plan |= {name: ColwiseParallel() for name in region.columns}
-        plan[region.row] = RowwiseParallel(output_layouts=tokens)
+        plan[region.row] = compat.rowwise_parallel_waiting(output_layouts=tokens)
     for name, m in model.named_modules():
         if isinstance(m, nn.LayerNorm):
             plan[name] = SequenceParallel(sequence_dim=tokens.dim)
