@@ -6,20 +6,22 @@ its regions: every rank of the tp group computes them on the whole ``[b, s, h]``
 and keeps the same copies for backward, the part of a layer's activations that doesn't
 shrink with ``t`` (Table 2: ``sbh(10 + 24/t + 5as/(ht))``). Sequence parallelism splits
 that part along the sequence: rank ``i`` holds tokens ``[i·s/t, (i+1)·s/t)`` between the
-regions, and TP's conjugate operators become
+regions, and TP's conjugate operators become the paper's ``g`` and ``ḡ`` (the names are
+Korthikanti et al.'s; ``tensor.py``'s ``f`` and ``g`` are Shoeybi et al.'s):
 
-- ``ḡ`` at a region's entry: all-gather the sequence forward, reduce-scatter the input's
-  gradient backward (TP's ``f``: identity, all-reduce);
-- ``ḡ`` 's conjugate at its exit: reduce-scatter ``Z = Σ_i Z_i`` forward, so each rank gets
-  its tokens of the sum; all-gather the gradient backward (TP's ``g``: all-reduce, identity).
+- ``g`` at a region's entry: all-gather the sequence forward, reduce-scatter the input's
+  gradient backward (where ``tensor.py`` has ``f``: identity, all-reduce);
+- ``ḡ`` at its exit: reduce-scatter ``Z = Σ_i Z_i`` forward, so each rank gets its tokens
+  of the sum; all-gather the gradient backward (where it has ``g``: all-reduce, identity).
 
 An all-reduce is a reduce-scatter then an all-gather, so on a ring the bytes are TP's (gloo
 runs a reduce-scatter as a whole all-reduce: ``comm.traffic``). Two more things, as Megatron:
 
 - a region's column linears keep only this rank's tokens of their input and all-gather them
   again in backward for their weights' gradient (``_ColumnOnSequence``): one all-gather more
-  a region, which Megatron overlaps with the input's gradient; keeping the gathered input
-  would cost ``2sbh`` more bytes a layer than the paper's ``sbh(34/t + 5as/(ht))``.
+  a region, which Megatron overlaps with the input's gradient; keeping the gathered inputs
+  (of q, k, v and of fc) would cost ``4sbh(1 - 1/t)`` bytes a layer (16-bit) more than the
+  paper's ``sbh(34/t + 5as/(ht))``: what DTensor keeps (``tests/test_sequence.py``).
 - the parameters used on this rank's tokens only (LayerNorms, the biases of ``B``) get a
   part of their gradient on each rank: each is all-reduced after backward (Megatron's
   ``_allreduce_layernorm_grads``, coalesced there).
@@ -27,7 +29,7 @@ runs a reduce-scatter as a whole all-reduce: ``comm.traffic``). Two more things,
 The sequence is split after the embedding (no communication; an all-gather backward:
 Megatron's ``scatter_to_sequence_parallel_region``, after the vocabulary all-reduce, since
 learned positions are added to the whole sequence) and gathered whole again before the head
-(the vocabulary-parallel head is a region: it enters with ``ḡ``). In the MLPs a sample is a
+(the vocabulary-parallel head is a region: it enters with ``g``). In the MLPs a sample is a
 token: the first region's exit splits the batch, and the output is gathered for the loss.
 
 pdlab's activations are ``[b, s, h]`` (Megatron's ``[s, b, h]``), the MLPs' ``[B, features]``:
@@ -132,7 +134,7 @@ class _Tokens:
 
 
 class _GatherIntoRegion(torch.autograd.Function):
-    """``ḡ``: all-gather forward, reduce-scatter of the input's gradient backward (by then
+    """``g``: all-gather forward, reduce-scatter of the input's gradient backward (by then
     every column has used the re-gathered input: let it go)."""
 
     @staticmethod
@@ -213,16 +215,16 @@ def expected_comm(config: TrainConfig, layout: Layout, dtensor: bool = False) ->
 
     - embedding (gpt): the vocabulary's all-reduce forward (``vocab_parallel``), the split's
       all-gather backward;
-    - each region: ``ḡ``'s all-gather forward and reduce-scatter backward, plus the columns'
-      all-gather again backward (not DTensor's), unless its input is the data;
-      its exit's reduce-scatter forward and all-gather backward, or the loss's three
-      all-reduces (the vocabulary-parallel head);
+    - each region: ``g``'s all-gather forward and reduce-scatter backward, plus the columns'
+      all-gather again backward (not DTensor's), unless its input is the data; ``ḡ``'s
+      reduce-scatter forward and all-gather backward, or the loss's three all-reduces (the
+      vocabulary-parallel head);
     - the replicated head's gather (forward only), and one all-reduce of each gradient in
       ``partial_grads`` (DTensor adds a row's bias to its part of the sum before the
       reduce-scatter, so the bias gets the whole gradient through the all-gather backward).
 
     Full recompute runs a block's forward again up to the last tensor backward needs:
-    attention's ``ḡ`` and exit, and the MLP's ``ḡ`` (fc keeps its input), not its exit.
+    attention's ``g`` and ``ḡ``, and the MLP's ``g`` (fc keeps its input), not its ``ḡ``.
     """
     model, t = meta_model(config), layout.tp
     itemsize = DTYPES[config.precision].itemsize
