@@ -44,6 +44,7 @@ __all__ = [
     "queue_backward_callback",
     "reduce_scatter",
     "replicate",
+    "rowwise_parallel_waiting",
     "sequence_number",
     "sequence_numbers",
     "tree_flatten",
@@ -255,6 +256,24 @@ def parallelize_in_place(module: torch.nn.Module, mesh: Any, plan: dict) -> torc
     if "src_data_rank" in inspect.signature(parallelize_module).parameters:
         return parallelize_module(module, mesh, plan, src_data_rank=None)
     return parallelize_module(module, mesh, plan)
+
+
+def rowwise_parallel_waiting(**kwargs: Any) -> Any:
+    """``RowwiseParallel(**kwargs)`` whose output redistribution (a reduce-scatter to a
+    ``Shard`` output) completes where it is issued, and so its backward all-gather: torch
+    issues both async, and on a run's last step that all-gather was waited for where
+    ``CommMeter`` doesn't see it (tp-sp torch: 2 of 7 ops a step; an emulated link then can't
+    delay it). Overrides the private ``_prepare_output_fn`` (its signature in 2.2 to 2.13)."""
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    class RowwiseWaiting(RowwiseParallel):
+        @staticmethod
+        def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+            if outputs.placements != output_layouts:
+                outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+            return outputs.to_local() if use_local_output else outputs
+
+    return RowwiseWaiting(**kwargs)
 
 
 def print_options() -> dict[str, Any]:

@@ -157,11 +157,14 @@ def test_published_parameter_counts():
     assert model_spec("gpt2-xl").params == 1_557_611_200  # Hugging Face gpt2-xl
 
 
-def test_the_labs_gpt_is_counted_like_the_model_itself():
+@pytest.mark.parametrize("name", ["gpt", "moe"])
+def test_the_labs_models_are_counted_like_the_models_themselves(name):
     from pdlab.training.models import build_model
 
-    model = build_model("gpt")
-    assert model_spec("gpt").params == sum(p.numel() for p in model.parameters())
+    model = build_model(name)
+    assert model_spec(name).params == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert model_spec(name).expert_params == experts
 
 
 def test_best_layout_or_why_none_fits():

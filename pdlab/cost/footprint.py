@@ -141,7 +141,8 @@ MODEL_NAMES = ("gpt", *MODEL_SPECS)
 
 
 def model_spec(name: str | ModelSpec) -> ModelSpec:
-    """A named shape; ``"gpt"`` is the lab's model (``pdlab.training.models.GPTConfig``, untied head)."""
+    """A named shape; ``"gpt"`` and ``"moe"`` are the lab's models (``pdlab.training.models``,
+    untied head)."""
     if isinstance(name, ModelSpec):
         return name
     if name == "gpt":
@@ -150,6 +151,12 @@ def model_spec(name: str | ModelSpec) -> ModelSpec:
 
         c = GPTConfig(vocab_size=text_vocab_size())
         return ModelSpec("gpt", c.n_layer, c.n_embd, c.n_head, c.n_head, 4 * c.n_embd, c.vocab_size, c.block_size)  # fmt: skip
+    if name == "moe":  # the gpt with 4 experts of top-2 in every block
+        from pdlab.training.data import text_vocab_size
+        from pdlab.training.models import MoEConfig
+
+        c = MoEConfig(vocab_size=text_vocab_size())
+        return ModelSpec("moe", c.n_layer, c.n_embd, c.n_head, c.n_head, c.expert_hidden, c.vocab_size, c.block_size, experts=c.n_expert, top_k=c.top_k)  # fmt: skip
     if name not in MODEL_SPECS:
         raise ValueError(
             f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}, or give a "

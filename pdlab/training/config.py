@@ -84,6 +84,11 @@ class TrainConfig:
         "fp32 master weights and Adam state in the optimizer (ZeRO's mixed precision)",
         lambda: PRECISIONS,
     )
+    vocab_parallel: bool = _field(
+        False,
+        "tp, tp-sp on the gpt: split the embedding and the head by vocabulary and compute the "
+        "loss without gathering the logits (Megatron's vocab-parallel cross-entropy)",
+    )
     seed: int = _field(0, "seed of the model's weights and the data")
     world_size: int = _field(1, "ranks (single uses 1)")
     checkpoint_dir: str | None = _field(None, "where checkpoints are saved and resumed (all ranks)")

@@ -118,6 +118,11 @@ def validate(config: TrainConfig) -> None:
             f"batch_size {config.batch_size} does not split over {layout.dp} data-parallel "
             f"ranks: use a multiple of {layout.dp}, e.g. {-(-config.batch_size // layout.dp) * layout.dp}"
         )
+    if config.vocab_parallel and layout.tp == 1:
+        raise ValueError(
+            f"vocab_parallel splits the vocabulary over tensor-parallel ranks; strategy "
+            f"{config.strategy!r} has none: use strategy 'tp' or 'tp-sp', or vocab_parallel=False"
+        )
     cls = strategy.implementation(config.impl)
     if hasattr(cls, "check"):
         cls.check(config, layout)

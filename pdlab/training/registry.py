@@ -146,6 +146,7 @@ register(Strategy("single", "single process (baseline)", "pdlab.training.paralle
 register(Strategy("dp", "data", "pdlab.training.parallel.data", {"scratch": "DataParallel", "torch": "DDP"}))
 register(Strategy("ps", "parameter server", "pdlab.training.parallel.data", {"scratch": "ParameterServer"}, refused={"torch": "PyTorch has no parameter-server API: use impl='scratch' for 'ps' (DDP is strategy='dp', impl='torch')"}))
 register(Strategy("tp", "tensor", "pdlab.training.parallel.tensor", {"scratch": "TensorParallel", "torch": "DTensorParallel"}, layout=lambda n: Layout(tp=n)))
+register(Strategy("tp-sp", "tensor + sequence (Megatron SP)", "pdlab.training.parallel.sequence", {"scratch": "SequenceParallelScratch", "torch": "SequenceParallelTorch"}, layout=lambda n: Layout(tp=n)))
 register(Strategy("pp-gpipe", "pipeline GPipe", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
 register(Strategy("pp-1f1b", "pipeline 1F1B", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
 register(Strategy("pp-zb", "pipeline zero bubble (ZB-H1)", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))

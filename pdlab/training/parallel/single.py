@@ -24,6 +24,7 @@ class Single:
     # True when the strategy records every byte it sends itself (comm.record), so the
     # training loop can leave the per-op dispatch meter off.
     counts_own_comm = False
+    loss_fn = staticmethod(loss_fn)  # (logits, targets) -> mean loss; a split head has its own
 
     def __init__(self, model: nn.Sequential, config: TrainConfig, mesh: Mesh):
         self.model = model.to(mesh.device)  # unwrapped, with the single-process names
@@ -40,7 +41,7 @@ class Single:
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """This rank's gradients for its batch (the old ones dropped first), and its loss."""
         self.model.zero_grad(set_to_none=True)
-        loss = loss_fn(self.module(x), y)
+        loss = self.loss_fn(self.module(x), y)
         loss.backward()
         return StepOutput(loss.item(), len(x))
 
