@@ -106,3 +106,13 @@ def test_seq_len_sets_the_gpts_context_and_its_data():
     assert kept[2 * S] - 2 * kept[S] == L * (probabilities(2 * S) - 2 * probabilities(S)) - unsplit
     with pytest.raises(ValueError, match="use model='gpt', or leave seq_len at 32"):
         validate(TrainConfig(model="mlp", seq_len=64))
+
+
+def test_a_longer_context_keeps_tp_sp_bytes_exact(cluster2):
+    """tp's formula counts ``seq_len`` tokens a sample (it counted 32, whatever the run's):
+    every step's measured bytes equal it at twice the context; a context tp-sp can't split
+    is refused."""
+    run = train(cluster2, strategy="tp-sp", model="gpt", steps=1, batch_size=B, seq_len=2 * S)
+    assert all(m == totals(run.expected_comm) for m in measured_per_step(run))
+    with pytest.raises(ValueError, match="use a seq_len that is a multiple of 2"):
+        validate(TrainConfig(strategy="tp-sp", model="gpt", world_size=2, seq_len=S + 1))

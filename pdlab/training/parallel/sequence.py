@@ -203,6 +203,11 @@ def partial_grads(model: nn.Sequential, biases: bool = True) -> list[nn.Paramete
 def check(config: TrainConfig, layout: Layout) -> None:
     """tp's checks, and the tokens split evenly: the MLPs' are the batch's samples."""
     tensor.check(config, layout)
+    if config.model == "gpt" and config.seq_len % layout.tp:
+        raise ValueError(
+            f"tp-sp splits each sample's {config.seq_len} tokens over tp={layout.tp} ranks: "
+            f"use a seq_len that is a multiple of {layout.tp}"
+        )
     if config.model != "gpt" and (config.batch_size // layout.dp) % layout.tp:
         raise ValueError(
             f"tp-sp splits the {config.model}'s samples, its tokens, over tp={layout.tp} ranks: "

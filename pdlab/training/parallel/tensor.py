@@ -56,7 +56,6 @@ from torch.distributed.tensor.parallel import (
 
 from pdlab import compat
 from pdlab.measure.comm import CommEvent, event, on_ranks
-from pdlab.training.data import BLOCK_SIZE
 from pdlab.training.layout import Layout
 from pdlab.training.models import Attention, Block, Dense
 from pdlab.training.parallel.base import (
@@ -283,7 +282,7 @@ def check(config: TrainConfig, layout: Layout) -> None:
 
 def rows(config: TrainConfig, layout: Layout) -> int:
     """The vectors a rank computes each layer on: its samples, times a window's tokens."""
-    tokens = BLOCK_SIZE if config.model == "gpt" else 1
+    tokens = config.seq_len if config.model == "gpt" else 1
     return config.batch_size // layout.dp * tokens
 
 
