@@ -108,6 +108,22 @@ RUNS = {
             "torchrun exit codes: [0, 0]",
         ],
     ),
+    "08_long_context_and_experts": (
+        {
+            "world_size": 2,
+            "seq_lens": [32, 64, 128],
+            "budget_mb": 5.0,
+            "moe_steps": 3,
+            "use_solutions": True,
+        },
+        [
+            "sequences of 64 tokens and more don't fit",
+            "tp-sp fits in 5.0 MB a rank up to 64 tokens",
+            "cp fits in 5.0 MB a rank up to 128 tokens",
+            "all-to-all bytes == routing's formula: True",
+            "PASS ring-attention step",
+        ],
+    ),
 }
 
 
