@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from pdlab.lab import exercises, solutions
 from pdlab.training.models import loss_fn
-from pdlab.training.parallel import context
+from pdlab.training.parallel import context, expert
 from tests.test_context import diagonal_mask, no_rescale
+from tests.test_expert import _no_exchange, _reversed_rows
 
 # ---- lab 01: allreduce_gradients(params, group) ------------------------------------------
 
@@ -192,6 +193,24 @@ def returns_the_output(state, q, k, v, q_pos, k_pos, scale):
     return context.attend_block(state, q, k, v, q_pos, k_pos, scale).result()[0]
 
 
+# ---- lab 08: dispatch(routed, counts, group) ------------------------------------------------
+
+
+def splits_per_expert(routed, counts, group):
+    received_counts = expert.exchange_counts(counts, group)
+    out = routed.new_empty(int(received_counts.sum()), routed.shape[1])
+    dist.all_to_all_single(out, routed, received_counts.flatten().tolist(), counts.tolist(), group=group)  # fmt: skip
+    return out, received_counts
+
+
+def splits_swapped(routed, counts, group):
+    received_counts = expert.exchange_counts(counts, group)
+    to_ranks = counts.view(group.size(), -1).sum(1).tolist()
+    out = routed.new_empty(sum(to_ranks), routed.shape[1])
+    dist.all_to_all_single(out, routed, to_ranks, received_counts.sum(1).tolist(), group=group)
+    return out, received_counts
+
+
 # ---- lab 04, make it fit: a choice of strategy, recompute and precision -----------------------
 
 
@@ -206,6 +225,7 @@ CHECKS = {
     "lab 04": (exercises.check_zero1, solutions.zero1_update),
     "lab 04 fit": (exercises.check_fit, solutions.fit_choice),
     "lab 08": (exercises.check_ring_step, solutions.ring_step),
+    "lab 08 dispatch": (exercises.check_dispatch, solutions.dispatch),
 }
 MISTAKES = [
     ("lab 01", sum_not_mean, "2 times too big: all_reduce sums"),
@@ -244,6 +264,10 @@ MISTAKES = [
     ("lab 08", ring_not_written, "not written yet"),
     ("lab 08", returns_the_output, "return context.Partial(o, m, l)"),
     ("lab 08", calls_attend_block, "a step that calls it recurses"),
+    ("lab 08 dispatch", splits_per_expert, "one split per rank of the group, not per expert"),
+    ("lab 08 dispatch", splits_swapped, "wrong split sizes"),
+    ("lab 08 dispatch", _no_exchange, "exchange the [E] counts"),
+    ("lab 08 dispatch", _reversed_rows, "not in order (source rank, then expert)"),
     ("lab 04 fit", {"strategy": "zero2"}, "write choice = dict(strategy=..., recompute=..., precision=...)"),
 ]  # fmt: skip
 

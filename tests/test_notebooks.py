@@ -122,6 +122,7 @@ RUNS = {
             "cp fits in 5.0 MB a rank up to 128 tokens",
             "all-to-all bytes == routing's formula: True",
             "PASS ring-attention step",
+            "PASS MoE dispatch",
         ],
     ),
 }

@@ -20,6 +20,7 @@ numbers the wrong way (the whole output sliced, data parallelism passed off as Z
 | 04 | ``zero1_update(z)`` | ``check_zero1`` |
 | 04 | a ``strategy``, ``recompute`` and ``precision`` that fit a budget | ``check_fit`` |
 | 08 | ``ring_step(state, q, k, v, q_pos, k_pos, scale)`` | ``check_ring_step`` |
+| 08 | ``dispatch(routed, counts, group)`` | ``check_dispatch`` |
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pdlab.training.config import TrainConfig
 from pdlab.training.data import load_dataset, points
 from pdlab.training.layout import Layout
 from pdlab.training.loop import mesh_for, train
-from pdlab.training.parallel import context
+from pdlab.training.parallel import context, expert
 from pdlab.training.parallel.data import flatten
 from pdlab.training.parallel.pipeline import StageLink, partition
 from pdlab.training.parallel.sharded import Zero1
@@ -974,4 +975,55 @@ def check_ring_step(cluster: Cluster, ring_step: Callable) -> bool:
         f"a simulated ring of 2 and 4 ranks matches torch's causal attention, and "
         f"{RING_RUN['steps']} steps of cp on {cluster.world_size} ranks, each running your "
         f"step, one process's loss (to {TOLERANCE:g})",
+    )
+
+
+# ---- lab 08: the MoE dispatch ------------------------------------------------------------------
+
+DISPATCH_EXPERTS = 4  # E in the check: each rank's example rows and counts (expert.example_counts)
+
+
+def _dispatch_on_rank(dispatch: Callable, n_expert: int) -> list[str]:
+    group, rank = dist.group.WORLD, dist.get_rank()
+    counts = expert.example_counts(rank, n_expert)
+    received, received_counts = dispatch(expert.example_rows(rank, n_expert), counts, group)
+    return expert.dispatch_problems(received, received_counts, rank, n_expert, group.size())
+
+
+def _explain_dispatch(line: str) -> str | None:
+    if "split" in line.lower():
+        return (
+            "wrong split sizes: all_to_all_single takes one split per rank of the group, not "
+            "per expert. input_split_sizes[j]: the rows this rank sends rank j, the sum of its "
+            "counts for j's E/P experts; output_split_sizes[j]: the rows it receives from j, "
+            "the sum of the counts j sent it (the exchanged counts); the output tensor has "
+            "their total rows"
+        )
+    return None
+
+
+def check_dispatch(cluster: Cluster, dispatch: Callable) -> bool:
+    """Check ``dispatch(routed, counts, group) -> (received, received_counts)``, expert
+    parallelism's send of each row to the rank holding its expert (``expert.dispatch``), on
+    every rank with uneven example routings (some experts get no rows): each rank must
+    receive exactly the rows every rank routed to its experts, in order (source rank, then
+    expert), and the counts ``[P, E/P]`` that say how many."""
+    name, n = "MoE dispatch", cluster.world_size
+    if not _splits(name, DISPATCH_EXPERTS, n, "experts"):
+        return False
+    got = _run(cluster, name, _dispatch_on_rank, dispatch, DISPATCH_EXPERTS, explain=_explain_dispatch)  # fmt: skip
+    if got is None:
+        return False
+    for rank, problems in enumerate(got):
+        if problems:
+            return report(
+                name, False, f"rank {rank} did not receive its experts' rows",
+                "every rank's rows for this rank's experts", problems[0].split(":")[0],
+                problems[0],
+            )  # fmt: skip
+    return report(
+        name,
+        True,
+        f"each of {n} ranks received every rank's rows for its {DISPATCH_EXPERTS // n} "
+        "experts, in order, and the counts of them, from uneven routings",
     )

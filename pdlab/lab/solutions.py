@@ -14,6 +14,7 @@ from torch import nn
 from pdlab.training.models import loss_fn
 from pdlab.training.parallel.context import attend_block
 from pdlab.training.parallel.data import allreduce_gradients
+from pdlab.training.parallel.expert import dispatch
 from pdlab.training.parallel.pipeline import StageLink
 from pdlab.training.parallel.sharded import Zero1
 from pdlab.training.parallel.tensor import ColumnParallelLinear
@@ -22,6 +23,7 @@ __all__ = [
     "all_reduce_time",
     "allreduce_gradients",
     "column_parallel_forward",
+    "dispatch",
     "fit_choice",
     "gpipe_step",
     "ring_step",
@@ -46,6 +48,10 @@ fit_choice = {"strategy": "zero2", "recompute": "full", "precision": "bf16"}
 # block's scores masked by the global positions, the running max m raised to the block's, the
 # earlier o and l rescaled by exp(m_old - m_new), the block's exp(S - m)·V and exp(S - m) added.
 ring_step = attend_block
+
+# Lab 08: expert parallelism's ``dispatch`` (``pdlab/training/parallel/expert.py``): exchange the
+# counts per expert with one all-to-all, then the rows with ``all_to_all_single``, split per rank
+# by the sums of those counts.
 
 
 def column_parallel_forward(
