@@ -87,7 +87,7 @@ def check_small_messages(time_of: TimeOf) -> None:
         assert expected_us / 2 <= got <= expected_us * 2, (op, preset, got, expected_us)
 
 
-def test_small_message_latency_is_ncclss_own_within_2x():
+def test_small_message_latency_is_within_2x_of_nccls_own_model():
     check_small_messages(preset_time)
 
 
