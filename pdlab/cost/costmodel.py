@@ -142,9 +142,11 @@ def op_time(
     *,
     nodes: int = 1,
     algorithm: str = "ring",
+    backend: str | None = None,
 ) -> float:
     """Seconds ``op`` with ``payload_bytes`` (pdlab.measure.comm's payload convention) takes on
-    ``group`` (global ranks, or a size spanning ``nodes`` nodes) of ``topology``."""
+    ``group`` (global ranks, or a size spanning ``nodes`` nodes) of ``topology``; ``backend``:
+    at the bytes its algorithm sends (``link_bytes``; "this-machine", measured on gloo)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
     size, spanned = group_span(group, topology, nodes)
@@ -152,10 +154,10 @@ def op_time(
     if algorithm == "ring" and op in nccl.COLLECTIVES and nccl.models(topology.intra.name, inter, topology.device.name):  # fmt: skip
         return nccl.collective_time(op, payload_bytes, size, spanned, topology.intra.name, inter, topology.device.name)  # fmt: skip
     if spanned == 1:
-        return link_op_time(op, payload_bytes, size, topology.intra)
+        return link_op_time(op, payload_bytes, size, topology.intra, backend)
     assert topology.inter is not None  # Topology requires one when nodes > 1
     if algorithm == "ring" or op != "all_reduce":
-        return link_op_time(op, payload_bytes, size, slowest(topology.intra, topology.inter))
+        return link_op_time(op, payload_bytes, size, slowest(topology.intra, topology.inter), backend)  # fmt: skip
     per_node = size // spanned
     if per_node * spanned != size:
         raise ValueError(
