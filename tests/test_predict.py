@@ -244,7 +244,9 @@ def test_model_flops_agree_with_the_planners_formula():
 
 # ---- real runs -------------------------------------------------------------------------------
 
-SLOW = "30Mbit/s"  # GPT's 0.8 MB of gradients: ~0.22 s a step on it, several times the compute
+SLOW = (
+    "10Mbit/s"  # GPT's 0.8 MB of gradients: ~0.67 s a step on it, above a loaded machine's compute
+)
 
 
 @pytest.fixture(scope="module")
