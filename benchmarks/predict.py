@@ -47,7 +47,9 @@ def one_round(cluster: pdlab.Cluster, args: argparse.Namespace) -> dict:
     for strategy, impl in strategies(cluster.world_size, args.impls.split(",")):
         run = dict(strategy=strategy, impl=impl, model=args.model, steps=args.steps)
         split = args.micro_batches if registry.get(strategy).micro_batched else 1
-        run |= dict(micro_batches=split, batch_size=args.batch_size)
+        # A batch every data-parallel rank and micro-batch gets a whole share of (world 3: 36).
+        unit = cluster.world_size * args.micro_batches
+        run |= dict(micro_batches=split, batch_size=-(-args.batch_size // unit) * unit)
         if strategy == "pp-interleaved":  # several model chunks a rank
             run["virtual_stages"] = 2
         for mode, link in (("emulated", args.link), ("this machine", None)):
@@ -94,7 +96,7 @@ def main() -> None:
             measured, predicted, top = (statistics.median(r[key][i] for r in rounds) for i in range(3))  # fmt: skip
             rows.append((*key, world, measured, predicted, predicted / measured - 1, top))
     print(
-        f"{args.model}, batch {args.batch_size}, {args.micro_batches} micro-batches for "
+        f"{args.model}, batch {args.batch_size} (rounded up to a multiple of world × micro-batches), {args.micro_batches} micro-batches for "
         f"pipelines, {args.steps} steps ({WARMUP} left out), median of {args.repeats} rounds; "
         f"emulated link {args.link}"
     )

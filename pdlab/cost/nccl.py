@@ -144,11 +144,11 @@ def _latency(op: str, algo: str, proto: int, ranks: int, nodes: int, intra: Hard
     return lat + (steps - inter_steps) * intra_lat + inter_steps * inter_lat
 
 
-def _usable(
-    op: str, algo: str, proto: int, nodes: int, intra: Hardware, arch: str, ranks: int
-) -> bool:
-    if algo == "nvls":  # NVLink SHARP: all-reduce in one NVSwitch node of Hopper GPUs, Simple
-        return op == "all_reduce" and nodes == 1 and intra.kind == "nvlink" and ranks > 2 and NVLS_EFFICIENCY[arch] > 0 and proto == 2  # fmt: skip
+def _usable(op: str, algo: str, proto: int, nodes: int, intra: Hardware, arch: str) -> bool:
+    if algo == "nvls":  # NVLink SHARP, Simple only: an all-reduce in one node of Hopper GPUs
+        # (an NVLink node is taken to have NVSwitches, as the DGX/HGX presets do). NVLS for an
+        # all-gather runs at (n-1)/n of the all-reduce's rate, below the ring's: left out.
+        return op == "all_reduce" and nodes == 1 and intra.kind == "nvlink" and NVLS_EFFICIENCY[arch] > 0 and proto == 2  # fmt: skip
     if algo == "tree" and op != "all_reduce":
         return False
     return proto != 1 or intra.kind == "nvlink"  # LL128 only over NVLink paths
@@ -172,7 +172,7 @@ def times(
     found = {}
     for algo in ALGORITHMS:
         for proto, name in enumerate(PROTOCOLS):
-            if not _usable(op, algo, proto, nodes, hw_intra, arch, ranks):
+            if not _usable(op, algo, proto, nodes, hw_intra, arch):
                 continue
             bus = _busbw(op, algo, proto, ranks, nodes, hw_bw, arch)
             if algo == "tree" and 0 <= log_size < 23:
