@@ -55,7 +55,11 @@ def one_round(cluster: pdlab.Cluster, args: argparse.Namespace) -> dict:
         for mode, link in (("emulated", args.link), ("this machine", None)):
             if mode not in args.modes:
                 continue
-            result = pdlab.train(cluster, link=link, **run)
+            try:
+                result = pdlab.train(cluster, link=link, **run)
+            except ValueError as refused:  # this model can't take it at this world size
+                print(f"skipped {strategy}/{impl} at world {cluster.world_size}: {refused}")
+                break
             predicted = pdlab.predict(result, calibration=calibration)  # the run's link, or none
             # Without a link, the band's top: this machine's transport as the run met it.
             loaded = None if link else pdlab.predict(result, calibration=under_load(result, calibration))  # fmt: skip
