@@ -128,12 +128,9 @@ def wait_for_warm_up(cluster, seconds: float = 120) -> None:
 
 
 def small_run(strategy: str) -> dict:
-    """What a small run of ``strategy`` needs beyond the defaults: pp-interleaved runs 2 model
-    chunks a rank, and a strategy without a scratch version runs torch's."""
+    """What a small run of ``strategy`` needs beyond the defaults: a strategy without a
+    scratch version runs torch's."""
     from pdlab.training import registry
 
     impls = registry.get(strategy).impls
-    run = {"impl": "scratch" if "scratch" in impls else next(iter(impls))}
-    if strategy == "pp-interleaved":
-        run["virtual_stages"] = 2
-    return run
+    return {"impl": "scratch" if "scratch" in impls else next(iter(impls))}
