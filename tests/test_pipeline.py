@@ -355,6 +355,9 @@ def test_result_carries_every_ranks_timeline(cluster2):
     ]
     for record in result.timeline:
         assert sorted(e["phase"] for e in record["timeline"]) == ["B", "B", "F", "F"]
+    bubble = result.bubble()  # each step's measured bubble beside 1F1B's (p-1)/m = 1/2
+    assert bubble.step.tolist() == [0, 1] and (bubble.formula == "(p-1)/m").all()
+    assert bubble.expected.tolist() == [0.5, 0.5] and (bubble.measured > 0).all()
     assert train(cluster2, strategy="dp", steps=1).timeline == []
 
 
