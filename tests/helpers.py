@@ -127,10 +127,10 @@ def wait_for_warm_up(cluster, seconds: float = 120) -> None:
         time.sleep(0.5)
 
 
-def small_run(strategy: str) -> dict:
-    """What a small run of ``strategy`` needs beyond the defaults: a strategy without a
-    scratch version runs torch's."""
+def small_impl(strategy: str) -> str:
+    """The impl a small run of ``strategy`` uses: scratch, or torch's where it has no scratch
+    version (pp-zbv). Everything else a small run needs is the defaults."""
     from pdlab.training import registry
 
     impls = registry.get(strategy).impls
-    return {"impl": "scratch" if "scratch" in impls else next(iter(impls))}
+    return "scratch" if "scratch" in impls else next(iter(impls))

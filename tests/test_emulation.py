@@ -23,7 +23,6 @@ from pdlab.lab.cli import main
 from pdlab.training import registry
 from pdlab.training.config import TrainConfig
 from pdlab.training.loop import train, validate
-from tests.helpers import small_run
 
 MB_PER_S = Link("1MB/s", 1e6, 0.0)
 
@@ -276,10 +275,7 @@ def test_every_strategy_is_slowed_by_the_link_with_the_same_losses_and_bytes(
     world_size = registry.get(strategy).min_world_size
     cluster = request.getfixturevalue(f"cluster{world_size}")
     split = 2 if registry.get(strategy).micro_batched else 1  # pipelines only
-    extra = {k: v for k, v in small_run(strategy).items() if k != "impl"}
-    config = TrainConfig(
-        strategy=strategy, impl=impl, model="mlp", steps=2, micro_batches=split, **extra
-    )
+    config = TrainConfig(strategy=strategy, impl=impl, model="mlp", steps=2, micro_batches=split)
     plain, slowed = train(cluster, config), train(cluster, config, link=SLOW)
     assert slowed.steps.loss.tolist() == plain.steps.loss.tolist()
     keys = ["step", "rank", "op", "group", "group_size", "payload_bytes", "bus_bytes"]

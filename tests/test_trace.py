@@ -15,7 +15,7 @@ from pdlab.lab import plots
 from pdlab.measure import trace
 from pdlab.training import registry
 
-from .helpers import line_of, small_run
+from .helpers import line_of, small_impl
 
 REQUIRED = {"X": {"name", "ph", "ts", "dur", "pid", "tid"}, "M": {"name", "ph", "pid", "args"}}
 
@@ -70,7 +70,7 @@ def test_cli_writes_a_trace_of_every_rank_for_every_strategy(strategy, tmp_path)
         [
             sys.executable, "-m", "pdlab", "run", "--strategy", strategy, "--steps", "2",
             "--world-size", str(world), "--micro-batches", str(micro), "--trace", str(out),
-            *(f"--{key.replace('_', '-')}={value}" for key, value in small_run(strategy).items()),
+            "--impl", small_impl(strategy),
         ],
         check=True, capture_output=True,
     )  # fmt: skip
@@ -98,10 +98,7 @@ TORCH_IMPLS = [s for s in registry.names() if "torch" in registry.get(s).impls a
 def test_torch_impls_trace_every_rank_too(strategy, cluster2, cluster4):
     world, micro = runs(strategy)
     cluster = cluster2 if world == 2 else cluster4
-    extra = {k: v for k, v in small_run(strategy).items() if k != "impl"}
-    result = pdlab.train(
-        cluster, strategy=strategy, impl="torch", steps=2, micro_batches=micro, **extra
-    )
+    result = pdlab.train(cluster, strategy=strategy, impl="torch", steps=2, micro_batches=micro)
     events = json.loads(json.dumps(trace.chrome_trace(result)))["traceEvents"]
     assert_valid_trace(events)
     found = spans_per_rank(events)
