@@ -1,5 +1,5 @@
-"""Labs 01, 03, 04 and 05 in a real browser, as a learner uses them: JupyterLab and headless
-Chromium in a 1280x800 window, the file browser open.
+"""Labs 01, 03 and 05 in a real browser, as a learner uses them: JupyterLab and headless Chromium
+in a 1280x800 window, the file browser open.
 
 Each lab: Run All (small parameters, injected as papermill does), then its widgets. Every error
 shows beside the widget that hit it, never only in the Log Console; the figures, legends,
@@ -55,7 +55,6 @@ LABS = {
         "world_size": 2, "steps": 1, "micro_batches": 2, "model": "mlp", "batch_size": 16,
         "use_solutions": True,
     },
-    "04_sharded": {"world_size": 2, "steps": 1, "use_solutions": True},
     "05_strategy_explorer": {"world_size": 2, "steps": 3, "strategies": ["dp"]},
 }  # fmt: skip
 IDLE = "Python 3 (ipykernel) | Idle"
@@ -378,18 +377,6 @@ def test_lab_03_slider_works_after_run_all_and_shows_its_errors(browser, server)
     assert_log_console_clean(page)
     screenshot(slider, "lab03-slider")
     save_and_close(page, server, "03_pipeline_parallel")
-
-
-def test_lab_04_runs_all_and_its_tables_fit(browser, server):
-    page = open_lab(browser, server, "04_sharded")
-    run_all(page)
-    assert_no_ranks(server, "lab 04's last cell")
-    # Both exercises passed on the ranks, in the page.
-    for check in ("PASS ZeRO-1 update", "PASS make it fit"):
-        assert page.get_by_text(check).count() >= 1, check
-    assert page.evaluate(OVERFLOW) == []
-    assert_log_console_clean(page)
-    save_and_close(page, server, "04_sharded")
 
 
 def test_lab_05_dashboard_after_run_all(browser, server):
