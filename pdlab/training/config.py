@@ -59,8 +59,10 @@ class TrainConfig:
     steps: int = _field(20, "optimizer steps")
     batch_size: int = _field(32, "global batch, over all data-parallel ranks")
     micro_batches: int = _field(1, "pipelines split each rank's batch into these")
-    virtual_stages: int = _field(
-        1, "model chunks a pipeline rank holds (pp-interleaved: 2 or more; Megatron's v)"
+    virtual_stages: int | None = _field(
+        None,
+        "model chunks a pipeline rank holds (Megatron's v); None: what the schedule needs, "
+        "2 for pp-interleaved (which takes 2 or more) and pp-zbv, 1 for the rest",
     )
     lr: float = _field(0.01, "learning rate")
     optimizer: str = _field(
