@@ -23,6 +23,7 @@ from pdlab.lab.cli import main
 from pdlab.training import registry
 from pdlab.training.config import TrainConfig
 from pdlab.training.loop import train, validate
+from tests.helpers import small_run
 
 MB_PER_S = Link("1MB/s", 1e6, 0.0)
 
