@@ -9,7 +9,9 @@ this machine ("this-machine": link and matmuls calibrated on the same cluster ju
 Each run's step time is the median over its steps after ``WARMUP``; each cell the median over
 ``--repeats`` rounds (the machine's load drifts: rounds alternate all strategies). Prints
 the table, the error of each prediction (predicted / measured - 1) and the median absolute
-error of each mode, with the load average before and after.
+error of each mode, with the load average before and after. Without a link, also the top of
+the band (``pdlab.cost.calibration.under_load``: the link refitted to the run's own ops) and
+a verdict: "ok" within 25%, "band" between the prediction and that top, else "MISS".
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from common import median_after
 
 import pdlab
-from pdlab.cost.calibration import calibrate
+from pdlab.cost.calibration import calibrate, under_load
 from pdlab.training import registry
 
 WARMUP = 2  # steps left out: the first counts FLOPs (slower) and warms every cache
@@ -45,15 +47,35 @@ def one_round(cluster: pdlab.Cluster, args: argparse.Namespace) -> dict:
     for strategy, impl in strategies(cluster.world_size, args.impls.split(",")):
         run = dict(strategy=strategy, impl=impl, model=args.model, steps=args.steps)
         split = args.micro_batches if registry.get(strategy).micro_batched else 1
-        run |= dict(micro_batches=split, batch_size=args.batch_size)
+        # A batch every data-parallel rank and micro-batch gets a whole share of (world 3: 36).
+        unit = cluster.world_size * args.micro_batches
+        run |= dict(micro_batches=split, batch_size=-(-args.batch_size // unit) * unit)
+        if strategy == "pp-interleaved":  # several model chunks a rank
+            run["virtual_stages"] = 2
         for mode, link in (("emulated", args.link), ("this machine", None)):
-            result = pdlab.train(cluster, link=link, **run)
+            if mode not in args.modes:
+                continue
+            try:
+                result = pdlab.train(cluster, link=link, **run)
+            except ValueError as refused:  # this model can't take it at this world size
+                print(f"skipped {strategy}/{impl} at world {cluster.world_size}: {refused}")
+                break
             predicted = pdlab.predict(result, calibration=calibration)  # the run's link, or none
+            # Without a link, the band's top: this machine's transport as the run met it.
+            loaded = None if link else pdlab.predict(result, calibration=under_load(result, calibration))  # fmt: skip
             cells[strategy, impl, mode] = (
                 median_after(result.steps.step_time, WARMUP),
                 median_after(predicted.step_time, WARMUP),
+                median_after(loaded.step_time, WARMUP) if loaded is not None else float("nan"),
             )
     return cells
+
+
+def verdict(measured: float, predicted: float, top: float) -> str:
+    """ "ok" within 25%, "band" outside it but inside [predicted, top], else "MISS"."""
+    if abs(predicted / measured - 1) <= 0.25:
+        return "ok"
+    return "band" if predicted <= measured <= top else "MISS"
 
 
 def main() -> None:
@@ -66,6 +88,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--world-sizes", default="2,4")
     parser.add_argument("--impls", default="scratch", help="e.g. scratch,torch")
+    parser.add_argument("--modes", default="emulated,this machine", help="either or both")
     args = parser.parse_args()
     load = os.getloadavg()
     started = time.time()
@@ -74,25 +97,27 @@ def main() -> None:
         with pdlab.Cluster(world) as cluster:
             rounds = [one_round(cluster, args) for _ in range(args.repeats)]
         for key in rounds[0]:
-            measured = statistics.median(r[key][0] for r in rounds)
-            predicted = statistics.median(r[key][1] for r in rounds)
-            rows.append((*key, world, measured, predicted, predicted / measured - 1))
+            measured, predicted, top = (statistics.median(r[key][i] for r in rounds) for i in range(3))  # fmt: skip
+            rows.append((*key, world, measured, predicted, predicted / measured - 1, top))
     print(
-        f"{args.model}, batch {args.batch_size}, {args.micro_batches} micro-batches for "
+        f"{args.model}, batch {args.batch_size} (rounded up to a multiple of world × micro-batches), {args.micro_batches} micro-batches for "
         f"pipelines, {args.steps} steps ({WARMUP} left out), median of {args.repeats} rounds; "
         f"emulated link {args.link}"
     )
-    print(f"\n{'strategy':<9} {'impl':<8} {'world':>5} {'mode':<13} {'measured ms':>11} {'predicted ms':>12} {'error':>7}")  # fmt: skip
-    for strategy, impl, mode, world, measured, predicted, error in sorted(
+    print(f"\n{'strategy':<14} {'impl':<8} {'world':>5} {'mode':<13} {'measured ms':>11} {'predicted ms':>12} {'error':>7} {'band top ms':>11} verdict")  # fmt: skip
+    for strategy, impl, mode, world, measured, predicted, error, top in sorted(
         rows, key=lambda r: (r[2], r[3], r[0])
     ):
         print(
-            f"{strategy:<9} {impl:<8} {world:>5} {mode:<13} {measured * 1e3:>11.1f} "
-            f"{predicted * 1e3:>12.1f} {error:>+7.0%}"
+            f"{strategy:<14} {impl:<8} {world:>5} {mode:<13} {measured * 1e3:>11.1f} "
+            f"{predicted * 1e3:>12.1f} {error:>+7.0%} {top * 1e3:>11.1f} "
+            f"{verdict(measured, predicted, top) if mode == 'this machine' else ''}"
         )
-    for mode in ("emulated", "this machine"):
+    for mode in args.modes.split(","):
         errors = [abs(r[6]) for r in rows if r[2] == mode]
         print(f"median |error|, {mode}: {statistics.median(errors):.0%} over {len(errors)} runs")
+    verdicts = [verdict(r[4], r[5], r[7]) for r in rows if r[2] == "this machine"]
+    print(f"this machine: {verdicts.count('ok')} within 25%, {verdicts.count('band')} in the band, {verdicts.count('MISS')} missed")  # fmt: skip
     print(
         f"load average (1, 5, 15 min): before {', '.join(f'{v:.2f}' for v in load)}; after "
         f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}; {time.time() - started:.0f} s"

@@ -128,17 +128,14 @@ def wait_for_warm_up(cluster, seconds: float = 120) -> None:
 
 
 def small_run(strategy: str) -> dict:
-    """What a small run of ``strategy`` needs beyond the defaults: pp-interleaved runs 2 model
-    chunks a rank, context parallelism a model with a sequence (the gpt, on 2 samples: its
-    ~0.8 MB of gradients are all-reduced over cp), expert parallelism the moe model, and a
-    strategy without a scratch version
-    runs torch's."""
+    """What a small run of ``strategy`` needs beyond the defaults: context parallelism a
+    model with a sequence (the gpt, on 4 samples: its ~0.8 MB of gradients are all-reduced
+    over cp), expert parallelism the moe model, and a strategy without a scratch version
+    (pp-zbv) runs torch's."""
     from pdlab.training import registry
 
     impls = registry.get(strategy).impls
     run = {"impl": "scratch" if "scratch" in impls else next(iter(impls))}
-    if strategy == "pp-interleaved":
-        run["virtual_stages"] = 2
     if strategy in ("cp", "dp-cp"):
         run |= {"model": "gpt", "batch_size": 4}
     if strategy in ("ep", "dp-ep"):

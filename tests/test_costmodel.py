@@ -117,3 +117,11 @@ def test_an_op_is_priced_at_what_its_backends_algorithm_sends():
     assert shared_medium_op_time("reduce_scatter", s, 4, link, "gloo") == pytest.approx(6.0)
     assert shared_medium_op_time("reduce_scatter", s, 4, link) == pytest.approx(3.0)
     assert shared_medium_op_time("broadcast", s, 4, link, "gloo") == pytest.approx(3.0)
+
+
+def test_this_machine_prices_ops_at_what_gloo_sends():
+    """gloo runs a reduce-scatter as an all-reduce: on 2 ranks each sends the whole 8 MB
+    (8 ms at 1 GB/s), not the ring's half (4 ms). "this-machine" is measured on gloo."""
+    here = Topology(1, 2, "h100-sxm", intra=Link("here", 1e9, 0.0))
+    assert op_time("reduce_scatter", 8 * MB, 2, here) == pytest.approx(4e-3)
+    assert op_time("reduce_scatter", 8 * MB, 2, here, backend="gloo") == pytest.approx(8e-3)

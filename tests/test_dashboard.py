@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -13,7 +14,7 @@ import pytest
 
 import pdlab
 from pdlab.lab import plots
-from pdlab.training.loop import train, validate
+from pdlab.training.loop import expected_comm, train, validate
 
 SMALL = {"model": "mlp", "batch_size": 8}
 
@@ -124,15 +125,46 @@ def test_fsdp_is_zero3_with_torch():
 def test_the_pipeline_schedules_are_in_the_menu_and_interleaved_gets_its_chunks():
     d = pdlab.Dashboard()
     keys = [key for _, key in d.controls["strategy"].options]
-    assert {"pp-zb", "pp-interleaved"} <= set(keys)
-    assert d.controls["virtual_stages"].disabled
+    assert {"pp-zb", "pp-interleaved", "pp-zbv"} <= set(keys)
+    chunks = d.controls["virtual_stages"]
+    assert chunks.layout.display == "none" and d.config().virtual_stages is None  # dp
     d.controls["strategy"].value = "pp-interleaved"
-    assert not d.controls["virtual_stages"].disabled
-    validate(d.config())  # 2 chunks a rank: without them, validate says to set them
-    assert d.config().virtual_stages == 2
+    assert chunks.layout.display is None and not chunks.disabled and chunks.value == 2
+    chunks.value = 3
+    assert d.config().virtual_stages == 3  # the learner's choice reaches the run
+    d.controls["strategy"].value = "pp-zbv"  # shown, fixed at ZBV's 2
+    assert chunks.layout.display is None and chunks.disabled and chunks.value == 2
     d.controls["strategy"].value = "pp-1f1b"
-    assert d.config().virtual_stages == 1 and d.controls["virtual_stages"].disabled
+    assert chunks.layout.display == "none" and d.config().virtual_stages is None
     validate(d.config())
+
+
+def test_recompute_and_precision_reach_the_run():
+    d = pdlab.Dashboard()
+    assert d.controls["recompute"].options == ("none", "selective", "full")
+    assert d.controls["precision"].options == ("fp32", "bf16")
+    assert (d.config().recompute, d.config().precision) == ("none", "fp32")
+    d.controls["recompute"].value, d.controls["precision"].value = "selective", "bf16"
+    assert (d.config().recompute, d.config().precision) == ("selective", "bf16")
+    validate(d.config())
+    # A lever the model can't take is refused on the status line, naming the fix.
+    with pytest.raises(ValueError, match="use model='gpt', or recompute='none'"):
+        d.start(model="mlp")
+    assert "recompute=&#x27;none&#x27;" in d.message.value and not d.runs  # HTML-escaped
+
+
+def test_the_levers_and_chunks_run_on_the_ranks(dashboard):
+    dashboard.start(
+        strategy="pp-interleaved", model="gpt", batch_size=8, micro_batches=2, virtual_stages=2,
+        recompute="full", precision="bf16", steps=2,
+    )  # fmt: skip
+    result = dashboard.wait(timeout=120)
+    assert (result.config.recompute, result.config.precision) == ("full", "bf16")
+    # Each rank ran both its chunks; bf16 activations: the bytes sent are half fp32's.
+    for record in result.timeline:
+        assert {e["chunk"] for e in record["timeline"]} == {0, 1}
+    fp32 = expected_comm(replace(result.config, precision="fp32"))
+    assert (result.steps.comm_bytes == sum(e.payload_bytes for e in fp32) / 2).all()
 
 
 def test_world_size_restarts_the_cluster_and_keeps_it_otherwise():
@@ -171,15 +203,15 @@ def test_timeline_reports_the_bubble():
         fields = ("stage", "mb", "phase", "start", "end")
         return {"rank": rank, "step": 0, "timeline": [dict(zip(fields, e)) for e in events]}  # noqa: B905
 
-    # p=2 stages, m=2 micro-batches, unit-time F and B: GPipe's schedule, bubble 1/3.
+    # p=2 stages, m=2 micro-batches, unit-time F and B: GPipe's schedule, idle 2 of busy 4.
     records = [
         rec(0, [(0, 0, "F", 0, 1), (0, 1, "F", 1, 2), (0, 1, "B", 4, 5), (0, 0, "B", 5, 6)]),
         rec(1, [(1, 0, "F", 1, 2), (1, 1, "F", 2, 3), (1, 1, "B", 3, 4), (1, 0, "B", 4, 5)]),
     ]
     fig = plots.timeline(records)
-    assert "bubble 33% measured, (p-1)/(m+p-1) = 33% for p=2, m=2" in fig.layout.title.text
+    assert "bubble 50% measured, (p-1)/m = 50% for p=2, m=2" in fig.layout.title.text
     assert [t.name for t in fig.data] == ["forward", "backward"]
-    # ZB-H1's order, unit-time F, B and W: the last W ends at 7, busy 6 a stage, idle 1/7.
+    # ZB-H1's order, unit-time F, B and W: the last W ends at 7, busy 6 a stage, idle 1.
     records = [
         rec(0, [(0, 0, "F", 0, 1), (0, 1, "F", 1, 2), (0, 0, "B", 3, 4), (0, 0, "W", 4, 5),
                 (0, 1, "B", 5, 6), (0, 1, "W", 6, 7)]),
@@ -187,7 +219,7 @@ def test_timeline_reports_the_bubble():
                 (1, 0, "W", 5, 6), (1, 1, "W", 6, 7)]),
     ]  # fmt: skip
     fig = plots.timeline(records)
-    assert "bubble 14% measured, (p-1)/(3m+p-1) = 14% for p=2, m=2" in fig.layout.title.text
+    assert "bubble 17% measured, (p-1)/(3m) = 17% for p=2, m=2" in fig.layout.title.text
     assert [t.name for t in fig.data] == ["forward", "input gradient (B)", "weights (W)"]
 
 

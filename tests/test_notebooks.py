@@ -60,10 +60,15 @@ RUNS = {
             "PASS GPipe step",
             *(
                 f"{s}: parity with one process (within 1e-5): True"
-                for s in ("naive", "GPipe", "1F1B")
+                for s in ("naive", "GPipe", "1F1B", "interleaved", "ZB-H1")
             ),
-            *(f"{s}: measured bytes == predicted: True" for s in ("naive", "GPipe", "1F1B")),
+            *(
+                f"{s}: measured bytes == predicted: True"
+                for s in ("naive", "GPipe", "1F1B", "interleaved", "ZB-H1")
+            ),
             "micro-batches held (peak)",
+            "(p-1)/(v·m)",
+            "(p-1)/(3m)",
         ],
     ),
     "04_sharded": (

@@ -3,6 +3,8 @@ for step."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -56,12 +58,13 @@ def test_zb_h1_defers_each_w_p_minus_1_micro_batches():
     )
 
 
-def _unit_time_step(schedule, m: int, p: int, split: bool, v: int = 1) -> float | None:
-    """Ticks a step takes when a stage's F, B and W take one each (1F1B's B, both halves, two)
-    and a chunk's ``1/v`` of that; ``None`` if the stages deadlock. Each rank runs its actions
-    in order; F(i) of global stage g waits for g-1's, B(i) for g+1's (stage g: rank g % p)."""
+def _unit_time_events(schedule, m: int, p: int, split: bool, v: int = 1) -> list[dict] | None:
+    """Each stage's actions as timeline events when a stage's F, B and W take one tick each
+    (1F1B's B, both halves, two) and a chunk's ``1/v`` of that; ``None`` if the stages
+    deadlock. Each rank runs its actions in order; F(i) of global stage g waits for g-1's,
+    B(i) for g+1's (stage g: rank g % p)."""
     orders = [[(*a, 0)[:3] for a in schedule(m, p, s)] for s in range(p)]
-    done, clock, pc = {}, [0.0] * p, [0] * p
+    done, clock, pc, events = {}, [0.0] * p, [0] * p, []
     while any(pc[s] < len(orders[s]) for s in range(p)):
         before = sum(pc)
         for s in range(p):
@@ -75,40 +78,45 @@ def _unit_time_step(schedule, m: int, p: int, split: bool, v: int = 1) -> float 
                 start = max(clock[s], done.get(dep, 0))
                 ticks = 2 if phase == "B" and not split else 1
                 clock[s] = done[(phase, i, g)] = start + ticks / v
+                events.append({"stage": s, "phase": phase, "start": start, "end": clock[s]})
                 pc[s] += 1
         if sum(pc) == before:
             return None
-    return max(clock)
+    return events
+
+
+def _unit_time_bubble(schedule, m: int, p: int, split: bool, v: int = 1) -> float:
+    """The bubble ``bubble_fraction`` measures on the unit-time run (inf if it deadlocks)."""
+    events = _unit_time_events(schedule, m, p, split, v)
+    return math.inf if events is None else pipeline.bubble_fraction(events)
 
 
 @pytest.mark.parametrize(("p", "m"), [(2, 2), (2, 4), (3, 6), (4, 4), (4, 8)])
 def test_bubble_formulas_match_the_schedules_in_unit_time(p, m):
-    # Busy 3m ticks a stage out of the step: the idle share is the formula's.
+    # What the timeline measures on each schedule run with equal F, B and W is its formula.
     for strategy, split in (("pp-1f1b", False), ("pp-gpipe", False), ("pp-zb", True)):
-        ticks = _unit_time_step(pipeline.SCHEDULES[strategy], m, p, split)
-        assert 1 - 3 * m / ticks == pytest.approx(pipeline.analytic_bubble(p, m, strategy))
-    # Split B and W but run each W right after its B (1F1B's order): the bubble stays above
-    # ZB-H1's, the formula's check fails on it.
+        measured = _unit_time_bubble(pipeline.SCHEDULES[strategy], m, p, split)
+        assert measured == pytest.approx(pipeline.analytic_bubble(p, m, strategy))
+    # 1F1B's order labelled as ZB-H1 (B and W split, each W right after its B): a stage's
+    # gradient leaves a tick sooner, but no W fills the bubble; the check fails on it.
     eager_w = lambda m, p, s: [  # noqa: E731
         a for phase, i in pipeline.one_f_one_b(m, p, s)
         for a in ([("F", i)] if phase == "F" else [("B", i), ("W", i)])
     ]  # fmt: skip
-    ticks = _unit_time_step(eager_w, m, p, True)
-    assert 1 - 3 * m / ticks > pipeline.analytic_bubble(p, m, "pp-zb") + 0.01
+    measured = _unit_time_bubble(eager_w, m, p, True)
+    assert measured > pipeline.analytic_bubble(p, m, "pp-zb") + 0.05
 
 
 @pytest.mark.parametrize(("p", "m", "v"), [(2, 2, 2), (2, 4, 2), (2, 4, 3), (4, 8, 2), (4, 8, 4)])
 def test_interleaved_bubble_matches_its_schedule_in_unit_time(p, m, v):
     order = lambda m, p, s: pipeline.interleaved(m, p, s, v)  # noqa: E731
-    ticks = _unit_time_step(order, m, p, False, v)
     bubble = pipeline.analytic_bubble(p, m, "pp-interleaved", v)
-    assert 1 - 3 * m / ticks == pytest.approx(bubble)
+    assert _unit_time_bubble(order, m, p, False, v) == pytest.approx(bubble)
     assert bubble < pipeline.analytic_bubble(p, m, "pp-1f1b")
     # Each micro-batch through all of a rank's chunks before the next one (not p at a time):
     # the ranks wait on each other, or deadlock.
     wrong = lambda m, p, s: _depth_first(pipeline.interleaved(m, p, s, v))  # noqa: E731
-    ticks = _unit_time_step(wrong, m, p, False, v)
-    assert ticks is None or 1 - 3 * m / ticks > bubble + 0.1
+    assert _unit_time_bubble(wrong, m, p, False, v) > bubble + 0.1
 
 
 def _depth_first(order: list) -> list:
@@ -130,10 +138,22 @@ def test_interleaved_runs_p_micro_batches_through_each_chunk_in_turn():
 
 
 def test_bubble_formula():
-    assert pipeline.analytic_bubble(p=2, m=1) == 0.5
-    assert pipeline.analytic_bubble(p=4, m=8) == pytest.approx(3 / 11)
-    assert pipeline.analytic_bubble(p=4, m=8, strategy="pp-zb") == pytest.approx(3 / 27)
-    assert pipeline.analytic_bubble(4, 8, "pp-interleaved", v=2) == pytest.approx(3 / 19)
+    # Narayanan et al.'s t_pb / t_id and Qi et al.'s (p-1)/(3m), by hand.
+    assert pipeline.analytic_bubble(p=2, m=1) == 1.0
+    assert pipeline.analytic_bubble(p=4, m=8) == pytest.approx(3 / 8)
+    assert pipeline.analytic_bubble(p=4, m=8, strategy="pp-zb") == pytest.approx(3 / 24)
+    assert pipeline.analytic_bubble(4, 8, "pp-interleaved", v=2) == pytest.approx(3 / 16)
+    with pytest.raises(ValueError, match="no bubble formula for 'pp-zbv'"):
+        pipeline.analytic_bubble(2, 4, "pp-zbv", v=2)
+
+
+def test_measured_bubble_is_idle_over_busy_time():
+    # Two stages, F then B a micro-batch, one micro-batch: each busy 3 of 6 ticks.
+    events = [
+        {"stage": 0, "start": 0, "end": 1}, {"stage": 1, "start": 1, "end": 2},
+        {"stage": 1, "start": 2, "end": 4}, {"stage": 0, "start": 4, "end": 6},
+    ]  # fmt: skip
+    assert pipeline.bubble_fraction(events) == 1.0 == pipeline.analytic_bubble(p=2, m=1)
 
 
 def test_expected_comm_is_activations_and_gradients_per_micro_batch():
@@ -146,18 +166,30 @@ def test_expected_comm_is_activations_and_gradients_per_micro_batch():
     assert sum(e.op == "recv" for e in events) == 8
 
 
+def test_virtual_stages_default_to_what_the_schedule_needs():
+    chunks = {"pp-1f1b": 1, "pp-zb": 1, "pp-interleaved": 2, "pp-zbv": 2}
+    for strategy, v in chunks.items():
+        config = TrainConfig(strategy=strategy, impl="torch", micro_batches=2, world_size=2)
+        validate(config)
+        assert pipeline.chunks_per_rank(config) == v, strategy
+    config = TrainConfig(strategy="pp-interleaved", micro_batches=4, world_size=2, virtual_stages=3)
+    assert pipeline.chunks_per_rank(config) == 3
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"world_size": 8}, "8 pipeline stages but model 'mlp' has only 4 units"),
         ({"micro_batches": 3}, r"batch per data-parallel rank \(32\) does not split into 3"),
         ({"strategy": "pp-1f1b", "impl": "torch", "micro_batches": 1}, "micro_batches >= 2"),
-        ({"strategy": "pp-1f1b", "virtual_stages": 2}, "only pp-interleaved runs several"),
-        ({"strategy": "pp-interleaved"}, "needs virtual_stages >= 2"),
+        ({"strategy": "pp-1f1b", "virtual_stages": 2}, r"runs 1 model chunk a rank: leave "),
+        ({"strategy": "pp-interleaved", "virtual_stages": 1}, "runs 2 or more model chunks"),
+        ({"strategy": "pp-zbv", "virtual_stages": 3}, r"runs 2 model chunks a rank: leave"),
+        ({"strategy": "pp-interleaved", "virtual_stages": 0}, "whole number >= 1"),
         ({"strategy": "pp-zbv"}, "pdlab has no scratch ZBV"),
         ({"strategy": "pp-interleaved", "virtual_stages": 3}, r"6 pipeline stages \(2 ranks x 3"),
         (
-            {"strategy": "pp-interleaved", "virtual_stages": 2, "micro_batches": 1},
+            {"strategy": "pp-interleaved", "micro_batches": 1},
             "use micro_batches a multiple of 2",
         ),
         (
@@ -184,7 +216,6 @@ def _assert_matches_single(cluster2, strategy: str, impl: str, micro_batches: in
         strategy=strategy,
         impl=impl,
         micro_batches=micro_batches,
-        virtual_stages=2 if strategy == "pp-interleaved" else 1,
         **run,
         timeout=CALL_TIMEOUT,
     )
@@ -309,10 +340,7 @@ def test_expected_comm_is_registered_for_every_impl():
     for strategy in ("pp-gpipe", "pp-1f1b", "pp-zb", "pp-interleaved", "pp-zbv"):
         for impl in ("scratch", "torch") if strategy != "pp-zbv" else ("torch",):
             for m in (2, 4):
-                v = 2 if strategy == "pp-interleaved" else 1
-                config = TrainConfig(
-                    strategy=strategy, impl=impl, micro_batches=m, world_size=2, virtual_stages=v
-                )
+                config = TrainConfig(strategy=strategy, impl=impl, micro_batches=m, world_size=2)
                 sent = 16384 * cuts.get(strategy, 1)  # the same bytes a cut
                 assert totals(expected_comm(config)) == {("send", "pp"): (sent, float(sent))}
 
@@ -327,6 +355,9 @@ def test_result_carries_every_ranks_timeline(cluster2):
     ]
     for record in result.timeline:
         assert sorted(e["phase"] for e in record["timeline"]) == ["B", "B", "F", "F"]
+    bubble = result.bubble()  # each step's measured bubble beside 1F1B's (p-1)/m = 1/2
+    assert bubble.step.tolist() == [0, 1] and (bubble.formula == "(p-1)/m").all()
+    assert bubble.expected.tolist() == [0.5, 0.5] and (bubble.measured > 0).all()
     assert train(cluster2, strategy="dp", steps=1).timeline == []
 
 

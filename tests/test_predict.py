@@ -215,13 +215,27 @@ def test_busy_clock_counts_compute_not_sleep():
 
 
 def test_busy_clock_reads_another_threads_time():
+    """This thread sleeps while a worker computes: its clock counts a sliver of the worker's.
+    The worker multiplies matrices (torch lets go of the GIL): pure Python would make this
+    thread wake every 5 ms to ask for the GIL, and on a loaded machine each wake-up waits for
+    a core, which its clock rightly counts."""
+    a = torch.randn(256, 256)
+    worked = []
+
+    def work() -> None:
+        own = BusyClock()
+        for _ in range(50):
+            a @ a
+        worked.append(own())
+        own.close()
+
     clock = BusyClock()  # this thread's
     try:
         before = clock()
-        worker = threading.Thread(target=lambda: sum(range(3_000_000)))
+        worker = threading.Thread(target=work)
         worker.start()
         worker.join()  # this thread sleeps meanwhile
-        assert clock() - before < 0.05
+        assert clock() - before < 0.5 * worked[0]
     finally:
         clock.close()
 
@@ -248,7 +262,9 @@ def test_model_flops_agree_with_the_planners_formula():
 
 # ---- real runs -------------------------------------------------------------------------------
 
-SLOW = "30Mbit/s"  # GPT's 0.8 MB of gradients: ~0.22 s a step on it, several times the compute
+SLOW = (
+    "10Mbit/s"  # GPT's 0.8 MB of gradients: ~0.67 s a step on it, above a loaded machine's compute
+)
 
 
 @pytest.fixture(scope="module")
@@ -309,18 +325,16 @@ def test_zero2_is_predicted_from_its_run(cluster2):
 
 
 NEW_PIPELINES = [
-    (strategy, impl, chunks)
-    for strategy, chunks in (("pp-zb", 1), ("pp-interleaved", 2), ("pp-zbv", 1))
+    (strategy, impl)
+    for strategy in ("pp-zb", "pp-interleaved", "pp-zbv")
     for impl in ("scratch", "torch")
     if (strategy, impl) != ("pp-zbv", "scratch")  # ZBV is torch's only
 ]
 
 
-@pytest.mark.parametrize(("strategy", "impl", "chunks"), NEW_PIPELINES)
-def test_new_pipeline_schedules_are_predicted_from_their_runs(cluster2, strategy, impl, chunks):
-    result = pdlab.train(
-        cluster2, strategy=strategy, impl=impl, micro_batches=4, virtual_stages=chunks, steps=2
-    )
+@pytest.mark.parametrize(("strategy", "impl"), NEW_PIPELINES)
+def test_new_pipeline_schedules_are_predicted_from_their_runs(cluster2, strategy, impl):
+    result = pdlab.train(cluster2, strategy=strategy, impl=impl, micro_batches=4, steps=2)
     rows = pdlab.predict(result, "8xH100")
     assert len(rows) == 2 and (rows.step_time > rows.compute).all() and (rows.bubble > 0).all()
 

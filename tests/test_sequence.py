@@ -109,7 +109,7 @@ def test_the_vocabulary_is_split(runs):
     assert (saved == 2 * V * H * FP32 * (1 - 1 / T)).all()
 
 
-def formula(t: int, sequence_parallel: bool, recompute: bool) -> float:
+def formula(t: int, sequence_parallel: bool, recompute: str) -> float:
     """One layer's bytes in float32, pdlab's GPT having no dropout (test_activations.py)."""
     return 2 * layer_activation_bytes(
         S, B, H, A, t, sequence_parallel=sequence_parallel, recompute=recompute, dropout=False
@@ -132,7 +132,7 @@ def test_activations_per_layer_are_the_papers(cluster2):
     for rank in range(T):
         saved = kept["scratch", "none"][rank] - kept["scratch", "full"][rank]
         for sp, ok in ((True, True), (False, False)):
-            want = L * (formula(T, sp, False) - formula(T, sp, True) + norm_stats)
+            want = L * (formula(T, sp, "none") - formula(T, sp, "full") + norm_stats)
             assert (saved == want) is ok, (saved, want)
         torch_more = kept["torch", "none"][rank] - kept["scratch", "none"][rank]
         assert torch_more == L * 2 * (SBH - SBH // T) * FP32

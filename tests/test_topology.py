@@ -5,11 +5,20 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 import pdlab
-from pdlab.cost.calibration import calibrate, fit_link, measure_all_reduce, this_machine
+from pdlab.cost.calibration import (
+    Calibration,
+    calibrate,
+    fit_link,
+    measure_all_reduce,
+    this_machine,
+    under_load,
+)
 from pdlab.cost.costmodel import link_op_time
 from pdlab.cost.topology import DEVICES, LINKS, PRESETS, Link, Topology, parse_link
 
@@ -136,6 +145,45 @@ def test_fit_link_recovers_a_known_link_and_refuses_noise():
     assert link.bandwidth == pytest.approx(2e9, rel=1e-6)
     with pytest.raises(RuntimeError, match="too busy to measure"):
         fit_link(sizes, (3e-3, 2e-3, 1e-3), 2)
+
+
+def calibrated(link: Link) -> Calibration:
+    """A calibration of 2 ranks that measured ``link`` (its sizes and times unused here)."""
+    return Calibration((1,), (1.0,), 2, Topology(1, 2, DEVICES["h100-sxm"], link))
+
+
+def run_of(*ops: tuple) -> SimpleNamespace:
+    """A run's ``comm`` and backend: ``(step, rank, op, payload, seconds)`` on 2 ranks."""
+    rows = [
+        {"step": st, "rank": r, "op": op, "group": "dp", "group_size": 2, "payload_bytes": b, "seconds": t}
+        for st, r, op, b, t in ops
+    ]  # fmt: skip
+    return SimpleNamespace(comm=pd.DataFrame(rows), backend="gloo")
+
+
+def test_under_load_slows_the_link_to_the_runs_own_transfers():
+    """Calibrated: 1 GB/s, 10 µs a step. An 8 MB all-reduce on 2 ranks is modelled 2 · 10 µs
+    + 8 ms = 8.02 ms; in the run its fastest member took 24.06 ms (the other, which waited
+    for it, 40 ms), a 4 MB one 3 · 4.02 = 12.06 ms: 3x slower. Step 0's slow op is left out."""
+    calibration = calibrated(Link("here", 1e9, 10e-6))
+    run = run_of(
+        (0, 0, "all_reduce", 8_000_000, 5.0), (0, 1, "all_reduce", 8_000_000, 5.0),
+        (1, 0, "all_reduce", 8_000_000, 40e-3), (1, 1, "all_reduce", 8_000_000, 24.06e-3),
+        (1, 0, "all_reduce", 4_000_000, 12.06e-3), (1, 1, "all_reduce", 4_000_000, 20e-3),
+    )  # fmt: skip
+    link = under_load(run, calibration).link
+    assert link.bandwidth == pytest.approx(1e9 / 3) and link.latency == pytest.approx(30e-6)
+    assert calibration.link.bandwidth == 1e9  # the calibration itself is left as it was
+    # Ops faster than the calibrated link (noise) never make it faster.
+    quick = run_of(*[(step, r, "all_reduce", 8_000_000, 1e-3) for step in (0, 1) for r in (0, 1)])
+    assert under_load(quick, calibration).link.bandwidth == 1e9
+
+
+def test_under_load_keeps_the_calibration_for_a_run_without_collectives():
+    """A pipeline's sends say nothing of the transfer (each waits for its receiver too)."""
+    calibration = calibrated(Link("here", 1e9, 0.0))
+    sends = run_of(*[(step, 0, "send", 8, 1.0) for step in (0, 1)])
+    assert under_load(sends, calibration) is calibration
 
 
 def test_this_machine_is_measured_on_the_cluster_and_predicts_a_new_size(cluster2):

@@ -98,10 +98,7 @@ TORCH_IMPLS = [s for s in registry.names() if "torch" in registry.get(s).impls a
 def test_torch_impls_trace_every_rank_too(strategy, cluster2, cluster4):
     world, micro = runs(strategy)
     cluster = cluster2 if world == 2 else cluster4
-    extra = {k: v for k, v in small_run(strategy).items() if k != "impl"}
-    result = pdlab.train(
-        cluster, strategy=strategy, impl="torch", steps=2, micro_batches=micro, **extra
-    )
+    result = pdlab.train(cluster, strategy=strategy, impl="torch", steps=2, micro_batches=micro)
     events = json.loads(json.dumps(trace.chrome_trace(result)))["traceEvents"]
     assert_valid_trace(events)
     found = spans_per_rank(events)

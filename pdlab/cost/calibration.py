@@ -21,12 +21,12 @@ world group would mix the two kinds of link.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
 
-from pdlab.cost.costmodel import ring_steps
+from pdlab.cost.costmodel import link_op_time, ring_steps
 from pdlab.cost.topology import THIS_MACHINE, Device, Link, Topology
 from pdlab.measure.comm import bus_bytes
 
@@ -164,6 +164,37 @@ def fit_link(
         )
     latency = fixed / ring_steps("all_reduce", group_size)
     return Link(name, 1 / per_byte, latency, f"fitted to all_reduce on {group_size} ranks")
+
+
+def under_load(result: Any, calibration: Calibration) -> Calibration:
+    """``calibration`` with its link slowed to what the collectives of ``result`` (a run
+    without an emulated link, on the calibrated cluster) met: the top of a band whose bottom
+    is ``calibration`` itself.
+
+    A calibration times each size's fastest try on idle ranks. During a run on a machine
+    whose cores other programs share, every message also waits for the peer's thread to get
+    a core, and a blocking op waits for all of that. Each op's fastest member (the one that
+    waited for no peer to arrive) took the transfer alone; the link's latency and bandwidth
+    are scaled by one factor, so that its times for the run's ops (after the first step, at
+    the bytes the run's backend sends) add up to those transfers. Never faster than
+    ``calibration``, and ``calibration`` itself for a run without collectives.
+    """
+    comm = result.comm
+    comm = comm[(comm.step > comm.step.min()) & ~comm.op.isin(["send", "recv", "barrier"])]
+    if comm.empty:  # a pipeline's sends alone: a send's time holds its receiver's wait too
+        return calibration
+    keys = ["step", "op", "group", "payload_bytes"]
+    comm = comm.assign(k=comm.groupby([*keys, "rank"]).cumcount())  # the k-th such op a step
+    ops = comm.groupby([*keys, "k"]).agg(n=("group_size", "first"), t=("seconds", "min"))
+    link = calibration.link
+    modelled = sum(
+        link_op_time(op, payload, n, link, result.backend)
+        for op, payload, n in zip(ops.index.get_level_values("op"), ops.index.get_level_values("payload_bytes"), ops.n, strict=True)
+    )  # fmt: skip
+    slowdown = max(1.0, float(ops.t.sum()) / modelled)
+    slow = Link(f"{link.name} under load", link.bandwidth / slowdown, link.latency * slowdown,
+                f"{link.source}, {slowdown:.3g}x slower: a run's collectives")  # fmt: skip
+    return replace(calibration, topology=replace(calibration.topology, intra=slow))
 
 
 def calibrate(

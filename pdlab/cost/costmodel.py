@@ -25,6 +25,11 @@ slowest hop). ``algorithm="hierarchical"`` instead runs an all-reduce as reduce-
 inside each node, all-reduce across nodes (each rank its 1/g shard, g ranks a node) and
 all-gather inside each node; other ops always use the ring.
 
+On the GPU presets' named links and devices (``nvlink4``, ``ib-ndr400``, ``h100-sxm``...) the
+collectives NCCL tunes (all-reduce, all-gather, reduce-scatter, broadcast, reduce) take NCCL's
+own model instead, with its choice of ring, tree or NVLS and of LL, LL128 or Simple by
+message size (``pdlab.cost.nccl``); ``algorithm="hierarchical"`` keeps the α-β phases above.
+
 The two entry points, for link emulation and the step-time predictor:
 
     op_time(op, payload_bytes, group, topology, nodes=1, algorithm="ring") -> seconds
@@ -44,6 +49,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from pdlab import checks
+from pdlab.cost import nccl
 from pdlab.cost.topology import Link, Topology
 from pdlab.measure.comm import bus_bytes, traffic
 
@@ -136,17 +142,22 @@ def op_time(
     *,
     nodes: int = 1,
     algorithm: str = "ring",
+    backend: str | None = None,
 ) -> float:
     """Seconds ``op`` with ``payload_bytes`` (pdlab.measure.comm's payload convention) takes on
-    ``group`` (global ranks, or a size spanning ``nodes`` nodes) of ``topology``."""
+    ``group`` (global ranks, or a size spanning ``nodes`` nodes) of ``topology``; ``backend``:
+    at the bytes its algorithm sends (``link_bytes``; "this-machine", measured on gloo)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
     size, spanned = group_span(group, topology, nodes)
+    inter = topology.inter.name if topology.inter else None
+    if algorithm == "ring" and op in nccl.COLLECTIVES and nccl.models(topology.intra.name, inter, topology.device.name):  # fmt: skip
+        return nccl.collective_time(op, payload_bytes, size, spanned, topology.intra.name, inter, topology.device.name)  # fmt: skip
     if spanned == 1:
-        return link_op_time(op, payload_bytes, size, topology.intra)
+        return link_op_time(op, payload_bytes, size, topology.intra, backend)
     assert topology.inter is not None  # Topology requires one when nodes > 1
     if algorithm == "ring" or op != "all_reduce":
-        return link_op_time(op, payload_bytes, size, slowest(topology.intra, topology.inter))
+        return link_op_time(op, payload_bytes, size, slowest(topology.intra, topology.inter), backend)  # fmt: skip
     per_node = size // spanned
     if per_node * spanned != size:
         raise ValueError(

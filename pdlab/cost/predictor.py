@@ -327,13 +327,15 @@ class Target:
     measured: bool  # compute: the run's own (this machine), or its FLOPs on ``device``
 
 
-def on_topology(topology: Topology, algorithm: str = "ring") -> Target:
+def on_topology(topology: Topology, algorithm: str = "ring", backend: str | None = None) -> Target:
     """Ranks placed on ``topology``: ``costmodel.op_time``; each rank a full-duplex link per
     level (intra-node, inter-node), an op on the level its ranks span; with
-    ``shared_inter``, one inter-node link a node, shared by its ranks."""
+    ``shared_inter``, one inter-node link a node, shared by its ranks. ``backend``: price ops
+    at what its algorithms send (this machine's gloo: a reduce-scatter as an all-reduce)."""
 
     def seconds(issue: Issue) -> float:
-        return op_time(issue.op, issue.payload, list(issue.ranks), topology, algorithm=algorithm)
+        ranks = list(issue.ranks)
+        return op_time(issue.op, issue.payload, ranks, topology, algorithm=algorithm, backend=backend)  # fmt: skip
 
     def links(issue: Issue) -> list[Hashable]:
         if len({topology.node_of(r) for r in issue.ranks}) == 1:
@@ -409,7 +411,7 @@ def resolve(
             f"the run has {config.world_size} ranks but {topology.name!r} only "
             f"{topology.world_size} GPUs: predict on a topology with at least {config.world_size}"
         )
-    return on_topology(topology, algorithm)
+    return on_topology(topology, algorithm, backend if measures_here(topology) else None)
 
 
 def _target_compute(flops: float, kernels: float, device: Device, assume: Assumptions) -> float:

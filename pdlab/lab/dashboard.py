@@ -357,12 +357,17 @@ class Dashboard:
                 START.micro_batches, min=1, max=256, description="micro-batches", **size
             ),
             "virtual_stages": widgets.BoundedIntText(
-                START.virtual_stages,
+                1,
                 min=1,
                 max=16,
                 description="virtual stages",
-                disabled=START.strategy != "pp-interleaved",  # see _on_strategy
-                **size,
+                **size,  # set by _on_strategy
+            ),
+            "recompute": widgets.Dropdown(
+                options=options["recompute"], value=START.recompute, description="recompute", **size
+            ),
+            "precision": widgets.Dropdown(
+                options=options["precision"], value=START.precision, description="precision", **size
             ),
             "lr": widgets.BoundedFloatText(
                 START.lr, min=1e-6, max=10.0, step=0.001, description="lr", **size
@@ -381,6 +386,7 @@ class Dashboard:
             ),
         }
         self.controls["strategy"].observe(self._on_strategy, "value")
+        self._on_strategy({"new": START.strategy})
         self.controls["cluster"].observe(self._on_cluster, "value")
         for control in self.controls.values():
             control.observe(self._on_change, "value")
@@ -421,10 +427,12 @@ class Dashboard:
         if fixed:
             self.controls["impl"].value = fixed
         self.controls["impl"].disabled = fixed is not None
-        # Model chunks a rank: interleaved 1F1B needs two or more, every other strategy one.
-        interleaved = self.menu[change["new"]].strategy == "pp-interleaved"
-        self.controls["virtual_stages"].value = 2 if interleaved else 1
-        self.controls["virtual_stages"].disabled = not interleaved
+        # Model chunks a rank, as the registry says: shown where the learner has a choice
+        # (interleaved 1F1B: 2 or more), its fixed count otherwise (ZBV: 2), hidden at one.
+        least, most = registry.get(self.menu[change["new"]].strategy).chunks
+        chunks = self.controls["virtual_stages"]
+        chunks.value, chunks.disabled = least, least == most
+        chunks.layout.display = None if most != 1 else "none"
 
     def _on_cluster(self, change: dict) -> None:
         self.controls["emulate"].disabled = not _emulable(change["new"])
@@ -456,6 +464,8 @@ class Dashboard:
             values["world_size"] = 1
         if not registry.get(entry.strategy).micro_batched:
             values["micro_batches"] = 1  # the control is for pipelines
+        if self.controls["virtual_stages"].disabled:
+            values["virtual_stages"] = None  # what the schedule needs
         return TrainConfig(**values)
 
     def start(self, **settings: Any) -> Run:
@@ -463,7 +473,7 @@ class Dashboard:
 
         ``settings`` set controls first: ``strategy`` (a key of ``self.menu``), ``impl``,
         ``world_size``, ``model``, ``batch_size``, ``micro_batches``, ``virtual_stages``
-        (pp-interleaved), ``lr``, ``steps``,
+        (pp-interleaved), ``recompute``, ``precision``, ``lr``, ``steps``,
         ``cluster`` (a value of ``CLUSTERS``: where the steps are predicted) and ``emulate``
         (a link cluster: whether the ranks emulate it). A bad combination raises ValueError,
         also shown in the dashboard; nothing starts then.

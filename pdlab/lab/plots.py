@@ -29,7 +29,7 @@ from pandas.io.formats.style import Styler
 from pdlab.cost.planner import describe
 from pdlab.measure.comm import CommEvent
 from pdlab.training.loop import TrainResult
-from pdlab.training.parallel.pipeline import analytic_bubble, bubble_fraction
+from pdlab.training.parallel.pipeline import BUBBLE, analytic_bubble, bubble_fraction
 
 Runs = Mapping[str, TrainResult] | Iterable[TrainResult]  # named runs, or names made up
 
@@ -293,13 +293,16 @@ def timeline_records(records: Sequence[dict], step: int | None = None) -> list[d
 
 
 def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
-    """A pipeline step as a Gantt chart: each rank's forward (F) and backward (B) micro-batches.
+    """A pipeline step as a Gantt chart: each rank's forward (F) and backward (B) micro-batches,
+    a zero-bubble run's B (input gradient) and W (weight gradients) apart, each bar labelled
+    with its micro-batch and, with several chunks a rank, its chunk (``F3·1``).
 
     ``records`` carry ``rank``, ``step`` and ``timeline``: a ``TrainResult.timeline``, or
     ``pdlab.log`` records as they stream (``cluster.metrics``); the latest step every rank
     reported is drawn unless ``step`` is given. The title compares the measured bubble (idle
-    share of the stages) with GPipe's ``(p-1)/(m+p-1)`` for ``p`` stages and ``m`` micro-batches.
-    A bar is labelled (``F3``) only where its label fits inside it.
+    over busy time of the stages) with the schedule's formula (``pipeline.BUBBLE``) for ``p``
+    stages, ``m`` micro-batches and ``v`` chunks a rank. A bar is labelled only where its
+    label fits inside it.
     """
     chosen = timeline_records(records, step)
     fig = _figure("Pipeline timeline", "ms since the step began", "")
@@ -329,18 +332,20 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
         )
     p = len({e["stage"] for e in events})
     m = len({e["mb"] for e in events})
-    schedule, formula = (
-        ("pp-zbv", "") if v > 1 and split  # ZBV: no closed form here
-        else ("pp-interleaved", "(p-1)/(v·m+p-1)") if v > 1
-        else ("pp-zb", "(p-1)/(3m+p-1)") if split
-        else ("pp-1f1b", "(p-1)/(m+p-1)")
+    schedule = (
+        "pp-zbv" if v > 1 and split
+        else "pp-interleaved" if v > 1
+        else "pp-zb" if split
+        else "pp-1f1b"
     )  # fmt: skip
     measured = f"Pipeline step {chosen[0]['step']}: bubble {bubble_fraction(events):.0%} measured"
+    formula = (
+        "ZBV (zero in theory with equal F, B, W)"
+        if schedule not in BUBBLE
+        else f"{BUBBLE[schedule]} = {analytic_bubble(p, m, schedule, v):.0%}"
+    )
     fig.update_layout(
-        title=f"{measured}, ZBV (zero in theory with equal F, B, W), p={p}, m={m}"
-        if schedule == "pp-zbv"
-        else f"{measured}, {formula} = {analytic_bubble(p, m, schedule, v):.0%} for p={p}, m={m}"
-        + (f", v={v}" if v > 1 else ""),
+        title=f"{measured}, {formula} for p={p}, m={m}" + (f", v={v}" if v > 1 else ""),
         yaxis_autorange="reversed",
         uniformtext={"minsize": 9, "mode": "hide"},  # a label that doesn't fit is left out
     )

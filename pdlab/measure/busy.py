@@ -30,12 +30,13 @@ class BusyClock:
     def __init__(self, thread: threading.Thread | None = None) -> None:
         thread = thread or threading.current_thread()
         self._cpu = time.pthread_getcpuclockid(thread.ident)
-        try:
-            self._schedstat: int | None = os.open(
-                f"/proc/self/task/{thread.native_id}/schedstat", os.O_RDONLY
-            )
-        except OSError:  # not Linux, or no scheduler statistics
-            self._schedstat = None
+        # A forked process's main thread keeps its parent's ``native_id`` (CPython 3.11 does
+        # not update it after a fork; a fork server's ranks are such threads): ask the kernel.
+        tid = threading.get_native_id() if thread is threading.current_thread() else thread.native_id  # fmt: skip
+        self._schedstat: int | None = None
+        if os.path.exists("/proc/thread-self/schedstat"):  # Linux with scheduler statistics
+            # No fallback here: CPU time alone would silently drop the waits for a core.
+            self._schedstat = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
         self._zero = 0.0
         self._zero = self()
 

@@ -56,13 +56,10 @@ class StepSpans:
         self._forwards = 0
         self._began: tuple[float, float, int] | None = None
         # A pipeline rank holding several model chunks runs each on its own (pp-interleaved).
-        modules, optimizer = (
-            getattr(strategy, "chunks", None) or [strategy.module],
-            strategy.optimizer,
-        )
+        optimizer = strategy.optimizer
         self._handles = [
             hook
-            for module in modules
+            for module in strategy.chunks
             for hook in (
                 module.register_forward_pre_hook(self._before_forward),
                 module.register_forward_hook(self._after_forward),

@@ -65,8 +65,10 @@ class TrainConfig:
         "tokens in a gpt or moe sample (its context, the text's window); other models have none",
     )
     micro_batches: int = _field(1, "pipelines split each rank's batch into these")
-    virtual_stages: int = _field(
-        1, "model chunks a pipeline rank holds (pp-interleaved: 2 or more; Megatron's v)"
+    virtual_stages: int | None = _field(
+        None,
+        "model chunks a pipeline rank holds (Megatron's v); None: what the schedule needs, "
+        "2 for pp-interleaved (which takes 2 or more) and pp-zbv, 1 for the rest",
     )
     lr: float = _field(0.01, "learning rate")
     optimizer: str = _field(

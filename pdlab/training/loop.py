@@ -59,7 +59,7 @@ def validate(config: TrainConfig) -> None:
         if options is not None and value not in options:
             raise ValueError(f"unknown {f.name} {value!r}: choose one of {', '.join(options)}")
     for name, least in (
-        ("steps", 1), ("batch_size", 1), ("micro_batches", 1), ("virtual_stages", 1), ("seed", 0)
+        ("steps", 1), ("batch_size", 1), ("micro_batches", 1), ("seed", 0)
     ):  # fmt: skip
         checks.whole(getattr(config, name), name, least)
     checks.whole(config.checkpoint_every, "checkpoint_every", 0)  # 0: never
@@ -105,12 +105,9 @@ def validate(config: TrainConfig) -> None:
             f"({', '.join(registry.micro_batched())}); strategy {config.strategy!r} computes "
             "each rank's batch at once: leave micro_batches at 1"
         )
-    if (config.virtual_stages != 1) != (config.strategy == "pp-interleaved"):
-        raise ValueError(
-            f"virtual_stages={config.virtual_stages} with strategy {config.strategy!r}: only "
-            "pp-interleaved runs several model chunks a rank, and it needs virtual_stages >= 2 "
-            "(with one chunk a rank, use pp-1f1b)"
-        )
+    if config.virtual_stages is not None:
+        checks.whole(config.virtual_stages, "virtual_stages", 1)
+    strategy.chunks_per_rank(config.virtual_stages)
     strategy.check_world_size(config.world_size)
     layout = strategy.layout(config.world_size)
     if config.batch_size % layout.dp:
@@ -326,6 +323,14 @@ class TrainResult:
     # Strategies whose bytes depend on the routing (ep): each step's expected_comm, the
     # static part plus the all-to-alls computed from that step's routing (``routed_comm``)
     expected_by_step: dict[int, list[CommEvent]] = field(default_factory=dict)
+
+    def bubble(self) -> pd.DataFrame:
+        """Pipelines: each step's measured bubble (the ranks' idle over busy time, from
+        ``timeline``) beside its schedule's formula with equal stage times: columns step,
+        measured, formula and expected (``pdlab.training.parallel.pipeline.BUBBLE``)."""
+        from pdlab.training.parallel import pipeline
+
+        return pipeline.bubbles(self.config, self.timeline)
 
     def trace(self, path: str | Path) -> Path:
         """Write the run as a Chrome/Perfetto trace (open it at https://ui.perfetto.dev):

@@ -38,6 +38,9 @@ class Strategy:
     min_world_size: int = 2
     world_size_multiple: int = 1  # world_size must be a multiple of this
     micro_batched: bool = False  # splits each rank's batch into ``micro_batches`` (pipelines)
+    # Model chunks a rank holds (``virtual_stages``): the least, which is also the default,
+    # and the most (None: no limit). One for all but the pipelines that loop over their ranks.
+    chunks: tuple[int, int | None] = (1, 1)
     refused: dict[str, str] = field(default_factory=dict)  # impl -> why it can't be, and the fix
 
     def fits(self, world_size: int) -> bool:
@@ -59,6 +62,24 @@ class Strategy:
         raise ValueError(
             f"strategy {self.name!r} needs {rule} >= {low}, got {world_size}: "
             f"use pdlab.Cluster({fits})"
+        )
+
+    def chunks_per_rank(self, virtual_stages: int | None) -> int:
+        """The model chunks a rank holds with ``virtual_stages`` (None: what this strategy's
+        schedule needs); ValueError, saying what to pass, if it can't run them."""
+        least, most = self.chunks
+        if virtual_stages is None:
+            return least
+        if least <= virtual_stages <= (most or virtual_stages):
+            return virtual_stages
+        if most is None:
+            runs, fix = f"{least} or more", ", or use pp-1f1b for one chunk a rank"
+        else:
+            runs, fix = str(least), " (pp-interleaved runs several)" if least == 1 else ""
+        raise ValueError(
+            f"virtual_stages={virtual_stages} with strategy {self.name!r}: it runs {runs} "
+            f"model chunk{'s' if least > 1 else ''} a rank: leave virtual_stages out "
+            f"(None: {least}){fix}"
         )
 
     def implementation(self, impl: str) -> type:
@@ -150,8 +171,8 @@ register(Strategy("tp-sp", "tensor + sequence (Megatron SP)", "pdlab.training.pa
 register(Strategy("pp-gpipe", "pipeline GPipe", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
 register(Strategy("pp-1f1b", "pipeline 1F1B", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
 register(Strategy("pp-zb", "pipeline zero bubble (ZB-H1)", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
-register(Strategy("pp-interleaved", "pipeline interleaved 1F1B", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
-register(Strategy("pp-zbv", "pipeline zero bubble V (ZBV, torch)", "pdlab.training.parallel.pipeline", {"torch": "PipelineTorch"}, layout=lambda n: Layout(pp=n), micro_batched=True, refused={"scratch": "pdlab has no scratch ZBV: its V schedule is torch's (ScheduleZBVZeroBubble); use impl='torch', or pp-zb for a zero-bubble schedule written in plain autograd"}))
+register(Strategy("pp-interleaved", "pipeline interleaved 1F1B", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True, chunks=(2, None)))
+register(Strategy("pp-zbv", "pipeline zero bubble V (ZBV, torch)", "pdlab.training.parallel.pipeline", {"torch": "PipelineTorch"}, layout=lambda n: Layout(pp=n), micro_batched=True, chunks=(2, 2), refused={"scratch": "pdlab has no scratch ZBV: its V schedule is torch's (ScheduleZBVZeroBubble); use impl='torch', or pp-zb for a zero-bubble schedule written in plain autograd"}))
 register(Strategy("zero1", "ZeRO-1", "pdlab.training.parallel.sharded", {"scratch": "Zero1", "torch": "Zero1Torch"}))
 register(Strategy("zero2", "ZeRO-2", "pdlab.training.parallel.sharded", {"scratch": "Zero2", "torch": "Zero2Torch"}))
 register(Strategy("zero3", "ZeRO-3", "pdlab.training.parallel.sharded", {"scratch": "Zero3", "torch": "Zero3Torch"}))

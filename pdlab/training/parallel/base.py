@@ -93,6 +93,7 @@ class Implementation(Protocol):
     """
 
     module: nn.Module  # this rank's part of the model (memory and checkpoints read it)
+    chunks: list[nn.Module]  # what runs forward, a call each (timed spans): [module], or v chunks
     optimizer: torch.optim.Optimizer | None  # over this rank's state
     counts_own_comm: ClassVar[bool]  # True: it records its bytes itself (comm.record)
 

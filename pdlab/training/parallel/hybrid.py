@@ -92,6 +92,10 @@ class _Replicas:
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self.inner.optimizer
 
+    @property
+    def chunks(self) -> list[nn.Module]:
+        return self.inner.chunks
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.inner.full_state_dict()  # every replica holds the same parameters
 

@@ -5,7 +5,8 @@ micro-batch's activation from stage ``s-1``, runs its units, sends the result to
 backward runs the other way, sending the gradient of the stage's input. Two schedules:
 
 - GPipe (Huang et al. 2019, arXiv 1811.06965): all ``m`` forwards, then all ``m`` backwards.
-  Every stage holds ``m`` micro-batches' activations; the bubble is ``(p-1)/(m+p-1)``.
+  Every stage holds ``m`` micro-batches' activations; the bubble (idle over busy time, with
+  equal stage times: ``BUBBLE``) is ``(p-1)/m``.
   ``micro_batches=1`` is the naive pipeline: one stage busy at a time.
 - 1F1B, PipeDream-Flush (Narayanan et al. 2021, arXiv 2104.04473): ``p-s-1`` warm-up
   forwards, then one forward one backward, then the cool-down backwards. Same bubble, but a
@@ -14,15 +15,14 @@ backward runs the other way, sending the gradient of the stage's input. Two sche
   gradient of the stage's input, which the previous stage waits for) and W (the weight
   gradients, which nobody waits for). Stage ``s`` runs 1F1B's order with B in place of the
   backward and each W ``p-1`` micro-batches later, where 1F1B's stages sat idle. With equal
-  F, B and W times the bubble drops to ``(p-1)/(3m+p-1)`` of the step (``(p-1)/(3m)`` of the
-  compute) for ``m >= p``; the traffic is 1F1B's, and a stage holds at most ``p``
-  micro-batches (1F1B's peak, on stage 0).
+  F, B and W times the bubble drops to ``(p-1)/(3m)`` for ``m >= p``; the traffic is 1F1B's,
+  and a stage holds at most ``p`` micro-batches (1F1B's peak, on stage 0).
 - Interleaved 1F1B (Narayanan et al. 2021, §2.2): the units cut into ``p·v`` stages, rank
   ``s`` holding ``v`` model chunks, stages ``s, s+p, ..., s+(v-1)p`` (``virtual_stages``).
   Megatron's order: micro-batches go through the chunks ``p`` at a time, a longer warm-up,
   then 1F1B over the ``m·v`` chunk passes. A chunk pass takes ``1/v`` of a stage's, so the
-  bubble drops to ``(p-1)/(v·m+p-1)`` (``(p-1)/(v·m)`` of the compute); every micro-batch
-  crosses ``p·v-1`` cuts instead of ``p-1``: about ``v`` times the point-to-point bytes.
+  bubble drops to ``(p-1)/(v·m)``; every micro-batch crosses ``p·v-1`` cuts instead of
+  ``p-1``: about ``v`` times the point-to-point bytes.
 
 The loss is the mean over micro-batches of each micro-batch's mean loss, so the gradients
 equal the single-process full-batch gradient (micro-batches are equal-sized).
@@ -37,12 +37,14 @@ stage's units, the shapes crossing its cuts and its timeline.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import pairwise
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -58,7 +60,7 @@ from torch.distributed.pipelining import (
 from pdlab import compat
 from pdlab.measure import memory
 from pdlab.measure.comm import CommEvent, event
-from pdlab.training import models
+from pdlab.training import models, registry
 from pdlab.training.data import load_dataset
 from pdlab.training.layout import Layout
 from pdlab.training.parallel.base import (
@@ -119,8 +121,9 @@ def check(config: TrainConfig, layout: Layout) -> None:
 
 
 def chunks_per_rank(config: TrainConfig) -> int:
-    """Model chunks a pipeline rank holds: ``virtual_stages`` (pp-interleaved), 2 (ZBV's V)."""
-    return 2 if config.strategy == "pp-zbv" else config.virtual_stages
+    """Model chunks a pipeline rank holds: ``virtual_stages``, or what the schedule needs
+    (``registry``: 2 for pp-interleaved and ZBV's V, else 1)."""
+    return registry.get(config.strategy).chunks_per_rank(config.virtual_stages)
 
 
 def stages_of(strategy: str, p: int, s: int, v: int) -> list[int]:
@@ -227,7 +230,7 @@ def interleaved(m: int, p: int, s: int, v: int) -> list[ChunkAction]:
 def actions(config: TrainConfig, p: int, s: int) -> list[ChunkAction]:
     """Stage ``s``'s actions in ``config``'s schedule, each with its model chunk."""
     if config.strategy == "pp-interleaved":
-        return interleaved(config.micro_batches, p, s, config.virtual_stages)
+        return interleaved(config.micro_batches, p, s, chunks_per_rank(config))
     return [(phase, i, 0) for phase, i in SCHEDULES[config.strategy](config.micro_batches, p, s)]
 
 
@@ -366,7 +369,9 @@ class Timeline:
 
 
 def bubble_fraction(events: list[dict]) -> float:
-    """Measured bubble: the idle share of the ranks' time over the step, from their events.
+    """Measured bubble, as the papers count it: the ranks' idle time in the step over their
+    busy time (compute events), from their events. A rank's time outside its events (waiting
+    for a peer's activation, a send, the loss) is idle.
 
     Events are told apart by ``rank`` where they carry it (several pipelines side by side, as
     in ``dp-pp``), else by ``stage`` (one pipeline).
@@ -374,22 +379,58 @@ def bubble_fraction(events: list[dict]) -> float:
     lanes = len({e.get("rank", e["stage"]) for e in events})
     span = max(e["end"] for e in events) - min(e["start"] for e in events)
     busy = sum(e["end"] - e["start"] for e in events)
-    return 1 - busy / (lanes * span)
+    return lanes * span / busy - 1
+
+
+# Each schedule's bubble with equal F, B (and W) times on every stage: a stage's idle time over
+# its busy time, Narayanan et al.'s t_pb / t_id (Qi et al. count ZB-H1's the same way).
+# ``analytic_bubble`` computes them; a step's share of idle time is bubble / (1 + bubble).
+BUBBLE = {
+    "pp-gpipe": "(p-1)/m",
+    "pp-1f1b": "(p-1)/m",
+    "dp-pp": "(p-1)/m",  # GPipe in each replica (hybrid.py)
+    "pp-interleaved": "(p-1)/(v·m)",
+    "pp-zb": "(p-1)/(3m)",
+}
 
 
 def analytic_bubble(p: int, m: int, strategy: str = "pp-1f1b", v: int = 1) -> float:
-    """The idle share of a step with equal phase times on every stage.
+    """``BUBBLE[strategy]`` for ``p`` stages, ``m`` micro-batches and ``v`` chunks a rank.
 
-    GPipe and 1F1B: ``(p-1)/(m+p-1)``, the ``p-1`` fill and drain slots of F+B beside ``m``
-    busy ones. ZB-H1 (``m >= p``): ``(p-1)/(3m+p-1)``; each stage is busy ``3m`` (F, B, W)
-    and idle ``p-1`` ticks of one phase, the ``(p-1)(F+B-W)`` of the paper. Interleaved
-    1F1B with ``v`` chunks a rank: ``(p-1)/(v·m+p-1)``, its fill and drain are chunk passes.
+    A stage waits ``p-1`` ticks of one stage's work in fill and drain (GPipe and 1F1B alike)
+    beside its ``m`` busy ones. Interleaved, a tick is a chunk pass, ``1/v`` of a stage's
+    work: ``v·m`` busy, ``p-1`` idle. ZB-H1 (``m >= p``): ticks of one phase, ``3m`` busy (F,
+    B, W), ``p-1`` idle, the ``(p-1)(F+B-W)`` of the paper. ZBV has no entry: zero in theory.
     """
-    if strategy == "pp-interleaved":
-        return (p - 1) / (v * m + p - 1)
-    if strategy == "pp-zb":
-        return (p - 1) / (3 * m + p - 1)
-    return (p - 1) / (m + p - 1)
+    if strategy not in BUBBLE:
+        raise ValueError(f"no bubble formula for {strategy!r} here: use one of {', '.join(BUBBLE)}")
+    busy = {"pp-interleaved": v * m, "pp-zb": 3 * m}.get(strategy, m)
+    return (p - 1) / busy
+
+
+def bubbles(config: TrainConfig, records: list[dict]) -> pd.DataFrame:
+    """Each step's measured bubble beside ``config``'s formula: one row a step of ``records``
+    (``TrainResult.timeline``), columns step, measured, formula (its text) and expected
+    (its value; NaN where there is no formula, ZBV)."""
+    p = registry.layout_for(config.strategy, config.world_size).pp
+    m, v = config.micro_batches, chunks_per_rank(config)
+    formula = BUBBLE.get(config.strategy)
+    expected = analytic_bubble(p, m, config.strategy, v) if formula else math.nan
+    by_step: dict[int, list[dict]] = {}
+    for rec in records:
+        by_step.setdefault(rec["step"], []).extend(
+            {**e, "rank": rec["rank"]} for e in rec["timeline"]
+        )
+    rows = [
+        {
+            "step": step,
+            "measured": bubble_fraction(events),
+            "formula": formula or "-",
+            "expected": expected,
+        }
+        for step, events in sorted(by_step.items())
+    ]
+    return pd.DataFrame(rows, columns=["step", "measured", "formula", "expected"])
 
 
 def peak_held(events: list[dict]) -> int:
@@ -427,12 +468,17 @@ class Pipeline(Single):
         chunks = [models.stage(model, start, stop) for start, stop in ranges]
         units = OrderedDict(unit for chunk in chunks for unit in chunk.named_children())
         super().__init__(nn.Sequential(units) if self.v > 1 else chunks[0], config, mesh)
-        self.chunks = [self.module] if self.v == 1 else chunks  # they share the units
+        self._chunks = chunks  # share the units with self.module (one chunk: it is self.module)
         self.timeline = Timeline(self.s, config.strategy in SPLIT_BACKWARD)
         # What crosses each chunk's cuts per micro-batch: the shapes of what it receives.
         x = _example_microbatch(config, mesh.layout)
         outs = _unit_outputs(model, x)
         self.likes = [(outs[start - 1] if start else x, outs[stop - 1]) for start, stop in ranges]
+
+    @property
+    def chunks(self) -> list[nn.Module]:
+        """This rank's model chunks, each called on its own: one, or ``v`` (pp-interleaved, ZBV)."""
+        return self._chunks
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Run the schedule over ``m`` micro-batches; the last stage reports the mean loss."""

@@ -33,6 +33,11 @@ class Single:
             self.model.parameters(), config
         )
 
+    @property
+    def chunks(self) -> list[nn.Module]:
+        """The modules that run forward, each called on its own: here ``module``."""
+        return [self.module]
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         out = self.forward_backward(x, y)
         self.update()
