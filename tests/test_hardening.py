@@ -291,6 +291,15 @@ def test_a_huge_line_arrives_whole(cluster2, capfd):
     assert lines == ["[rank 1] " + "y" * 5_000_000]
 
 
+def test_output_written_below_python_arrives_before_the_result(cluster2, capfd):
+    # os.write goes around Python's buffers, as C extensions do: the rank can't tell it
+    # wrote, so before the result it checks its pipe is empty and its pump holds nothing.
+    # 300 kB fill the 64 kB pipe: its last part is still there when the call returns.
+    cluster2.run(os.write, 1, b"y" * 300_000 + b"\nthe end of what it wrote\n")
+    out = capfd.readouterr().out
+    assert "[rank 0] the end of what it wrote" in out and "[rank 1] the end" in out
+
+
 def test_what_a_rank_started_ends_with_it():
     # Before: a `sleep` (or a DataLoader worker) a rank started outlived shutdown() and restart().
     def start_sleep() -> int:
