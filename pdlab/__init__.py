@@ -63,10 +63,11 @@ _LAZY = {
 
 
 # What idle ranks import ahead of a first ``pdlab.train`` (the control plane's warm-up knows
-# no trainer): the trainer, whose strategy registry names each strategy's module in turn; and
+# no trainer): the trainer, whose strategy registry names each strategy's module in turn, and
+# the calibration a dashboard's first Start runs on them; and
 # what a kernel's first cluster imports for it (``pdlab.control.warmup.in_kernel``): the
 # trainer's plug, then the dashboard, a step at a time (plotly, ipywidgets, the cost layer).
-_warmup.preload("pdlab.training.loop")
+_warmup.preload("pdlab.training.loop", "pdlab.cost.calibration")
 _warmup.preload(
     "pdlab.cost.emulation",
     "plotly.graph_objects",
