@@ -18,7 +18,7 @@ since these are times on a shared machine):
    what a no-op's round trip is made of;
 6. a new kernel's dashboard (no browser): Start to the first point on its plot after
    ``--idle`` s, after a change to 4 ranks, and on those 4 ranks again;
-7. each figure of issue 22 beside its target.
+7. each figure of issue 22 beside its target (of the sections run: ``--sections``).
 """
 
 from __future__ import annotations
@@ -352,25 +352,21 @@ def round_trip_parts(world_size: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--idle", type=float, default=8.0, help="seconds a fresh cluster idles")
-    parser.add_argument("--calls", type=int, default=200)
-    args = parser.parse_args()
+Figure = tuple[str, float, float, str]  # issue 22: what, measured, target, unit
+
+
+def first_barriers(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
     r = args.repeats
-    figures = []  # issue 22: (what, measured, target, unit)
-
-    print(f"host: {os.cpu_count()} CPU(s), python {sys.version.split()[0]}; {load()}")
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(TORCHRUN_SCRIPT)
-
     print(f"\n1. a kernel's first cluster to its first barrier (new processes), median of {r}")
     print(f"{'world':>5} {'pdlab s':>8} {'torchrun s':>11} {'ratio':>6}")
     for n in (2, 4):
-        ours, base = against_torchrun(pdlab_to_barrier, n, f.name, r)
+        ours, base = against_torchrun(pdlab_to_barrier, n, torchrun_script, r)
         print(f"{n:>5} {ours:>8.2f} {base:>11.2f} {ours / base:>6.2f}")
+    return []
 
+
+def first_runs(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
+    r, figures = args.repeats, []
     print(
         f"\n2. new kernel: Cluster(2), idle {args.idle:g} s, then the first vs the second "
         f"1-step run (gpt, batch 16), median of {r}"
@@ -381,25 +377,14 @@ def main() -> None:
         "new kernel, prestart=False": lambda s, i: fresh_kernel_runs(args.idle, False, s, i),
         "forked from the fork server": lambda s, i: forked_runs(args.idle, s, i),
     }
-    with pdlab.Cluster(1) as first:  # this kernel's first cluster: it starts the fork server
-        began = time.perf_counter()
-        pdlab.train(first, strategy="single", model="gpt", steps=1)
-    launcher.fork_server().warm.wait()
-    warm_after = time.perf_counter() - began
     for name, runs in kinds.items():
         for strategy, impl in FIRST_RUNS:
             first, second = zip(*(runs(strategy, impl) for _ in range(r)), strict=True)
             a, b = median(list(first)), median(list(second))
             print(f"{name:<34} {strategy + '/' + impl:<11} {a:>8.3f} {b:>9.3f} {a / b:>6.2f}")
             if name.endswith("(default)"):
-                figures.append(
-                    (
-                        f"new kernel, idle {args.idle:g} s: first/second {strategy}/{impl} run",
-                        a / b,
-                        3.0,
-                        "x",
-                    )
-                )
+                what = f"new kernel, idle {args.idle:g} s: first/second {strategy}/{impl}"
+                figures.append((what, a / b, 3.0, "x"))
     for side in ("kernel", "rank"):
         steps = {k: median([w[side].get(k, 0.0) for w in WARM_UPS]) for k in WARM_UPS[0][side]}
         print(
@@ -415,7 +400,11 @@ def main() -> None:
         f"{median(during):.1f} ms, max {max(during):.0f} ms ({len(during)} calls); once warm: "
         f"median {median(after):.1f} ms, max {max(after):.0f} ms"
     )
+    return figures
 
+
+def switches(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
+    r, figures = args.repeats, []
     print(f"\n3. switching strategy: first 1-step run of each on the same ranks, median of {r}")
     print(f"{'world':>5} {'ranks':<8} " + " ".join(f"{s + '/' + i:>15}" for s, i in SWITCHES))
     for n in (2, 4):
@@ -424,59 +413,80 @@ def main() -> None:
             cells = " ".join(f"{median([run[k] for run in runs]):>15.2f}" for k in runs[0])
             print(f"{n:>5} {kind:<8} {cells}")
             if n == 4 and prestart:
-                figures.append(
-                    (
-                        "tp/torch, world 4, first run (forked)",
-                        median([run["tp/torch"] for run in runs]),
-                        0.5,
-                        "s",
-                    )
-                )
+                tp = median([run["tp/torch"] for run in runs])
+                figures.append(("tp/torch, world 4, first run (forked)", tp, 0.5, "s"))
+    return figures
 
+
+def new_clusters(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
     print(
-        f"\n4. new Cluster(n) in a kernel that ran one (fork server warm {warm_after:.1f} s "
-        f"after its first cluster) to its first trained step (dp, gpt), median of {r}"
+        "\n4. new Cluster(n) in a kernel that ran one (fork server warm) to its first trained "
+        f"step (dp, gpt), median of {args.repeats}"
     )
     print(f"{'world':>5} {'pdlab s':>8} {'torchrun to barrier s':>22} {'ratio':>6}")
     for n in (2, 4):
-        ours, base = against_torchrun(to_first_step, n, f.name, r)
+        ours, base = against_torchrun(to_first_step, n, torchrun_script, args.repeats)
         print(f"{n:>5} {ours:>8.2f} {base:>22.2f} {ours / base:>6.2f}")
-    os.unlink(f.name)
+    return []
 
-    warmup.in_kernel().join()  # this kernel's own imports done: they would share the GIL
+
+def round_trips(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
     medians = warm_round_trip_ms(4, args.calls)
     calls = ", ".join(f"{name} {ms:.3f} ms" for name, ms in medians.items())
     print(f"\n5. warm run, world 4, median over {args.calls} calls: {calls}")
     parts = ", ".join(f"{k} {v:.1f} us" for k, v in round_trip_parts(4).items())
     print(f"what a no-op's round trip is made of, each measured alone: {parts}")
-    figures.append(("warm no-op round trip, world 4", medians["no-op"], 0.2, "ms"))
+    return [("warm no-op round trip, world 4", medians["no-op"], 0.2, "ms")]
 
+
+def dashboards(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
+    r = args.repeats
     points = [dashboard_first_points(args.idle) for _ in range(r)]
     labels = (f"after {args.idle:g} s idle, 2 ranks", "after a change to 4 ranks", "4 ranks again")
-    print(
-        f"\n6. a new kernel's dashboard (no browser): Start to the first plotted point, median of {r}"
-    )
+    print(f"\n6. a new kernel's dashboard (no browser): Start to the first point, median of {r}")
     for i, label in enumerate(labels):
-        print(
-            f"  {label}: {median([p[i] for p in points]):.2f} s (max {max(p[i] for p in points):.2f} s)"
-        )
-    figures.append(
-        ("dashboard Start to first point, new kernel", median([p[0] for p in points]), 1.0, "s")
-    )
-    figures.append(
-        (
-            "dashboard Start to first point, after changing ranks",
-            median([p[1] for p in points]),
-            2.0,
-            "s",
-        )
-    )
+        seconds = [p[i] for p in points]
+        print(f"  {label}: {median(seconds):.2f} s (max {max(seconds):.2f} s)")
+    return [
+        ("dashboard Start to first point, new kernel", median([p[0] for p in points]), 1.0, "s"),
+        ("dashboard Start to first point, changed ranks", median([p[1] for p in points]), 2.0, "s"),
+    ]
+
+
+SECTIONS = {
+    "1": first_barriers,
+    "2": first_runs,
+    "3": switches,
+    "4": new_clusters,
+    "5": round_trips,
+    "6": dashboards,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--idle", type=float, default=8.0, help="seconds a fresh cluster idles")
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--sections", default="123456", help="which to run, e.g. 256")
+    args = parser.parse_args()
+
+    print(f"host: {os.cpu_count()} CPU(s), python {sys.version.split()[0]}; {load()}")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(TORCHRUN_SCRIPT)
+    # This kernel's first cluster starts the fork server (sections 2-4 fork from it), and
+    # its warm-up: once it is done, this kernel's own imports share no GIL with a section.
+    with pdlab.Cluster(1) as first:
+        pdlab.train(first, strategy="single", model="gpt", steps=1)
+    launcher.fork_server().warm.wait()
+    warmup.in_kernel().join()
+    figures = [fig for key in args.sections for fig in SECTIONS[key](args, f.name)]
+    os.unlink(f.name)
 
     print("\n7. issue 22's figures and targets")
     for what, value, target, unit in figures:
-        print(
-            f"  {what:<58} {value:>7.3f} {unit:<2} target <= {target:g} {unit:<2} {'met' if value <= target else 'NOT met'}"
-        )
+        met = "met" if value <= target else "NOT met"
+        print(f"  {what:<52} {value:>7.3f} {unit:<2} target <= {target:g} {unit:<2} {met}")
     print(f"\n{load()}")
 
 
