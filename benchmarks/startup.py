@@ -386,7 +386,11 @@ def first_runs(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
                 what = f"new kernel, idle {args.idle:g} s: first/second {strategy}/{impl}"
                 figures.append((what, a / b, 3.0, "x"))
     for side in ("kernel", "rank"):
-        steps = {k: median([w[side].get(k, 0.0) for w in WARM_UPS]) for k in WARM_UPS[0][side]}
+        # A step not done yet when its kernel asked (the warm-up outlasting the idle time)
+        # is left out of its median.
+        done = [w[side] for w in WARM_UPS]
+        names = dict.fromkeys(k for d in done for k in d)
+        steps = {k: median([d[k] for d in done if k in d]) for k in names}
         print(
             f"the {side}'s warm-up (what its first run no longer pays), median s a step: "
             + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
