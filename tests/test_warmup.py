@@ -10,6 +10,8 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import cloudpickle
 
@@ -76,3 +78,37 @@ def test_plain_messages_take_the_c_pickler_and_the_rest_cloudpickle():
     # A display's value may hold a rank's own objects: cloudpickle, as before.
     shown = protocol.Here(1, location=lambda: "a function defined on a rank")
     assert pickle.loads(protocol.encode(shown)).location() == "a function defined on a rank"
+
+
+def test_a_call_goes_in_before_the_warm_ups_next_step(monkeypatch):
+    # Steps of 0.05 s each, back to back: the warm-up re-takes the lock at once after each
+    # one, so a thread woken by its release found it taken again, step after step (a call
+    # waited 12 s in CI). With ``holding``, a call waits for the step in flight only.
+    from pdlab.control import warmup
+
+    done = threading.Event()  # the test's end: the steps left return at once
+    monkeypatch.setattr(warmup, "_preloaded", [])
+    steps = {f"step {i}": lambda: spin(0.05, done) for i in range(400)}
+    monkeypatch.setattr(warmup, "_first_uses", steps)
+    monkeypatch.setattr(warmup, "timings", {})
+    thread = warmup.in_background()
+    while not warmup.timings:  # the warm-up is under way
+        time.sleep(0.001)
+    waited = []
+    for _ in range(10):
+        start = time.monotonic()
+        with warmup.holding():
+            waited.append(time.monotonic() - start)
+        time.sleep(0.01)
+    done.set()
+    thread.join()
+    # One step (0.05 s) each at most, 0.5 s in all; a busy machine's scheduling allowed
+    # for. Without ``holding``'s ticket, 0.5-10 s in all here (it failed 2 tries in 3).
+    assert sum(waited) < 2.0, waited
+
+
+def spin(seconds: float, done: threading.Event) -> None:
+    """Compute for ``seconds`` holding the GIL, as an import does, unless ``done``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not done.is_set():
+        pass

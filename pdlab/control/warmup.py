@@ -51,6 +51,7 @@ _first_uses: dict[str, Callable[[], None]] = {}
 # pickle). A call waits for one step at most. Reentrant: a call, or a warm-up's import, may
 # reach ``beside_the_kernels`` again.
 IMPORTING = threading.RLock()
+_waiting: list[object] = []  # callers of ``holding`` not in yet: the warm-up lets them first
 _kernel: threading.Thread | None = None  # the kernel's warm-up, once started
 timings: dict[str, float] = {}  # seconds each step of this process's warm-up took
 
@@ -92,7 +93,25 @@ def load(name: str) -> None:
             importlib.import_module(name)
 
 
+@contextlib.contextmanager
+def holding() -> Iterator[None]:
+    """Hold ``IMPORTING`` (a call, a first use in the kernel), ahead of the warm-up's next
+    step: the warm-up re-takes the lock at once after each step, and a waiting thread woken
+    by its release would otherwise find it taken again (CI saw a call wait 12 s)."""
+    ticket = object()
+    _waiting.append(ticket)
+    try:
+        with IMPORTING:
+            _waiting.remove(ticket)
+            yield
+    finally:
+        if ticket in _waiting:  # interrupted while waiting
+            _waiting.remove(ticket)
+
+
 def _timed(name: str, fn: Callable[[], None]) -> None:
+    while _waiting:  # a call or a first use waits for the lock: it goes first
+        time.sleep(0.001)
     with IMPORTING:
         start = time.perf_counter()  # not counting a wait for a call
         fn()
@@ -144,5 +163,5 @@ def beside_the_kernels() -> contextlib.AbstractContextManager:
     warm-up runs, wait for the module it is importing, and keep it from starting another,
     rather than import beside it; a no-op once it is done, and on ranks."""
     if _kernel is not None and _kernel.is_alive():
-        return IMPORTING
+        return holding()
     return contextlib.nullcontext()

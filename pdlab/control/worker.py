@@ -191,14 +191,14 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
     """Run one call; always returns the reply to send (a result or the error's traceback)."""
     from pdlab.control.runtime import collective_counts
     from pdlab.control.scripts import group_problem
-    from pdlab.control.warmup import IMPORTING
+    from pdlab.control.warmup import holding
 
     try:
         running.set()  # from here an interrupt may raise KeyboardInterrupt in user code
         try:
             # Not beside the warm-up's import (pdlab.control.warmup): nor may sys.path change under
             # it (CI: pandas half-imported when a first call reordered sys.path mid-import).
-            with IMPORTING:
+            with holding():
                 if call.workdir is not None:
                     _follow(call.workdir)
                 if call.kind == "exec":
