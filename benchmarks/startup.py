@@ -7,15 +7,18 @@ since these are times on a shared machine):
 
 1. a kernel's first cluster to its first barrier at world sizes 2 and 4 (new processes, as
    ``prestart=False`` starts every cluster), against torchrun starting as many ranks;
-2. on a fresh 2-rank cluster left idle ``--idle`` s, the first 1-step ``pdlab.train`` against
-   the second: in a fresh kernel (its first cluster, whose ranks warm themselves up), with
-   ``prestart=False`` (no warm-up), and on ranks forked from the fork server. The kernel's
-   own one-time costs (its first ``pdlab.train`` imports the trainer whatever the ranks do)
-   are paid before the cluster starts, and reported apart;
+2. a new Python process (a kernel) that imports pdlab, starts ``Cluster(2)``, idles
+   ``--idle`` s, then runs a 1-step ``pdlab.train`` twice: the first against the second, with
+   the kernel's and the ranks' warm-ups (the default), with ``prestart=False`` (no rank
+   warm-up), and on ranks forked from the fork server; then what each warm-up step cost;
 3. the first run of each strategy on the same ranks (switching strategy), forked and plain;
 4. in a kernel that already ran a cluster, a new ``Cluster(n)`` to its first trained step,
    against torchrun starting n ranks to a barrier, at n = 2 and 4;
-5. the warm round trip of a ``run`` at world size 4 that does nothing, prints or logs.
+5. the warm round trip of a ``run`` at world size 4 that does nothing, prints or logs, and
+   what a no-op's round trip is made of;
+6. a new kernel's dashboard (no browser): Start to the first point on its plot after
+   ``--idle`` s, after a change to 4 ranks, and on those 4 ranks again;
+7. each figure of issue 22 beside its target (of the sections run: ``--sections``).
 """
 
 from __future__ import annotations
@@ -25,16 +28,23 @@ import contextlib
 import io
 import json
 import os
+import pickle
+import queue
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
+from multiprocessing.connection import Connection
+
+import cloudpickle
 
 import pdlab
 import pdlab.training.registry
-from pdlab.control import launcher
+from pdlab.control import launcher, protocol, warmup
 
 TORCHRUN_SCRIPT = textwrap.dedent(
     """
@@ -49,29 +59,52 @@ TORCHRUN_SCRIPT = textwrap.dedent(
     """
 )
 
-# A fresh kernel: pay the kernel's own one-time costs (importing the trainer, building a
-# model on the meta device for expected_comm, the first tables: what its first
-# ``pdlab.train`` pays whatever the ranks), start a cluster, leave it idle, then time two
-# 1-step runs.
+# A new kernel (issue 22's first impression): import pdlab, start a cluster, leave it idle,
+# then time two 1-step runs; what the kernel's and rank 0's warm-ups spent on each step.
 FRESH_KERNEL = textwrap.dedent(
     """
     import json, sys, time
-    start = time.perf_counter()
     import pdlab
+    from pdlab.control import warmup
     idle, mode, strategy, impl = sys.argv[1:]
-    config = dict(strategy=strategy, impl=impl, model="gpt")
-    pdlab.expected_comm(pdlab.TrainConfig(world_size=2, **config))
-    pdlab.train(None, strategy="single", model="gpt", steps=1)
-    kernel = time.perf_counter() - start
     cluster = pdlab.Cluster(2, prestart=mode == "prestart")
     time.sleep(float(idle))
     runs = []
     for _ in range(2):
         start = time.perf_counter()
-        pdlab.train(cluster, steps=1, **config)
+        pdlab.train(cluster, strategy=strategy, impl=impl, model="gpt", steps=1, batch_size=16)
         runs.append(time.perf_counter() - start)
+    ranks = cluster.run(lambda: dict(warmup.timings))
     cluster.shutdown()
-    print(json.dumps({"kernel": kernel, "runs": runs}))
+    print(json.dumps({"runs": runs, "kernel": warmup.timings, "rank": ranks[0]}))
+    """
+)
+# A new kernel's dashboard: Start to the first point on its loss plot, then after a change
+# of ranks, then on those ranks again.
+DASHBOARD = textwrap.dedent(
+    """
+    import json, sys, time
+    import pdlab
+    cluster = pdlab.Cluster(2)
+    dashboard = pdlab.Dashboard(cluster, refresh_s=0.05)
+    time.sleep(float(sys.argv[1]))
+
+    def plotted(run):
+        tag = run.name.split()[0] + " "
+        traces = dashboard.figure.data
+        return any(t.name and t.name.startswith(tag) and t.x is not None and len(t.x) for t in traces)
+
+    seconds = []
+    for world_size in (2, 4, 4):
+        start = time.perf_counter()
+        run = dashboard.start(strategy="dp", steps=5, world_size=world_size)
+        while not plotted(run) and dashboard.running:
+            time.sleep(0.002)
+        seconds.append(time.perf_counter() - start)
+        dashboard.wait()
+    dashboard.close()
+    cluster.shutdown()
+    print(json.dumps(seconds))
     """
 )
 # A fresh kernel's first cluster: no-op calls while its ranks warm up, then once they are warm.
@@ -150,8 +183,8 @@ def pdlab_to_barrier(world_size: int) -> float:
 
 
 def fresh_kernel_runs(idle: float, prestart: bool, strategy: str, impl: str) -> list[float]:
-    """First and second 1-step run on a fresh kernel's first cluster, idle ``idle`` s; the
-    kernel's own one-time costs (paid before) go to ``KERNEL_ONCE``."""
+    """First and second 1-step run on a new kernel's first cluster, idle ``idle`` s; the
+    kernel's and rank 0's warm-up steps go to ``WARM_UPS``."""
     mode = "prestart" if prestart else "plain"
     out = subprocess.run(
         [sys.executable, "-c", FRESH_KERNEL, str(idle), mode, strategy, impl],
@@ -160,11 +193,21 @@ def fresh_kernel_runs(idle: float, prestart: bool, strategy: str, impl: str) -> 
         check=True,
     )
     measured = json.loads(out.stdout.splitlines()[-1])
-    KERNEL_ONCE.append(measured["kernel"])
+    if prestart:
+        WARM_UPS.append({"kernel": measured["kernel"], "rank": measured["rank"]})
     return measured["runs"]
 
 
-KERNEL_ONCE: list[float] = []
+WARM_UPS: list[dict[str, dict[str, float]]] = []
+
+
+def dashboard_first_points(idle: float) -> list[float]:
+    """Seconds from Start to the first plotted point in a new kernel's dashboard: on its
+    first cluster after ``idle`` s, after a change to 4 ranks, on those 4 ranks again."""
+    out = subprocess.run(
+        [sys.executable, "-c", DASHBOARD, str(idle)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def calls_while_warming() -> dict[str, list[float]]:
@@ -241,49 +284,118 @@ def warm_round_trip_ms(world_size: int, calls: int) -> dict[str, float]:
     return medians
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--idle", type=float, default=8.0, help="seconds a fresh cluster idles")
-    parser.add_argument("--calls", type=int, default=200)
-    args = parser.parse_args()
+def _per_call_us(fn, n: int = 2000) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def _hop_us(pair: tuple[Connection, Connection], n: int = 2000) -> float:
+    """Microseconds one message takes from one thread to another, woken, over ``pair``:
+    half a ping-pong's round trip."""
+    ours, theirs = pair
+    echo = threading.Thread(
+        target=lambda: [theirs.send_bytes(theirs.recv_bytes()) for _ in range(n)]
+    )
+    echo.start()
+    start = time.perf_counter()
+    for _ in range(n):
+        ours.send_bytes(b"x" * 64)
+        ours.recv_bytes()
+    echo.join()
+    return (time.perf_counter() - start) / n / 2 * 1e6
+
+
+def round_trip_parts(world_size: int) -> dict[str, float]:
+    """What a warm no-op call's round trip is made of, each part measured here alone (us):
+    encoding and decoding its messages (all ranks' work summed), with the wire's encoder and
+    with cloudpickle for all (as before issue 22); a thread woken through a queue; a frame
+    between two threads over TCP loopback."""
+    payload = cloudpickle.dumps((int, (), {}))
+    call = protocol.Call(1, "call", payload)
+    result = protocol.Result(1, cloudpickle.dumps(0), "builtins.int", {"0": 3})
+
+    def messages(encode) -> None:
+        for message in (call, result):  # the kernel encodes the calls, each rank its result
+            for _ in range(world_size):
+                pickle.loads(encode(message))
+
+    queue_pair = queue.Queue(), queue.Queue()
+
+    def pong() -> None:
+        for _ in range(2000):
+            queue_pair[1].put(queue_pair[0].get())
+
+    echo = threading.Thread(target=pong)
+    echo.start()
+    start = time.perf_counter()
+    for _ in range(2000):
+        queue_pair[0].put(1)
+        queue_pair[1].get()
+    echo.join()
+    woken = (time.perf_counter() - start) / 2000 / 2 * 1e6
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        for sock in (client, accepted):
+            protocol.no_delay(sock)
+        pair = Connection(client.detach()), Connection(accepted.detach())
+        hop = _hop_us(pair)
+        for conn in pair:
+            conn.close()
+    return {
+        f"encode+decode, world {world_size}": _per_call_us(lambda: messages(protocol.encode)),
+        "the same, cloudpickle for all": _per_call_us(lambda: messages(cloudpickle.dumps)),
+        "a thread woken through a queue": woken,
+        "a frame over TCP loopback to a thread": hop,
+    }
+
+
+Figure = tuple[str, float, float, str]  # issue 22: what, measured, target, unit
+
+
+def first_barriers(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
     r = args.repeats
-
-    print(f"host: {os.cpu_count()} CPU(s), python {sys.version.split()[0]}; {load()}")
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(TORCHRUN_SCRIPT)
-
     print(f"\n1. a kernel's first cluster to its first barrier (new processes), median of {r}")
     print(f"{'world':>5} {'pdlab s':>8} {'torchrun s':>11} {'ratio':>6}")
     for n in (2, 4):
-        ours, base = against_torchrun(pdlab_to_barrier, n, f.name, r)
+        ours, base = against_torchrun(pdlab_to_barrier, n, torchrun_script, r)
         print(f"{n:>5} {ours:>8.2f} {base:>11.2f} {ours / base:>6.2f}")
+    return []
 
+
+def first_runs(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
+    r, figures = args.repeats, []
     print(
-        f"\n2. fresh 2-rank cluster idle {args.idle:g} s: first vs second 1-step run (gpt), median of {r}"
+        f"\n2. new kernel: Cluster(2), idle {args.idle:g} s, then the first vs the second "
+        f"1-step run (gpt, batch 16), median of {r}"
     )
     print(f"{'ranks':<34} {'run':<11} {'first s':>8} {'second s':>9} {'ratio':>6}")
     kinds = {
-        "fresh kernel, warming up (default)": lambda s, i: fresh_kernel_runs(args.idle, True, s, i),
-        "fresh kernel, prestart=False": lambda s, i: fresh_kernel_runs(args.idle, False, s, i),
+        "new kernel, warming up (default)": lambda s, i: fresh_kernel_runs(args.idle, True, s, i),
+        "new kernel, prestart=False": lambda s, i: fresh_kernel_runs(args.idle, False, s, i),
         "forked from the fork server": lambda s, i: forked_runs(args.idle, s, i),
     }
-    with pdlab.Cluster(1) as first:  # this kernel's first cluster: it starts the fork server
-        began = time.perf_counter()
-        # The kernel's own one-time costs, as FRESH_KERNEL pays them.
-        pdlab.expected_comm(pdlab.TrainConfig(strategy="dp", model="gpt", world_size=2))
-        pdlab.train(first, strategy="single", model="gpt", steps=1)
-    launcher.fork_server().warm.wait()
-    warm_after = time.perf_counter() - began
     for name, runs in kinds.items():
         for strategy, impl in FIRST_RUNS:
             first, second = zip(*(runs(strategy, impl) for _ in range(r)), strict=True)
             a, b = median(list(first)), median(list(second))
             print(f"{name:<34} {strategy + '/' + impl:<11} {a:>8.3f} {b:>9.3f} {a / b:>6.2f}")
-    print(
-        f"(a fresh kernel's own one-time costs, paid before its cluster started: median "
-        f"{median(KERNEL_ONCE):.2f} s)"
-    )
+            if name.endswith("(default)"):
+                what = f"new kernel, idle {args.idle:g} s: first/second {strategy}/{impl}"
+                figures.append((what, a / b, 3.0, "x"))
+    for side in ("kernel", "rank"):
+        # A step not done yet when its kernel asked (the warm-up outlasting the idle time)
+        # is left out of its median.
+        done = [w[side] for w in WARM_UPS]
+        names = dict.fromkeys(k for d in done for k in d)
+        steps = {k: median([d[k] for d in done if k in d]) for k in names}
+        print(
+            f"the {side}'s warm-up (what its first run no longer pays), median s a step: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
+            + f"; in all {sum(steps.values()):.2f} s"
+        )
     calls = [calls_while_warming() for _ in range(r)]
     during = [t * 1000 for c in calls for t in c["during"]]
     after = [t * 1000 for c in calls for t in c["after"]]
@@ -292,7 +404,11 @@ def main() -> None:
         f"{median(during):.1f} ms, max {max(during):.0f} ms ({len(during)} calls); once warm: "
         f"median {median(after):.1f} ms, max {max(after):.0f} ms"
     )
+    return figures
 
+
+def switches(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
+    r, figures = args.repeats, []
     print(f"\n3. switching strategy: first 1-step run of each on the same ranks, median of {r}")
     print(f"{'world':>5} {'ranks':<8} " + " ".join(f"{s + '/' + i:>15}" for s, i in SWITCHES))
     for n in (2, 4):
@@ -300,20 +416,81 @@ def main() -> None:
             runs = [switching(n, prestart) for _ in range(r)]
             cells = " ".join(f"{median([run[k] for run in runs]):>15.2f}" for k in runs[0])
             print(f"{n:>5} {kind:<8} {cells}")
+            if n == 4 and prestart:
+                tp = median([run["tp/torch"] for run in runs])
+                figures.append(("tp/torch, world 4, first run (forked)", tp, 0.5, "s"))
+    return figures
 
+
+def new_clusters(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
     print(
-        f"\n4. new Cluster(n) in a kernel that ran one (fork server warm {warm_after:.1f} s "
-        f"after its first cluster) to its first trained step (dp, gpt), median of {r}"
+        "\n4. new Cluster(n) in a kernel that ran one (fork server warm) to its first trained "
+        f"step (dp, gpt), median of {args.repeats}"
     )
     print(f"{'world':>5} {'pdlab s':>8} {'torchrun to barrier s':>22} {'ratio':>6}")
     for n in (2, 4):
-        ours, base = against_torchrun(to_first_step, n, f.name, r)
+        ours, base = against_torchrun(to_first_step, n, torchrun_script, args.repeats)
         print(f"{n:>5} {ours:>8.2f} {base:>22.2f} {ours / base:>6.2f}")
-    os.unlink(f.name)
+    return []
 
+
+def round_trips(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
     medians = warm_round_trip_ms(4, args.calls)
     calls = ", ".join(f"{name} {ms:.3f} ms" for name, ms in medians.items())
     print(f"\n5. warm run, world 4, median over {args.calls} calls: {calls}")
+    parts = ", ".join(f"{k} {v:.1f} us" for k, v in round_trip_parts(4).items())
+    print(f"what a no-op's round trip is made of, each measured alone: {parts}")
+    return [("warm no-op round trip, world 4", medians["no-op"], 0.2, "ms")]
+
+
+def dashboards(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
+    r = args.repeats
+    points = [dashboard_first_points(args.idle) for _ in range(r)]
+    labels = (f"after {args.idle:g} s idle, 2 ranks", "after a change to 4 ranks", "4 ranks again")
+    print(f"\n6. a new kernel's dashboard (no browser): Start to the first point, median of {r}")
+    for i, label in enumerate(labels):
+        seconds = [p[i] for p in points]
+        print(f"  {label}: {median(seconds):.2f} s (max {max(seconds):.2f} s)")
+    return [
+        ("dashboard Start to first point, new kernel", median([p[0] for p in points]), 1.0, "s"),
+        ("dashboard Start to first point, changed ranks", median([p[1] for p in points]), 2.0, "s"),
+    ]
+
+
+SECTIONS = {
+    "1": first_barriers,
+    "2": first_runs,
+    "3": switches,
+    "4": new_clusters,
+    "5": round_trips,
+    "6": dashboards,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--idle", type=float, default=8.0, help="seconds a fresh cluster idles")
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--sections", default="123456", help="which to run, e.g. 256")
+    args = parser.parse_args()
+
+    print(f"host: {os.cpu_count()} CPU(s), python {sys.version.split()[0]}; {load()}")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(TORCHRUN_SCRIPT)
+    # This kernel's first cluster starts the fork server (sections 2-4 fork from it), and
+    # its warm-up: once it is done, this kernel's own imports share no GIL with a section.
+    with pdlab.Cluster(1) as first:
+        pdlab.train(first, strategy="single", model="gpt", steps=1)
+    launcher.fork_server().warm.wait()
+    warmup.in_kernel().join()
+    figures = [fig for key in args.sections for fig in SECTIONS[key](args, f.name)]
+    os.unlink(f.name)
+
+    print("\n7. issue 22's figures and targets")
+    for what, value, target, unit in figures:
+        met = "met" if value <= target else "NOT met"
+        print(f"  {what:<52} {value:>7.3f} {unit:<2} target <= {target:g} {unit:<2} {met}")
     print(f"\n{load()}")
 
 

@@ -63,8 +63,19 @@ _LAZY = {
 
 
 # What idle ranks import ahead of a first ``pdlab.train`` (the control plane's warm-up knows
-# no trainer): the trainer, whose strategy registry names each strategy's module in turn.
-_warmup.preload("pdlab.training.loop")
+# no trainer): the trainer, whose strategy registry names each strategy's module in turn, and
+# the calibration a dashboard's first Start runs on them; and
+# what a kernel's first cluster imports for it (``pdlab.control.warmup.in_kernel``): the
+# trainer's plug, then the dashboard, a step at a time (plotly, ipywidgets, the cost layer).
+_warmup.preload("pdlab.training.loop", "pdlab.cost.calibration")
+_warmup.preload(
+    "pdlab.cost.emulation",
+    "plotly.graph_objects",
+    "ipywidgets",
+    "pdlab.cost.predictor",
+    "pdlab.lab.dashboard",
+    kernel=True,
+)
 
 # Modules that plug into a lower layer's hook, imported with the module that has the hook:
 # the trainer (training) emulates ``link=`` with the cost layer's emulator.
@@ -73,9 +84,13 @@ _PLUGS = {"pdlab.training.loop": ("pdlab.cost.emulation",)}
 
 def __getattr__(name: str):
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        for plug in _PLUGS.get(module.__name__, ()):
-            importlib.import_module(plug)
+        # Not beside the kernel's warm-up, which may be importing this very module graph.
+        # (Only here: ``_lazy``'s submodules are reached from inside imports, where waiting
+        # for the warm-up could wait for a module this thread is importing.)
+        with _warmup.beside_the_kernels():
+            module = importlib.import_module(_LAZY[name])
+            for plug in _PLUGS.get(module.__name__, ()):
+                importlib.import_module(plug)
         return getattr(module, name)
     return _submodule(name)  # a layer (pdlab.measure, ...), or pdlab.compat
 

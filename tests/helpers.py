@@ -114,15 +114,20 @@ def torchrun_log(logs: Path, rank: int, stream: str = "stdout") -> list[str]:
 
 
 def wait_for_warm_up(cluster, seconds: float = 120) -> None:
-    """Until every rank has imported what its warm-up preloads (``pdlab.control.warmup``): a
-    warm-up in the background changes a rank's modules, and its imports set variables such as
-    TORCHINDUCTOR_CACHE_DIR, while a test compares two runs."""
+    """Until every rank has imported what its warm-up preloads and taken its first steps
+    (``pdlab.control.warmup``): a warm-up in the background changes a rank's modules, and its
+    imports set variables such as TORCHINDUCTOR_CACHE_DIR, while a test compares two runs."""
+    import threading
     import time
 
     from pdlab.control import warmup
 
+    def warming() -> bool:
+        missing = [m for m in warmup.modules() if m not in sys.modules]
+        return bool(missing) or any(t.name == "pdlab-warm-up" for t in threading.enumerate())
+
     deadline = time.monotonic() + seconds
-    while any(cluster.run(lambda: [m for m in warmup.modules() if m not in sys.modules])):
+    while any(cluster.run(warming)):
         assert time.monotonic() < deadline, "the warm-up did not finish"
         time.sleep(0.5)
 

@@ -2,9 +2,11 @@
 cluster the notebook started (after a few seconds of reading) and after choosing another
 number of ranks in the dashboard.
 
-Reported, not asserted (times on a shared machine): printed and written to
-``test-output/browser/startup.json``. Asserted: each run's first point arrives and the run
-finishes, and the ranks of the new size were forked from the kernel's fork server.
+Printed and written to ``test-output/browser/startup.json``, and asserted against issue 22's
+limits (Start to the first point within 1 s on the notebook's cluster, within 2 s after a
+change of ranks), loosened on a loaded machine (``limit``). Asserted too: each run finishes,
+its status line and its plot agree on the steps done, and the ranks of the new size were
+forked from the kernel's fork server.
 """
 
 from __future__ import annotations
@@ -30,6 +32,18 @@ from tests.test_browser import (  # noqa: F401  (the fixture and the skip condit
 LAB = "05_strategy_explorer"
 
 READING_S = 8  # a learner reads the dashboard before pressing Start
+STEPS = 5
+# Issue 22's limits on a quiet machine, Start to the first point on the plot, in seconds.
+LIMITS = {"warm ranks, 2": 1.0, "after a change to 4 ranks": 2.0, "warm ranks, 4": 1.0}
+
+
+def limit(label: str, load: float) -> float:
+    """The bound asserted for ``label``: issue 22's limit times twice the machine's load a
+    core, and at least 3 times it. CI shares these 2 cores with other jobs (load 5-20 seen),
+    and the browser, JupyterLab and the kernel run beside the ranks: the issue's limits hold
+    on a quiet machine only (benchmarks/README.md has the figures measured there). At load
+    14.4, the notebook's first Start took 7.1 s to its first point."""
+    return LIMITS[label] * max(3.0, 2 * load / (os.cpu_count() or 1))
 
 
 def command_lines(pids: list[int]) -> dict[int, list[bytes]]:
@@ -73,7 +87,7 @@ def lab05(tmp_path_factory):
 def test_start_to_first_point(lab05, browser):  # noqa: F811  (the imported fixture)
     out = ROOT / "test-output" / "browser"
     out.mkdir(parents=True, exist_ok=True)
-    seconds = {}
+    seconds, loads = {}, []
     page = open_lab(browser, lab05, LAB)
     # The cells up to the dashboard: the one after it runs the lab's own runs.
     page.locator(".jp-Cell", has_text="for strategy in strategies").click()
@@ -83,7 +97,7 @@ def test_start_to_first_point(lab05, browser):  # noqa: F811  (the imported fixt
     start.wait_for(timeout=120_000)
     page.get_by_text(IDLE).wait_for(timeout=60_000)
     box = dashboard.locator(".widget-inline-hbox", has_text="steps").locator("input")
-    box.fill("5")
+    box.fill(str(STEPS))
     box.press("Enter")
     time.sleep(READING_S)
 
@@ -95,8 +109,15 @@ def test_start_to_first_point(lab05, browser):  # noqa: F811  (the imported fixt
             timeout=180_000,
         )
         seconds[label] = round(time.monotonic() - began, 2)
-        done = f"{run} dp/scratch gpt w{world_size} done after 5 step(s)"
+        loads.append(os.getloadavg()[0])
+        done = f"{run} dp/scratch gpt w{world_size} done after {STEPS} step(s)"
         page.get_by_text(done).wait_for(timeout=180_000)
+        # The plot shows the steps the status line says, once the last paint has arrived
+        # (a timeout here: they disagree).
+        page.wait_for_function(
+            f"() => ({TRACES})(['x']).some(([name, n]) => name.startsWith('{run} ') && n === {STEPS})",
+            timeout=30_000,
+        )
 
     first_point("warm ranks, 2", "#1", 2)
     ranks = dashboard.locator(".widget-dropdown", has_text="ranks").locator("select")
@@ -105,7 +126,10 @@ def test_start_to_first_point(lab05, browser):  # noqa: F811  (the imported fixt
     forked = forked_ranks()
     first_point("warm ranks, 4", "#3", 4)
     page.close()
-    report = {"seconds": seconds, "load_average": os.getloadavg(), "reading_s": READING_S}
+    bounds = {label: limit(label, load) for label, load in zip(seconds, loads, strict=True)}
+    report = {"seconds": seconds, "bounds": bounds, "load_average": loads, "reading_s": READING_S}
     (out / "startup.json").write_text(json.dumps(report, indent=1))
-    print(f"\nStart to first point: {seconds}, load average {os.getloadavg()}")
+    print(f"\nStart to first point: {seconds}, asserted within {bounds}, load average {loads}")
     assert len(forked) == 4, f"the 4 ranks were not forked from the fork server: {forked}"
+    slow = {label: s for label, s in seconds.items() if s > bounds[label]}
+    assert not slow, f"Start to the first point took {slow} s, over {bounds} (load {loads})"

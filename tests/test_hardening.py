@@ -291,6 +291,31 @@ def test_a_huge_line_arrives_whole(cluster2, capfd):
     assert lines == ["[rank 1] " + "y" * 5_000_000]
 
 
+def write_while_the_pump_dawdles() -> None:
+    """On a rank: write below Python (as C extensions do), while the thread that sends
+    output to the kernel takes 0.5 s over its next chunk."""
+    from pdlab.control import protocol
+
+    output = protocol.Output
+
+    def slowly(*fields):
+        protocol.Output = output
+        time.sleep(0.5)
+        return output(*fields)
+
+    protocol.Output = slowly
+    os.write(1, b"the end of what it wrote\n")
+
+
+def test_output_written_below_python_arrives_before_the_result(cluster2, capfd):
+    # The rank can't tell it wrote: before the result it checks that its pipe is empty and
+    # that its output thread holds nothing unsent. Skipping that check (the pipe is empty
+    # once the thread has read it) lets the result overtake the output.
+    cluster2.run(write_while_the_pump_dawdles)
+    out = capfd.readouterr().out
+    assert "[rank 0] the end of what it wrote" in out and "[rank 1] the end" in out
+
+
 def test_what_a_rank_started_ends_with_it():
     # Before: a `sleep` (or a DataLoader worker) a rank started outlived shutdown() and restart().
     def start_sleep() -> int:

@@ -135,6 +135,17 @@ def test_later_clusters_are_forked_from_the_server_born_warm(cluster):
         assert me["frozen"] > 100_000
 
 
+def test_idle_ranks_take_each_models_first_step_ahead(cluster):
+    """What a first run pays once a process after its imports (a model's build, its first
+    autograd pass and Adam step, its data set), paid while the ranks idle; timed there."""
+    from pdlab.training.models import MODELS
+
+    wait_for_warm_up(cluster)
+    steps = cluster.run(lambda: {k: v for k, v in warmup.timings.items() if "step" in k})
+    assert [sorted(s) for s in steps] == [sorted(f"a first {m} step" for m in MODELS)] * 2
+    assert all(0 < seconds < 60 for s in steps for seconds in s.values()), steps
+
+
 def server_fd(server: forkserver.ForkServer) -> int:
     args = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
     return int(next(a for a in args if a.startswith(b"--fd=")).split(b"=")[1])

@@ -39,7 +39,7 @@ from typing import Any
 import cloudpickle
 
 from pdlab import checks
-from pdlab.control import launcher, protocol
+from pdlab.control import launcher, protocol, warmup
 from pdlab.control.asking import WHERE_S, Asker
 from pdlab.control.channel import ControlServer, RankLink
 from pdlab.control.launcher import choose_backend
@@ -52,6 +52,7 @@ __all__ = ["CallTimeout", "Cluster", "ClusterStatus", "RankError", "choose_backe
 START_TIMEOUT_S = 120.0
 GRACE_S = 1.0  # how long peers of a failed rank may take to finish before the group is reset
 STOPPED_S = 2.0  # a rank stopped this long during a call fails it: its peers can only wait
+LOOK_S = 0.25  # how often a call looks for ranks that died or stopped
 
 _started: list[weakref.ref[Cluster]] = []  # clusters by start, oldest first
 
@@ -229,6 +230,8 @@ class Cluster:
     # ----- lifecycle -------------------------------------------------------------------------
 
     def _start(self) -> None:
+        # What this kernel's first pdlab.train and dashboard import, while the ranks start.
+        warmup.in_kernel()
         self._token = secrets.token_hex(32).encode()
         self._events: queue.Queue = queue.Queue()
         self._output = RankOutput()
@@ -670,7 +673,10 @@ class _Call:
         self.group_problems: dict[int, str] = {}  # ranks that left the process group unusable
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self._stopped_since: dict[int, float] = {}
-        self._next_look = 0.0
+        # The first look a while in: a call ends in well under a millisecond, and reading
+        # each rank's /proc entry to see it stopped cost more (a dead rank is seen before
+        # the call: ``_ensure_running``).
+        self._next_look = time.monotonic() + LOOK_S
 
     def wait(self) -> list[Any]:
         """The results by rank; raises RankError, CallTimeout or KeyboardInterrupt."""
@@ -757,7 +763,7 @@ class _Call:
         now = time.monotonic()
         if now < self._next_look:
             return
-        self._next_look = now + 0.25
+        self._next_look = now + LOOK_S
         for rank in sorted(self.pending):
             link = self.cluster._resources.links[rank]
             if link.process is not None and link.process.exited():

@@ -1,20 +1,31 @@
-"""What a rank imports before its first training run needs it, so that run costs what later
-ones do.
+"""What a process imports, and pays for once, before its first training run needs it, so
+that run costs what later ones do.
 
 A rank starts with torch alone (a cluster is up in about a second). The first ``pdlab.train``
 on it then imports the trainer, pandas and each strategy's torch machinery: DDP, FSDP,
 DTensor, pipelining, DCP. That is about 2.5 s a rank on these CPUs, and it is the same 1.1 s
-a first DDP constructor is known to cost: with the modules loaded, one takes ~5 ms.
+a first DDP constructor is known to cost: with the modules loaded, one takes ~5 ms. After
+the imports, a first model build, autograd pass and optimizer step still cost more than
+later ones (``first_use``).
+
+The kernel pays too: its first ``pdlab.train`` imports the trainer, pandas and every
+strategy's module (``expected_comm`` asks a strategy's class), its dashboard plotly and
+ipywidgets: 2-4 s here. A kernel's first ``Cluster`` imports them in the background
+(``in_kernel``) while its ranks start, and the kernel's first use of ``pdlab.train``,
+``pdlab.Dashboard``... waits for the module being imported (``beside_the_kernels``) instead
+of importing beside it.
 
 The control plane runs any code and knows no trainer: the layers above name what a first
 run imports (``preload``: the root package names the trainer, the strategy registry each
-strategy's module). ``modules()`` lists them, in steps of a second at most: the fork server
-(``pdlab.control.forkserver``) imports them between requests, so it waits for one step at most before
-it forks; a rank started with ``--warm-up`` imports whatever is still missing in a
-background thread (``in_background``), so a cluster answers its first call at once and is
-warm a few seconds later.
+strategy's module; ``kernel=True``: what only the kernel needs) and what it first uses
+(``first_use``). ``modules()`` lists them, in steps of a second at most: the fork server
+(``pdlab.control.forkserver``) imports them between requests, so it waits for one step at
+most before it forks; a rank started with ``--warm-up`` imports whatever is still missing in
+a background thread (``in_background``), then runs the first uses, so a cluster answers its
+first call at once and is warm a few seconds later. (The fork server never computes: a
+forked child can't inherit a thread pool. Its ranks run the first uses themselves.)
 
-Importing draws no random numbers: tests/test_prestart.py checks that torch's generator is
+Warming up draws no random numbers: tests/test_prestart.py checks that torch's generator is
 as seeded at a rank's first call, during the warm-up and after it.
 """
 
@@ -24,33 +35,54 @@ import contextlib
 import importlib
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 # What every run imports (the trainer needs pandas, DTensor and DCP), each package a step of
-# its own so that no step is long; then what the layers above name (``preload``).
+# its own so that no step is long; then what the layers above name (``preload``). Each name
+# with whether ranks need it too (False: the kernel only).
 PACKAGES = ("pandas", "torch.distributed.tensor", "torch.distributed.checkpoint")
-_preloaded = list(PACKAGES)
-# Held by the warm-up while it imports one module, and by a call while it runs: two threads
-# importing one module graph can deadlock on Python's per-module locks, and Python then hands
-# one of them a partly imported module, or removes it from sys.modules under the other (CI
-# saw a call fail with ``KeyError: 'pdlab.training.loop'`` in pickle). A call waits for one
-# module's import at most.
-IMPORTING = threading.Lock()
+_preloaded: list[tuple[str, bool]] = [(name, True) for name in PACKAGES]
+_first_uses: dict[str, Callable[[], None]] = {}
+# Held by a warm-up while it imports one module or runs one first use, and by a rank's call
+# while it runs: two threads importing one module graph can deadlock on Python's per-module
+# locks, and Python then hands one of them a partly imported module, or removes it from
+# sys.modules under the other (CI saw a call fail with ``KeyError: 'pdlab.training.loop'`` in
+# pickle). A call waits for one step at most. Reentrant: a call, or a warm-up's import, may
+# reach ``beside_the_kernels`` again.
+IMPORTING = threading.RLock()
+_waiting: list[object] = []  # callers of ``holding`` not in yet: the warm-up lets them first
+_kernel: threading.Thread | None = None  # the kernel's warm-up, once started
+timings: dict[str, float] = {}  # seconds each step of this process's warm-up took
 
 
-def preload(*names: str) -> None:
-    """Name modules a first run will import, for idle ranks to import ahead of it. A module
-    imported by the warm-up may name more: they are imported after it, in order."""
-    _preloaded.extend(name for name in names if name not in _preloaded)
+def preload(*names: str, kernel: bool = False) -> None:
+    """Name modules a first run will import, for idle ranks (and the kernel) to import ahead
+    of it; ``kernel=True``: only the kernel needs them. A module imported by the warm-up may
+    name more: they are imported after it, in order."""
+    known = {name for name, _ in _preloaded}
+    _preloaded.extend((name, not kernel) for name in names if name not in known)
 
 
-def modules() -> Iterator[str]:
-    """The modules a first training run would import: what every run needs, then what
-    ``preload`` named (the trainer, then each strategy's torch machinery: DDP, FSDP...)."""
-    i = 0
-    while i < len(_preloaded):  # grows as the modules imported name more
-        yield _preloaded[i]
-        i += 1
+def first_use(name: str, fn: Callable[[], None]) -> None:
+    """Have idle ranks call ``fn`` (named ``name`` in ``timings``) once their imports are
+    done: what a first run pays once a process (a model's first build, autograd pass,
+    optimizer step), paid ahead. ``fn`` must leave no trace a call could see and use no
+    process group (a call may use it meanwhile); torch's generators are put back after it."""
+    _first_uses[name] = fn
+
+
+def modules(kernel: bool = False) -> Iterator[str]:
+    """The modules a first training run would import on a rank: what every run needs, then
+    what ``preload`` named (the trainer, then each strategy's torch machinery: DDP, FSDP...).
+    With ``kernel``, then what only the kernel needs (its dashboard)."""
+    for kernel_only in (False, True) if kernel else (False,):
+        i = 0
+        while i < len(_preloaded):  # grows as the modules imported name more
+            name, on_ranks = _preloaded[i]
+            if on_ranks != kernel_only:
+                yield name
+            i += 1
 
 
 def load(name: str) -> None:
@@ -61,18 +93,75 @@ def load(name: str) -> None:
             importlib.import_module(name)
 
 
+@contextlib.contextmanager
+def holding() -> Iterator[None]:
+    """Hold ``IMPORTING`` (a call, a first use in the kernel), ahead of the warm-up's next
+    step: the warm-up re-takes the lock at once after each step, and a waiting thread woken
+    by its release would otherwise find it taken again (CI saw a call wait 12 s)."""
+    ticket = object()
+    _waiting.append(ticket)
+    try:
+        with IMPORTING:
+            _waiting.remove(ticket)
+            yield
+    finally:
+        if ticket in _waiting:  # interrupted while waiting
+            _waiting.remove(ticket)
+
+
+def _timed(name: str, fn: Callable[[], None]) -> None:
+    while _waiting:  # a call or a first use waits for the lock: it goes first
+        time.sleep(0.001)
+    with IMPORTING:
+        start = time.perf_counter()  # not counting a wait for a call
+        fn()
+        timings[name] = time.perf_counter() - start
+
+
+def _use_once(fn: Callable[[], None]) -> None:
+    import torch
+
+    with contextlib.suppress(Exception), torch.random.fork_rng():
+        fn()
+
+
+def _warm_up(kernel: bool) -> None:
+    for name in modules(kernel):
+        if name not in sys.modules:
+            _timed(name, lambda name=name: load(name))
+    if not kernel:  # the kernel trains nothing (a cluster does)
+        for name, fn in list(_first_uses.items()):
+            _timed(name, lambda fn=fn: _use_once(fn))
+
+
 def in_background() -> threading.Thread:
-    """Import ``modules()`` in a daemon thread, one at a time under ``IMPORTING``.
+    """Import ``modules()`` in a daemon thread, one at a time under ``IMPORTING``, then call
+    each ``first_use`` function, one at a time under it too.
 
-    A call holds ``IMPORTING`` while it runs: one that arrives mid-import waits for that
-    module, and the warm-up then waits (off the CPU and the GIL) until the call has ended.
+    A call holds ``IMPORTING`` while it runs: one that arrives mid-step waits for that step,
+    and the warm-up then waits (off the CPU and the GIL) until the call has ended.
     """
-
-    def warm_up() -> None:
-        for name in modules():
-            with IMPORTING:
-                load(name)
-
-    thread = threading.Thread(target=warm_up, daemon=True, name="pdlab-warm-up")
+    thread = threading.Thread(target=_warm_up, args=(False,), daemon=True, name="pdlab-warm-up")
     thread.start()
     return thread
+
+
+def in_kernel() -> threading.Thread:
+    """The kernel's warm-up: ``modules(kernel=True)`` imported in a daemon thread, one at a
+    time under ``IMPORTING``; started once a process (by its first ``Cluster``)."""
+    global _kernel
+    if _kernel is None:
+        _kernel = threading.Thread(
+            target=_warm_up, args=(True,), daemon=True, name="pdlab-kernel-warm-up"
+        )
+        _kernel.start()
+    return _kernel
+
+
+def beside_the_kernels() -> contextlib.AbstractContextManager:
+    """Around a first import in the kernel (``pdlab.train``'s module...): while the kernel's
+    warm-up runs, wait for the module it is importing, and keep it from starting another,
+    rather than import beside it; a no-op once it is done, and on ranks."""
+    if _kernel is not None and _kernel.is_alive():
+        return holding()
+    return contextlib.nullcontext()

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pdlab.control import warmup
 from pdlab.cost.costmodel import link_op_time, ring_steps
 from pdlab.cost.topology import THIS_MACHINE, Device, Link, Topology
 from pdlab.measure.comm import bus_bytes
@@ -231,3 +232,8 @@ def this_machine(cluster: Ranks | None, calibration: Calibration | None = None) 
     if calibration is None and cluster is None:
         raise ValueError("'this-machine' is measured on a running cluster: pass cluster=")
     return (calibration or calibrate(cluster)).topology
+
+
+# A dashboard's first Start on a cluster calibrates it: idle ranks run the matmuls once ahead
+# (their first run of a dtype's kernel is the slow one).
+warmup.first_use("a first calibration matmul", measure_device)

@@ -68,6 +68,7 @@ STOP_RETRY_S = 1.0  # an interrupt that lands between two calls is dropped: send
 # leaves that module half-imported in the rank for good. Stop waits for the first step that
 # long at most (a run that hangs before it must still stop).
 FIRST_STEP_WAIT_S = 30.0
+FIRST_POINT_S = 0.02  # how often the painter looks for a run's first step
 # The plots as (row, col) of one figure: a FigureWidget carries its own copy of plotly.js
 # (5 MB) to the browser and into the saved notebook, so the dashboard has just one.
 GRID = {
@@ -640,8 +641,10 @@ class Dashboard:
             run.records.append(record)
 
     def _paint_until(self, run: Run, done: threading.Event) -> None:
-        painted, next_paint = 0, 0.0
-        while not done.wait(self.refresh_s):
+        painted, next_paint, shown = 0, 0.0, False
+        # Often until the first step is on the plot (Start to the first point is what a
+        # learner waits for), then every ``refresh_s``.
+        while not done.wait(self.refresh_s if shown else FIRST_POINT_S):
             began = time.monotonic()
             stuck_s = run.slow.check(run.steps_done(), run.pace(), began)
             if stuck_s is not None:
@@ -649,7 +652,7 @@ class Dashboard:
             # New records since the last drawing, and drawing (which shares the CPU with the
             # ranks) kept under a fifth of one core.
             if len(run.records) != painted and began >= next_paint:
-                painted = len(run.records)
+                painted, shown = len(run.records), run.steps_done() > 0
                 self._paint(run)
                 next_paint = began + 5 * (time.monotonic() - began)
 

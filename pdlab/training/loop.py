@@ -24,6 +24,7 @@ so its errors surface before any rank starts work.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import time
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from pdlab import checks
-from pdlab.control import runtime
+from pdlab.control import runtime, warmup
 from pdlab.measure import memory, wire
 from pdlab.measure.comm import CommEvent, CommMeter, LinkModel, algorithms
 from pdlab.measure.flops import FlopCounter
@@ -47,7 +48,7 @@ from pdlab.training import checkpoint, registry
 from pdlab.training.config import TrainConfig, choices, keywords, with_overrides
 from pdlab.training.data import BLOCK_SIZE, load_dataset
 from pdlab.training.layout import DIMS, Layout
-from pdlab.training.models import routing
+from pdlab.training.models import MODELS, routing
 from pdlab.training.parallel.base import Implementation, Mesh, model_for
 from pdlab.training.registry import layout_for
 
@@ -281,6 +282,21 @@ def run_on_rank(
         ),
         "state_dict": state if mesh.rank == 0 else None,
     }
+
+
+def _first_step(model: str) -> None:
+    """One local step of ``model`` (``single``: no process group): what a rank's first run of
+    it pays once a process (building it, the first autograd pass and Adam step, its data
+    set), paid while the rank is idle (``pdlab.control.warmup.first_use``)."""
+    config = TrainConfig(strategy="single", model=model, batch_size=8)
+    device = runtime.device()
+    strategy = strategy_class(config)(model_for(config), config, mesh_for(Layout(), device))
+    x, y = load_dataset(model, config.seed).batch(0, config.batch_size)
+    strategy.train_step(x.to(device), y.to(device))
+
+
+for _model in MODELS:
+    warmup.first_use(f"a first {_model} step", functools.partial(_first_step, _model))
 
 
 # ---- in the kernel -----------------------------------------------------------------------
