@@ -62,23 +62,11 @@ def runs(strategy: str) -> tuple[int, int]:
     return max(2, entry.min_world_size), 2 if entry.micro_batched else 1
 
 
-@pytest.mark.parametrize("strategy", registry.names())
-def test_cli_writes_a_trace_of_every_rank_for_every_strategy(strategy, tmp_path):
-    world, micro = runs(strategy)
-    out = tmp_path / "out.json"
-    subprocess.run(
-        [
-            sys.executable, "-m", "pdlab", "run", "--strategy", strategy, "--steps", "2",
-            "--world-size", str(world), "--micro-batches", str(micro), "--trace", str(out),
-            *(f"--{key.replace('_', '-')}={value}" for key, value in small_run(strategy).items()),
-        ],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    loaded = json.loads(out.read_text())
-    events = loaded["traceEvents"]
+def assert_a_trace_of_every_rank(events: list[dict], strategy: str, ranks: int) -> None:
+    """Every rank's process, named, with its step, compute (forward, backward, optimizer)
+    and, but for one process, communication, each op with its group and bytes."""
     assert_valid_trace(events)
     found = spans_per_rank(events)
-    ranks = 1 if strategy == "single" else world
     assert sorted(found) == list(range(ranks))
     for rank, categories in found.items():
         wanted = {"step", "compute"} | (set() if strategy == "single" else {"communication"})
@@ -91,19 +79,37 @@ def test_cli_writes_a_trace_of_every_rank_for_every_strategy(strategy, tmp_path)
     assert all({"group", "bytes"} <= e["args"].keys() for e in ops)
 
 
-TORCH_IMPLS = [s for s in registry.names() if "torch" in registry.get(s).impls and s != "single"]
+# The CLI writes what ``trace.chrome_trace`` makes of its run: a few strategies show the file
+# has every rank (one process, a pipeline, a 2-D grid); every strategy and impl below.
+@pytest.mark.parametrize("strategy", ["single", "pp-1f1b", "dp-tp"])
+def test_cli_writes_a_trace_of_every_rank(strategy, tmp_path):
+    world, micro = runs(strategy)
+    out = tmp_path / "out.json"
+    subprocess.run(
+        [
+            sys.executable, "-m", "pdlab", "run", "--strategy", strategy, "--steps", "2",
+            "--world-size", str(world), "--micro-batches", str(micro), "--trace", str(out),
+            *(f"--{key.replace('_', '-')}={value}" for key, value in small_run(strategy).items()),
+        ],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    events = json.loads(out.read_text())["traceEvents"]
+    assert_a_trace_of_every_rank(events, strategy, 1 if strategy == "single" else world)
 
 
-@pytest.mark.parametrize("strategy", TORCH_IMPLS)
-def test_torch_impls_trace_every_rank_too(strategy, cluster2, cluster4):
+CONFIGS = [(s, impl) for s in registry.names()[1:] for impl in registry.get(s).impls]
+
+
+@pytest.mark.parametrize(("strategy", "impl"), CONFIGS)
+def test_every_strategy_traces_every_rank_and_its_breakdown_adds_up(
+    strategy, impl, cluster2, cluster4
+):
     world, micro = runs(strategy)
     cluster = cluster2 if world == 2 else cluster4
-    result = pdlab.train(cluster, strategy=strategy, impl="torch", steps=2, micro_batches=micro)
+    extra = {k: v for k, v in small_run(strategy).items() if k != "impl"}
+    result = pdlab.train(cluster, strategy=strategy, impl=impl, steps=2, micro_batches=micro, **extra)  # fmt: skip
     events = json.loads(json.dumps(trace.chrome_trace(result)))["traceEvents"]
-    assert_valid_trace(events)
-    found = spans_per_rank(events)
-    assert sorted(found) == list(range(world))
-    assert all(c == {"step", "compute", "communication"} for c in found.values()), found
+    assert_a_trace_of_every_rank(events, strategy, world)
     table = trace.breakdown(result)
     parts = table.compute_ms + table.exposed_comm_ms + table.idle_ms
     assert (parts - table.step_ms).abs().max() < 1e-6  # the parts make up the step
