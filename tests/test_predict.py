@@ -373,7 +373,8 @@ def test_zero_bubble_is_predicted_with_a_smaller_bubble_than_1f1b(cluster2):
         ).bubble.median()
         for strategy in ("pp-1f1b", "pp-zb")
     }
-    assert 0 < bubbles["pp-zb"] < bubbles["pp-1f1b"] / 2
+    # The last rank to finish may wait not at all under ZB-H1 (its W passes fill the gaps).
+    assert 0 <= bubbles["pp-zb"] < bubbles["pp-1f1b"] / 2
 
 
 def test_pipeline_sends_carry_their_tags(cluster2):

@@ -112,3 +112,30 @@ def spin(seconds: float, done: threading.Event) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end and not done.is_set():
         pass
+
+
+STOPPING = """
+import threading, time
+from pdlab.control import warmup
+
+ran, begun = [], threading.Event()
+
+def slow_step():
+    begun.set()
+    time.sleep(0.5)
+    ran.append("first")
+
+thread = threading.Thread(target=warmup._timed, args=("first", slow_step))
+thread.start()
+begun.wait()
+warmup.stop()  # waits for the step in flight ...
+assert ran == ["first"], ran
+warmup._timed("second", lambda: ran.append("second"))  # ... and starts no other
+assert ran == ["first"], ran
+"""
+
+
+def test_a_rank_that_exits_stops_its_warm_up_between_two_steps():
+    # In a process of its own: stopping is for good, and this one's kernel warm-up goes on.
+    run = subprocess.run([sys.executable, "-c", STOPPING], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

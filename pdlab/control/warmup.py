@@ -113,9 +113,23 @@ def _timed(name: str, fn: Callable[[], None]) -> None:
     while _waiting:  # a call or a first use waits for the lock: it goes first
         time.sleep(0.001)
     with IMPORTING:
+        if _stopped.is_set():
+            return
         start = time.perf_counter()  # not counting a wait for a call
         fn()
         timings[name] = time.perf_counter() - start
+
+
+_stopped = threading.Event()
+
+
+def stop(timeout: float = 10.0) -> None:
+    """End this process's warm-up between two steps: wait for the step in flight (at most
+    ``timeout`` s), and start no other. A rank that exits calls it, so that no warm-up step
+    (torch running in a daemon thread) is cut off by the interpreter's exit."""
+    _stopped.set()
+    if IMPORTING.acquire(timeout=timeout):
+        IMPORTING.release()  # a later step sees ``_stopped`` under the lock and returns
 
 
 def _use_once(fn: Callable[[], None]) -> None:

@@ -296,6 +296,7 @@ def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
         rich_output.flush()  # a widget's last change
         pump.flush()
         channel.send(reply)
+    warmup.stop()
 
 
 def _put_back_the_users_environment() -> None:
