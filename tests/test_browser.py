@@ -1,5 +1,5 @@
-"""Labs 01, 03 and 05 in a real browser, as a learner uses them: JupyterLab and headless Chromium
-in a 1280x800 window, the file browser open.
+"""Labs 01, 03, 04, 05 and 08 in a real browser, as a learner uses them: JupyterLab and
+headless Chromium in a 1280x800 window, the file browser open.
 
 Each lab: Run All (small parameters, injected as papermill does), then its widgets. Every error
 shows beside the widget that hit it, never only in the Log Console; the figures, legends,
@@ -56,7 +56,12 @@ LABS = {
         "world_size": 2, "steps": 1, "micro_batches": 2, "model": "mlp", "batch_size": 16,
         "use_solutions": True,
     },
+    "04_sharded": {"world_size": 2, "steps": 1, "use_solutions": True},
     "05_strategy_explorer": {"world_size": 2, "steps": 3, "strategies": ["dp"]},
+    "08_long_context_and_experts": {
+        "world_size": 2, "seq_lens": [32, 64], "budget_mb": 5.0, "moe_steps": 2,
+        "use_solutions": True,
+    },
 }  # fmt: skip
 IDLE = "Python 3 (ipykernel) | Idle"
 SAVED: dict[str, Path] = {}  # lab -> the notebook as the browser saved it
@@ -391,6 +396,26 @@ def test_lab_03_slider_works_after_run_all_and_shows_its_errors(browser, server)
     assert_log_console_clean(page)
     screenshot(slider, "lab03-slider")
     save_and_close(page, server, "03_pipeline_parallel")
+
+
+@pytest.mark.parametrize(
+    ("lab", "passes"),
+    [
+        ("04_sharded", ["PASS ZeRO-1 update", "PASS make it fit"]),
+        ("08_long_context_and_experts", ["PASS ring-attention step", "PASS MoE dispatch"]),
+    ],
+)
+def test_lab_runs_all_with_its_exercises_passing_and_its_outputs_fitting(
+    browser, server, lab, passes
+):
+    page = open_lab(browser, server, lab)
+    run_all(page)
+    assert_no_ranks(server, f"lab {lab[:2]}'s last cell")
+    for check in passes:  # the exercises passed on the ranks, in the page
+        assert page.get_by_text(check).count() >= 1, check
+    assert page.evaluate(OVERFLOW) == []
+    assert_log_console_clean(page)
+    save_and_close(page, server, lab)
 
 
 def test_lab_05_dashboard_after_run_all(browser, server):
