@@ -13,7 +13,9 @@ imported inside the function that needs it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 from typing import Any
 
 import torch
@@ -50,8 +52,8 @@ __all__ = [
     "tree_flatten",
     "tree_map_only",
     "unbox_work",
+    "work_completion",
     "work_from_future",
-    "work_future",
 ]
 
 # torch 2.12 renamed these two (the old names warn from 2.13 on); before 2.12 only the old
@@ -114,10 +116,26 @@ def unbox_work(boxed: torch.ScriptObject) -> dist.Work:
     return c10d.Work.unbox(boxed)
 
 
-def work_future(boxed: torch.ScriptObject) -> torch.futures.Future:
-    """The future of a boxed Work an eager c10d op returned (2.0 to 2.13). Raises
-    RuntimeError where the backend has none (gloo's point-to-point Works)."""
-    return unbox_work(boxed).get_future()
+def work_completion(
+    work: dist.Work, value: list[torch.Tensor], devices: list[torch.device] | None = None
+) -> torch.futures.Future:
+    """A future that completes when ``work`` does: its own, or for a Work that has none
+    (gloo's send, recv and reduce-scatter: "getFuture not implemented"), one that a thread
+    waiting on ``work`` completes with ``value`` (or with its error)."""
+    with contextlib.suppress(RuntimeError):
+        return work.get_future()
+    future = torch.futures.Future(devices=devices)
+
+    def wait() -> None:
+        try:
+            work.wait()
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    threading.Thread(target=wait, name="pdlab-work-wait", daemon=True).start()
+    return future
 
 
 def work_from_future(future: torch.futures.Future) -> torch.ScriptObject:

@@ -166,25 +166,6 @@ def _forward(source: torch.futures.Future, target: torch.futures.Future) -> None
         target.set_result(value)
 
 
-def _future_of(
-    work: Any, value: list[torch.Tensor], devices: list[torch.device] | None
-) -> torch.futures.Future:
-    """A future completing with ``value`` when ``work`` does, for Works that have none (gloo's
-    send and recv): a thread waits on it."""
-    future = torch.futures.Future(devices=devices)
-
-    def wait() -> None:
-        try:
-            work.wait()
-        except Exception as exc:
-            future.set_exception(exc)
-        else:
-            future.set_result(value)
-
-    threading.Thread(target=wait, name="pdlab-p2p-wait", daemon=True).start()
-    return future
-
-
 class _Link:
     """A link per rank: each direction carries one op at a time, first ready first served
     (sends go out, receives come in, collectives use both)."""
@@ -371,11 +352,7 @@ class Emulator:
         ``tensors``: what a Work without a future of its own completes with."""
 
         def late(boxed: torch.ScriptObject) -> torch.ScriptObject:
-            work = compat.unbox_work(boxed)
-            try:
-                future = work.get_future()
-            except RuntimeError:  # gloo's p2p Works: "getFuture not implemented"
-                future = _future_of(work, tensors, self._devices)
+            future = compat.work_completion(compat.unbox_work(boxed), tensors, self._devices)
             return compat.work_from_future(self.delay_future(event, future, issued))
 
         return compat.tree_map_only(torch.ScriptObject, late, out)

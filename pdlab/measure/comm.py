@@ -20,9 +20,9 @@ Conventions (nccl-tests, doc/PERFORMANCE.md), for a group of N ranks:
 - sent and received bytes, per rank = what this rank's link carries out and in on the
   algorithm its backend runs (``traffic``): the bytes that cost time on a link, and what
   ``pdlab.measure.wire`` measures on gloo's sockets, up to gloo's message headers.
-- ``seconds``: issue to completion where the backend reports completion (a Work future:
-  gloo and NCCL collectives; DTensor ops until their ``wait_tensor``). Gloo p2p Works have no
-  future, so a send/recv's seconds are only the time to issue it (the wait comes later),
+- ``seconds``: issue to completion: a collective's Work future (gloo's reduce-scatter has
+  none: a thread waits on it), DTensor ops until their ``wait_tensor``. Gloo p2p Works have
+  no future, so a send/recv's seconds are only the time to issue it (the wait comes later),
   except on an emulated link, which waits for them.
 - ``busy``: the seconds the metering thread had computed (run or waited for a core, not
   slept: ``pdlab.measure.busy``) since the meter was entered, when the op was issued; ``peer``: the
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import threading
 import time
 from collections import defaultdict
@@ -349,11 +350,34 @@ _active: list[CommMeter] = []  # all threads: DDP's hook may run on an autograd 
 _paused = threading.local()
 
 
-def _time_until_done(event: CommEvent, t0: float, future: torch.futures.Future) -> None:
-    def done(_: torch.futures.Future) -> None:
-        event.seconds = time.perf_counter() - t0
+def _stamp(event: CommEvent, t0: float, _: torch.futures.Future) -> None:
+    event.seconds = time.perf_counter() - t0
 
-    future.add_done_callback(done)
+
+def _stamped(event: CommEvent, t0: float, future: torch.futures.Future) -> Any:
+    _stamp(event, t0, future)
+    return future.value()  # what the Work's result() gives
+
+
+def _time_until_done(event: CommEvent, t0: float, future: torch.futures.Future) -> None:
+    future.add_done_callback(functools.partial(_stamp, event, t0))
+
+
+def _timed(
+    event: CommEvent, t0: float, tensors: list[torch.Tensor], boxed: torch.ScriptObject
+) -> torch.ScriptObject:
+    """An eager op's Work, in its place one that completes once ``event`` is timed, so a
+    caller who waited reads its seconds. Gloo's reduce-scatter has no future, and its
+    ``wait()`` copies the result out (an all-reduce underneath) each time it is called: a
+    thread waits on it once (``compat.work_completion``). Gloo's send and recv have no future
+    either: those are launch-timed (the module's docstring) and left as they are."""
+    work = compat.unbox_work(boxed)
+    if event.op in ("send", "recv"):
+        with contextlib.suppress(RuntimeError):
+            _time_until_done(event, t0, work.get_future())
+        return boxed
+    done = compat.work_completion(work, tensors).then(functools.partial(_stamped, event, t0))
+    return compat.work_from_future(done)
 
 
 def record(op: str, nbytes: int, group: dist.ProcessGroup | None = None, future: Any = None) -> Any:
@@ -428,12 +452,9 @@ class _Mode(TorchDispatchMode):
             if func.namespace == "c10d":
                 return emulator.delay_works(e, out, args[0], t0)  # it times them
             return out
-        for w in tree_flatten(out)[0]:
-            if isinstance(w, torch.ScriptObject):  # eager ops return a boxed Work
-                # Gloo p2p Works raise "getFuture not implemented": those stay launch-timed.
-                with contextlib.suppress(RuntimeError):
-                    _time_until_done(e, t0, compat.work_future(w))
-        return out
+        # Eager ops return a boxed Work: timed until it completes.
+        tensors = [t for t in tree_flatten(args[0])[0] if isinstance(t, torch.Tensor)]
+        return compat.tree_map_only(torch.ScriptObject, functools.partial(_timed, e, t0, tensors), out)  # fmt: skip
 
     def _finish(self, tensor: torch.Tensor) -> None:
         if (pending := self.waiting.pop(_storage(tensor), None)) is not None:
