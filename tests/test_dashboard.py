@@ -390,6 +390,25 @@ def test_the_cluster_choice_predicts_every_step_there(dashboard):
     assert total_ms == pytest.approx(1e3 * run.prediction.step_time.iloc[1:].mean())
 
 
+def test_a_clusters_first_run_trains_before_this_machine_is_measured(dashboard, monkeypatch):
+    """Issue 22: Start on a cluster not yet calibrated used to measure it first (0.5-1 s
+    before the first step). Now the first run trains at once and is measured after its last
+    step, predicted whole at its last paint; the next run is predicted as its steps come."""
+    measured_after: list[int] = []  # records of the live run when the calibration began
+    real = pdlab.lab.dashboard.calibrate
+
+    def calibrate(cluster):
+        measured_after.append(len(dashboard.runs[-1].records))
+        return real(cluster)
+
+    monkeypatch.setattr(pdlab.lab.dashboard, "calibrate", calibrate)
+    for _ in range(2):
+        dashboard.start(strategy="dp", steps=4, **SMALL)
+        result = dashboard.wait(timeout=120)
+        assert list(dashboard.runs[-1].prediction.step) == list(result.steps.step)
+    assert measured_after == [4 * 2]  # once, after the first run's 4 steps on both ranks
+
+
 def test_a_link_is_emulated_on_the_ranks_or_only_predicted(dashboard):
     """On a 100 Mbit/s link each step takes at least what the busiest rank sends over it:
     emulated, the measured step does; with emulate off only the prediction does."""

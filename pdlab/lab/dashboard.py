@@ -19,7 +19,9 @@ The cluster control says what a run costs elsewhere: this machine, a link (its r
 it, ``pdlab.cost.emulation``, unless "emulate" is off) or a GPU cluster. Each run's steps are
 predicted there as they come in (``pdlab.predict``, from the run's compute and exact ops): the
 throughput plot shows them dotted beside the measured ones, and a bar a run splits the
-predicted step into compute, exposed communication and bubble.
+predicted step into compute, exposed communication and bubble. A prediction here, or on a
+link, adds this machine's transport, measured once a cluster (``calibrate``) after its first
+run, so that Start trains at once: that run is predicted whole when it ends.
 
 The dashboard owns the clusters it starts: ``close()`` stops its run and shuts them down
 (the controls stay: Start then starts a fresh cluster), and a new ``Dashboard`` closes the
@@ -145,9 +147,18 @@ class Run:
     prediction: pd.DataFrame | None = None  # ``pdlab.predict``'s rows for the steps so far
     prediction_error: str = ""
 
+    @property
+    def measures_here(self) -> bool:
+        """Whether its prediction adds this machine's transport (a prediction here, or on a
+        link its ranks emulate): it needs a ``calibration``."""
+        return self.config.world_size > 1 and (
+            self.cluster == THIS_MACHINE or _emulable(self.cluster)
+        )
+
     def predict(self, current: TrainResult) -> None:
-        """Predict the steps of ``current`` not predicted yet (each step is predicted alone)."""
-        if self.prediction_error:
+        """Predict the steps of ``current`` not predicted yet (each step is predicted alone);
+        none before its ``calibration`` is there, when it needs one."""
+        if self.prediction_error or (self.measures_here and self.calibration is None):
             return
         done = -1 if self.prediction is None else int(self.prediction.step.max())
         if current.ranks.step.max() <= done:
@@ -581,14 +592,17 @@ class Dashboard:
             cluster = self._cluster_of_size(run.world_size)
             run.expected = expected_comm(run.config, cluster.backend)
             run.backend = cluster.backend
-            if run.config.world_size > 1 and (
-                run.cluster == THIS_MACHINE or _emulable(run.cluster)
-            ):
-                run.calibration = self._calibration(cluster)
+            calibrated = self._calibrated is not None and self._calibrated[0] is cluster
+            if run.measures_here and calibrated:
+                run.calibration = self._calibrated[1]
             if not run.stop_requested:
                 run.status = "running"  # the ranks say their phases, then the line counts steps
                 painter.start()
                 run.result = train(cluster, run.config)
+            if run.measures_here and not calibrated and not run.stop_requested:
+                # A cluster's first run trains first, as Start to the first point is what a
+                # learner waits for; its steps are predicted at its last paint, measured then.
+                run.calibration = self._calibration(cluster)
         except Exception as exc:  # shown in the dashboard, raised again by wait()
             if not run.stop_requested:
                 run.error = exc
@@ -613,10 +627,14 @@ class Dashboard:
         return self.cluster
 
     def _calibration(self, cluster: Cluster) -> Calibration:
-        """This machine's link and matmul rate, measured once a cluster (about a second):
-        a prediction here, or on a link its ranks emulate, adds this machine's transport."""
+        """This machine's link and matmul rate, measured once a cluster (about a second),
+        after the cluster's first run: a prediction here, or on a link its ranks emulate, adds
+        this machine's transport."""
         if self._calibrated is None or self._calibrated[0] is not cluster:
-            self._say(f"measuring this machine's link and compute on {cluster.world_size} ranks")
+            self._say(
+                f"measuring this machine's link and compute on {cluster.world_size} ranks, "
+                "to predict the run"
+            )
             self._calibrated = (cluster, calibrate(cluster))
         return self._calibrated[1]
 
