@@ -409,6 +409,25 @@ def test_a_clusters_first_run_trains_before_this_machine_is_measured(dashboard, 
     assert measured_after == [4 * 2]  # once, after the first run's 4 steps on both ranks
 
 
+def test_a_prediction_here_shows_its_band(dashboard):
+    """Without a link, a run on this machine is predicted on the idle calibration (dotted)
+    and, shaded up from it, on the transport as the run's own collectives met it
+    (``under_load``: issue 17's band). A pipeline's sends alone have no band."""
+    for strategy in ("dp", "pp-1f1b"):
+        dashboard.start(strategy=strategy, steps=4, micro_batches=2, **SMALL)
+        dashboard.wait(timeout=120)
+    dp, pp = dashboard.runs[-2:]
+    assert (dp.prediction.samples_per_s_loaded <= dp.prediction.samples_per_s).all()
+    assert "samples_per_s_loaded" not in pp.prediction
+    throughput = [t for t in dashboard.figure.data if t.xaxis == "x2"]
+    names = [t.name for t in throughput]
+    band = throughput[names.index(f"{dp.name}, predicted with the run's own transport")]
+    assert names[names.index(band.name) - 1] == f"{dp.name}, predicted on this-machine"
+    assert band.fill == "tonexty" and list(band.y) == pytest.approx(list(dp.prediction.samples_per_s_loaded))  # fmt: skip
+    assert not any(name.startswith(pp.name) and "own transport" in name for name in names)
+    assert "shaded: its band" in dashboard.figure.layout.annotations[1].text
+
+
 def test_a_link_is_emulated_on_the_ranks_or_only_predicted(dashboard):
     """On a 100 Mbit/s link each step takes at least what the busiest rank sends over it:
     emulated, the measured step does; with emulate off only the prediction does."""

@@ -51,7 +51,7 @@ from plotly.subplots import make_subplots
 
 from pdlab.control.cluster import Cluster
 from pdlab.cost import emulation
-from pdlab.cost.calibration import Calibration, calibrate
+from pdlab.cost.calibration import Calibration, calibrate, under_load
 from pdlab.cost.predictor import predict
 from pdlab.cost.topology import THIS_MACHINE
 from pdlab.lab import plots
@@ -171,6 +171,8 @@ class Run:
         target = None if self.cluster == THIS_MACHINE else self.cluster
         try:
             fresh = predict(new, target, calibration=self.calibration)
+            if self.cluster == THIS_MACHINE and self.config.link is None:
+                fresh = with_band(fresh, new, under_load(current, self.calibration), self.calibration)  # fmt: skip
         except Exception as exc:  # the run goes on; the status line says why there is none
             self.prediction_error = f"{type(exc).__name__}: {exc}"
             return
@@ -751,6 +753,22 @@ class Dashboard:
     def _set_buttons(self, running: bool) -> None:
         self.start_button.disabled = running
         self.stop_button.disabled = not running
+
+
+def with_band(
+    predicted: pd.DataFrame, run: TrainResult, loaded: Calibration, idle: Calibration
+) -> pd.DataFrame:
+    """``predicted`` (``run``'s steps on this machine, ``idle`` its calibration) with the top
+    of its band: the steps predicted again on this machine's transport as the run's
+    collectives met it (``loaded``, ``under_load``: on a busy machine a message also waits for
+    its peer's thread to get a core, which an idle calibration never sees). ``*_loaded``
+    columns; none where the run met the idle link (or has no collectives: a pipeline)."""
+    if loaded is idle:
+        return predicted
+    top = predict(run, None, calibration=loaded)
+    return predicted.assign(
+        step_time_loaded=top.step_time.to_numpy(), samples_per_s_loaded=top.samples_per_s.to_numpy()
+    )
 
 
 def _cluster_name(cluster: str) -> str:

@@ -123,6 +123,19 @@ def _per_step(
                 opacity=0.6,
                 hovertemplate=hover,
             )
+            if f"{column}_loaded" in table:  # the band up to this machine's transport as loaded
+                fig.add_scatter(
+                    x=table.step,
+                    y=table[f"{column}_loaded"],
+                    name=f"{name}, predicted with the run's own transport",
+                    legendgroup=name,
+                    showlegend=False,
+                    mode="lines",
+                    line={"color": color, "width": 0},
+                    fill="tonexty",  # to the prediction just drawn
+                    opacity=0.4,
+                    hovertemplate=hover,
+                )
     if any(trace.showlegend is False for trace in fig.data):  # one entry says what dots mean
         fig.add_scatter(
             x=[None], y=[None], mode="lines", name="predicted", line={"color": "gray", **PREDICTED}
@@ -138,7 +151,10 @@ def loss(runs: Runs) -> go.Figure:
 def throughput(runs: Runs, predicted: Mapping[str, pd.DataFrame] | None = None) -> go.Figure:
     """Samples per second vs step (global batch / slowest rank's step time), one trace a run;
     dotted in the run's colour, ``predicted[name]`` (a ``pdlab.predict`` table) beside it."""
-    title = "Throughput (dotted: predicted)" if predicted else "Throughput"
+    banded = any("samples_per_s_loaded" in table for table in (predicted or {}).values())
+    title = "Throughput"
+    if predicted:
+        title += " (dotted: predicted, shaded: its band)" if banded else " (dotted: predicted)"
     fig = _per_step(runs, "samples_per_s", title, "samples/s", predicted, "samples/s")
     values = [y for trace in fig.data for y in trace.y if y is not None and y > 0]
     if values and max(values) > SPREAD * min(values):  # a GPU cluster beside these CPUs
