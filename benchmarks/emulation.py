@@ -2,9 +2,10 @@
 
     python benchmarks/emulation.py [--steps 10] [--repeats 3]
         [--cases dp:scratch:2:100Mbit/s,tp:scratch:2:100Mbit/s,pp-1f1b:scratch:2:20Mbit/s]
+    python benchmarks/emulation.py --every 30Mbit/s [--world-sizes 2,3,4]   # every strategy
 
-For each case (strategy:impl:world size:rate, the lab's GPT; the rates make communication
-most of a step):
+For each case (strategy:impl:world size:rate[:model], the lab's GPT unless a model is named;
+the rates make communication most of a step; ``--every``: each strategy and impl that fits):
 
 - *real*: ``python -m pdlab run ... --json`` inside a private network namespace whose loopback
   is rate-limited by a ``tbf`` qdisc (``throttled_loopback``). The kernel process, its ranks,
@@ -33,7 +34,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from common import batch_for, strategies
+
 from pdlab.cost.topology import parse_link
+from pdlab.training import registry
 
 WARMUP = 2  # steps left out of each run's median: lazy init, first DDP constructor
 CASES = (
@@ -97,23 +101,26 @@ class Case:
     impl: str
     world_size: int
     rate: str
+    model: str = "gpt"
 
     @classmethod
     def parse(cls, text: str) -> Case:
-        strategy, impl, world, rate = text.split(":")
-        return cls(strategy, impl, int(world), rate)
+        """``strategy:impl:world size:rate[:model]``."""
+        strategy, impl, world, rate, *model = text.split(":")
+        return cls(strategy, impl, int(world), rate, *model)
 
     def __str__(self) -> str:
-        return f"{self.strategy}/{self.impl} w{self.world_size} @{self.rate}"
+        model = "" if self.model == "gpt" else f" {self.model}"
+        return f"{self.strategy}/{self.impl}{model} w{self.world_size} @{self.rate}"
 
 
 def step_time(case: Case, steps: int, link: str | None = None, netns: str | None = None) -> float:
     """Median step time (after ``WARMUP``) of one ``python -m pdlab run`` of ``case``."""
     cmd = [sys.executable, "-m", "pdlab", "run", "--strategy", case.strategy,
-           "--impl", case.impl, "--world-size", str(case.world_size), "--model", "gpt",
+           "--impl", case.impl, "--world-size", str(case.world_size), "--model", case.model,
            "--steps", str(steps), "--json"]  # fmt: skip
-    if case.strategy.startswith("pp"):
-        cmd += ["--micro-batches", "4"]
+    micro_batches = 4 if registry.get(case.strategy).micro_batched else 1
+    cmd += ["--micro-batches", str(micro_batches), "--batch-size", str(batch_for(case.world_size, 4))]  # fmt: skip
     if link:
         cmd += ["--link", link]
     if netns:
@@ -143,15 +150,32 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--every", metavar="RATE", help="every strategy and impl at RATE instead")
+    p.add_argument("--world-sizes", default="2,3,4", help="with --every")
     args = p.parse_args()
+    if args.every:
+        worlds = [int(w) for w in args.world_sizes.split(",")]
+        cases = [(s, i, w) for w in worlds for s, i in strategies(w, list(registry.impls()))]
+        # Expert parallelism needs the model with experts.
+        model = {(s, w): ":moe" if registry.layout_for(s, w).ep > 1 else "" for s, _, w in cases}
+        args.cases = ",".join(f"{s}:{i}:{w}:{args.every}{model[s, w]}" for s, i, w in cases)
     if why := cannot_throttle():
         sys.exit(f"error: {why}")
     print(f"GPT, {args.steps} steps a run, median step time after {WARMUP}, median of "
           f"{args.repeats} runs each; tbf at RATE vs --link RATE:shared")  # fmt: skip
     print(f"{'case':<34} {'real tbf s':>10} {'emulated s':>10} {'emulated/real':>13}")
+    ratios, skipped = [], []
     for case in map(Case.parse, args.cases.split(",")):
-        real, emulated = compare(case, args.steps, args.repeats)
+        try:
+            real, emulated = compare(case, args.steps, args.repeats)
+        except RuntimeError as refused:  # the model can't take it at this world size
+            skipped.append(f"{case}: {str(refused).strip().splitlines()[-1]}")
+            continue
+        ratios.append(emulated / real)
         print(f"{case!s:<34} {real:>10.4f} {emulated:>10.4f} {emulated / real:>13.3f}", flush=True)
+    within = sum(abs(r - 1) <= 0.15 for r in ratios)
+    print(f"{within} of {len(ratios)} within 15%; median ratio {statistics.median(ratios):.3f}")
+    print("\n".join(f"skipped {why}" for why in skipped))
 
 
 if __name__ == "__main__":

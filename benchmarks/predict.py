@@ -21,23 +21,13 @@ import os
 import statistics
 import time
 
-from common import median_after
+from common import batch_for, median_after, strategies
 
 import pdlab
 from pdlab.cost.calibration import calibrate, under_load
 from pdlab.training import registry
 
 WARMUP = 2  # steps left out: the first counts FLOPs (slower) and warms every cache
-
-
-def strategies(world: int, impls: list[str]) -> list[tuple[str, str]]:
-    """Every registered (strategy, impl) but ``single`` that runs at ``world`` ranks on CPU."""
-    found = []
-    for name in registry.names():
-        strategy = registry.get(name)
-        if name != "single" and strategy.fits(world):
-            found += [(name, impl) for impl in impls if impl in strategy.impls]
-    return found
 
 
 def one_round(cluster: pdlab.Cluster, args: argparse.Namespace) -> dict:
@@ -47,9 +37,7 @@ def one_round(cluster: pdlab.Cluster, args: argparse.Namespace) -> dict:
     for strategy, impl in strategies(cluster.world_size, args.impls.split(",")):
         run = dict(strategy=strategy, impl=impl, model=args.model, steps=args.steps)
         split = args.micro_batches if registry.get(strategy).micro_batched else 1
-        # A batch every data-parallel rank and micro-batch gets a whole share of (world 3: 36).
-        unit = cluster.world_size * args.micro_batches
-        run |= dict(micro_batches=split, batch_size=-(-args.batch_size // unit) * unit)
+        run |= dict(micro_batches=split, batch_size=batch_for(cluster.world_size, args.micro_batches, args.batch_size))  # fmt: skip
         if strategy == "pp-interleaved":  # several model chunks a rank
             run["virtual_stages"] = 2
         for mode, link in (("emulated", args.link), ("this machine", None)):
