@@ -221,6 +221,36 @@ def test_interrupt_reaches_the_ranks(cluster):
     assert pids_of(cluster) == before  # they finished; nothing was killed
 
 
+def test_an_interrupt_landing_in_a_finalizer_still_reaches_the_call(cluster):
+    """Python drops what a ``__del__`` raises ("Exception ignored in"): lab 05's Stop once
+    landed in pdlab.measure.memory's finalizer and the rank trained on. Here nearly all the
+    time is spent in a ``__del__``; the interrupt must still stop the loop."""
+
+    def spin_in_finalizers():
+        class Slow:
+            def __del__(self):
+                end = time.monotonic() + 0.05
+                while time.monotonic() < end:
+                    pass
+
+        try:
+            for _ in range(400):  # 20 s, all but nothing of it inside __del__
+                Slow()
+        except KeyboardInterrupt:
+            pdlab.log(interrupted=True)
+            raise
+
+    seen = len(cluster.metrics)
+    main = threading.main_thread().ident
+    threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cluster.run(spin_in_finalizers)
+    assert time.monotonic() - start < 10
+    records = cluster.metrics[seen:]
+    assert sorted(r["rank"] for r in records if r.get("interrupted")) == [0, 1]
+
+
 def test_unpicklable_function_is_refused_before_sending(cluster):
     lock = threading.Lock()
     with pytest.raises(TypeError, match="can't send 'uses_lock' to the ranks"):

@@ -267,8 +267,14 @@ def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
     def on_interrupt(signum: int, frame: Any) -> None:
         # Only user code is interrupted: a late interrupt must not tear a reply mid-send
         # or kill the rank between calls.
-        if running.is_set():
-            raise KeyboardInterrupt
+        if not running.is_set():
+            return
+        if in_finalizer(frame):
+            # Python prints and drops what a __del__ raises ("Exception ignored in"): seen
+            # when autograd freed a saved tensor (pdlab.measure.memory). Raise it just after.
+            threading.Timer(0.01, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
+            return
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_interrupt)
 
@@ -307,6 +313,15 @@ def _put_back_the_users_environment() -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+def in_finalizer(frame: Any) -> bool:
+    """Whether ``frame`` runs inside a ``__del__``, where an exception is dropped."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
