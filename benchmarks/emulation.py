@@ -34,7 +34,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from common import batch_for, strategies
+try:
+    from common import batch_for, strategies  # run as a script: python benchmarks/emulation.py
+except ModuleNotFoundError:  # imported as benchmarks.emulation (the tests, two_hosts.py)
+    from benchmarks.common import batch_for, strategies
 
 from pdlab.cost.topology import parse_link
 from pdlab.training import registry
