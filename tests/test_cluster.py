@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -199,22 +200,38 @@ def test_timeout_names_the_ranks_still_running(cluster):
     assert cluster.run(pdlab.rank) == [0, 1]
 
 
+def interrupt_once_started(cluster: pdlab.Cluster) -> Callable[[], None]:
+    """Interrupt this (the kernel's) main thread once every rank has logged ``started``:
+    an interrupt that lands before, while a rank still waits for its warm-up, stops the call
+    before the user's code runs (CI under load). Returns the unsubscribe."""
+    started = set()
+    main = threading.main_thread().ident
+
+    def on_record(record: dict) -> None:
+        if record.get("started"):
+            started.add(record["rank"])
+            if len(started) == cluster.world_size:
+                signal.pthread_kill(main, signal.SIGINT)
+
+    return cluster.subscribe(on_record)
+
+
 def test_interrupt_reaches_the_ranks(cluster):
     before = pids_of(cluster)
 
     def sleep_until_interrupted():
         try:
+            pdlab.log(started=True)
             time.sleep(60)
         except KeyboardInterrupt:
             pdlab.log(interrupted=True)
             raise
 
-    main = threading.main_thread().ident
-    timer = threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT))
-    timer.start()
+    unsubscribe = interrupt_once_started(cluster)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         cluster.run(sleep_until_interrupted)
+    unsubscribe()
     assert time.monotonic() - start < 10
     interrupted = [r["rank"] for r in cluster.metrics if r.get("interrupted")]
     assert sorted(interrupted) == [0, 1]
@@ -234,6 +251,7 @@ def test_an_interrupt_landing_in_a_finalizer_still_reaches_the_call(cluster):
                     pass
 
         try:
+            pdlab.log(started=True)
             for _ in range(400):  # 20 s, all but nothing of it inside __del__
                 Slow()
         except KeyboardInterrupt:
@@ -241,11 +259,11 @@ def test_an_interrupt_landing_in_a_finalizer_still_reaches_the_call(cluster):
             raise
 
     seen = len(cluster.metrics)
-    main = threading.main_thread().ident
-    threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT)).start()
+    unsubscribe = interrupt_once_started(cluster)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         cluster.run(spin_in_finalizers)
+    unsubscribe()
     assert time.monotonic() - start < 10
     records = cluster.metrics[seen:]
     assert sorted(r["rank"] for r in records if r.get("interrupted")) == [0, 1]

@@ -208,6 +208,7 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
                     value = fn(*args, **kwargs)
         finally:
             running.clear()
+            sys.settrace(None)  # an interrupt still waiting for a finalizer's caller is void
         try:
             pickled = cloudpickle.dumps(value)
         except Exception as exc:
@@ -269,10 +270,12 @@ def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
         # or kill the rank between calls.
         if not running.is_set():
             return
-        if in_finalizer(frame):
+        caller = finalizers_caller(frame)
+        if caller is not None:
             # Python prints and drops what a __del__ raises ("Exception ignored in"): seen
-            # when autograd freed a saved tensor (pdlab.measure.memory). Raise it just after.
-            threading.Timer(0.01, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
+            # when autograd freed a saved tensor (pdlab.measure.memory). Raise it in the
+            # code the finalizer interrupted, as soon as that code runs again.
+            raise_when_it_resumes(caller)
             return
         raise KeyboardInterrupt
 
@@ -315,13 +318,33 @@ def _put_back_the_users_environment() -> None:
             os.environ[name] = value
 
 
-def in_finalizer(frame: Any) -> bool:
-    """Whether ``frame`` runs inside a ``__del__``, where an exception is dropped."""
+def finalizers_caller(frame: Any) -> Any:
+    """The frame running when the outermost ``__del__`` on ``frame``'s stack was called,
+    or None when ``frame`` runs in no finalizer (or one called with no Python caller)."""
+    caller = None
     while frame is not None:
         if frame.f_code.co_name == "__del__":
-            return True
+            caller = frame.f_back
         frame = frame.f_back
-    return False
+    return caller
+
+
+def raise_when_it_resumes(frame: Any) -> None:
+    """Raise KeyboardInterrupt in ``frame`` at its next line or return: a trace function may
+    raise into the frame it traces. Tracing is on for this thread only until then."""
+
+    def trace(traced: Any, event: str, arg: Any) -> Any:
+        if traced is not frame:
+            return None
+        if event in ("line", "return"):
+            sys.settrace(None)
+            frame.f_trace = None
+            raise KeyboardInterrupt
+        return trace
+
+    frame.f_trace = trace
+    frame.f_trace_lines = True
+    sys.settrace(lambda *_: None)  # local trace functions run only while a global one is set
 
 
 def main(argv: list[str] | None = None) -> None:
