@@ -31,6 +31,7 @@ as seeded at a rank's first call, during the warm-up and after it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import sys
@@ -169,6 +170,7 @@ def in_kernel() -> threading.Thread:
             target=_warm_up, args=(True,), daemon=True, name="pdlab-kernel-warm-up"
         )
         _kernel.start()
+        atexit.register(stop)  # as a rank does at its exit (see ``stop``)
     return _kernel
 
 
