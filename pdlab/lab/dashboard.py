@@ -94,6 +94,7 @@ CLUSTERS = {
 # JupyterLab's output area in a 1280-pixel window with the file browser open is 848 pixels
 # (measured in the browser test); a widget there has no width to fill, so the figure is fixed.
 WIDTH = 820
+MARGIN = {"t": 40, "b": 40, "l": 55, "r": 150}  # the right one holds the legends
 QUIET = {"loss"}  # same runs and colors as the throughput plot: its legend is enough
 # Runs plotted at once: the latest ones. With more, a repaint took seconds (every run redrawn)
 # and legends overlapped; ``Dashboard.table()`` keeps every run.
@@ -273,7 +274,7 @@ def _combine(figures: dict[str, go.Figure]) -> go.Figure:
         width=WIDTH,
         height=4 * plots.HEIGHT,
         barmode="overlay",
-        margin={"t": 40, "b": 40, "l": 55, "r": 150},
+        margin=MARGIN,
         uniformtext=figures["timeline"].layout.uniformtext,  # the Gantt labels that fit
     )
     return grid
@@ -703,7 +704,7 @@ class Dashboard:
         predicted = [r for r in shown if r.prediction is not None]
         # The latest pipeline run's steps: a run of another strategy has no timeline.
         piped = next((r for r in reversed(shown) if plots.timeline_records(r.records)), run)
-        timeline = plots.timeline(piped.records)
+        timeline = plots.timeline(piped.records, plot_width_px=WIDTH - MARGIN["l"] - MARGIN["r"])
         if piped.records:
             timeline.update_layout(title=f"{piped.name}: {timeline.layout.title.text}")
         here = " → this machine"  # other runs' names say where they are predicted

@@ -308,7 +308,13 @@ def timeline_records(records: Sequence[dict], step: int | None = None) -> list[d
     return [latest[r] for r in sorted(latest)]
 
 
-def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
+# What a Gantt label needs at plotly's 12 px font: ~7 px a character, 3 px padding each side.
+LABEL_PX_PER_CHAR, LABEL_PAD_PX = 7.5, 8
+
+
+def timeline(
+    records: Sequence[dict], step: int | None = None, plot_width_px: float | None = None
+) -> go.Figure:
     """A pipeline step as a Gantt chart: each rank's forward (F) and backward (B) micro-batches,
     a zero-bubble run's B (input gradient) and W (weight gradients) apart, each bar labelled
     with its micro-batch and, with several chunks a rank, its chunk (``F3·1``).
@@ -318,7 +324,9 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
     reported is drawn unless ``step`` is given. The title compares the measured bubble (idle
     over busy time of the stages) with the schedule's formula (``pipeline.BUBBLE``) for ``p``
     stages, ``m`` micro-batches and ``v`` chunks a rank. A bar is labelled only where its
-    label fits inside it.
+    label fits inside it: left to plotly (``uniformtext``) unless ``plot_width_px``, the
+    width of the plotting area, is known; then decided here, as a figure repainted in a
+    FigureWidget can lose plotly's decision (lab 05's browser test saw labels shrunk to 6 px).
     """
     chosen = timeline_records(records, step)
     fig = _figure("Pipeline timeline", "ms since the step began", "")
@@ -330,6 +338,17 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
     split = any(e["phase"] == "W" for e in events)  # a zero-bubble run: B and W apart
     v = 1 + max(e.get("chunk", 0) for e in events)  # model chunks a rank (pp-interleaved)
     names = {"F": "forward", "B": "input gradient (B)" if split else "backward", "W": "weights (W)"}
+    # plotly pads a bar's range by about 5%; 10% keeps the estimate on the safe side.
+    span_ms = max(e["end"] - t0 for e in events) * 1e3 * 1.1
+    px_per_ms = plot_width_px / span_ms if plot_width_px and span_ms > 0 else None
+
+    def label(e: dict) -> str:
+        text = f"{e['phase']}{e['mb']}" + (f"·{e['chunk']}" if v > 1 else "")
+        if px_per_ms is None:
+            return text
+        width_px = (e["end"] - e["start"]) * 1e3 * px_per_ms
+        return text if width_px >= LABEL_PX_PER_CHAR * len(text) + LABEL_PAD_PX else ""
+
     for phase, color in PHASE_COLORS.items():
         mine = [e for e in events if e["phase"] == phase]
         if not mine:
@@ -339,7 +358,7 @@ def timeline(records: Sequence[dict], step: int | None = None) -> go.Figure:
             y=[f"rank {e['rank']} · stage {e['stage']}" for e in mine],
             base=[(e["start"] - t0) * 1e3 for e in mine],
             x=[(e["end"] - e["start"]) * 1e3 for e in mine],
-            text=[f"{phase}{e['mb']}" + (f"·{e['chunk']}" if v > 1 else "") for e in mine],
+            text=[label(e) for e in mine],
             textposition="inside",
             insidetextanchor="middle",
             textangle=0,  # never turned on end to fit a thin bar: left out instead
