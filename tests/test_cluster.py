@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import pdlab
+from pdlab.control import protocol
 from pdlab.control.cluster import choose_backend
 
 from .conftest import worker_pids
@@ -236,6 +237,40 @@ def test_interrupt_reaches_the_ranks(cluster):
     interrupted = [r["rank"] for r in cluster.metrics if r.get("interrupted")]
     assert sorted(interrupted) == [0, 1]
     assert pids_of(cluster) == before  # they finished; nothing was killed
+
+
+def test_an_interrupt_between_two_sends_stops_the_ranks_that_have_the_call(cluster, monkeypatch):
+    """Under load, Ctrl-C once landed while the kernel still sent the call to rank 1, with
+    rank 0 running it: the kernel raised and left rank 0 running (CI)."""
+    before = pids_of(cluster)
+    link = cluster._resources.links[1]
+    send, started = link.send, threading.Event()
+    unsubscribe = cluster.subscribe(lambda record: record.get("started") and started.set())
+
+    def interrupted_before_the_call(message):
+        if isinstance(message, protocol.Call):
+            assert started.wait(30)  # rank 0 runs the call
+            raise KeyboardInterrupt  # as a Ctrl-C landing here does
+        send(message)
+
+    def sleep_until_interrupted():
+        try:
+            pdlab.log(started=True)
+            time.sleep(60)
+        except KeyboardInterrupt:
+            pdlab.log(interrupted=True)
+            raise
+
+    monkeypatch.setattr(link, "send", interrupted_before_the_call)
+    seen = len(cluster.metrics)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cluster.run(sleep_until_interrupted)
+    unsubscribe()
+    monkeypatch.undo()
+    assert time.monotonic() - start < 10
+    assert [r["rank"] for r in cluster.metrics[seen:] if r.get("interrupted")] == [0]
+    assert cluster.run(pdlab.rank) == [0, 1] and pids_of(cluster) == before
 
 
 def test_an_interrupt_landing_in_a_finalizer_still_reaches_the_call(cluster):

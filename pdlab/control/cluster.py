@@ -533,14 +533,16 @@ class Cluster:
             targets = self._check_ranks(ranks)
             call = _Call(self, next(self._calls), targets, timeout)
             workdir = (os.getcwd(), list(sys.path))
-            for rank in targets:
+
+            def send(rank: int) -> None:
                 # The kernel's working directory and sys.path, when they changed since the
                 # rank last heard them: a rank's relative paths and imports work as here.
                 heard, self._workdirs[rank] = self._workdirs.get(rank), workdir
                 update = workdir if heard != workdir else None
                 self._resources.links[rank].send(protocol.Call(call.call_id, kind, payload, update))
+
             try:
-                return call.wait()
+                return call.wait(send)
             finally:
                 self._output.flush()
         finally:
@@ -663,7 +665,7 @@ class _Call:
 
     def __init__(self, cluster: Cluster, call_id: int, ranks: list[int], timeout: float | None):
         self.cluster, self.call_id, self.ranks = cluster, call_id, ranks
-        self.pending = set(ranks)
+        self.pending: set[int] = set()  # the ranks it was sent to that have not replied
         self.results: dict[int, Any] = {}
         self.counts: dict[int, protocol.Counts] = {}  # each reply's operations per group
         self.failures: list[protocol.Failure] = []
@@ -678,17 +680,23 @@ class _Call:
         # the call: ``_ensure_running``).
         self._next_look = time.monotonic() + LOOK_S
 
-    def wait(self) -> list[Any]:
-        """The results by rank; raises RankError, CallTimeout or KeyboardInterrupt."""
+    def wait(self, send: Callable[[int], None]) -> list[Any]:
+        """``send(rank)`` the call to each rank, then the results by rank; raises RankError,
+        CallTimeout or KeyboardInterrupt."""
         try:
-            return self._wait()
+            return self._wait(send)
         finally:
             if self.group_problems:  # the next call starts fresh ranks
                 problem = next(iter(self.group_problems.values()))
                 self.cluster._mark_broken(f"{problem} on rank(s) {sorted(self.group_problems)}")
 
-    def _wait(self) -> list[Any]:
+    def _wait(self, send: Callable[[int], None]) -> list[Any]:
         try:
+            # Sent inside the try: an interrupt that lands between two sends (CI, under load:
+            # the first ranks had started) must stop the ranks that have the call too.
+            for rank in self.ranks:
+                send(rank)
+                self.pending.add(rank)
             while self.pending and not self.failures:
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self._timed_out()
