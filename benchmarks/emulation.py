@@ -74,25 +74,35 @@ def cannot_throttle() -> str | None:
     return None
 
 
+def bucket_bytes(bytes_per_s: float) -> int:
+    """tbf's bucket for a link of ``bytes_per_s``: as small as works, 128 us of the rate and
+    no less than 4 KB (two 1500-byte packets and their headers); 16 KB at 1 Gbit/s, where
+    a smaller bucket would need the qdisc's timer every few microseconds."""
+    return max(4096, round(bytes_per_s * 128e-6))
+
+
 @contextmanager
 def throttled_loopback(rate: str) -> Iterator[str]:
     """A private network namespace whose loopback sends at most ``rate`` (a pdlab link rate,
     '100Mbit/s'), all senders together; yields its name. Removed on exit, even on failure.
 
     lo gets MTU 1500: with its default 65,536 bytes a packet never fits the bucket and TCP
-    stalls (shared/FACTS.md). The bucket is 16 KB, not FACTS.md's 64 KB: a full 64 KB bucket
-    lets a pipeline's 64 KB activation through at once, at no rate at all.
+    stalls (shared/FACTS.md). The bucket (``bucket_bytes``) is what a link idle long enough
+    sends at no rate at all, which no emulated link does: FACTS.md's 64 KB let a pipeline's
+    64 KB activation through at once, and 16 KB still a quarter of it (pipelines emulated
+    1.15-1.35x slower than tbf at 30 Mbit/s).
     """
     if why := cannot_throttle():
         raise RuntimeError(f"can't throttle loopback: {why}")
-    bits_per_s = round(parse_link(rate).bandwidth * 8)
+    bytes_per_s = parse_link(rate).bandwidth
+    bits_per_s = round(bytes_per_s * 8)
     name = f"{NETNS_PREFIX}{os.getpid()}"
     remove_stale_namespaces()
     _sh("ip", "netns", "add", name)
     try:
         _sh("ip", "netns", "exec", name, "ip", "link", "set", "lo", "mtu", "1500", "up")
         _sh("ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
-            "rate", f"{bits_per_s}bit", "burst", "16kb", "latency", "200ms")  # fmt: skip
+            "rate", f"{bits_per_s}bit", "burst", str(bucket_bytes(bytes_per_s)), "latency", "200ms")  # fmt: skip
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
