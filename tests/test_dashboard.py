@@ -309,12 +309,12 @@ def test_the_gantt_labels_only_what_fits():
     ]
     fig = plots.timeline([{"rank": 0, "step": 0, "timeline": events}])
     assert fig.layout.uniformtext.mode == "hide" and fig.data[0].textposition == "inside"
-    # Where the plot's width is known the fit is decided here. 4 bars of 1 s end at 4 s, plus
-    # 10% for plotly's padding: on 110 px a bar is 25 px, room for "F0" (2 * 7.5 + 8 = 23 px);
-    # on 90 px it is 20 px, and no label is drawn.
+    # Where the plot's width is known the fit is decided here. 4 bars of 1 s on an x range of
+    # 4.08 s, after 16 characters of row names (120 px): on 230 px a bar is 27 px, room for
+    # "F0" (2 * 7.5 + 8 = 23 px); on 200 px it is 20 px, and no label is drawn.
     wide, narrow = (
         plots.timeline([{"rank": 0, "step": 0, "timeline": events}], plot_width_px=width).data
-        for width in (110, 90)
+        for width in (230, 200)
     )
     assert list(wide[0].text) == ["F0", "F1"] and list(wide[1].text) == ["B2", "B3"]
     assert list(narrow[0].text) == ["", ""] and list(narrow[1].text) == ["", ""]

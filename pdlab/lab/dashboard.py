@@ -257,7 +257,7 @@ def _combine(figures: dict[str, go.Figure]) -> go.Figure:
             trace.update(
                 legend=legend, showlegend=name not in QUIET and trace.showlegend is not False
             )
-        axes.xaxis.title.text = fig.layout.xaxis.title.text
+        axes.xaxis.update(title_text=fig.layout.xaxis.title.text, range=fig.layout.xaxis.range)
         axes.yaxis.update(
             title_text=fig.layout.yaxis.title.text,
             autorange=fig.layout.yaxis.autorange,

@@ -338,9 +338,17 @@ def timeline(
     split = any(e["phase"] == "W" for e in events)  # a zero-bubble run: B and W apart
     v = 1 + max(e.get("chunk", 0) for e in events)  # model chunks a rank (pp-interleaved)
     names = {"F": "forward", "B": "input gradient (B)" if split else "backward", "W": "weights (W)"}
-    # plotly pads a bar's range by about 5%; 10% keeps the estimate on the safe side.
-    span_ms = max(e["end"] - t0 for e in events) * 1e3 * 1.1
-    px_per_ms = plot_width_px / span_ms if plot_width_px and span_ms > 0 else None
+
+    def row(e: dict) -> str:
+        return f"rank {e['rank']} · stage {e['stage']}"
+
+    span_ms = max(e["end"] - t0 for e in events) * 1e3 * 1.02  # the x range, set below
+    px_per_ms = None
+    if plot_width_px and span_ms > 0:
+        # plotly widens the left margin to fit the rows' names: take their width off,
+        # counted as generously as the labels' (CI saw "F0" shrunk on a borderline bar).
+        bars_px = plot_width_px - LABEL_PX_PER_CHAR * max(len(row(e)) for e in events)
+        px_per_ms = max(bars_px, 0) / span_ms
 
     def label(e: dict) -> str:
         text = f"{e['phase']}{e['mb']}" + (f"·{e['chunk']}" if v > 1 else "")
@@ -355,7 +363,7 @@ def timeline(
             continue  # W only in a zero-bubble run
         fig.add_bar(
             orientation="h",
-            y=[f"rank {e['rank']} · stage {e['stage']}" for e in mine],
+            y=[row(e) for e in mine],
             base=[(e["start"] - t0) * 1e3 for e in mine],
             x=[(e["end"] - e["start"]) * 1e3 for e in mine],
             text=[label(e) for e in mine],
@@ -382,6 +390,7 @@ def timeline(
     fig.update_layout(
         title=f"{measured}, {formula} for p={p}, m={m}" + (f", v={v}" if v > 1 else ""),
         yaxis_autorange="reversed",
+        xaxis_range=[0, span_ms] if px_per_ms is not None else None,
         uniformtext={"minsize": 9, "mode": "hide"},  # a label that doesn't fit is left out
     )
     return fig
