@@ -217,16 +217,18 @@ def interrupt_once_started(cluster: pdlab.Cluster) -> Callable[[], None]:
     return cluster.subscribe(on_record)
 
 
+def sleep_until_interrupted() -> None:
+    """On a rank: log ``started``, sleep, and log ``interrupted`` if interrupted."""
+    try:
+        pdlab.log(started=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        pdlab.log(interrupted=True)
+        raise
+
+
 def test_interrupt_reaches_the_ranks(cluster):
     before = pids_of(cluster)
-
-    def sleep_until_interrupted():
-        try:
-            pdlab.log(started=True)
-            time.sleep(60)
-        except KeyboardInterrupt:
-            pdlab.log(interrupted=True)
-            raise
 
     unsubscribe = interrupt_once_started(cluster)
     start = time.monotonic()
@@ -252,14 +254,6 @@ def test_an_interrupt_between_two_sends_stops_the_ranks_that_have_the_call(clust
             assert started.wait(30)  # rank 0 runs the call
             raise KeyboardInterrupt  # as a Ctrl-C landing here does
         send(message)
-
-    def sleep_until_interrupted():
-        try:
-            pdlab.log(started=True)
-            time.sleep(60)
-        except KeyboardInterrupt:
-            pdlab.log(interrupted=True)
-            raise
 
     monkeypatch.setattr(link, "send", interrupted_before_the_call)
     seen = len(cluster.metrics)
