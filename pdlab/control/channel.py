@@ -81,7 +81,7 @@ class ControlServer:
         port: int,
         token: bytes,
         links: list[RankLink],
-        events: queue.Queue,
+        events: queue.SimpleQueue,
         publish: Callable[[], Callable[[int, protocol.Metrics], None] | None],
     ):
         """``publish()`` returns the metrics callback, or None once its cluster is gone (a

@@ -233,7 +233,7 @@ class Cluster:
         # What this kernel's first pdlab.train and dashboard import, while the ranks start.
         warmup.in_kernel()
         self._token = secrets.token_hex(32).encode()
-        self._events: queue.Queue = queue.Queue()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._output = RankOutput()
         self._workdirs: dict[int, tuple[str, list[str]]] = {}  # what each rank was last sent
         # Each rank's operations per process group when the ranks were last known in step.

@@ -259,7 +259,7 @@ def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
     # "__main__", so a whole script pasted into %%ranks runs its `if __name__ == "__main__":`
     namespace: dict[str, Any] = {"__name__": "__main__", "display": rich_output.display}
     exec("import torch, torch.distributed as dist, pdlab", namespace)
-    calls: queue.Queue = queue.Queue()
+    calls: queue.SimpleQueue = queue.SimpleQueue()
     running = threading.Event()
     main_thread = threading.main_thread().ident
     if warm_up:
