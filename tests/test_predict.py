@@ -33,6 +33,7 @@ from pdlab.cost.predictor import (
 )
 from pdlab.cost.topology import Topology
 from pdlab.lab.cli import main
+from pdlab.measure import flops
 from pdlab.measure.busy import BusyClock
 from pdlab.measure.flops import FlopCounter
 from pdlab.training.layout import Layout
@@ -249,6 +250,26 @@ def test_flop_counter_counts_matmuls_and_cpu_attention_by_hand():
     with FlopCounter() as counter:
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert counter.flops == 4 * 2 * 4 * 32 * 32 * 16  # two products of 2·b·h·s·s·d
+
+
+def _linear_then_relu_twice(counter: FlopCounter) -> int:
+    """What the counter sees of a composite op that reached it (as sdpa's math path may):
+    ``aten.linear``, which decomposes into a counted matmul; and ``aten.relu``, which doesn't."""
+    x, w = torch.randn(8, 16), torch.randn(32, 16)
+    for _ in range(2):
+        counter.__torch_dispatch__(torch.ops.aten.linear.default, (torch.Tensor,), (x, w))
+        counter.__torch_dispatch__(torch.ops.aten.relu.default, (torch.Tensor,), (x,))
+    return counter.flops
+
+
+def test_flop_counter_decomposes_a_composite_op_every_time(monkeypatch):
+    """The counter remembers which ops don't decompose (asking costs ~80 us); linear must
+    decompose the second time too. Known wrong: linear remembered as not decomposing."""
+    monkeypatch.setattr(flops, "_DOES_NOT_DECOMPOSE", set())
+    assert _linear_then_relu_twice(FlopCounter()) == 2 * (2 * 8 * 16 * 32)
+    assert torch.ops.aten.relu.default in flops._DOES_NOT_DECOMPOSE
+    monkeypatch.setattr(flops, "_DOES_NOT_DECOMPOSE", {torch.ops.aten.linear.default})
+    assert _linear_then_relu_twice(FlopCounter()) == 0
 
 
 def test_model_flops_agree_with_the_planners_formula():
