@@ -1,10 +1,10 @@
-"""Two hosts for real: two network namespaces joined by a tbf-shaped veth pair (root only).
+"""Two hosts for real: two network namespaces on one switch, their NICs tbf-shaped (root only).
 
     python benchmarks/two_hosts.py [--rate 100Mbit/s] [--steps 12] [--repeats 3]
 
 Each namespace is a host with its own loopback (unshaped: ranks on one host talk at memory
-speed) and one end of a veth pair whose sending side a ``tbf`` qdisc limits to ``--rate``:
-one NIC a host, shared by its ranks. The kernel runs in host A as
+speed) and a veth to a bridge (``hosts``) whose sending side a ``tbf`` qdisc limits to
+``--rate``: one NIC a host, shared by its ranks. The kernel runs in host A as
 ``pdlab.Cluster(4, attach=True, host=A's address)``; each host starts 2 ranks with the
 command ``Cluster.attach_command`` prints (torchrun, c10d rendezvous at A's address: a real
 rendezvous across addresses, gloo over the veth between hosts).
@@ -55,36 +55,49 @@ def _sh(*cmd: str) -> None:
 
 
 @contextmanager
-def two_hosts(rate: str) -> Iterator[tuple[Host, Host]]:
-    """Hosts A and B joined by a veth pair, each side sending at most ``rate``; both
-    namespaces (and so the pair) are removed on exit, even on failure."""
+def hosts(
+    count: int, rate: str, burst: int = 64 << 10, receive_too: bool = False
+) -> Iterator[list[Host]]:
+    """``count`` hosts on one switch (a bridge in a namespace of its own), each host's NIC
+    sending at most ``rate`` (tbf, a bucket of ``burst`` bytes), and with ``receive_too``
+    receiving at most ``rate`` as well: a full-duplex NIC. Every namespace (and so every
+    veth) is removed on exit, even on failure."""
     if why := cannot_throttle():
-        raise RuntimeError(f"can't make two hosts: {why}")
+        raise RuntimeError(f"can't make {count} hosts: {why}")
     bits_per_s = round(parse_link(rate).bandwidth * 8)
     tag = os.getpid()
-    hosts = tuple(
-        Host(f"{NETNS_PREFIX}{tag}-{side}", f"pdl{tag % 100000}{side}", f"{SUBNET}.{k + 1}")
-        for k, side in enumerate("ab")
-    )
+    switch = f"{NETNS_PREFIX}{tag}-switch"
+    made = [
+        Host(f"{NETNS_PREFIX}{tag}-{k}", f"pdl{tag % 100000}h{k}", f"{SUBNET}.{k + 1}")
+        for k in range(count)
+    ]
     remove_stale_namespaces()
+
+    def shape(netns: str, nic: str) -> None:
+        _sh("ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", nic, "root", "tbf",
+            "rate", f"{bits_per_s}bit", "burst", str(burst), "latency", "200ms")  # fmt: skip
+
     try:
-        for host in hosts:
+        _sh("ip", "netns", "add", switch)
+        _sh("ip", "-n", switch, "link", "add", "switch", "type", "bridge")
+        _sh("ip", "-n", switch, "link", "set", "switch", "up")
+        for k, host in enumerate(made):
+            port = f"pdl{tag % 100000}s{k}"  # the switch's end of the host's cable
             _sh("ip", "netns", "add", host.netns)
-        a, b = hosts
-        _sh("ip", "link", "add", a.nic, "type", "veth", "peer", "name", b.nic)
-        for host in hosts:
+            _sh("ip", "link", "add", host.nic, "type", "veth", "peer", "name", port)
             _sh("ip", "link", "set", host.nic, "netns", host.netns)
+            _sh("ip", "link", "set", port, "netns", switch)
+            _sh("ip", "-n", switch, "link", "set", port, "master", "switch", "mtu", "1500", "up")
             _sh("ip", "-n", host.netns, "addr", "add", f"{host.address}/24", "dev", host.nic)
             _sh("ip", "-n", host.netns, "link", "set", "lo", "up")
             _sh("ip", "-n", host.netns, "link", "set", host.nic, "mtu", "1500", "up")
-            # A bucket of 64 KB: at 100 Mbit/s and more, 16 KB refills faster than the
-            # kernel's timer and the rate falls short (measured: 93 Mbit/s of TCP payload).
-            _sh("ip", "netns", "exec", host.netns, "tc", "qdisc", "add", "dev", host.nic,
-                "root", "tbf", "rate", f"{bits_per_s}bit", "burst", "64kb", "latency", "200ms")  # fmt: skip
-        yield a, b
+            shape(host.netns, host.nic)
+            if receive_too:
+                shape(switch, port)
+        yield made
     finally:
-        for host in hosts:
-            subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
+        for netns in (*(host.netns for host in made), switch):
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
 
 
 RECEIVER = """
@@ -110,6 +123,52 @@ def goodput(sender: Host, receiver: Host, nbytes: int = 8 << 20) -> float:
         return float(listening.stdout.readline())
 
 
+@contextmanager
+def attached(cluster, on: list[Host]) -> Iterator[None]:
+    """The ranks of ``cluster`` (``attach=True``, listening in ``on[0]``) started in the hosts
+    ``on``, as many in each, with the torchrun command ``Cluster.attach_command`` prints (c10d
+    rendezvous at the first host's address: a real rendezvous across addresses, gloo over
+    the veths). On exit the cluster is shut down and torchrun waited for; on failure its
+    output is printed.
+
+    The hosts share this machine's cores: each rank gets its share of all of them, not of
+    its host's (a rank alone on its host would take every core, and 4 such ranks on 2 cores
+    run several times slower than 4 that take one each)."""
+    nproc = cluster.world_size // len(on)
+    attach = cluster.attach_command(nnodes=len(on), nproc_per_node=nproc)
+    env, *command = shlex.split(attach.replace("HOST0", on[0].address))
+    token = env.split("=", 1)[1]
+    threads = max(1, (os.cpu_count() or 1) // cluster.world_size)
+    command = [sys.executable, "-m", "torch.distributed.run", *command[1:], f"--threads={threads}"]
+    with tempfile.TemporaryFile("w+") as log:
+        # The hostname resolves to 127.0.0.1 in every namespace, so torchrun is told what it
+        # would guess wrong, as on hosts with several NICs: the first host hosts the
+        # rendezvous (torch's _matches_machine_hostname checks the hostname's addresses)
+        # and each node's address.
+        nodes = []
+        for host in on:
+            hosting = ["--rdzv-conf=is_host=1"] if host is on[0] else []
+            argv = [*command[:3], *hosting, f"--local-addr={host.address}", *command[3:]]
+            nodes.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", host.netns, *argv],
+                    env={**os.environ, "PDLAB_TOKEN": token, "GLOO_SOCKET_IFNAME": host.nic},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        try:
+            yield
+        except BaseException:
+            log.seek(0)
+            print(f"torchrun's output on the hosts:\n{log.read()[-4000:]}", file=sys.stderr)
+            raise
+        finally:
+            cluster.shutdown()
+            for node in nodes:
+                node.wait(timeout=60)
+
+
 def on_hosts(a: Host, b: Host, strategies, steps: int, batch_size: int, inter: Link) -> list[dict]:
     """In host A (the kernel's): run each strategy on 2 + 2 attached ranks and predict it on
     the matching topology, and on two wrong ones: a NIC per rank (each rank its own veth
@@ -127,58 +186,21 @@ def on_hosts(a: Host, b: Host, strategies, steps: int, batch_size: int, inter: L
         "one_host_s": Topology(1, 4, device, loopback),
     }
     rows = []
-    with (
-        pdlab.Cluster(4, attach=True, host=a.address) as cluster,
-        tempfile.TemporaryFile("w+") as log,
-    ):
-        env, *command = shlex.split(cluster.attach_command(nnodes=2).replace("HOST0", a.address))
-        token = env.split("=", 1)[1]
-        command = [sys.executable, "-m", "torch.distributed.run", *command[1:]]
-        # The hostname resolves to 127.0.0.1 in every namespace, so torchrun is told what it
-        # would guess wrong, as on hosts with several NICs: A hosts the rendezvous (torch's
-        # _matches_machine_hostname checks the hostname's addresses) and each node's address.
-        hosting = {a.netns: ["--rdzv-conf=is_host=1"], b.netns: []}
-        nodes = [
-            subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    host.netns,
-                    *command[:3],
-                    *hosting[host.netns],
-                    f"--local-addr={host.address}",
-                    *command[3:],
-                ],
-                env={**os.environ, "PDLAB_TOKEN": token, "GLOO_SOCKET_IFNAME": host.nic},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            for host in (a, b)
-        ]
-        try:
-            for strategy in strategies:
-                result = pdlab.train(cluster, strategy=strategy, model="gpt", steps=steps,
-                                     batch_size=batch_size)  # fmt: skip
-                row = {"strategy": strategy, "measured_s": result.steps["step_time"]}
-                for column, topology in topologies.items():
-                    row[column] = pdlab.predict(result, topology)["step_time"]
-                rows.append({k: v if k == "strategy" else statistics.median(v.iloc[WARMUP:])
-                             for k, v in row.items()})  # fmt: skip
-        except BaseException:
-            log.seek(0)
-            print(f"torchrun's output on both hosts:\n{log.read()[-4000:]}", file=sys.stderr)
-            raise
-        finally:
-            cluster.shutdown()
-            for node in nodes:
-                node.wait(timeout=60)
+    with pdlab.Cluster(4, attach=True, host=a.address) as cluster, attached(cluster, [a, b]):
+        for strategy in strategies:
+            result = pdlab.train(cluster, strategy=strategy, model="gpt", steps=steps,
+                                 batch_size=batch_size)  # fmt: skip
+            row = {"strategy": strategy, "measured_s": result.steps["step_time"]}
+            for column, topology in topologies.items():
+                row[column] = pdlab.predict(result, topology)["step_time"]
+            rows.append({k: v if k == "strategy" else statistics.median(v.iloc[WARMUP:])
+                         for k, v in row.items()})  # fmt: skip
     return rows
 
 
 def measure(rate: str, strategies=STRATEGIES, steps: int = 12, batch_size: int = 32) -> dict:
     """Build the two hosts, measure the link, run the kernel in host A; its rows as a dict."""
-    with two_hosts(rate) as (a, b):
+    with hosts(2, rate) as (a, b):
         inter_bandwidth = min(goodput(a, b), goodput(b, a))
         inter = Link(f"veth {rate}", inter_bandwidth, 0.0, "one TCP stream across the veth")
         args = [sys.executable, "-m", "benchmarks.two_hosts", "--on-hosts",

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from benchmarks.two_hosts import measure, two_hosts
+from benchmarks.two_hosts import hosts, measure
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="network namespaces need root (CI runs as root); not root here"
@@ -26,11 +26,13 @@ def test_a_ring_across_two_hosts_takes_the_time_the_two_node_topology_predicts()
     assert row["one_host_s"] / row["measured_s"] < 0.8, row
 
 
-def test_both_hosts_are_removed_even_on_failure():
-    def namespaces() -> str:
-        return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+def test_the_hosts_and_their_switch_are_removed_even_on_failure():
+    def namespaces() -> set[str]:
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return {line.split()[0] for line in listed.splitlines() if line.strip()}
 
-    with pytest.raises(RuntimeError, match="a failure inside"), two_hosts("1Gbit/s") as (a, b):
-        assert a.netns in namespaces() and b.netns in namespaces()
+    before = namespaces()
+    with pytest.raises(RuntimeError, match="a failure inside"), hosts(2, "1Gbit/s") as (a, b):
+        assert {a.netns, b.netns, a.netns.rpartition("-")[0] + "-switch"} <= namespaces()
         raise RuntimeError("a failure inside")
-    assert a.netns not in namespaces() and b.netns not in namespaces()
+    assert namespaces() == before
