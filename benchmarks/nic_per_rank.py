@@ -26,7 +26,7 @@ import time
 
 from benchmarks.common import batch_for, median_after, strategies
 from benchmarks.emulation import WARMUP, bucket_bytes
-from benchmarks.two_hosts import Host, attached, hosts
+from benchmarks.two_hosts import Host, attached, goodput, hosts
 from pdlab.cost.topology import parse_link
 from pdlab.training import registry
 
@@ -41,6 +41,36 @@ def cases_at(world_size: int, wanted: str | None) -> list[tuple[str, str, str]]:
         fits = [case for case in fits if case in chosen]
     moe = {s: registry.layout_for(s, world_size).ep > 1 for s, _ in fits}
     return [(s, i, "moe" if moe[s] else "gpt") for s, i in fits]
+
+
+EXCHANGE_BYTES = (16 << 10, 64 << 10, 256 << 10)
+
+
+def _exchange_seconds() -> dict[str, float]:
+    """On ranks 0 and 1 (others idle): median seconds of a p2p transfer of each of
+    ``EXCHANGE_BYTES``, one way (0 to 1) and both ways at once (as 1F1B's activations and
+    gradients, a ring's neighbours)."""
+    import torch
+    import torch.distributed as dist
+
+    rank, seconds = dist.get_rank(), {}
+    for nbytes in EXCHANGE_BYTES:
+        sent, received = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+        for both in (False, True):
+            times = []
+            for _ in range(7):
+                dist.barrier()
+                start = time.perf_counter()
+                ops = []
+                if rank < 2 and (both or rank == 0):
+                    ops.append(dist.P2POp(dist.isend, sent, 1 - rank))
+                if rank < 2 and (both or rank == 1):
+                    ops.append(dist.P2POp(dist.irecv, received, 1 - rank))
+                for work in dist.batch_isend_irecv(ops) if ops else ():
+                    work.wait()
+                times.append(time.perf_counter() - start)
+            seconds[f"{'both ways' if both else 'one way'} {nbytes >> 10} KB"] = statistics.median(times)  # fmt: skip
+    return seconds
 
 
 def on_hosts(on: list[Host], rate: str, cases: list, steps: int, repeats: int) -> list[dict]:
@@ -61,14 +91,19 @@ def on_hosts(on: list[Host], rate: str, cases: list, steps: int, repeats: int) -
         attached(real, on),
         pdlab.Cluster(len(on)) as emulated,
     ):
+        # What the real link does to one transfer, beside what its bytes take at the rate.
+        rows.append({"exchanges": real.run(_exchange_seconds)[1]})
         for strategy, impl, model in cases:
+            row: dict = {"case": f"{strategy}/{impl} {model} w{len(on)}"}
             times: dict[str, list[float]] = {"real_s": [], "emulated_s": []}
-            for _ in range(repeats):
-                times["real_s"].append(step_time(real, strategy, impl, model))
-                times["emulated_s"].append(step_time(emulated, strategy, impl, model, link=rate))
-            rows.append({"case": f"{strategy}/{impl} {model} w{len(on)}"} | {
-                column: statistics.median(seconds) for column, seconds in times.items()
-            })  # fmt: skip
+            try:
+                for _ in range(repeats):
+                    times["real_s"].append(step_time(real, strategy, impl, model))
+                    times["emulated_s"].append(step_time(emulated, strategy, impl, model, link=rate))  # fmt: skip
+            except ValueError as refused:  # the model can't take it at this world size
+                rows.append(row | {"skipped": str(refused)})
+                continue
+            rows.append(row | {column: statistics.median(s) for column, s in times.items()})
     return rows
 
 
@@ -76,6 +111,8 @@ def measure(rate: str, world_size: int, cases: list, steps: int, repeats: int) -
     """Build ``world_size`` one-rank hosts at ``rate`` both ways, run the kernel in the first."""
     burst = bucket_bytes(parse_link(rate).bandwidth)
     with hosts(world_size, rate, burst=burst, receive_too=True) as on:
+        payload = goodput(on[0], on[1]) * 8 / 1e6
+        print(f"world {world_size}: one TCP stream between two hosts: {payload:.1f} Mbit/s")
         args = [sys.executable, "-m", "benchmarks.nic_per_rank", "--on-hosts",
                 json.dumps([[h.__dict__ for h in on], rate, cases, steps, repeats])]  # fmt: skip
         run = on[0].run(*args, capture_output=True, text=True, timeout=3600)
@@ -105,7 +142,16 @@ def main() -> None:
     ratios = []
     for world_size in (int(w) for w in args.world_sizes.split(",")):
         cases = cases_at(world_size, args.cases)
+        bytes_per_s = parse_link(args.rate).bandwidth
         for row in measure(args.rate, world_size, cases, args.steps, args.repeats):
+            if "exchanges" in row:
+                print("  p2p between hosts 0 and 1, ms (bytes / rate):", ", ".join(
+                    f"{what} {s * 1e3:.1f} ({(int(what.split()[-2]) << 10) / bytes_per_s * 1e3:.1f})"
+                    for what, s in row["exchanges"].items()))  # fmt: skip
+                continue
+            if "skipped" in row:
+                print(f"{row['case']:<30} skipped: {row['skipped']}")
+                continue
             ratios.append(row["emulated_s"] / row["real_s"])
             print(f"{row['case']:<30} {row['real_s']:>10.4f} {row['emulated_s']:>10.4f} "
                   f"{ratios[-1]:>13.3f}", flush=True)  # fmt: skip
