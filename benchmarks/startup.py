@@ -14,8 +14,9 @@ since these are times on a shared machine):
 3. the first run of each strategy on the same ranks (switching strategy), forked and plain;
 4. in a kernel that already ran a cluster, a new ``Cluster(n)`` to its first trained step,
    against torchrun starting n ranks to a barrier, at n = 2 and 4;
-5. the warm round trip of a ``run`` at world size 4 that does nothing, prints or logs, and
-   what a no-op's round trip is made of;
+5. the warm round trip of a ``run`` at world size 4 that does nothing, prints or logs, what
+   a no-op's round trip is made of, and the transport alone (``ECHO``: processes that only
+   echo a frame, through reader threads as pdlab's, and read by their main threads);
 6. a new kernel's dashboard (no browser): Start to the first point on its plot after
    ``--idle`` s, after a change to 4 ranks, and on those 4 ranks again;
 7. each figure of issue 22 beside its target (of the sections run: ``--sections``).
@@ -130,6 +131,24 @@ CALLS_WHILE_WARMING = textwrap.dedent(
         after.append(time.perf_counter() - start)
     cluster.shutdown()
     print(json.dumps({"during": during, "after": after}))
+    """
+)
+# A rank reduced to its transport: a frame in, the same frame pickled back; ``threads``: read
+# by a reader thread and handed to the main thread through a queue, as pdlab's ranks do.
+ECHO = textwrap.dedent(
+    """
+    import pickle, queue, socket, sys, threading
+    from multiprocessing.connection import Connection
+    sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = Connection(sock.detach())
+    take = conn.recv_bytes
+    if sys.argv[2] == "threads":
+        frames = queue.SimpleQueue()
+        threading.Thread(target=lambda: [frames.put(conn.recv_bytes()) for _ in iter(int, 1)], daemon=True).start()
+        take = frames.get
+    while (frame := take()) != b"end":
+        conn.send_bytes(pickle.dumps(pickle.loads(frame)))
     """
 )
 FIRST_RUNS = [("dp", "scratch"), ("dp", "torch")]
@@ -321,7 +340,7 @@ def round_trip_parts(world_size: int) -> dict[str, float]:
             for _ in range(world_size):
                 pickle.loads(encode(message))
 
-    queue_pair = queue.Queue(), queue.Queue()
+    queue_pair = queue.SimpleQueue(), queue.SimpleQueue()
 
     def pong() -> None:
         for _ in range(2000):
@@ -350,6 +369,46 @@ def round_trip_parts(world_size: int) -> dict[str, float]:
         "a thread woken through a queue": woken,
         "a frame over TCP loopback to a thread": hop,
     }
+
+
+def _forward(conn: Connection, to: queue.SimpleQueue) -> None:
+    with contextlib.suppress(EOFError, OSError):
+        while True:
+            to.put(conn.recv_bytes())
+
+
+def transport_alone_us(world_size: int, calls: int, threads: bool) -> float:
+    """Median us of a round trip to ``world_size`` processes that only echo a pickled frame
+    (``ECHO``): the transport with none of pdlab's work. ``threads``: both ends read through
+    reader threads and queues, as pdlab's kernel and ranks do; else each main thread reads
+    its own sockets."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        mode = "threads" if threads else "main"
+        port = str(server.getsockname()[1])
+        echoes = [subprocess.Popen([sys.executable, "-c", ECHO, port, mode]) for _ in range(world_size)]  # fmt: skip
+        conns = []
+        for _ in echoes:
+            sock, _ = server.accept()
+            protocol.no_delay(sock)
+            conns.append(Connection(sock.detach()))
+    replies: queue.SimpleQueue = queue.SimpleQueue()
+    for conn in conns if threads else ():
+        threading.Thread(target=_forward, args=(conn, replies), daemon=True).start()
+    frame, times = pickle.dumps(("call", 1)), []
+    for _ in range(calls + 100):  # the first 100 not counted
+        start = time.perf_counter()
+        for conn in conns:
+            conn.send_bytes(frame)
+        for conn in conns:
+            pickle.loads(replies.get() if threads else conn.recv_bytes())
+        times.append(time.perf_counter() - start)
+    for conn in conns:
+        conn.send_bytes(b"end")
+    for echo in echoes:
+        echo.wait(timeout=30)
+    for conn in conns:
+        conn.close()
+    return median(times[100:]) * 1e6
 
 
 Figure = tuple[str, float, float, str]  # issue 22: what, measured, target, unit
@@ -440,6 +499,14 @@ def round_trips(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
     print(f"\n5. warm run, world 4, median over {args.calls} calls: {calls}")
     parts = ", ".join(f"{k} {v:.1f} us" for k, v in round_trip_parts(4).items())
     print(f"what a no-op's round trip is made of, each measured alone: {parts}")
+    alone = {
+        "through reader threads and queues, as pdlab": transport_alone_us(4, args.calls, True),
+        "read by the main threads": transport_alone_us(4, args.calls, False),
+    }
+    print(
+        "the transport alone (4 processes echoing a pickled frame, none of pdlab's work), "
+        "median round trip: " + ", ".join(f"{k} {v:.0f} us" for k, v in alone.items())
+    )
     return [("warm no-op round trip, world 4", medians["no-op"], 0.2, "ms")]
 
 
