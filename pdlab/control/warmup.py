@@ -55,6 +55,7 @@ IMPORTING = threading.RLock()
 _waiting: list[object] = []  # callers of ``holding`` not in yet: the warm-up lets them first
 _kernel: threading.Thread | None = None  # the kernel's warm-up, once started
 timings: dict[str, float] = {}  # seconds each step of this process's warm-up took
+_stopped = threading.Event()  # set by ``stop``: no step starts after it
 
 
 def preload(*names: str, kernel: bool = False) -> None:
@@ -119,9 +120,6 @@ def _timed(name: str, fn: Callable[[], None]) -> None:
         start = time.perf_counter()  # not counting a wait for a call
         fn()
         timings[name] = time.perf_counter() - start
-
-
-_stopped = threading.Event()
 
 
 def stop(timeout: float = 10.0) -> None:
