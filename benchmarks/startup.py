@@ -11,7 +11,8 @@ since these are times on a shared machine):
    ``--idle`` s, then runs a 1-step ``pdlab.train`` twice: the first against the second, with
    the kernel's and the ranks' warm-ups (the default), with ``prestart=False`` (no rank
    warm-up), and on ranks forked from the fork server; then what each warm-up step cost;
-3. the first run of each strategy on the same ranks (switching strategy), forked and plain;
+3. the first run of each strategy on the same ranks (switching strategy), forked and plain,
+   and forked after ``--idle`` s (what the ranks' main threads warm up while idle);
 4. in a kernel that already ran a cluster, a new ``Cluster(n)`` to its first trained step,
    against torchrun starting n ranks to a barrier, at n = 2 and 4;
 5. the warm round trip of a ``run`` at world size 4 that does nothing, prints or logs, what
@@ -260,9 +261,11 @@ def forked_runs(idle: float, strategy: str, impl: str) -> list[float]:
         return [step_seconds(cluster, strategy, impl) for _ in range(2)]
 
 
-def switching(world_size: int, prestart: bool) -> dict[str, float]:
-    """Each strategy's first 1-step run on the same ranks, after a dp run."""
+def switching(world_size: int, prestart: bool, idle: float = 0.0) -> dict[str, float]:
+    """Each strategy's first 1-step run on the same ranks, after a dp run, the cluster
+    idle ``idle`` s first."""
     with pdlab.Cluster(world_size, prestart=prestart) as cluster:
+        time.sleep(idle)
         step_seconds(cluster, "dp", "scratch")
         return {f"{s}/{i}": step_seconds(cluster, s, i) for s, i in SWITCHES}
 
@@ -470,14 +473,17 @@ def switches(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
     r, figures = args.repeats, []
     print(f"\n3. switching strategy: first 1-step run of each on the same ranks, median of {r}")
     print(f"{'world':>5} {'ranks':<8} " + " ".join(f"{s + '/' + i:>15}" for s, i in SWITCHES))
+    idle = f"idle {args.idle:g} s"
     for n in (2, 4):
-        for prestart, kind in ((True, "forked"), (False, "plain")):
-            runs = [switching(n, prestart) for _ in range(r)]
+        kinds = ((True, 0.0, "forked"), (False, 0.0, "plain"), (True, args.idle, idle))
+        for prestart, seconds, kind in kinds:
+            runs = [switching(n, prestart, seconds) for _ in range(r)]
             cells = " ".join(f"{median([run[k] for run in runs]):>15.2f}" for k in runs[0])
             print(f"{n:>5} {kind:<8} {cells}")
             if n == 4 and prestart:
                 tp = median([run["tp/torch"] for run in runs])
-                figures.append(("tp/torch, world 4, first run (forked)", tp, 0.5, "s"))
+                when = f"forked, {idle} first" if seconds else "forked, back to back"
+                figures.append((f"tp/torch, world 4, first run ({when})", tp, 0.5, "s"))
     return figures
 
 

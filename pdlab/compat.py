@@ -299,3 +299,29 @@ def print_options() -> dict[str, Any]:
     dict is ``torch._tensor_str.PRINT_OPTS``'s own, 2.0 to 2.13): a script's changes are
     read and put back through it."""
     return vars(torch._tensor_str.PRINT_OPTS)
+
+
+def mesh_without_groups(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]) -> Any:
+    """A DeviceMesh equal to ``init_device_mesh(device_type, shape, mesh_dim_names=names)``,
+    made without a collective (no process group is created: any thread may build it, any
+    time), for a warm-up under FakeTensorMode (``pdlab.training.loop._first_dtensor_step``).
+
+    Torch keys DTensor's caches by a mesh's ranks, shape and names, and the specs it caches
+    carry the mesh they were made on into later runs: so each dim must name the group the
+    real mesh's has. A dim spanning the world has the default group (init_device_mesh reuses
+    it, 2.6 to 2.13: ``tests/test_prestart.py`` compares); a dim of one rank names none, so a
+    collective over it raises. Private: ``_init_backend`` and ``_dim_group_names`` (2.4 to 2.13).
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    world = dist.get_world_size()
+    if any(size not in (1, world) for size in shape) or shape.count(world) != 1:
+        raise ValueError(f"one dim must span the {world} ranks, the others be 1: {shape}")
+    mesh = DeviceMesh(
+        device_type, torch.arange(world).reshape(shape), mesh_dim_names=names, _init_backend=False
+    )
+    mesh._dim_group_names = [
+        dist.group.WORLD.group_name if size == world else "no group: a warm-up's mesh"
+        for size in shape
+    ]
+    return mesh

@@ -114,8 +114,8 @@ def torchrun_log(logs: Path, rank: int, stream: str = "stdout") -> list[str]:
 
 
 def wait_for_warm_up(cluster, seconds: float = 120) -> None:
-    """Until every rank has imported what its warm-up preloads and taken its first steps
-    (``pdlab.control.warmup``): a warm-up in the background changes a rank's modules, and its
+    """Until every rank has imported what its warm-up preloads and taken its first steps,
+    on its main thread too (``pdlab.control.warmup``): a warm-up in the background changes a rank's modules, and its
     imports set variables such as TORCHINDUCTOR_CACHE_DIR, while a test compares two runs."""
     import threading
     import time
@@ -124,12 +124,17 @@ def wait_for_warm_up(cluster, seconds: float = 120) -> None:
 
     def warming() -> bool:
         missing = [m for m in warmup.modules() if m not in sys.modules]
-        return bool(missing) or any(t.name == "pdlab-warm-up" for t in threading.enumerate())
+        on_main_thread = warmup._imported.is_set() and bool(warmup._main_thread_uses)
+        return (
+            bool(missing)
+            or on_main_thread
+            or any(t.name == "pdlab-warm-up" for t in threading.enumerate())
+        )
 
     deadline = time.monotonic() + seconds
     while any(cluster.run(warming)):
         assert time.monotonic() < deadline, "the warm-up did not finish"
-        time.sleep(0.5)
+        time.sleep(3 * warmup.IDLE_S)  # idle: a rank's main thread warms up only then
 
 
 def small_run(strategy: str) -> dict:

@@ -107,6 +107,65 @@ def test_a_call_goes_in_before_the_warm_ups_next_step(monkeypatch):
     assert sum(waited) < 2.0, waited
 
 
+def test_a_first_use_on_the_main_thread_makes_way_for_a_call(monkeypatch):
+    import queue
+
+    import torch
+
+    from pdlab.control import warmup
+
+    layer = torch.nn.Linear(4, 4)
+
+    started = []
+
+    def forever():  # a model's steps: each module's forward is a point to yield at
+        started.append(time.monotonic())
+        with warmup.yielding():
+            while True:
+                layer(torch.ones(4))
+
+    def stubborn():  # the known-wrong use: the same steps, for 1 s, outside yielding()
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            layer(torch.ones(4))
+
+    monkeypatch.setattr(warmup, "timings", {})
+    monkeypatch.setattr(warmup, "_imported", threading.Event())
+    warmup._imported.set()  # the background warm-up is done: the main thread's turn
+    waited, left = {}, {}
+    for name, use, after in (
+        ("forever", forever, 0.1),  # a call soon after the last: the rank isn't idle yet
+        ("forever", forever, warmup.IDLE_S + 0.3),
+        ("stubborn", stubborn, warmup.IDLE_S + 0.3),
+    ):
+        monkeypatch.setattr(warmup, "_main_thread_uses", {name: use})
+        calls, arrived, got = queue.SimpleQueue(), [], []
+
+        def arrive(calls=calls, arrived=arrived):
+            arrived.append(time.monotonic())
+            calls.put("a call")
+
+        threading.Timer(after, arrive).start()
+        thread = threading.Thread(
+            target=lambda calls=calls, got=got: got.append(warmup.next_call(calls)), daemon=True
+        )
+        thread.start()
+        thread.join(timeout=30)  # not forever, should ``forever`` never yield
+        assert got == ["a call"], name
+        waited[name] = time.monotonic() - arrived[0]
+        left[name] = list(warmup._main_thread_uses)
+        if after < warmup.IDLE_S:
+            assert started == [], "a first use started before the rank was idle"
+    assert len(started) == 1
+    # ``forever`` made way at its next module and waits for the next wait to run again...
+    assert waited["forever"] < 0.5, waited
+    assert left["forever"] == ["forever"] and "forever" not in warmup.timings
+    assert warmup._calls is None
+    # ...where one that never yields kept the call waiting to its end (0.7 s), and is done.
+    assert waited["stubborn"] >= 0.5, waited
+    assert left["stubborn"] == [] and warmup.timings["stubborn"] >= 1.0
+
+
 def spin(seconds: float, done: threading.Event) -> None:
     """Compute for ``seconds`` holding the GIL, as an import does, unless ``done``."""
     end = time.monotonic() + seconds

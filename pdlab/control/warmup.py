@@ -23,7 +23,9 @@ strategy's module; ``kernel=True``: what only the kernel needs) and what it firs
 most before it forks; a rank started with ``--warm-up`` imports whatever is still missing in
 a background thread (``in_background``), then runs the first uses, so a cluster answers its
 first call at once and is warm a few seconds later. (The fork server never computes: a
-forked child can't inherit a thread pool. Its ranks run the first uses themselves.)
+forked child can't inherit a thread pool. Its ranks run the first uses themselves.) What
+torch caches per thread (DTensor's sharding propagation) is warmed on the rank's main
+thread, once it has had no call for ``IDLE_S``, and makes way for the next (``next_call``).
 
 Warming up draws no random numbers: tests/test_prestart.py checks that torch's generator is
 as seeded at a rank's first call, during the warm-up and after it.
@@ -34,10 +36,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import queue
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 # What every run imports (the trainer needs pandas, DTensor and DCP), each package a step of
 # its own so that no step is long; then what the layers above name (``preload``). Each name
@@ -45,6 +50,7 @@ from collections.abc import Callable, Iterator
 PACKAGES = ("pandas", "torch.distributed.tensor", "torch.distributed.checkpoint")
 _preloaded: list[tuple[str, bool]] = [(name, True) for name in PACKAGES]
 _first_uses: dict[str, Callable[[], None]] = {}
+_main_thread_uses: dict[str, Callable[[], None]] = {}  # first_use(main_thread=True), not yet done
 # Held by a warm-up while it imports one module or runs one first use, and by a rank's call
 # while it runs: two threads importing one module graph can deadlock on Python's per-module
 # locks, and Python then hands one of them a partly imported module, or removes it from
@@ -56,6 +62,13 @@ _waiting: list[object] = []  # callers of ``holding`` not in yet: the warm-up le
 _kernel: threading.Thread | None = None  # the kernel's warm-up, once started
 timings: dict[str, float] = {}  # seconds each step of this process's warm-up took
 _stopped = threading.Event()  # set by ``stop``: no step starts after it
+_imported = threading.Event()  # set once a rank's warm-up has taken its background steps
+_WAKE = object()  # put in a rank's calls by its warm-up then: the main thread's turn
+IDLE_S = 0.5  # a rank's main thread with no call for this long is idle (``next_call``)
+
+
+class Yield(Exception):
+    """Raised by ``yielding`` into a first use on a rank's main thread once a call waits."""
 
 
 def preload(*names: str, kernel: bool = False) -> None:
@@ -66,12 +79,17 @@ def preload(*names: str, kernel: bool = False) -> None:
     _preloaded.extend((name, not kernel) for name in names if name not in known)
 
 
-def first_use(name: str, fn: Callable[[], None]) -> None:
+def first_use(name: str, fn: Callable[[], None], main_thread: bool = False) -> None:
     """Have idle ranks call ``fn`` (named ``name`` in ``timings``) once their imports are
     done: what a first run pays once a process (a model's first build, autograd pass,
     optimizer step), paid ahead. ``fn`` must leave no trace a call could see and use no
-    process group (a call may use it meanwhile); torch's generators are put back after it."""
-    _first_uses[name] = fn
+    process group (a call may use it meanwhile); torch's generators are put back after it.
+
+    ``main_thread``: what torch caches per thread (DTensor's sharding propagation) is only
+    of use on the thread that runs calls. Such an ``fn`` runs there, while no call waits,
+    and makes way for one: torch ops it runs inside ``yielding()`` raise ``Yield`` once a
+    call has arrived, and it is run again at the next wait, until it returns."""
+    (_main_thread_uses if main_thread else _first_uses)[name] = fn
 
 
 def modules(kernel: bool = False) -> Iterator[str]:
@@ -134,29 +152,102 @@ def stop(timeout: float = 10.0) -> None:
 def _use_once(fn: Callable[[], None]) -> None:
     import torch
 
-    with contextlib.suppress(Exception), torch.random.fork_rng():
-        fn()
+    with torch.random.fork_rng():
+        try:
+            fn()
+        except Yield:
+            raise  # to ``next_call``: run it again at the next wait
+        except Exception:  # the call that needs it fails again, with its traceback
+            pass
 
 
-def _warm_up(kernel: bool) -> None:
+def _warm_up(kernel: bool, calls: queue.SimpleQueue | None = None) -> None:
     for name in modules(kernel):
         if name not in sys.modules:
             _timed(name, lambda name=name: load(name))
     if not kernel:  # the kernel trains nothing (a cluster does)
         for name, fn in list(_first_uses.items()):
             _timed(name, lambda fn=fn: _use_once(fn))
+        _imported.set()
+        if calls is not None:
+            calls.put(_WAKE)
 
 
-def in_background() -> threading.Thread:
+def in_background(calls: queue.SimpleQueue | None = None) -> threading.Thread:
     """Import ``modules()`` in a daemon thread, one at a time under ``IMPORTING``, then call
-    each ``first_use`` function, one at a time under it too.
+    each ``first_use`` function, one at a time under it too; then wake the rank's main
+    thread, waiting in ``next_call(calls)``, for its own first uses.
 
     A call holds ``IMPORTING`` while it runs: one that arrives mid-step waits for that step,
     and the warm-up then waits (off the CPU and the GIL) until the call has ended.
     """
-    thread = threading.Thread(target=_warm_up, args=(False,), daemon=True, name="pdlab-warm-up")
+    thread = threading.Thread(
+        target=_warm_up, args=(False, calls), daemon=True, name="pdlab-warm-up"
+    )
     thread.start()
     return thread
+
+
+def next_call(calls: queue.SimpleQueue) -> Any:
+    """The next message a rank's main thread takes from ``calls``. Once the background
+    warm-up is done and no call has come for ``IDLE_S``, it takes the first uses that run on
+    this thread meanwhile: calls that come one after another (a benchmark's, a dashboard's
+    runs) never meet one."""
+    global _calls
+    while True:
+        if not (_main_thread_uses and _imported.is_set()):
+            message = calls.get()
+        else:
+            try:
+                message = calls.get(timeout=IDLE_S)
+            except queue.Empty:
+                name, fn = next(iter(_main_thread_uses.items()))
+                _calls = calls
+                try:
+                    _timed(name, lambda fn=fn: _use_once(fn))
+                    del _main_thread_uses[name]  # done, or failed: not tried again
+                except Yield:
+                    pass  # run again at the next idle wait; timings keep a finished one only
+                finally:
+                    _calls = None
+                continue
+        if message is not _WAKE:
+            return message
+
+
+_calls: queue.SimpleQueue | None = None  # while ``next_call`` runs a first use: its calls
+
+
+@contextlib.contextmanager
+def yielding() -> Iterator[None]:
+    """Around a ``first_use(main_thread=True)`` function's model: its modules' forwards and
+    backwards raise ``Yield`` once a call waits for the thread (a no-op elsewhere). Between modules, not in
+    any torch op: an exception raised in some (a dispatch mode's, inside ``layer_norm``)
+    reaches C++ that can't pass it on, and ``std::terminate`` ends the rank."""
+    from torch.nn.modules.module import (
+        register_module_forward_pre_hook,
+        register_module_full_backward_pre_hook,
+    )
+
+    calls = _calls
+
+    def make_way(module: Any, args: Any) -> None:
+        if calls is not None and not calls.empty():
+            raise Yield
+
+    handles = [
+        register_module_forward_pre_hook(make_way),
+        register_module_full_backward_pre_hook(make_way),
+    ]
+    try:
+        # Not shown in the notebook: the first module's backward hook warns that its input
+        # (token ids) needs no gradient. Not thread-safe: the main thread's, while no call runs.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def in_kernel() -> threading.Thread:

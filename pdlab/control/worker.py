@@ -263,7 +263,7 @@ def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
     running = threading.Event()
     main_thread = threading.main_thread().ident
     if warm_up:
-        warmup.in_background()
+        warmup.in_background(calls)
 
     def on_interrupt(signum: int, frame: Any) -> None:
         # Only user code is interrupted: a late interrupt must not tear a reply mid-send
@@ -300,7 +300,7 @@ def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
             os._exit(1)  # the kernel is gone, or its stream is unreadable: nothing to serve
 
     threading.Thread(target=read, daemon=True).start()
-    while isinstance(call := calls.get(), protocol.Call):
+    while isinstance(call := warmup.next_call(calls), protocol.Call):
         reply = _call(call, namespace, running)
         rich_output.flush()  # a widget's last change
         pump.flush()

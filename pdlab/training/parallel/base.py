@@ -37,13 +37,17 @@ class Mesh:
         # One rank needs no groups, even inside a bigger world (``single`` on a cluster's rank 0).
         if layout.world_size == 1:
             return cls(layout, device)
-        # dp, pp and tp always (strategies ask for them even when 1); cp and ep where used,
-        # so that runs without them build no extra process groups.
-        dims = [d for d in DIMS if d in ("dp", "pp", "tp") or getattr(layout, d) > 1]
+        dims = cls.dims(layout)
         mesh = init_device_mesh(
             device.type, tuple(getattr(layout, d) for d in dims), mesh_dim_names=tuple(dims)
         )
         return cls(layout, device, mesh, dist.get_rank())
+
+    @staticmethod
+    def dims(layout: Layout) -> list[str]:
+        """The DeviceMesh's dims for ``layout``: dp, pp and tp always (strategies ask for them
+        even when 1); cp and ep where used, so that runs without them build no extra groups."""
+        return [d for d in DIMS if d in ("dp", "pp", "tp") or getattr(layout, d) > 1]
 
     @property
     def dp_rank(self) -> int:
