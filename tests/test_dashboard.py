@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
+from itertools import pairwise
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -478,3 +480,42 @@ def test_numbers_read_to_three_significant_figures_with_units():
     shown = plots.readable(table).to_html()
     assert "124 samples/s" in shown and "835 kB" in shown and ">20<" in shown
     assert "124.123456" not in shown and "835072" not in shown
+
+
+def test_a_slow_paint_still_repaints_a_running_run_every_repaint_s():
+    """With 20 runs plotted a paint took 0.45 s while the ranks trained. The painter spaces
+    paints to keep under a fifth of a core, but never more than ``REPAINT_S`` apart, and
+    looks for new steps when a paint is due: when it looked every ``refresh_s`` instead,
+    paints came 1.45 s apart (0.45 + 2 x 0.5), and 2.7 s before the cap (5 x 0.45 + 0.45)."""
+    from types import SimpleNamespace
+
+    from pdlab.lab.dashboard import REPAINT_S
+
+    d = pdlab.Dashboard(refresh_s=0.5)
+    records, starts, done = [], [], threading.Event()
+    run = SimpleNamespace(
+        records=records,
+        steps_done=lambda: len(records),
+        pace=lambda: None,
+        slow=SimpleNamespace(check=lambda *args: None),
+    )
+
+    def slow_paint(run):
+        starts.append(time.monotonic())
+        time.sleep(0.45)
+
+    def train():  # a step every 0.05 s, for 5 s
+        for step in range(100):
+            records.append({"step": step})
+            time.sleep(0.05)
+        done.set()
+
+    d._paint = slow_paint
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    d._paint_until(run, done)
+    trainer.join()
+    d.close()
+    gaps = [b - a for a, b in pairwise(starts)]
+    assert len(gaps) >= 3, starts
+    assert all(REPAINT_S - 0.01 <= gap <= REPAINT_S + 0.15 for gap in gaps), gaps

@@ -99,7 +99,7 @@ QUIET = {"loss"}  # same runs and colors as the throughput plot: its legend is e
 # Runs plotted at once: the latest ones. With more, a repaint took seconds (every run redrawn)
 # and legends overlapped; ``Dashboard.table()`` keeps every run.
 PLOTTED_RUNS = 8
-REPAINT_S = 1.0  # the longest a running run's plot waits for new steps to show
+REPAINT_S = 0.8  # the longest a running run's plot waits for new steps to show
 LEGEND_FONT = 10
 _dashboards: weakref.WeakSet[Dashboard] = weakref.WeakSet()  # every open dashboard
 SLOW, SLOW_MIN_S = 10, 2.0  # a step this many times the recent ones (and this long) is stuck?
@@ -663,21 +663,28 @@ class Dashboard:
             run.records.append(record)
 
     def _paint_until(self, run: Run, done: threading.Event) -> None:
-        painted, next_paint, shown = 0, 0.0, False
-        # Often until the first step is on the plot (Start to the first point is what a
-        # learner waits for), then every ``refresh_s``.
-        while not done.wait(self.refresh_s if shown else FIRST_POINT_S):
+        painted, next_paint, shown, wait = 0, 0.0, False, FIRST_POINT_S
+        while not done.wait(wait):
             began = time.monotonic()
             stuck_s = run.slow.check(run.steps_done(), run.pace(), began)
             if stuck_s is not None:
                 self._where(run, stuck_s)
-            # New records since the last drawing, and drawing (which shares the CPU with the
-            # ranks) kept under a fifth of one core, unless that leaves the plot older than
-            # ``REPAINT_S``: with 20 runs a paint took 0.45 s, and the plot stood still 2.6 s.
+            # New records since the last drawing, at most every ``refresh_s``, and drawing
+            # (which shares the CPU with the ranks) kept under a fifth of one core, unless that
+            # leaves the plot older than ``REPAINT_S``: with 20 runs a paint took 0.45 s, and
+            # the plot stood still 2.6 s.
             if len(run.records) != painted and began >= next_paint:
                 painted, shown = len(run.records), run.steps_done() > 0
                 self._paint(run)
-                next_paint = began + min(5 * (time.monotonic() - began), REPAINT_S)
+                paint_s = time.monotonic() - began
+                next_paint = began + max(self.refresh_s, min(5 * paint_s, REPAINT_S))
+            # Look again when the next paint is due, not a ``refresh_s`` later (which left
+            # the plot 1.4 s old); with none due, often until the first step is on the plot
+            # (what a learner waits for after Start), then every ``refresh_s``.
+            now = time.monotonic()
+            wait = (
+                next_paint - now if next_paint > now else self.refresh_s if shown else FIRST_POINT_S
+            )
 
     def _paint(self, run: Run) -> None:
         steps = run.steps_done()
