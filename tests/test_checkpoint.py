@@ -57,6 +57,19 @@ def test_dp_checkpoint_resumes_under_another_sharding(cluster2, tmp_path, strate
     assert_float32_close(losses_from(resumed, EVERY), losses_from(uninterrupted, EVERY))
 
 
+@pytest.mark.parametrize(("saved", "resumed_as"), [("tp-sp", "tp"), ("tp", "tp-sp")])
+def test_a_checkpoint_resumes_under_other_optimizer_groups(cluster2, tmp_path, saved, resumed_as):
+    """tp torch puts its DTensors and its plain tensors in two optimizer groups, tp-sp torch
+    (whose norms are DTensors too) all in one: loading the saved groups left a group without
+    Adam's "betas", and the resumed run's first step raised KeyError."""
+    kw = {"impl": "torch", "model": "gpt", "checkpoint_dir": str(tmp_path)}
+    uninterrupted = train(cluster2, strategy=saved, impl="torch", model="gpt", steps=4)
+    train(cluster2, strategy=saved, steps=2, checkpoint_every=2, **kw)
+    resumed = train(cluster2, strategy=resumed_as, steps=4, resume=True, **kw)
+    assert resumed.steps.step.tolist() == [2, 3]
+    assert_float32_close(losses_from(resumed, 2), losses_from(uninterrupted, 2))
+
+
 def test_a_killed_rank_resumes_from_its_last_checkpoint(cluster2, tmp_path):
     kw = {"strategy": "zero3", "impl": "torch", "steps": STEPS, "checkpoint_dir": str(tmp_path)}
     uninterrupted = train(cluster2, strategy="zero3", impl="torch", steps=STEPS)
@@ -77,6 +90,13 @@ def test_plain_tensor_shards_are_refused_not_half_saved(cluster2, tmp_path):
     with pytest.raises(pdlab.RankError, match="DCP would save one rank's copy"):
         train(cluster2, strategy="zero3", steps=1, checkpoint_dir=str(tmp_path), checkpoint_every=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_tensor_shards_are_refused_a_resume_naming_the_fix(cluster2, checkpoints):
+    """tp from scratch resuming DP's checkpoint: DCP read a whole weight into its half, and
+    the error said the checkpoint was saved by another model."""
+    with pytest.raises(pdlab.RankError, match="these are shards.*torch impls\\) to resume"):
+        train(cluster2, strategy="tp", steps=6, checkpoint_dir=str(checkpoints), resume=True)
 
 
 # ---- damaged, incomplete and exhausted checkpoints ----------------------------------------

@@ -51,6 +51,7 @@ still fit the model for DCP to load, but a changed byte in it is not detected as
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -108,8 +109,10 @@ def _in_group(alone: bool) -> bool:
     return not alone and dist.is_available() and dist.is_initialized()
 
 
-def _check_replicated(state: dict[str, Any], alone: bool) -> None:
-    """Refuse plain tensors that differ between ranks under one name (a collective)."""
+def _check_replicated(state: dict[str, Any], alone: bool, saving: bool = True) -> None:
+    """Refuse plain tensors that differ between ranks under one name (a collective): shards
+    DCP can neither save (it would keep one rank's) nor load (it would read the whole
+    tensor into each, and fail on the shape: "saved by another model", which it isn't)."""
     if not _in_group(alone):
         return  # one process: nothing to differ from
     mine = {
@@ -123,10 +126,11 @@ def _check_replicated(state: dict[str, Any], alone: bool) -> None:
         for path, digest in rank.items():
             versions[path].add(digest)
     if differ := sorted(path for path, digests in versions.items() if len(digests) > 1):
+        wrong = "save one rank's copy" if saving else "read the whole tensor into each rank's"
         raise ValueError(
             f"ranks hold different tensors under the same names ({', '.join(differ[:3])}, ...): "
-            "these are shards, and DCP would save one rank's copy. Shard with DTensors "
-            "(the torch impls) to checkpoint"
+            f"these are shards, and DCP would {wrong}. Shard with DTensors (the torch impls) "
+            f"to {'checkpoint' if saving else 'resume'}"
         )
 
 
@@ -332,9 +336,16 @@ def load(
     if steps is not None and step >= steps:
         raise ValueError(_nothing_to_train(directory, step, steps))
     state = _state(strategy)  # this strategy's tensors, in its sharding: DCP fills them in place
+    _check_replicated(state, alone, saving=False)
     path = Path(directory) / f"step_{step:06d}"
     try:
+        # The groups are this strategy's: another puts its parameters in other groups (tp
+        # torch: DTensors apart from plain tensors; tp-sp's are all DTensors), and loading
+        # the saved ones left a group without Adam's "betas" (KeyError at the first step).
+        # Their settings are this run's config's, as when it starts afresh.
+        groups = copy.deepcopy(state["optimizer"]["param_groups"])
         dcp.load(state, checkpoint_id=path, no_dist=not _in_group(alone))
+        state["optimizer"]["param_groups"] = groups
         set_state_dict(
             strategy.module,
             strategy.optimizer,
