@@ -25,3 +25,13 @@ def batch_for(world: int, micro_batches: int, batch_size: int = 32) -> int:
     (world 3 with 4 micro-batches: 36)."""
     unit = world * micro_batches
     return -(-batch_size // unit) * unit
+
+
+def emulated_shape(strategy: str, world: int) -> dict[str, int]:
+    """The batch and micro-batches the emulation benchmarks give ``strategy`` at ``world``
+    ranks (real and emulated alike): 4 micro-batches for a pipeline, a batch of ~32 that
+    every rank and micro-batch divides."""
+    return {
+        "batch_size": batch_for(world, 4),
+        "micro_batches": 4 if registry.get(strategy).micro_batched else 1,
+    }

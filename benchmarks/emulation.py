@@ -35,9 +35,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 try:
-    from common import batch_for, strategies  # run as a script: python benchmarks/emulation.py
+    from common import emulated_shape, strategies  # run as a script: python benchmarks/emulation.py
 except ModuleNotFoundError:  # imported as benchmarks.emulation (the tests, two_hosts.py)
-    from benchmarks.common import batch_for, strategies
+    from benchmarks.common import emulated_shape, strategies
 
 from pdlab.cost.topology import parse_link
 from pdlab.training import registry
@@ -132,8 +132,8 @@ def step_time(case: Case, steps: int, link: str | None = None, netns: str | None
     cmd = [sys.executable, "-m", "pdlab", "run", "--strategy", case.strategy,
            "--impl", case.impl, "--world-size", str(case.world_size), "--model", case.model,
            "--steps", str(steps), "--json"]  # fmt: skip
-    micro_batches = 4 if registry.get(case.strategy).micro_batched else 1
-    cmd += ["--micro-batches", str(micro_batches), "--batch-size", str(batch_for(case.world_size, 4))]  # fmt: skip
+    for option, value in emulated_shape(case.strategy, case.world_size).items():
+        cmd += [f"--{option.replace('_', '-')}", str(value)]
     if link:
         cmd += ["--link", link]
     if netns:

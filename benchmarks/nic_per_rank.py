@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.common import batch_for, median_after, strategies
+from benchmarks.common import emulated_shape, median_after, strategies
 from benchmarks.emulation import WARMUP, bucket_bytes
 from benchmarks.two_hosts import Host, attached, goodput, hosts
 from pdlab.cost.topology import parse_link
@@ -79,10 +79,9 @@ def on_hosts(on: list[Host], rate: str, cases: list, steps: int, repeats: int) -
     import pdlab
 
     def step_time(cluster: pdlab.Cluster, strategy: str, impl: str, model: str, **link) -> float:
-        micro_batches = 4 if registry.get(strategy).micro_batched else 1
+        shape = emulated_shape(strategy, len(on))
         result = pdlab.train(cluster, strategy=strategy, impl=impl, model=model, steps=steps,
-                             batch_size=batch_for(len(on), 4), micro_batches=micro_batches,
-                             **link)  # fmt: skip
+                             **shape, **link)  # fmt: skip
         return median_after(result.steps["step_time"], WARMUP)
 
     rows = []
