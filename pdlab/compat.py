@@ -271,9 +271,16 @@ def parallelize_in_place(module: torch.nn.Module, mesh: Any, plan: dict) -> torc
     ``src_data_rank=None`` says so since torch 2.7; older torch scatters."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    if "src_data_rank" in inspect.signature(parallelize_module).parameters:
+    if parallelizes_in_place():
         return parallelize_module(module, mesh, plan, src_data_rank=None)
     return parallelize_module(module, mesh, plan)
+
+
+def parallelizes_in_place() -> bool:
+    """Whether ``parallelize_in_place`` sends nothing (``src_data_rank``: torch 2.7 and later)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    return "src_data_rank" in inspect.signature(parallelize_module).parameters
 
 
 def rowwise_parallel_waiting(**kwargs: Any) -> Any:
@@ -325,3 +332,13 @@ def mesh_without_groups(device_type: str, shape: tuple[int, ...], names: tuple[s
         for size in shape
     ]
     return mesh
+
+
+def fake_tensors() -> Any:
+    """A FakeTensorMode (private module, 2.0 to 2.13) for a warm-up step: ops on real tensors
+    are faked too (the model's weights), and ``.item()`` gives a symbol, not an error (a
+    ShapeEnv), so a whole training step runs without computing or sending anything."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())

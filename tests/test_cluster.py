@@ -298,6 +298,43 @@ def test_an_interrupt_landing_in_a_finalizer_still_reaches_the_call(cluster):
     assert sorted(r["rank"] for r in records if r.get("interrupted")) == [0, 1]
 
 
+def test_an_interrupt_through_a_finalizer_leaves_the_users_tracer_in_place(cluster):
+    """The interrupt that lands in a finalizer is raised by a trace function: the one the
+    user's code had set (a debugger's, coverage's) must be back once it has fired, not
+    replaced by None (as it was, for the rest of the rank's life)."""
+
+    def spin_in_finalizers_traced():
+        import sys
+
+        def users_tracer(frame, event, arg):
+            return None
+
+        class Slow:
+            def __del__(self):
+                end = time.monotonic() + 0.05
+                while time.monotonic() < end:
+                    pass
+
+        sys.settrace(users_tracer)
+        pdlab.log(started=True)
+        for _ in range(400):
+            Slow()
+
+    def tracer_name():
+        import sys
+
+        return getattr(sys.gettrace(), "__name__", None)
+
+    unsubscribe = interrupt_once_started(cluster)
+    with pytest.raises(KeyboardInterrupt):
+        cluster.run(spin_in_finalizers_traced)
+    unsubscribe()
+    try:
+        assert cluster.run(tracer_name) == ["users_tracer"] * 2
+    finally:
+        cluster.exec("import sys; sys.settrace(None)")
+
+
 def test_unpicklable_function_is_refused_before_sending(cluster):
     lock = threading.Lock()
     with pytest.raises(TypeError, match="can't send 'uses_lock' to the ranks"):

@@ -36,6 +36,7 @@ import termios
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing import AuthenticationError
 from typing import Any
@@ -208,7 +209,7 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
                     value = fn(*args, **kwargs)
         finally:
             running.clear()
-            sys.settrace(None)  # an interrupt still waiting for a finalizer's caller is void
+            cancel_pending_interrupt()  # its call is over
         try:
             pickled = cloudpickle.dumps(value)
         except Exception as exc:
@@ -329,22 +330,41 @@ def finalizers_caller(frame: Any) -> Any:
     return caller
 
 
+_pending: list[Callable[[], None]] = []  # puts back what a waiting raise_when_it_resumes replaced
+
+
 def raise_when_it_resumes(frame: Any) -> None:
     """Raise KeyboardInterrupt in ``frame`` at its next line or return: a trace function may
-    raise into the frame it traces. Tracing is on for this thread only until then."""
+    raise into the frame it traces. Python then unsets the thread's trace function, so the
+    user's own (a debugger's, coverage's) is put back when the call ends
+    (``cancel_pending_interrupt``), and ``frame``'s at once."""
+    cancel_pending_interrupt()  # a second one: put back the user's, not the first one's
+    user_global, user_local = sys.gettrace(), (frame.f_trace, frame.f_trace_lines)
+
+    def put_back() -> None:
+        sys.settrace(user_global)
+        frame.f_trace, frame.f_trace_lines = user_local
+        _pending.clear()
 
     def trace(traced: Any, event: str, arg: Any) -> Any:
         if traced is not frame:
             return None
         if event in ("line", "return"):
-            sys.settrace(None)
-            frame.f_trace = None
+            frame.f_trace, frame.f_trace_lines = user_local
             raise KeyboardInterrupt
         return trace
 
+    _pending.append(put_back)
     frame.f_trace = trace
     frame.f_trace_lines = True
     sys.settrace(lambda *_: None)  # local trace functions run only while a global one is set
+
+
+def cancel_pending_interrupt() -> None:
+    """At a call's end: drop an interrupt still waiting for a finalizer's caller to resume,
+    and put back the user's trace functions that one replaced."""
+    for put_back in list(_pending):
+        put_back()
 
 
 def main(argv: list[str] | None = None) -> None:
