@@ -201,8 +201,8 @@ def meshes_for(warm_layout: str, real_layout: str) -> tuple[bool, bool]:
 
     real = mesh_for(layout_for(real_layout, 2), torch.device("cpu")).device_mesh
     layout = layout_for(warm_layout, 2)
-    dims = Mesh.dims(layout)
-    warm = compat.mesh_without_groups("cpu", tuple(getattr(layout, d) for d in dims), tuple(dims))
+    names, sizes = Mesh.grid(layout)
+    warm = compat.mesh_without_groups("cpu", sizes, names)
     same_group = warm["tp"]._dim_group_names == real["tp"]._dim_group_names
     return (warm == real and hash(warm) == hash(real)), same_group
 

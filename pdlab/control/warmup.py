@@ -86,9 +86,10 @@ def first_use(name: str, fn: Callable[[], None], main_thread: bool = False) -> N
     process group (a call may use it meanwhile); torch's generators are put back after it.
 
     ``main_thread``: what torch caches per thread (DTensor's sharding propagation) is only
-    of use on the thread that runs calls. Such an ``fn`` runs there, while no call waits,
-    and makes way for one: torch ops it runs inside ``yielding()`` raise ``Yield`` once a
-    call has arrived, and it is run again at the next wait, until it returns."""
+    of use on the thread that runs calls. Such an ``fn`` runs there once the rank is idle
+    (``next_call``), and makes way for a call: the modules it runs inside ``yielding()``
+    raise ``Yield`` once one has arrived, and it is run again at the next idle wait, until
+    it returns."""
     (_main_thread_uses if main_thread else _first_uses)[name] = fn
 
 
@@ -221,9 +222,9 @@ _calls: queue.SimpleQueue | None = None  # while ``next_call`` runs a first use:
 @contextlib.contextmanager
 def yielding() -> Iterator[None]:
     """Around a ``first_use(main_thread=True)`` function's model: its modules' forwards and
-    backwards raise ``Yield`` once a call waits for the thread (a no-op elsewhere). Between modules, not in
-    any torch op: an exception raised in some (a dispatch mode's, inside ``layer_norm``)
-    reaches C++ that can't pass it on, and ``std::terminate`` ends the rank."""
+    backwards raise ``Yield`` once a call waits for the thread (a no-op elsewhere). Between
+    modules, not in any torch op: an exception raised in some (a dispatch mode's, inside
+    ``layer_norm``) reaches C++ that can't pass it on, and ``std::terminate`` ends the rank."""
     from torch.nn.modules.module import (
         register_module_forward_pre_hook,
         register_module_full_backward_pre_hook,

@@ -307,9 +307,8 @@ def _first_dtensor_step(model: str) -> None:
     validate(config)
     layout = layout_for(config.strategy, world)
     device = runtime.device()
-    dims = Mesh.dims(layout)
-    shape = tuple(getattr(layout, d) for d in dims)
-    device_mesh = compat.mesh_without_groups(device.type, shape, tuple(dims))
+    names, sizes = Mesh.grid(layout)
+    device_mesh = compat.mesh_without_groups(device.type, sizes, names)
     mesh = Mesh(layout, device, device_mesh, runtime.rank())
     strategy = strategy_class(config)(model_for(config), config, mesh)  # shards without sending
     x, y = load_dataset(model, config.seed).batch(0, config.batch_size)

@@ -37,17 +37,17 @@ class Mesh:
         # One rank needs no groups, even inside a bigger world (``single`` on a cluster's rank 0).
         if layout.world_size == 1:
             return cls(layout, device)
-        dims = cls.dims(layout)
-        mesh = init_device_mesh(
-            device.type, tuple(getattr(layout, d) for d in dims), mesh_dim_names=tuple(dims)
-        )
+        names, sizes = cls.grid(layout)
+        mesh = init_device_mesh(device.type, sizes, mesh_dim_names=names)
         return cls(layout, device, mesh, dist.get_rank())
 
     @staticmethod
-    def dims(layout: Layout) -> list[str]:
-        """The DeviceMesh's dims for ``layout``: dp, pp and tp always (strategies ask for them
-        even when 1); cp and ep where used, so that runs without them build no extra groups."""
-        return [d for d in DIMS if d in ("dp", "pp", "tp") or getattr(layout, d) > 1]
+    def grid(layout: Layout) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The DeviceMesh's dim names and sizes for ``layout``: dp, pp and tp always
+        (strategies ask for them even when 1); cp and ep where used, so that runs without them
+        build no extra groups."""
+        names = tuple(d for d in DIMS if d in ("dp", "pp", "tp") or getattr(layout, d) > 1)
+        return names, tuple(getattr(layout, d) for d in names)
 
     @property
     def dp_rank(self) -> int:
