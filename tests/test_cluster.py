@@ -267,6 +267,31 @@ def test_an_interrupt_between_two_sends_stops_the_ranks_that_have_the_call(clust
     assert cluster.run(pdlab.rank) == [0, 1] and pids_of(cluster) == before
 
 
+def test_an_interrupt_right_after_the_last_send_still_waits_for_that_rank(cluster, monkeypatch):
+    """Under load, every rank had started the call, and so the test's Ctrl-C came, before the
+    kernel noted the last one as running: it stopped waiting for that rank, whose records then
+    landed in the next call (CI). Here the Ctrl-C lands just after the last send."""
+    before = pids_of(cluster)
+    link = cluster._resources.links[1]
+    send, started = link.send, threading.Event()
+    unsubscribe = cluster.subscribe(lambda record: record.get("started") and started.set())
+
+    def interrupted_after_the_call(message):
+        send(message)
+        if isinstance(message, protocol.Call):
+            assert started.wait(30)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    monkeypatch.setattr(link, "send", interrupted_after_the_call)
+    seen = len(cluster.metrics)
+    with pytest.raises(KeyboardInterrupt):
+        cluster.run(sleep_until_interrupted)
+    unsubscribe()
+    monkeypatch.undo()
+    assert sorted(r["rank"] for r in cluster.metrics[seen:] if r.get("interrupted")) == [0, 1]
+    assert cluster.run(pdlab.rank) == [0, 1] and pids_of(cluster) == before
+
+
 def test_an_interrupt_landing_in_a_finalizer_still_reaches_the_call(cluster):
     """Python drops what a ``__del__`` raises ("Exception ignored in"): lab 05's Stop once
     landed in pdlab.measure.memory's finalizer and the rank trained on. Here nearly all the

@@ -21,18 +21,20 @@ does it explicitly). Rank namespaces are lost then.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -659,6 +661,26 @@ def _with_rank(fn: Callable[..., Any], args: tuple) -> Any:
         return fn(runtime.rank(), *args)
 
 
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold a Ctrl-C that lands in the block until it ends, then raise it. Sending a rank
+    the call and noting it pending must not be split: under load, the ranks had started
+    and interrupted the kernel between the two, and it stopped waiting for the last rank,
+    whose records then landed in the next call (CI). Only the main thread gets Ctrl-C."""
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(handler):
+        yield
+        return
+    landed: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: landed.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if landed:
+            handler(signal.SIGINT, landed[0])
+
+
 class _Call:
     """One call in flight: collects its results, output and failures, and decides what a
     failure means for the group (see the module docstring)."""
@@ -694,9 +716,10 @@ class _Call:
         try:
             # Sent inside the try: an interrupt that lands between two sends (CI, under load:
             # the first ranks had started) must stop the ranks that have the call too.
-            for rank in self.ranks:
-                send(rank)
-                self.pending.add(rank)
+            with _interrupts_held():
+                for rank in self.ranks:
+                    send(rank)
+                    self.pending.add(rank)
             while self.pending and not self.failures:
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self._timed_out()
