@@ -273,22 +273,37 @@ def test_an_interrupt_right_after_the_last_send_still_waits_for_that_rank(cluste
     landed in the next call (CI). Here the Ctrl-C lands just after the last send."""
     before = pids_of(cluster)
     link = cluster._resources.links[1]
-    send, started = link.send, threading.Event()
-    unsubscribe = cluster.subscribe(lambda record: record.get("started") and started.set())
+    send, started, both = link.send, set(), threading.Event()
+
+    def on_record(record: dict) -> None:
+        if record.get("started"):
+            started.add(record["rank"])
+            if len(started) == 2:
+                both.set()
+
+    unsubscribe = cluster.subscribe(on_record)
 
     def interrupted_after_the_call(message):
         send(message)
         if isinstance(message, protocol.Call):
-            assert started.wait(30)
+            assert both.wait(30)  # both run the user's code: an earlier Ctrl-C stops it sooner
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def rank_1_finishes_last() -> None:
+        try:
+            sleep_until_interrupted()
+        except KeyboardInterrupt:
+            time.sleep(pdlab.rank())  # within the kernel's grace: it must wait for rank 1
+            pdlab.log(finished=True)
+            raise
 
     monkeypatch.setattr(link, "send", interrupted_after_the_call)
     seen = len(cluster.metrics)
     with pytest.raises(KeyboardInterrupt):
-        cluster.run(sleep_until_interrupted)
+        cluster.run(rank_1_finishes_last)
     unsubscribe()
     monkeypatch.undo()
-    assert sorted(r["rank"] for r in cluster.metrics[seen:] if r.get("interrupted")) == [0, 1]
+    assert sorted(r["rank"] for r in cluster.metrics[seen:] if r.get("finished")) == [0, 1]
     assert cluster.run(pdlab.rank) == [0, 1] and pids_of(cluster) == before
 
 
