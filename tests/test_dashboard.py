@@ -294,6 +294,25 @@ def test_live_shows_a_callbacks_error_beside_its_control():
     live_widget.close()
 
 
+def test_a_repaint_changes_the_same_traces_in_place_and_takes_away_what_they_lost():
+    from pdlab.lab.dashboard import _show
+
+    def fig(y, fill, offset):
+        scatter = {"type": "scatter", "name": "loss", "y": y, **fill}
+        return {"data": [scatter, {"type": "bar", "name": "sent", "y": [1], "offset": offset}],
+                "layout": {"title": {"text": f"{len(y)} steps"}}}  # fmt: skip
+
+    widget = go.FigureWidget(fig([3, 2], {"fill": "tonexty"}, -0.4))
+    before, uids = widget.data, [t.uid for t in widget.data]
+    _show(widget, fig([3, 2, 1], {}, 0.1))
+    assert widget.data[0] is before[0] and widget.data[1] is before[1]  # in place
+    assert [t.uid for t in widget.data] == uids  # by which the browser names them
+    assert list(widget.data[0].y) == [3, 2, 1] and widget.data[0].fill is None
+    assert widget.data[1].offset == 0.1 and widget.layout.title.text == "3 steps"
+    _show(widget, {"data": [{"type": "bar", "name": "loss"}], "layout": {}})  # other traces
+    assert [(t.type, t.name) for t in widget.data] == [("bar", "loss")]
+
+
 def test_each_quantity_keeps_its_colour_from_run_to_run():
     runs = [train(strategy="single", steps=2, **SMALL), train(strategy="single", steps=3, **SMALL)]
     colours = [[t.marker.color for t in plots.memory(r).data] for r in runs]

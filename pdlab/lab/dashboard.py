@@ -34,7 +34,10 @@ ones before it, so re-running a notebook never leaves an old dashboard's ranks b
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import html
+import json
 import statistics
 import threading
 import time
@@ -47,6 +50,7 @@ from typing import Any
 import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.basedatatypes import Undefined
 from plotly.subplots import make_subplots
 
 from pdlab.control.cluster import Cluster
@@ -222,63 +226,102 @@ class Run:
         return results(self.config, outputs, self.expected, self.backend)
 
 
-def _show(widget: go.FigureWidget, fig: go.Figure) -> None:
-    """Copy ``fig``'s traces and layout into a live ``widget``, as one message to the browser.
+Figure = dict[str, Any]  # {"data": [trace, ...], "layout": {...}}: plain values, as plotly.js takes
 
-    Traces change in place when the same ones are there. The template is left out: the
-    widget has the same one, and re-validating it would cost most of a second each time.
+
+def _show(widget: go.FigureWidget, fig: Figure) -> None:
+    """Put ``fig`` in a live ``widget``, as one message to the browser.
+
+    When the widget has the same traces (by name), they and the layout change in place as
+    plain values (``plotly_update``, which sends only what changed): plotly's objects would
+    validate every property again, which was most of a repaint. The template is left out:
+    the widget has it.
     """
-    layout = fig.layout.to_plotly_json()
-    layout.pop("template", None)
-    with widget.batch_update():
-        if [t.name for t in widget.data] == [t.name for t in fig.data]:
-            for old, new in zip(widget.data, fig.data, strict=True):
-                old.update(new.to_plotly_json())
-        else:
+    data = fig["data"]
+    layout = {key: value for key, value in fig["layout"].items() if key != "template"}
+    shown = [trace.to_plotly_json() for trace in widget.data]
+    if [(t.get("type"), t.get("name")) for t in shown] != [
+        (t.get("type", "scatter"), t.get("name")) for t in data
+    ]:
+        with widget.batch_update():
             widget.data = ()
-            widget.add_traces(list(fig.data))
-        widget.layout.update(layout)
+            widget.add_traces(data)
+            widget.layout.update(layout)
+        return
+    # Per trace: its new value, None to take away one it no longer has, else Undefined
+    # (plotly's "leave it"; a bar's property is no scatter's). Not the uid, the widget's
+    # name for the trace, by which the browser reports changes to it.
+    keys = {key for trace in [*shown, *data] for key in trace} - {"uid"}
+    pairs = list(zip(shown, data, strict=True))
+    restyle = {
+        key: [new.get(key, None if key in old else Undefined) for old, new in pairs] for key in keys
+    }
+    widget.plotly_update(restyle, layout, list(range(len(data))))
 
 
-def _combine(figures: dict[str, go.Figure]) -> go.Figure:
-    """``figures`` (from ``pdlab.lab.plots``) as the subplots of one figure, each with its legend."""
+@functools.cache
+def _grid() -> Figure:
+    """The empty subplot grid's layout: the axes' domains and anchors, the titles' places.
+    The same at every paint, where ``make_subplots`` took a fifth of one."""
     grid = make_subplots(
         rows=4,
         cols=2,
         specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None], [{"colspan": 2}, None]],
-        subplot_titles=[figures[name].layout.title.text for name in GRID],
+        subplot_titles=list(GRID),
         vertical_spacing=0.08,
         horizontal_spacing=0.33,  # room for the left plots' legends and the right ones' ticks
     )
-    for i, (name, (row, col)) in enumerate(GRID.items(), 1):
-        fig, axes = figures[name], grid.get_subplot(row, col)
-        legend = "legend" if i == 1 else f"legend{i}"
-        grid.add_traces(list(fig.data), rows=row, cols=col)
-        for trace in grid.data[len(grid.data) - len(fig.data) :]:
-            trace.update(
-                legend=legend, showlegend=name not in QUIET and trace.showlegend is not False
+    layout = grid.layout.to_plotly_json()
+    layout.pop("template", None)
+    return json.loads(json.dumps(layout))  # lists, not tuples: how a widget keeps them
+
+
+def _set(target: dict, **values: Any) -> None:
+    """``target.update(values)``, leaving out the values that are None (unset)."""
+    target.update({key: value for key, value in values.items() if value is not None})
+
+
+def _combine(figures: dict[str, go.Figure]) -> Figure:
+    """``figures`` (from ``pdlab.lab.plots``) as the subplots of one figure, each with its
+    legend; ``go.Figure`` takes it as it is."""
+    layout = copy.deepcopy(_grid())
+    data = []
+    for i, (name, title) in enumerate(zip(GRID, layout["annotations"], strict=True), 1):
+        fig, suffix = figures[name], "" if i == 1 else str(i)
+        legend = f"legend{suffix}"
+        for trace in fig.data:
+            data.append(trace.to_plotly_json())
+            data[-1].update(
+                xaxis=f"x{suffix}",
+                yaxis=f"y{suffix}",
+                legend=legend,
+                showlegend=name not in QUIET and trace.showlegend is not False,
             )
-        axes.xaxis.update(title_text=fig.layout.xaxis.title.text, range=fig.layout.xaxis.range)
-        axes.yaxis.update(
-            title_text=fig.layout.yaxis.title.text,
+        xaxis, yaxis = layout[f"xaxis{suffix}"], layout[f"yaxis{suffix}"]
+        x_range = fig.layout.xaxis.range  # a tuple, where a widget keeps a list
+        _set(xaxis, title={"text": fig.layout.xaxis.title.text}, range=x_range and list(x_range))
+        _set(
+            yaxis,
+            title={"text": fig.layout.yaxis.title.text},
             autorange=fig.layout.yaxis.autorange,
             type=fig.layout.yaxis.type,
         )
-        grid.layout[legend] = {
-            "x": axes.xaxis.domain[1] + 0.01,
-            "y": axes.yaxis.domain[1],
+        title.update(text=fig.layout.title.text, font={"size": 12})
+        layout[legend] = {
+            "x": xaxis["domain"][1] + 0.01,
+            "y": yaxis["domain"][1],
             "yanchor": "top",
-            "font_size": LEGEND_FONT,
+            "font": {"size": LEGEND_FONT},
         }
-    grid.update_annotations(font_size=12)  # the subplot titles
-    grid.update_layout(
+    layout.update(
         width=WIDTH,
         height=4 * plots.HEIGHT,
         barmode="overlay",
         margin=MARGIN,
-        uniformtext=figures["timeline"].layout.uniformtext,  # the Gantt labels that fit
+        # The Gantt labels that fit; always a key, so a repaint takes an earlier one away.
+        uniformtext=figures["timeline"].layout.uniformtext.to_plotly_json() or None,
     )
-    return grid
+    return {"data": data, "layout": layout}
 
 
 def _message(text: str, error: bool = False) -> str:
@@ -314,7 +357,7 @@ def live(
         except Exception as exc:
             status.value = _message(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", True)
             return
-        _show(figure, fresh)
+        _show(figure, fresh.to_plotly_json())
         status.value = ""
 
     control.observe(redraw, "value")
@@ -568,7 +611,7 @@ class Dashboard:
         """
         for run in reversed(self.runs):
             if (current := run.snapshot()) is not None:
-                return self._plots(run, current)
+                return go.Figure(self._plots(run, current))
         return go.Figure(self.figure)  # no run yet: the empty plots
 
     def table(self) -> pd.DataFrame:
@@ -706,7 +749,7 @@ class Dashboard:
                 f"pdlab.measure.trace.breakdown)<div style='overflow-x:auto;font-size:12px'>{table}</div>"
             )
 
-    def _plots(self, run: Run, current: TrainResult) -> go.Figure:
+    def _plots(self, run: Run, current: TrainResult) -> Figure:
         """The plots with ``run`` as the current run, ``current`` its result so far."""
         shown = [r for r in self.runs[-PLOTTED_RUNS:] if r is not run] + [run]
         results = {r.name: current if r is run else r.result for r in shown}
