@@ -181,14 +181,19 @@ def test_sigkilled_rank_is_reported_not_hung(cluster):
 
         dist.all_reduce(torch.ones(1))
 
-    def kill_soon():
-        time.sleep(1)
-        os.kill(victim, signal.SIGKILL)
+    def sleep_once_started():
+        pdlab.log(started=True)
+        time.sleep(30)
 
-    threading.Thread(target=kill_soon).start()
+    def kill_once_started(record: dict) -> None:  # once it has the call, however busy the machine
+        if record.get("started"):
+            os.kill(victim, signal.SIGKILL)
+
+    unsubscribe = cluster.subscribe(kill_once_started)
     start = time.monotonic()
     with pytest.raises(pdlab.RankError, match="rank 1 died: it was killed by SIGKILL"):
-        cluster.run(lambda: time.sleep(30) if pdlab.rank() == 1 else wait_in_collective())
+        cluster.run(lambda: sleep_once_started() if pdlab.rank() == 1 else wait_in_collective())
+    unsubscribe()
     assert time.monotonic() - start < 10
     assert cluster.run(pdlab.rank) == [0, 1]
 
@@ -201,20 +206,26 @@ def test_timeout_names_the_ranks_still_running(cluster):
     assert cluster.run(pdlab.rank) == [0, 1]
 
 
-def interrupt_once_started(cluster: pdlab.Cluster) -> Callable[[], None]:
-    """Interrupt this (the kernel's) main thread once every rank has logged ``started``:
-    an interrupt that lands before, while a rank still waits for its warm-up, stops the call
-    before the user's code runs (CI under load). Returns the unsubscribe."""
+def once_started(cluster: pdlab.Cluster, then: Callable[[], None]) -> Callable[[], None]:
+    """Call ``then()`` once every rank has logged ``started`` (on the kernel's thread that read
+    the last one, which must not wait for a call). Returns the unsubscribe."""
     started = set()
-    main = threading.main_thread().ident
 
     def on_record(record: dict) -> None:
         if record.get("started"):
             started.add(record["rank"])
             if len(started) == cluster.world_size:
-                signal.pthread_kill(main, signal.SIGINT)
+                then()
 
     return cluster.subscribe(on_record)
+
+
+def interrupt_once_started(cluster: pdlab.Cluster) -> Callable[[], None]:
+    """Interrupt this (the kernel's) main thread once every rank has logged ``started``:
+    an interrupt that lands before, while a rank still waits for its warm-up, stops the call
+    before the user's code runs (CI under load). Returns the unsubscribe."""
+    main = threading.main_thread().ident
+    return once_started(cluster, lambda: signal.pthread_kill(main, signal.SIGINT))
 
 
 def sleep_until_interrupted() -> None:
@@ -273,15 +284,8 @@ def test_an_interrupt_right_after_the_last_send_still_waits_for_that_rank(cluste
     landed in the next call (CI). Here the Ctrl-C lands just after the last send."""
     before = pids_of(cluster)
     link = cluster._resources.links[1]
-    send, started, both = link.send, set(), threading.Event()
-
-    def on_record(record: dict) -> None:
-        if record.get("started"):
-            started.add(record["rank"])
-            if len(started) == 2:
-                both.set()
-
-    unsubscribe = cluster.subscribe(on_record)
+    send, both = link.send, threading.Event()
+    unsubscribe = once_started(cluster, both.set)
 
     def interrupted_after_the_call(message):
         send(message)
@@ -556,21 +560,24 @@ def test_torchrun_nodes_attach_to_the_kernels_cluster():
 
 
 def test_a_second_concurrent_call_is_refused_not_lost(cluster):
-    threading.Timer(1.0, cluster.interrupt).start()
-    errors = []
+    running, errors = threading.Event(), []
+    unsubscribe = once_started(cluster, running.set)
 
     def second_call():
-        time.sleep(0.3)
+        assert running.wait(30)
         try:
             cluster.run(pdlab.rank)
         except RuntimeError as exc:
             errors.append(str(exc))
+        finally:
+            cluster.interrupt()  # the first call's end
 
     other = threading.Thread(target=second_call)
     other.start()
     with pytest.raises(pdlab.RankError, match="KeyboardInterrupt"):
-        cluster.run(time.sleep, 30)
+        cluster.run(sleep_until_interrupted)
     other.join()
+    unsubscribe()
     assert errors and "already running a call" in errors[0]
     assert cluster.run(pdlab.rank) == [0, 1]
 
