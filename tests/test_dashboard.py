@@ -294,13 +294,13 @@ def test_live_shows_a_callbacks_error_beside_its_control():
     live_widget.close()
 
 
-def test_a_repaint_changes_the_same_traces_in_place_and_takes_away_what_they_lost():
+def test_a_repaint_changes_the_same_traces_in_place_and_keeps_the_learners_zoom():
     from pdlab.lab.dashboard import _show
 
     def fig(y, fill, offset):
         scatter = {"type": "scatter", "name": "loss", "y": y, **fill}
         return {"data": [scatter, {"type": "bar", "name": "sent", "y": [1], "offset": offset}],
-                "layout": {"title": {"text": f"{len(y)} steps"}}}  # fmt: skip
+                "layout": {"title": {"text": f"{len(y)} steps"}, "xaxis": {"title": {"text": "step"}}}}  # fmt: skip
 
     widget = go.FigureWidget(fig([3, 2], {"fill": "tonexty"}, -0.4))
     before, uids = widget.data, [t.uid for t in widget.data]
@@ -309,6 +309,9 @@ def test_a_repaint_changes_the_same_traces_in_place_and_takes_away_what_they_los
     assert [t.uid for t in widget.data] == uids  # by which the browser names them
     assert list(widget.data[0].y) == [3, 2, 1] and widget.data[0].fill is None
     assert widget.data[1].offset == 0.1 and widget.layout.title.text == "3 steps"
+    widget.plotly_relayout({"xaxis.range": [0, 1]})  # the learner zooms in the browser
+    _show(widget, fig([3, 2, 1, 0], {}, 0.1))
+    assert widget.layout.xaxis.range == (0, 1) and widget.layout.title.text == "4 steps"
     _show(widget, {"data": [{"type": "bar", "name": "loss"}], "layout": {}})  # other traces
     assert [(t.type, t.name) for t in widget.data] == [("bar", "loss")]
 

@@ -256,7 +256,19 @@ def _show(widget: go.FigureWidget, fig: Figure) -> None:
     restyle = {
         key: [new.get(key, None if key in old else Undefined) for old, new in pairs] for key in keys
     }
-    widget.plotly_update(restyle, layout, list(range(len(data))))
+    widget.plotly_update(restyle, _paths(layout), list(range(len(data))))
+
+
+def _paths(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``values`` as plotly key paths (``{"xaxis.title.text": ...}``): a relayout sets those
+    alone, so what the browser changed and the figure does not set (a zoom) stays."""
+    paths = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            paths.update(_paths(value, f"{prefix}{key}."))
+        else:
+            paths[prefix + key] = value
+    return paths
 
 
 @functools.cache
@@ -301,11 +313,9 @@ def _combine(figures: dict[str, go.Figure]) -> Figure:
         x_range = fig.layout.xaxis.range  # a tuple, where a widget keeps a list
         _set(xaxis, title={"text": fig.layout.xaxis.title.text}, range=x_range and list(x_range))
         _set(
-            yaxis,
-            title={"text": fig.layout.yaxis.title.text},
-            autorange=fig.layout.yaxis.autorange,
-            type=fig.layout.yaxis.type,
+            yaxis, title={"text": fig.layout.yaxis.title.text}, autorange=fig.layout.yaxis.autorange
         )
+        yaxis["type"] = fig.layout.yaxis.type  # None takes a log axis back to plotly's choice
         title.update(text=fig.layout.title.text, font={"size": 12})
         layout[legend] = {
             "x": xaxis["domain"][1] + 0.01,
