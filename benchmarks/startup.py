@@ -41,6 +41,7 @@ import textwrap
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import cloudpickle
 
@@ -291,18 +292,30 @@ def _logs() -> None:
 WARM_CALLS = {"no-op": int, "print": _prints, "pdlab.log": _logs}
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds process ``pid`` has used, all its threads (user and system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def warm_round_trip_ms(world_size: int, calls: int) -> dict[str, float]:
-    """Median ms of a warm ``run`` of each of ``WARM_CALLS``, on ``world_size`` ranks."""
+    """Median ms of a warm ``run`` of each of ``WARM_CALLS``, on ``world_size`` ranks; and
+    the CPU a no-op call costs, in us: the kernel's (every thread) and the ranks' summed."""
     medians = {}
     with pdlab.Cluster(world_size, device="cpu") as cluster:
+        pids = cluster.run(os.getpid)
         for name, fn in WARM_CALLS.items():
             times = []
+            kernel, ranks = time.process_time(), sum(map(_cpu_s, pids))
             for _ in range(calls + 1):  # the first is not counted: it unpickles ``fn``
                 t = time.perf_counter()
                 with contextlib.redirect_stdout(io.StringIO()):  # the ranks' "[rank r] hello"
                     cluster.run(fn)
                 times.append(time.perf_counter() - t)
             medians[name] = median(times[1:]) * 1000
+            if name == "no-op":
+                medians["kernel CPU us"] = (time.process_time() - kernel) / (calls + 1) * 1e6
+                medians["ranks' CPU us"] = (sum(map(_cpu_s, pids)) - ranks) / (calls + 1) * 1e6
     return medians
 
 
@@ -501,8 +514,14 @@ def new_clusters(args: argparse.Namespace, torchrun_script: str) -> list[Figure]
 
 def round_trips(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
     medians = warm_round_trip_ms(4, args.calls)
+    kernel, ranks = medians.pop("kernel CPU us"), medians.pop("ranks' CPU us")
     calls = ", ".join(f"{name} {ms:.3f} ms" for name, ms in medians.items())
     print(f"\n5. warm run, world 4, median over {args.calls} calls: {calls}")
+    print(
+        f"CPU a no-op call costs: the kernel {kernel:.0f} us (all its threads), the 4 ranks "
+        f"{ranks:.0f} us together; {kernel + ranks:.0f} us on {os.cpu_count()} core(s) is at "
+        f"least {(kernel + ranks) / os.cpu_count() / 1000:.3f} ms of wall time"
+    )
     parts = ", ".join(f"{k} {v:.1f} us" for k, v in round_trip_parts(4).items())
     print(f"what a no-op's round trip is made of, each measured alone: {parts}")
     alone = {
