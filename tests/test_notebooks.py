@@ -137,12 +137,29 @@ QUIET = {"07_what_if"}  # labs that warned on a busy machine before they said it
 
 
 def outputs_text(nb: nbformat.NotebookNode) -> str:
+    """Every output's text, one a line, as a reader sees them: a stream's consecutive outputs
+    run together (under load, one print came as two: "measured bytes == predicted:", " True")."""
     parts = []
     for cell in nb.cells:
+        stream = None  # the stream the previous output wrote to, if it was one
         for out in cell.get("outputs", []):
-            parts.append(out.get("text", ""))
-            parts.append(str(out.get("data", {}).get("text/plain", "")))
+            if out.get("output_type") == "stream" and out.get("name") == stream:
+                parts[-1] += out.get("text", "")
+                continue
+            stream = out.get("name") if out.get("output_type") == "stream" else None
+            parts.append(out.get("text", "") + str(out.get("data", {}).get("text/plain", "")))
     return "\n".join(parts)
+
+
+def test_outputs_text_joins_a_streams_pieces_and_nothing_else():
+    cell = nbformat.v4.new_code_cell()
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="exact:"),
+        nbformat.v4.new_output("stream", name="stdout", text=" True\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="warned"),
+        nbformat.v4.new_output("execute_result", data={"text/plain": "42"}, execution_count=1),
+    ]
+    assert outputs_text(nbformat.v4.new_notebook(cells=[cell])) == "exact: True\n\nwarned\n42"
 
 
 def test_every_lab_has_a_papermill_run():
