@@ -41,13 +41,12 @@ import textwrap
 import threading
 import time
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import cloudpickle
 
 import pdlab
 import pdlab.training.registry
-from pdlab.control import launcher, protocol, warmup
+from pdlab.control import keeper, launcher, protocol, warmup
 
 TORCHRUN_SCRIPT = textwrap.dedent(
     """
@@ -294,7 +293,7 @@ WARM_CALLS = {"no-op": int, "print": _prints, "pdlab.log": _logs}
 
 def _cpu_s(pid: int) -> float:
     """CPU seconds process ``pid`` has used, all its threads (user and system)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = keeper.stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

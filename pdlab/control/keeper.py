@@ -136,12 +136,19 @@ def children() -> list[int]:
     return found
 
 
+def stat_fields(pid: int | str = "self") -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (which may hold spaces and
+    parentheses): ``[0]`` is the state, ``[11]``/``[12]`` user/system CPU ticks, ``[19]`` the
+    start time. Raises OSError when there is no such process."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def show_as(words: list[str]) -> None:
     """Put ``words`` on this process's command line (``/proc/PID/cmdline``, ``ps``) instead
     of the one it started with (the fork server's, a rank's for its keeper), by rewriting
     the memory the kernel reads it from (as setproctitle does), within the room the first
     command line left; cut to fit."""
-    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    fields = stat_fields()
     start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
     room = end - start
     if ctypes.string_at(start, room) != Path("/proc/self/cmdline").read_bytes():

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdlab.control import forkserver, protocol
+from pdlab.control import forkserver, keeper, protocol
 from pdlab.control.processes import Spawned
 
 BACKENDS = ("gloo", "nccl")
@@ -157,7 +157,7 @@ def remove_stale_dirs() -> list[str]:
 def is_stopped(pid: int) -> bool:
     """Whether process ``pid`` is stopped (SIGSTOP, Ctrl-Z, a debugger): it can't run."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = keeper.stat_fields(pid)[0]
     except (OSError, IndexError):
         return False
     return state in ("T", "t")
@@ -166,7 +166,7 @@ def is_stopped(pid: int) -> bool:
 def _start_time(pid: int) -> str:
     """When process ``pid`` started (clock ticks since boot), or "" if there is none."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return keeper.stat_fields(pid)[19]
     except (OSError, IndexError):
         return ""
 
