@@ -541,3 +541,43 @@ def test_a_slow_paint_still_repaints_a_running_run_every_repaint_s():
     gaps = [b - a for a, b in pairwise(starts)]
     assert len(gaps) >= 3, starts
     assert all(REPAINT_S - 0.01 <= gap <= REPAINT_S + 0.15 for gap in gaps), gaps
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_the_browsers_answer_and_a_repaint_take_turns(locked, monkeypatch, caplog):
+    """The browser answers each change with plotly.js's defaults, applied on the kernel's
+    thread while the painter's thread may repaint. Without the lock (the known-wrong case) the
+    answer meets traces a repaint replaced midway: the IndexError that lab 05's browser test
+    found in JupyterLab's log console."""
+    from pdlab.lab.dashboard import LiveFigure, _show
+
+    if not locked:
+        monkeypatch.setattr(LiveFigure, "_handle_msg", go.FigureWidget._handle_msg)
+    widget = LiveFigure({"data": [{"type": "scatter", "name": n, "y": [1, 2]} for n in "ab"]})
+    answering, repainting, repainted = threading.Event(), threading.Event(), threading.Event()
+    seen_repainted = []
+    apply = widget._remove_overlapping_props
+
+    def answer_midway(*args):
+        answering.set()
+        repainting.wait()
+        # Locked, the repaint waits for this answer: a second passes and the answer goes on.
+        seen_repainted.append(repainted.wait(timeout=1 if locked else 60))
+        return apply(*args)
+
+    def repaint():
+        answering.wait()
+        repainting.set()
+        _show(widget, {"data": [{"type": "bar", "name": "c", "y": [1]}], "layout": {}})
+        repainted.set()
+
+    widget._remove_overlapping_props = answer_midway
+    painter = threading.Thread(target=repaint)
+    painter.start()
+    delta = {"uid": widget.data[1].uid, "line": {"color": "red"}}
+    edit = {"trace_deltas": [delta], "trace_edit_id": widget._last_trace_edit_id}
+    widget._handle_msg({"content": {"data": {"method": "update", "state": {"_js2py_traceDeltas": edit}}}})  # fmt: skip
+    painter.join()
+    errors = [record.exc_info[0] for record in caplog.records if record.exc_info]
+    assert [(t.type, t.name) for t in widget.data] == [("bar", "c")]
+    assert (seen_repainted, errors) == (([False], []) if locked else ([True], [IndexError]))

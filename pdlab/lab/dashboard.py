@@ -229,7 +229,26 @@ class Run:
 Figure = dict[str, Any]  # {"data": [trace, ...], "layout": {...}}: plain values, as plotly.js takes
 
 
-def _show(widget: go.FigureWidget, fig: Figure) -> None:
+class LiveFigure(go.FigureWidget):
+    """A ``FigureWidget`` that a thread other than the kernel's may repaint.
+
+    The browser answers each change with the defaults plotly.js filled in; the kernel's thread
+    applies them to the trace it looks up by index, and a repaint that replaced the traces
+    meanwhile made that raise IndexError into JupyterLab's log console. Each browser message
+    and each repaint (``_show``) hold one lock: a late answer then finds its change superseded
+    and is dropped whole.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._painting = threading.RLock()
+
+    def _handle_msg(self, msg: dict) -> None:
+        with self._painting:
+            super()._handle_msg(msg)
+
+
+def _show(widget: LiveFigure, fig: Figure) -> None:
     """Put ``fig`` in a live ``widget``, as one message to the browser.
 
     When the widget has the same traces (by name), they and the layout change in place as
@@ -239,24 +258,26 @@ def _show(widget: go.FigureWidget, fig: Figure) -> None:
     """
     data = fig["data"]
     layout = {key: value for key, value in fig["layout"].items() if key != "template"}
-    shown = [trace.to_plotly_json() for trace in widget.data]
-    if [(t.get("type"), t.get("name")) for t in shown] != [
-        (t.get("type", "scatter"), t.get("name")) for t in data
-    ]:
-        with widget.batch_update():
-            widget.data = ()
-            widget.add_traces(data)
-            widget.layout.update(layout)
-        return
-    # Per trace: its new value, None to take away one it no longer has, else Undefined
-    # (plotly's "leave it"; a bar's property is no scatter's). Not the uid, the widget's
-    # name for the trace, by which the browser reports changes to it.
-    keys = {key for trace in [*shown, *data] for key in trace} - {"uid"}
-    pairs = list(zip(shown, data, strict=True))
-    restyle = {
-        key: [new.get(key, None if key in old else Undefined) for old, new in pairs] for key in keys
-    }
-    widget.plotly_update(restyle, _paths(layout), list(range(len(data))))
+    with widget._painting:
+        shown = [trace.to_plotly_json() for trace in widget.data]
+        if [(t.get("type"), t.get("name")) for t in shown] != [
+            (t.get("type", "scatter"), t.get("name")) for t in data
+        ]:
+            with widget.batch_update():
+                widget.data = ()
+                widget.add_traces(data)
+                widget.layout.update(layout)
+            return
+        # Per trace: its new value, None to take away one it no longer has, else Undefined
+        # (plotly's "leave it"; a bar's property is no scatter's). Not the uid, the widget's
+        # name for the trace, by which the browser reports changes to it.
+        keys = {key for trace in [*shown, *data] for key in trace} - {"uid"}
+        pairs = list(zip(shown, data, strict=True))
+        restyle = {
+            key: [new.get(key, None if key in old else Undefined) for old, new in pairs]
+            for key in keys
+        }
+        widget.plotly_update(restyle, _paths(layout), list(range(len(data))))
 
 
 def _paths(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -357,7 +378,7 @@ def live(
     (a callback's errors would otherwise go only to JupyterLab's hidden log console); the last
     figure stays. While ``draw`` runs, the line says so.
     """
-    figure = go.FigureWidget(draw(control.value) if first is None else first)
+    figure = LiveFigure(draw(control.value) if first is None else first)
     status = widgets.HTML()
 
     def redraw(change: dict) -> None:
@@ -477,7 +498,7 @@ class Dashboard:
             "timeline": plots.timeline([]),
             "where": plots.where_time_goes({}),
         }
-        self.figure = go.FigureWidget(_combine(before_any_run))
+        self.figure = LiveFigure(_combine(before_any_run))
         self.widget = widgets.VBox(
             [
                 widgets.Box(list(self.controls.values()), layout={"flex_flow": "row wrap"}),
