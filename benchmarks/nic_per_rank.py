@@ -49,27 +49,33 @@ EXCHANGE_BYTES = (16 << 10, 64 << 10, 256 << 10)
 def _exchange_seconds() -> dict[str, float]:
     """On ranks 0 and 1 (others idle): median seconds of a p2p transfer of each of
     ``EXCHANGE_BYTES``, one way (0 to 1) and both ways at once (as 1F1B's activations and
-    gradients, a ring's neighbours)."""
+    gradients, a ring's neighbours), each rank issuing its send first, then its receive
+    first (gloo's receiver says it is ready behind what it already sends:
+    ``pdlab.cost.emulation._Link``)."""
     import torch
     import torch.distributed as dist
 
     rank, seconds = dist.get_rank(), {}
     for nbytes in EXCHANGE_BYTES:
         sent, received = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-        for both in (False, True):
+        for way in ("one way", "both ways", "both ways, receives first"):
             times = []
             for _ in range(7):
                 dist.barrier()
                 start = time.perf_counter()
                 ops = []
-                if rank < 2 and (both or rank == 0):
-                    ops.append(dist.P2POp(dist.isend, sent, 1 - rank))
-                if rank < 2 and (both or rank == 1):
-                    ops.append(dist.P2POp(dist.irecv, received, 1 - rank))
+                if rank < 2:
+                    send = dist.P2POp(dist.isend, sent, 1 - rank)
+                    recv = dist.P2POp(dist.irecv, received, 1 - rank)
+                    ops = {
+                        "one way": [send] if rank == 0 else [recv],
+                        "both ways": [send, recv],
+                        "both ways, receives first": [recv, send],
+                    }[way]
                 for work in dist.batch_isend_irecv(ops) if ops else ():
                     work.wait()
                 times.append(time.perf_counter() - start)
-            seconds[f"{'both ways' if both else 'one way'} {nbytes >> 10} KB"] = statistics.median(times)  # fmt: skip
+            seconds[f"{way} {nbytes >> 10} KB"] = statistics.median(times)
     return seconds
 
 

@@ -106,9 +106,12 @@ def test_an_op_that_completes_after_the_run_ended_is_not_stranded():
         assert late.wait()[0].item() == 1.0  # at once, not after 30 s, and no deadlock
 
 
-def _through(spec: str, ops: list[tuple[str, float]]) -> list[float]:
+def _through(
+    spec: str, ops: list[tuple[str, float]], issued_late: int | None = None
+) -> list[float]:
     """Seconds until each op, all ready at once, is through the emulated link ``spec`` (as
-    the link's own thread saw it: not when this thread woke up to look)."""
+    the link's own thread saw it: not when this thread woke up to look). All were issued
+    before any was ready, but ``ops[issued_late]``, issued once those before it were."""
     started, through = time.perf_counter(), [0.0] * len(ops)
     with emulation.emulating(spec) as emulator:
         done = [threading.Event() for _ in ops]
@@ -118,7 +121,9 @@ def _through(spec: str, ops: list[tuple[str, float]]) -> list[float]:
                 through[i] = time.perf_counter() - started
                 event.set()
 
-            emulator._start(_event(op, model), stamp)
+            emulator._start(
+                _event(op, model), stamp, time.perf_counter() if i == issued_late else started
+            )
         for event in done:
             event.wait()
     return through
@@ -142,6 +147,16 @@ def test_a_link_serves_each_direction_in_turn_and_a_medium_shares_its_rate():
     # longer one then has the medium to itself.
     assert_through_at(_through("1MB/s:shared", [("send", 0.2), ("recv", 0.2)]), [0.4, 0.4])
     assert_through_at(_through("1MB/s:shared", [("send", 0.2), ("recv", 0.6)]), [0.4, 0.8])
+
+
+def test_a_receive_issued_after_a_send_was_on_its_way_waits_for_it():
+    # gloo's receiver says it is ready behind the bytes it already sends: issued once the
+    # send was on its way, the receive's bytes start when the send is through; issued
+    # before, they come in meanwhile. A shared medium has no such rule (both at once share it).
+    ops = [("send", 0.2), ("recv", 0.2)]
+    assert_through_at(_through("1MB/s", ops, issued_late=1), [0.2, 0.4])
+    assert_through_at(_through("1MB/s", ops), [0.2, 0.2])
+    assert_through_at(_through("1MB/s:shared", ops, issued_late=1), [0.4, 0.4])
 
 
 def test_the_through_check_fails_an_op_served_too_soon_or_too_late():

@@ -12,7 +12,8 @@ DDP's buckets through its comm hook), with ``model`` its time on the link:
 
     ready = when the op really completed here (every participant had joined and the bytes
             had crossed loopback)
-    start = max(ready, when this rank's link is done with the ops before it)
+    start = max(ready, when this rank's link is done with the ops before it,
+                a receive's: with the sends ready before it was issued)
     done  = start + model
 
 ``ready`` stands for "every participant is there": gloo (like NCCL) moves bytes only once both
@@ -21,7 +22,8 @@ earlier. The loopback transfer itself is counted on top of the model: it is most
 (copies, the reduction's additions) that the slow link needs too. A rank's link carries one
 op at a time (first ready, first served): DDP's buckets queue behind each other as they would
 on the wire. Per rank, sends use the outgoing direction, receives the incoming one and
-collectives both (links are full duplex).
+collectives both (links are full duplex); a receive waits for the sends on their way out
+when it was issued, as gloo's receiver says it is ready on its outgoing direction (``_Link``).
 
 How ops complete late without blocking anyone who does not wait for them: an op's Work is
 swapped for one made from a future that a timer thread completes at ``done`` (async ops,
@@ -168,19 +170,35 @@ def _forward(source: torch.futures.Future, target: torch.futures.Future) -> None
 
 class _Link:
     """A link per rank: each direction carries one op at a time, first ready first served
-    (sends go out, receives come in, collectives use both)."""
+    (sends go out, receives come in, collectives use both).
+
+    A receive issued after a send was ready starts once that send is through. gloo moves a
+    transfer's bytes only once its receiver has said it is ready, and that notice goes out on
+    the receiver's link, queued behind the bytes it is already sending: a both-ways exchange
+    whose ranks each send first takes twice its bytes / rate on a real NIC
+    (``benchmarks.nic_per_rank``: 64 KB both ways 34.7 ms, receives first 18.5 ms, for 17.5
+    ms of bytes). A send is ready (here, over loopback) when its receiver's notice came: from
+    then on its bytes are on the way out.
+    """
 
     def __init__(self, timer: _Timer):
         self._timer = timer
         self._free: dict[str, float] = {}  # direction -> perf_counter() when it is next free
+        self._sends: list[tuple[float, float]] = []  # (ready, through) of sends not yet through
         self._lock = threading.Lock()
 
-    def start(self, event: CommEvent, done: Callable[[], None]) -> None:
+    def start(self, event: CommEvent, done: Callable[[], None], issued: float) -> None:
         ways = directions(event.op)
         with self._lock:
-            start = max(time.perf_counter(), *(self._free.get(d, 0.0) for d in ways))
-            self._free.update(dict.fromkeys(ways, start + event.model_seconds))
-        self._timer.at(start + event.model_seconds, done)
+            now = time.perf_counter()
+            start = max(now, *(self._free.get(d, 0.0) for d in ways))
+            if event.op == "recv":
+                start = max([start, *(end for ready, end in self._sends if ready < issued)])
+            end = start + event.model_seconds
+            self._free.update(dict.fromkeys(ways, end))
+            if event.op == "send":
+                self._sends = [(ready, e) for ready, e in self._sends if e > now] + [(now, end)]
+        self._timer.at(end, done)
 
 
 class _Board:
@@ -246,7 +264,7 @@ class _Medium:
         self._version = 0  # of the pending wake-up; only the newest one acts
         self._lock = threading.Lock()
 
-    def start(self, event: CommEvent, done: Callable[[], None]) -> None:
+    def start(self, event: CommEvent, done: Callable[[], None], issued: float) -> None:
         share = 0.5 if event.op in ("send", "recv") else 1 / event.group_size
         with self._lock:
             self._update()
@@ -340,7 +358,7 @@ class Emulator:
             except Exception:  # a failed op (a peer died) costs no link time: report it now
                 complete()
             else:
-                self._start(event, complete)
+                self._start(event, complete, issued)
 
         future.add_done_callback(ready)
         return late
@@ -360,7 +378,7 @@ class Emulator:
     def hold(self, event: CommEvent) -> None:
         """Block until the op, just waited for here, completes on the link (functional ops)."""
         done = threading.Event()
-        self._start(event, done.set)
+        self._start(event, done.set, time.perf_counter())
         done.wait()
 
     def close(self) -> None:
@@ -368,16 +386,17 @@ class Emulator:
         if self._board is not None:
             self._board.close()
 
-    def _start(self, event: CommEvent, done: Callable[[], None]) -> None:
-        """The op is ready (really complete here): put it on the link; ``done()`` when it is
-        through, having noted in ``event.added_seconds`` how long that took."""
+    def _start(self, event: CommEvent, done: Callable[[], None], issued: float) -> None:
+        """The op, issued at ``issued`` (``perf_counter()``), is ready (really complete here):
+        put it on the link; ``done()`` when it is through, having noted in
+        ``event.added_seconds`` how long that took."""
         ready = time.perf_counter()
 
         def through() -> None:
             event.added_seconds = time.perf_counter() - ready
             done()
 
-        self._link.start(event, through)
+        self._link.start(event, through, issued)
 
 
 @contextmanager
