@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -162,6 +163,19 @@ def test_sends_pair_with_recvs_by_tag():
     untagged = {rank: t.assign(tag=0) for rank, t in traces.items()}
     wrong = replay_traces(untagged, {0: 1.0, 1: 4.0}, Layout(pp=2), rule)
     assert wrong[0].finish == pytest.approx(7.0)  # what the replay did before tags
+
+
+def test_a_send_waits_for_its_receivers_sends_that_began_before_it_asked():
+    # Rank 0 sends x (1 KB: 1 s) at 0, computes 0.5 s, then asks for y; rank 1 has both
+    # posted at 0. gloo's ready notice for y leaves rank 0 behind x: y runs 1-2, not
+    # 0.5-1.5. Asked for before x began, y runs at once, beside x.
+    def programs(ask_first: bool) -> dict:
+        x, y = Issue("x", "send", 1000, (0, 1)), Issue("y", "send", 0, (1, 0))
+        first = [y, x, Compute(0.5)] if ask_first else [x, Compute(0.5), y]
+        return {0: [*first, Wait("y"), Wait("x")], 1: [replace(x, payload=0), replace(y, payload=1000), Wait("x"), Wait("y")]}  # fmt: skip
+
+    assert replay(programs(ask_first=False), one_second_per_kb)[0].finish == pytest.approx(2.0)
+    assert replay(programs(ask_first=True), one_second_per_kb)[0].finish == pytest.approx(1.0)
 
 
 def test_the_replay_refuses_programs_that_never_meet():

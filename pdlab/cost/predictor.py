@@ -76,8 +76,9 @@ class Assumptions:
       A link carries one op at a time, first posted first served (DDP's buckets queue);
       different links, and different ranks' links, don't slow each other.
     - A collective starts when its last member has posted it and its links are free; a send
-      when its receiver has posted the recv too (gloo and NCCL move bytes only then). Every
-      rank involved has it back at its end.
+      when its receiver has posted the recv too (gloo and NCCL move bytes only then), and
+      the receiver's sends that had begun by then are through (gloo's receiver says it is
+      ready behind them). Every rank involved has it back at its end.
 
     Schedule: every op where and when the run issued it; a rank waits for an op
     - right after issuing it, unless listed below (TP's all-reduces, ZeRO's gathers and
@@ -168,7 +169,8 @@ def replay(
     """Run every rank's program from time 0 (a discrete-event simulation).
 
     An op starts when every rank in its ``ranks`` has posted it and every link it occupies
-    (``links(issue)``) is done with earlier ops; it takes ``seconds(issue)``. A rank at
+    (``links(issue)``) is done with earlier ops, a send also when its receiver's sends that
+    began before the receiver posted it are through; it takes ``seconds(issue)``. A rank at
     ``Wait(key)`` resumes when that op has ended. RuntimeError if the ranks wait on each
     other for ever (programs that don't match).
     """
@@ -179,12 +181,22 @@ def replay(
     payload: dict[Hashable, float] = defaultdict(float)  # a recv posts 0: its send the bytes
     ended: dict[Hashable, float] = {}
     free: dict[Hashable, float] = defaultdict(float)  # link -> when its last op ends
+    sending: dict[int, list[tuple[float, float]]] = defaultdict(list)  # rank -> its sends
 
     def start(issue: Issue) -> None:
         issue = replace(issue, payload=payload[issue.key])
         occupied = links(issue)
         begin = max([*posted[issue.key].values(), *(free[link] for link in occupied)])
+        if issue.op == "send":
+            # The receiver says it is ready behind what it was already sending (gloo's
+            # notice, as ``pdlab.cost.emulation._Link`` has it). Its sends that this replay
+            # starts later, though they began earlier, are not seen: ranks run in turn.
+            receiver = issue.ranks[1]
+            asked = posted[issue.key][receiver]
+            begin = max([begin, *(end for was, end in sending[receiver] if was < asked)])
         end = ended[issue.key] = begin + seconds(issue)
+        if issue.op == "send":
+            sending[issue.ranks[0]].append((begin, end))
         free.update(dict.fromkeys(occupied, end))
         for rank in set(issue.ranks) & set(out):
             out[rank].transfers.append((begin, end))
