@@ -297,10 +297,10 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def warm_round_trip_ms(world_size: int, calls: int) -> dict[str, float]:
+def warm_round_trip_ms(world_size: int, calls: int) -> tuple[dict[str, float], tuple[float, float]]:
     """Median ms of a warm ``run`` of each of ``WARM_CALLS``, on ``world_size`` ranks; and
-    the CPU a no-op call costs, in us: the kernel's (every thread) and the ranks' summed."""
-    medians = {}
+    the CPU a no-op call costs, in us: the kernel's (every thread), the ranks' summed."""
+    medians, cpu_us = {}, (0.0, 0.0)
     with pdlab.Cluster(world_size, device="cpu") as cluster:
         pids = cluster.run(os.getpid)
         for name, fn in WARM_CALLS.items():
@@ -313,9 +313,9 @@ def warm_round_trip_ms(world_size: int, calls: int) -> dict[str, float]:
                 times.append(time.perf_counter() - t)
             medians[name] = median(times[1:]) * 1000
             if name == "no-op":
-                medians["kernel CPU us"] = (time.process_time() - kernel) / (calls + 1) * 1e6
-                medians["ranks' CPU us"] = (sum(map(_cpu_s, pids)) - ranks) / (calls + 1) * 1e6
-    return medians
+                kernel, ranks = time.process_time() - kernel, sum(map(_cpu_s, pids)) - ranks
+                cpu_us = (kernel / (calls + 1) * 1e6, ranks / (calls + 1) * 1e6)
+    return medians, cpu_us
 
 
 def _per_call_us(fn, n: int = 2000) -> float:
@@ -512,8 +512,7 @@ def new_clusters(args: argparse.Namespace, torchrun_script: str) -> list[Figure]
 
 
 def round_trips(args: argparse.Namespace, torchrun_script: str) -> list[Figure]:
-    medians = warm_round_trip_ms(4, args.calls)
-    kernel, ranks = medians.pop("kernel CPU us"), medians.pop("ranks' CPU us")
+    medians, (kernel, ranks) = warm_round_trip_ms(4, args.calls)
     calls = ", ".join(f"{name} {ms:.3f} ms" for name, ms in medians.items())
     print(f"\n5. warm run, world 4, median over {args.calls} calls: {calls}")
     print(
