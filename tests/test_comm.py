@@ -108,3 +108,46 @@ def test_a_collective_is_timed_to_its_completion_even_without_a_future(cluster2)
     assert set(waited) == {"all_reduce", "all_gather", "reduce_scatter"}
     # Half: a rank may leave the barrier a little after the other (a busy machine).
     assert all(seconds >= late_s / 2 for seconds in waited.values()), waited
+
+
+def _receives(time_receives: bool, spin_s: float, late_s: float) -> list[tuple]:
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from pdlab.measure.busy import BusyClock
+    from pdlab.measure.comm import CommMeter, unmetered
+
+    t, go = torch.zeros(4), torch.zeros(1)
+    with CommMeter(time_receives=time_receives) as meter:
+        if dist.get_rank() == 0:
+            with unmetered():
+                dist.recv(go, 1)  # rank 1 has computed: only then does x leave
+            dist.send(t, 1)
+            time.sleep(late_s)
+            dist.send(t, 1)
+        else:
+            work = dist.irecv(t, 0)  # posted ahead, as torch's looped schedules do
+            clock = BusyClock()
+            while clock() < spin_s:
+                pass
+            with unmetered():
+                dist.send(go, 0)
+            work.wait()
+            dist.recv(t, 0)  # waited for at once
+    return [(e.busy, e.done_busy, e.seconds) for e in meter.events]
+
+
+def test_receives_are_timed_to_where_they_completed_when_asked(cluster2):
+    """A run of torch's looped pipeline schedules times its recvs (``time_receives``): the
+    first here completes after its rank computed ``spin_s`` more (the rank needed it no
+    earlier), the second where the rank blocked on it. Without, gloo's recvs are
+    launch-timed: no completion seen."""
+    spin_s, late_s = 0.1, 0.2
+    _, timed = cluster2.run(_receives, True, spin_s, late_s)
+    _, launched = cluster2.run(_receives, False, spin_s, late_s)
+    (busy, done_busy, _), (busy2, done_busy2, seconds2) = timed
+    assert done_busy - busy >= spin_s
+    assert done_busy2 - busy2 < spin_s / 2 and seconds2 >= late_s / 2
+    assert [done for _, done, _ in launched] == [-1.0, -1.0]

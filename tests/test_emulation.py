@@ -83,8 +83,8 @@ def test_a_late_future_keeps_the_value_an_error_comes_at_once_and_closing_releas
     emulator = Emulator(parse("1MB/s"))
     done, failed = torch.futures.Future(), torch.futures.Future()
     events = [_event(model=30.0), _event(model=30.0)]
-    late = emulator.delay_future(events[0], done, time.perf_counter())
-    late_error = emulator.delay_future(events[1], failed, time.perf_counter())
+    late = emulator.delay_future(events[0], done, time.perf_counter(), lambda: None)
+    late_error = emulator.delay_future(events[1], failed, time.perf_counter(), lambda: None)
     done.set_result([torch.ones(2)])
     failed.set_exception(RuntimeError("peer went away"))
     with pytest.raises(RuntimeError, match="peer went away"):
@@ -101,7 +101,7 @@ def test_an_op_that_completes_after_the_run_ended_is_not_stranded():
         emulator = Emulator(parse(spec))
         emulator.close()
         real = torch.futures.Future()
-        late = emulator.delay_future(_event(model=30.0), real, time.perf_counter())
+        late = emulator.delay_future(_event(model=30.0), real, time.perf_counter(), lambda: None)
         real.set_result([torch.ones(1)])
         assert late.wait()[0].item() == 1.0  # at once, not after 30 s, and no deadlock
 

@@ -41,9 +41,13 @@ from pdlab.training.layout import Layout
 
 
 def trace(*ops: tuple) -> pd.DataFrame:
-    """Events of one rank: ``(op, group, payload, busy[, peer[, tag]])`` in issue order."""
+    """Events of one rank: ``(op, group, payload, busy[, peer[, tag]])`` in issue order,
+    issued at wall time ``busy`` (``start``), none seen completing (``done_busy`` -1)."""
     columns = ["op", "group", "payload_bytes", "busy", "peer", "tag"]
-    return pd.DataFrame([(*o, -1, 0)[:6] if len(o) < 5 else (*o, 0)[:6] for o in ops], columns=columns)  # fmt: skip
+    rows = [(*o, -1, 0)[:6] if len(o) < 5 else (*o, 0)[:6] for o in ops]
+    return pd.DataFrame(rows, columns=columns).assign(
+        start=lambda t: t.busy, seconds=0.0, done_busy=-1.0
+    )
 
 
 def one_second_per_kb(issue: Issue) -> float:
@@ -178,6 +182,24 @@ def test_a_send_waits_for_its_receivers_sends_that_began_before_it_asked():
     assert replay(programs(ask_first=True), one_second_per_kb)[0].finish == pytest.approx(1.0)
 
 
+def test_torch_looped_schedules_wait_for_a_recv_where_it_completed():
+    # Rank 1 posts its recv of x at 0, computes 2 s, then needs x; it computes 2 s more.
+    # Rank 0 computes 5 s and sends x (1 KB: 1 s): x runs 5-6, rank 1 finishes at 8. Waited
+    # for where it was posted (as a blocking recv), rank 1 would idle 0-6 and end at 10.
+    traces = {
+        0: trace(("send", "pp", 1000, 5.0, 1)),
+        1: trace(("recv", "pp", 0, 0.0, 0)).assign(done_busy=2.0, seconds=6.0),
+    }
+    rule = lambda op, group: wait_rule("pp-zb", "torch", op, group, gpu=False)  # noqa: E731
+    times = replay_traces(traces, {0: 5.0, 1: 4.0}, Layout(pp=2), rule)
+    assert times[1].finish == pytest.approx(8.0)
+    assert (times[1].compute, times[1].exposed_comm, times[1].bubble) == pytest.approx((4, 1, 3))
+    blocking = replay_traces(traces, {0: 5.0, 1: 4.0}, Layout(pp=2), lambda op, g: BLOCKING)
+    assert blocking[1].finish == pytest.approx(10.0)  # the old rule, kept as the wrong answer
+    unseen = {0: traces[0], 1: traces[1].assign(done_busy=-1.0)}  # a run that didn't time it
+    assert replay_traces(unseen, {0: 5.0, 1: 4.0}, Layout(pp=2), rule)[1].finish == pytest.approx(10.0)  # fmt: skip
+
+
 def test_the_replay_refuses_programs_that_never_meet():
     programs = {0: [Issue("x", "all_reduce", 1, (0, 1)), Wait("x")], 1: [Compute(1.0)]}
     with pytest.raises(RuntimeError, match="deadlocked"):
@@ -192,6 +214,9 @@ def test_wait_rules_follow_each_strategy():
     assert wait_rule("pp-1f1b", "torch", "send", "pp", gpu=False) == "with the next"
     # torch's zero-bubble runtime keeps its sends and waits for them all at the end.
     assert wait_rule("pp-zb", "torch", "send", "pp", gpu=False) == "at end"
+    # ... and posts its receives ahead: waited for where they completed.
+    assert wait_rule("pp-zb", "torch", "recv", "pp", gpu=False) == "as seen"
+    assert wait_rule("pp-zb", "scratch", "recv", "pp", gpu=False) == BLOCKING
     assert wait_rule("ps", "scratch", "send", "dp", gpu=False) == BLOCKING
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=False) == BLOCKING  # CPU: sync
     assert wait_rule("zero3", "torch", "all_gather", "dp", gpu=True) == "prefetch"
@@ -371,9 +396,10 @@ NEW_PIPELINES = [
 def test_new_pipeline_schedules_are_predicted_from_their_runs(cluster2, strategy, impl):
     result = pdlab.train(cluster2, strategy=strategy, impl=impl, micro_batches=4, steps=2)
     rows = pdlab.predict(result, "8xH100")
-    # A stage waits for its input in some step (which step's order leaves the critical rank
-    # no wait depends on the measured order of micro-batches: seen 0 in one of two steps).
-    assert len(rows) == 2 and (rows.step_time > rows.compute).all() and rows.bubble.max() > 0
+    assert len(rows) == 2 and (rows.step_time >= rows.compute).all()
+    # On a slow link a stage waits for its input: the transfer shows, and the step is longer.
+    slow = pdlab.predict(result, "10Mbit/s")
+    assert (slow.step_time > slow.compute).all() and (slow.exposed_comm > 0).all()
 
 
 def test_recompute_is_predicted_as_the_extra_forward_it_runs():

@@ -341,15 +341,19 @@ class Emulator:
         )
 
     def delay_future(
-        self, event: CommEvent, future: torch.futures.Future, issued: float
+        self,
+        event: CommEvent,
+        future: torch.futures.Future,
+        issued: float,
+        stamp: Callable[[], None],
     ) -> torch.futures.Future:
-        """A future completing like ``future`` but at the op's emulated time (module docstring);
-        ``event.seconds`` becomes the time from ``issued`` (``perf_counter()``) until then."""
+        """A future completing like ``future`` but at the op's emulated time (module docstring),
+        issued at ``issued`` (``perf_counter()``); ``stamp()`` (``pdlab.measure.comm`` timing
+        the op) just before."""
         late = torch.futures.Future(devices=self._devices)
 
         def complete() -> None:
-            # Before completing: whoever waits on ``late`` may read the event at once.
-            event.seconds = time.perf_counter() - issued
+            stamp()  # before completing: whoever waits on ``late`` may read the event at once
             _forward(future, late)
 
         def ready(_: torch.futures.Future) -> None:
@@ -364,14 +368,19 @@ class Emulator:
         return late
 
     def delay_works(
-        self, event: CommEvent, out: Any, tensors: list[torch.Tensor], issued: float
+        self,
+        event: CommEvent,
+        out: Any,
+        tensors: list[torch.Tensor],
+        issued: float,
+        stamp: Callable[[], None],
     ) -> Any:
         """``out`` (an eager c10d op's result) with its boxed Work swapped for a late one.
         ``tensors``: what a Work without a future of its own completes with."""
 
         def late(boxed: torch.ScriptObject) -> torch.ScriptObject:
             future = compat.work_completion(compat.unbox_work(boxed), tensors, self._devices)
-            return compat.work_from_future(self.delay_future(event, future, issued))
+            return compat.work_from_future(self.delay_future(event, future, issued, stamp))
 
         return compat.tree_map_only(torch.ScriptObject, late, out)
 

@@ -21,6 +21,8 @@ waits for it. ``Assumptions`` lists every assumption; it is the one place they l
 from __future__ import annotations
 
 import functools
+import heapq
+import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,6 +38,7 @@ from pdlab.cost.emulation import SHARED, EmulatedLink
 from pdlab.cost.topology import THIS_MACHINE, Device, Topology
 from pdlab.measure.flops import FlopCounter
 from pdlab.measure.trace import overlap, union
+from pdlab.training import registry
 from pdlab.training.data import load_dataset
 from pdlab.training.layout import DIMS, Layout
 from pdlab.training.models import loss_fn
@@ -93,6 +96,10 @@ class Assumptions:
       each edge; the ring's sends (cp group) likewise, and its receives block where they are
       issued: the overlap of a block's transfer with the previous block's compute is not
       modelled (an upper bound);
+    - torch's looped pipeline schedules (``Strategy.receives_ahead``: interleaved,
+      zero-bubble, ZBV) post each receive well before the stage that needs it; a rank waits
+      for it where its run saw it complete (``done_busy``: a rank blocked there had computed
+      nothing since; one that computed on needed it no earlier, so this is a lower bound);
     - FSDP2 (zero2 and zero3 torch): on CPU ranks its collectives are synchronous (no streams:
       ``async_op=False``) and replayed so. On a GPU target it prefetches: each all-gather
       is issued as soon as the previous one is waited for and is waited for where the run
@@ -234,8 +241,8 @@ def replay(
 
 # ---- from a run to programs -------------------------------------------------------------------
 
-BLOCKING, BUCKETS, AT_END, WITH_NEXT, PREFETCH = (
-    "blocking", "buckets", "at end", "with the next", "prefetch"
+BLOCKING, BUCKETS, AT_END, WITH_NEXT, PREFETCH, AS_SEEN = (
+    "blocking", "buckets", "at end", "with the next", "prefetch", "as seen"
 )  # fmt: skip
 
 
@@ -243,6 +250,8 @@ def wait_rule(strategy: str, impl: str, op: str, group: str, gpu: bool) -> str:
     """When a rank waits for one of its ops (``Assumptions``, "Schedule")."""
     if op == "all_reduce" and group == "dp":
         return BUCKETS
+    if op == "recv" and impl in registry.get(strategy).receives_ahead:
+        return AS_SEEN
     if op == "send" and group in ("pp", "cp"):  # torch's 1F1B fuses each send with the next recv
         return WITH_NEXT if (strategy, impl) == ("pp-1f1b", "torch") else AT_END
     if strategy in ("zero2", "zero3") and impl == "torch" and gpu:  # FSDP2
@@ -301,10 +310,25 @@ def program(
     at_end: list[Hashable] = []
     with_next: list[Hashable] = []  # sends waited for once the next p2p op is posted
     prefetch_at = None  # where the next all-gather is posted: after the last one's wait
+    seen: list[tuple[float, float, int, Hashable]] = []  # AS_SEEN: (busy, time) done, key
     done = 0.0
+
+    def compute_to(at: float) -> None:
+        nonlocal done
+        steps.append(Compute(max(0.0, at - done) * scale))
+        done = max(done, at)
+
+    def waits_seen_by(at: float, wall: float) -> None:
+        """The AS_SEEN ops that had completed when the rank's compute reached ``at``, its
+        clock ``wall``: waited for there, in the order they completed."""
+        while seen and seen[0][:2] <= (at, wall):
+            seen_busy, _, _, key = heapq.heappop(seen)
+            compute_to(min(seen_busy, busy))
+            steps.append(Wait(key))
+
     for i, (e, kind) in enumerate(zip(events.itertuples(), kinds, strict=True)):
-        steps.append(Compute(max(0.0, e.busy - done) * scale))
-        done = max(done, e.busy)
+        waits_seen_by(e.busy, e.start)
+        compute_to(e.busy)
         issue = _posted(e, rank, layout, counts)
         if kind == PREFETCH and prefetch_at is not None:
             steps.insert(prefetch_at, issue)
@@ -313,7 +337,11 @@ def program(
         if e.op in ("send", "recv"):
             steps += [Wait(k) for k in with_next]
             with_next = []
-        if kind in (BLOCKING, PREFETCH):
+        if kind == AS_SEEN and getattr(e, "done_busy", -1.0) >= 0:
+            # Where it completed: a rank blocked there computed nothing since (its wait);
+            # one that computed on needed it no earlier (a lower bound of its wait).
+            heapq.heappush(seen, (max(e.busy, e.done_busy), e.start + e.seconds, i, issue.key))
+        elif kind in (BLOCKING, PREFETCH, AS_SEEN):
             steps.append(Wait(issue.key))
             prefetch_at = len(steps) if kind == PREFETCH else prefetch_at
         elif kind == BUCKETS:
@@ -321,7 +349,8 @@ def program(
             steps += [Wait(k) for k in buckets] if i == last_bucket else []
         else:
             (with_next if kind == WITH_NEXT else at_end).append(issue.key)
-    steps.append(Compute(max(0.0, busy - done) * scale))
+    waits_seen_by(math.inf, math.inf)
+    compute_to(busy)
     return steps + [Wait(k) for k in at_end + with_next]
 
 

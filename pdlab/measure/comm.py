@@ -23,11 +23,14 @@ Conventions (nccl-tests, doc/PERFORMANCE.md), for a group of N ranks:
 - ``seconds``: issue to completion: a collective's Work future (gloo's reduce-scatter has
   none: a thread waits on it), DTensor ops until their ``wait_tensor``. Gloo p2p Works have
   no future, so a send/recv's seconds are only the time to issue it (the wait comes later),
-  except on an emulated link, which waits for them.
+  except on an emulated link, which waits for them, and for recvs in a meter that times
+  them (``CommMeter(time_receives=True)``).
 - ``busy``: the seconds the metering thread had computed (run or waited for a core, not
-  slept: ``pdlab.measure.busy``) since the meter was entered, when the op was issued; ``peer``: the
-  global rank a send goes to or a recv comes from (-1 for collectives). ``pdlab.predict``
-  replays a step from these.
+  slept: ``pdlab.measure.busy``) since the meter was entered, when the op was issued;
+  ``done_busy``: the same when it completed. A rank that blocked on the op computed nothing
+  in between; one that went on computing (torch's looped pipeline schedules post a recv long
+  before the stage that needs it) shows how far. ``peer``: the global rank a send goes to or
+  a recv comes from (-1 for collectives). ``pdlab.predict`` replays a step from these.
 
 A meter given an emulator (``CommMeter(emulator=...)``, ``pdlab.cost.emulation``) also makes every
 op it records complete as late as it would on the emulated link, and notes by how much.
@@ -35,12 +38,13 @@ op it records complete as late as it would on the emulated link, and notes by ho
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -64,11 +68,16 @@ class LinkModel(Protocol):
     def price(self, event: CommEvent) -> None:
         """Set ``event.model_seconds``: the op's time on the link."""
 
-    def delay_future(self, event: CommEvent, future: Any, issued: float) -> Any:
-        """A future completing when the link would have delivered ``future``'s op."""
+    def delay_future(
+        self, event: CommEvent, future: Any, issued: float, stamp: Callable[[], None]
+    ) -> Any:
+        """A future completing when the link would have delivered ``future``'s op, having
+        called ``stamp()`` (which times the op) just before."""
 
-    def delay_works(self, event: CommEvent, out: Any, tensors: Any, issued: float) -> Any:
-        """``out`` (a c10d op's works) completing when the link would have."""
+    def delay_works(
+        self, event: CommEvent, out: Any, tensors: Any, issued: float, stamp: Callable[[], None]
+    ) -> Any:
+        """``out`` (a c10d op's works) completing when the link would have; ``stamp`` as above."""
 
     def hold(self, event: CommEvent) -> None:
         """Block until the link would have delivered ``event`` (a functional op's wait)."""
@@ -86,6 +95,7 @@ class CommEvent:
     seconds: float = 0.0
     start: float = 0.0  # time.time() at issue
     busy: float = 0.0  # the rank's compute seconds in this step before the op was issued
+    done_busy: float = -1.0  # ... when it completed (-1: not seen: a send on gloo)
     peer: int = -1  # send/recv: the other rank (global); collectives: -1
     tag: int = 0  # send/recv: the tag a recv matches its send by (two streams between a pair)
     model_seconds: float = 0.0  # its time on the emulated link (pdlab.cost.emulation), else 0
@@ -349,36 +359,47 @@ _active: list[CommMeter] = []  # all threads: DDP's hook may run on an autograd 
 _paused = threading.local()
 
 
-def _stamp(event: CommEvent, t0: float, _: torch.futures.Future) -> None:
+def _stamp(event: CommEvent, t0: float, clock: BusyClock, *_: Any) -> None:
+    """Note that ``event``'s op, issued at ``t0`` (``perf_counter()``), has completed."""
     event.seconds = time.perf_counter() - t0
+    with contextlib.suppress(OSError):  # the thread has exited: not known
+        event.done_busy = clock()
 
 
-def _stamped(event: CommEvent, t0: float, future: torch.futures.Future) -> Any:
-    _stamp(event, t0, future)
+def _stamped(event: CommEvent, t0: float, clock: BusyClock, future: torch.futures.Future) -> Any:
+    _stamp(event, t0, clock)
     return future.value()  # what the Work's result() gives
 
 
-def _time_until_done(event: CommEvent, t0: float, future: torch.futures.Future) -> None:
-    future.add_done_callback(functools.partial(_stamp, event, t0))
+def _time_until_done(
+    event: CommEvent, t0: float, clock: BusyClock, future: torch.futures.Future
+) -> None:
+    future.add_done_callback(functools.partial(_stamp, event, t0, clock))
 
 
 def _timed(
-    event: CommEvent, t0: float, tensors: list[torch.Tensor], boxed: torch.ScriptObject
+    event: CommEvent,
+    t0: float,
+    clock: BusyClock,
+    time_receives: bool,
+    tensors: list[torch.Tensor],
+    boxed: torch.ScriptObject,
 ) -> torch.ScriptObject:
     """An eager op's Work, timed until it completes: by its future's callback (gloo runs it
-    as it completes the Work, before the Work's ``wait()`` returns). Gloo's send and recv have none: launch-timed (the module's
-    docstring). Its reduce-scatter has none either, and its ``wait()`` copies the result out
-    (an all-reduce underneath) each time it is called: a thread waits on it once
+    as it completes the Work, before the Work's ``wait()`` returns). Gloo's send and recv
+    have none: launch-timed (the module's docstring), unless ``time_receives``. Its
+    reduce-scatter has none either, and its ``wait()`` copies the result out (an all-reduce
+    underneath) each time it is called. For those a thread waits on the Work once
     (``compat.work_completion``), and the caller gets a Work that completes once it is timed."""
     work = compat.unbox_work(boxed)
     try:
-        _time_until_done(event, t0, work.get_future())
+        _time_until_done(event, t0, clock, work.get_future())
         return boxed
     except RuntimeError:  # "getFuture not implemented"
-        if event.op in ("send", "recv"):
+        if event.op == "send" or (event.op == "recv" and not time_receives):
             return boxed
-    done = compat.work_completion(work, tensors).then(functools.partial(_stamped, event, t0))
-    return compat.work_from_future(done)
+    timed = functools.partial(_stamped, event, t0, clock)
+    return compat.work_from_future(compat.work_completion(work, tensors).then(timed))
 
 
 def record(op: str, nbytes: int, group: dist.ProcessGroup | None = None, future: Any = None) -> Any:
@@ -391,13 +412,14 @@ def record(op: str, nbytes: int, group: dist.ProcessGroup | None = None, future:
         return future
     pg = group or dist.group.WORLD
     e = measured(op, nbytes, pg)
-    e.start, e.busy, t0 = time.time(), _active[0].clock(), time.perf_counter()
+    clock = _active[0].clock
+    e.start, e.busy, t0 = time.time(), clock(), time.perf_counter()
     emulator = next((m.emulator for m in _active if m.emulator is not None), None)
     if future is not None and emulator is not None:
         emulator.price(e)
-        future = emulator.delay_future(e, future, t0)
+        future = emulator.delay_future(e, future, t0, functools.partial(_stamp, e, t0, clock))
     elif future is not None:
-        _time_until_done(e, t0, future)
+        _time_until_done(e, t0, clock, future)
     for meter in _active:
         meter.events.append(e)
     return future
@@ -437,7 +459,8 @@ class _Mode(TorchDispatchMode):
         if DTensor in types:
             return NotImplemented
         e = None if getattr(_paused, "on", False) else _describe(func, args, kwargs)
-        busy, start, t0 = self.meter.clock(), time.time(), time.perf_counter()
+        clock = self.meter.clock
+        busy, start, t0 = clock(), time.time(), time.perf_counter()
         out = func(*args, **kwargs)
         if compat.is_wait_tensor(func):
             self._finish(args[0])
@@ -451,18 +474,19 @@ class _Mode(TorchDispatchMode):
         if (emulator := self.meter.emulator) is not None:
             emulator.price(e)
             if func.namespace == "c10d":
-                return emulator.delay_works(e, out, args[0], t0)  # it times them
+                stamp = functools.partial(_stamp, e, t0, clock)
+                return emulator.delay_works(e, out, args[0], t0, stamp)
             return out
         # Eager ops return a boxed Work: timed until it completes.
         tensors = [t for t in tree_flatten(args[0])[0] if isinstance(t, torch.Tensor)]
-        return compat.tree_map_only(torch.ScriptObject, functools.partial(_timed, e, t0, tensors), out)  # fmt: skip
+        return compat.tree_map_only(torch.ScriptObject, functools.partial(_timed, e, t0, clock, self.meter.time_receives, tensors), out)  # fmt: skip
 
     def _finish(self, tensor: torch.Tensor) -> None:
         if (pending := self.waiting.pop(_storage(tensor), None)) is not None:
             _, e, t0 = pending
             if self.meter.emulator is not None:
                 self.meter.emulator.hold(e)
-            e.seconds = time.perf_counter() - t0
+            _stamp(e, t0, self.meter.clock)  # waited for here: done_busy is where
 
 
 class CommMeter:
@@ -476,9 +500,14 @@ class CommMeter:
         dispatch: bool = True,
         names: dict[dist.ProcessGroup, str] | None = None,
         emulator: LinkModel | None = None,
+        time_receives: bool = False,
     ) -> None:
         """``names`` labels groups for this meter only (``{tp_group: "tp"}``): one group can
         be "dp" in one run and "pp" in the next (a mesh dim spanning all ranks is the world).
+
+        ``time_receives``: time gloo's recvs to completion too, through a thread that waits on
+        each (they have no future; without it they are launch-timed, as sends are): for
+        schedules that post a recv well before they wait for it.
 
         ``dispatch=False`` collects only ``record``-ed events: for code that counts all its
         own communication (DDP's comm hook), it spares every other op the dispatch mode's
@@ -489,6 +518,7 @@ class CommMeter:
         self.busy = 0.0  # after the block: the entering thread's compute seconds inside it
         self.clock: BusyClock | None = None  # while entered
         self.emulator = emulator
+        self.time_receives = time_receives
         self._mode = _Mode(self) if dispatch else None
         self._names = {pg.group_name: name for pg, name in (names or {}).items()}
         self._outer_names: dict[str, str | None] = {}

@@ -221,6 +221,7 @@ def run_on_rank(
     first = checkpoint.resume(strategy, config)
     names = {mesh.group(d): d for d in DIMS if getattr(layout, d) > 1}
     dispatch = not strategy.counts_own_comm
+    time_receives = config.impl in registry.get(config.strategy).receives_ahead
     spans = StepSpans(strategy)  # forward, backward and optimizer times, for traces
     records = []
     counted = None  # (FLOPs, kernels) of this rank's first step: a counted step runs slower
@@ -237,7 +238,11 @@ def run_on_rank(
             before = wire_reading()
             start = time.perf_counter()
             saved = memory.SavedTensors()
-            with spans.step() as timed, CommMeter(dispatch, names, emulator) as meter, counter:
+            with (
+                spans.step() as timed,
+                CommMeter(dispatch, names, emulator, time_receives) as meter,
+                counter,
+            ):
                 with saved:
                     out = strategy.train_step(x.to(device), y.to(device))
                 if device.type == "cuda":

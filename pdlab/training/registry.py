@@ -42,6 +42,10 @@ class Strategy:
     # and the most (None: no limit). One for all but the pipelines that loop over their ranks.
     chunks: tuple[int, int | None] = (1, 1)
     refused: dict[str, str] = field(default_factory=dict)  # impl -> why it can't be, and the fix
+    # Impls whose schedule posts a recv long before the stage that needs it (torch's looped
+    # pipeline runtime): a run times their recvs to completion (a thread waits on each) and
+    # pdlab.predict has a rank wait where they completed, not where they were posted.
+    receives_ahead: tuple[str, ...] = ()
 
     def fits(self, world_size: int) -> bool:
         """Whether it runs on ``world_size`` ranks."""
@@ -170,9 +174,9 @@ register(Strategy("tp", "tensor", "pdlab.training.parallel.tensor", {"scratch": 
 register(Strategy("tp-sp", "tensor + sequence (Megatron SP)", "pdlab.training.parallel.sequence", {"scratch": "SequenceParallelScratch", "torch": "SequenceParallelTorch"}, layout=lambda n: Layout(tp=n)))
 register(Strategy("pp-gpipe", "pipeline GPipe", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
 register(Strategy("pp-1f1b", "pipeline 1F1B", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
-register(Strategy("pp-zb", "pipeline zero bubble (ZB-H1)", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True))
-register(Strategy("pp-interleaved", "pipeline interleaved 1F1B", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True, chunks=(2, None)))
-register(Strategy("pp-zbv", "pipeline zero bubble V (ZBV, torch)", "pdlab.training.parallel.pipeline", {"torch": "PipelineTorch"}, layout=lambda n: Layout(pp=n), micro_batched=True, chunks=(2, 2), refused={"scratch": "pdlab has no scratch ZBV: its V schedule is torch's (ScheduleZBVZeroBubble); use impl='torch', or pp-zb for a zero-bubble schedule written in plain autograd"}))
+register(Strategy("pp-zb", "pipeline zero bubble (ZB-H1)", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True, receives_ahead=("torch",)))
+register(Strategy("pp-interleaved", "pipeline interleaved 1F1B", "pdlab.training.parallel.pipeline", PIPELINES, layout=lambda n: Layout(pp=n), micro_batched=True, chunks=(2, None), receives_ahead=("torch",)))
+register(Strategy("pp-zbv", "pipeline zero bubble V (ZBV, torch)", "pdlab.training.parallel.pipeline", {"torch": "PipelineTorch"}, layout=lambda n: Layout(pp=n), micro_batched=True, chunks=(2, 2), refused={"scratch": "pdlab has no scratch ZBV: its V schedule is torch's (ScheduleZBVZeroBubble); use impl='torch', or pp-zb for a zero-bubble schedule written in plain autograd"}, receives_ahead=("torch",)))
 register(Strategy("zero1", "ZeRO-1", "pdlab.training.parallel.sharded", {"scratch": "Zero1", "torch": "Zero1Torch"}))
 register(Strategy("zero2", "ZeRO-2", "pdlab.training.parallel.sharded", {"scratch": "Zero2", "torch": "Zero2Torch"}))
 register(Strategy("zero3", "ZeRO-3", "pdlab.training.parallel.sharded", {"scratch": "Zero3", "torch": "Zero3Torch"}))
