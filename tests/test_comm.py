@@ -144,7 +144,7 @@ def test_receives_are_timed_to_where_they_completed_when_asked(cluster2):
     first here completes after its rank computed ``spin_s`` more (the rank needed it no
     earlier), the second where the rank blocked on it. Without, gloo's recvs are
     launch-timed: no completion seen."""
-    spin_s, late_s = 0.1, 0.2
+    spin_s, late_s = 0.3, 0.4  # wide margins: a loaded machine delays a thread by tens of ms
     _, timed = cluster2.run(_receives, True, spin_s, late_s)
     _, launched = cluster2.run(_receives, False, spin_s, late_s)
     (busy, done_busy, _), (busy2, done_busy2, seconds2) = timed
