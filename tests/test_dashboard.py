@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import subprocess
 import sys
 import threading
@@ -540,7 +541,10 @@ def test_a_slow_paint_still_repaints_a_running_run_every_repaint_s():
     d.close()
     gaps = [b - a for a, b in pairwise(starts)]
     assert len(gaps) >= 3, starts
-    assert all(REPAINT_S - 0.01 <= gap <= REPAINT_S + 0.15 for gap in gaps), gaps
+    # Paints come REPAINT_S apart; on a loaded machine one may wake late (CI with two busy
+    # loops: one gap of 1.04 s among 0.80s). The old painters' 1.45 s and 2.7 s stay far out.
+    assert REPAINT_S - 0.01 <= statistics.median(gaps) <= REPAINT_S + 0.05, gaps
+    assert all(REPAINT_S - 0.01 <= gap <= REPAINT_S + 0.35 for gap in gaps), gaps
 
 
 @pytest.mark.parametrize("locked", [True, False])
