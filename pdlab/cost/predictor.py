@@ -337,7 +337,7 @@ def program(
         if e.op in ("send", "recv"):
             steps += [Wait(k) for k in with_next]
             with_next = []
-        if kind == AS_SEEN and getattr(e, "done_busy", -1.0) >= 0:
+        if kind == AS_SEEN and e.done_busy >= 0:
             # Where it completed: a rank blocked there computed nothing since (its wait);
             # one that computed on needed it no earlier (a lower bound of its wait).
             heapq.heappush(seen, (max(e.busy, e.done_busy), e.start + e.seconds, i, issue.key))

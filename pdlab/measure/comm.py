@@ -380,25 +380,24 @@ def _time_until_done(
 def _timed(
     event: CommEvent,
     t0: float,
-    clock: BusyClock,
-    time_receives: bool,
+    meter: CommMeter,
     tensors: list[torch.Tensor],
     boxed: torch.ScriptObject,
 ) -> torch.ScriptObject:
     """An eager op's Work, timed until it completes: by its future's callback (gloo runs it
     as it completes the Work, before the Work's ``wait()`` returns). Gloo's send and recv
-    have none: launch-timed (the module's docstring), unless ``time_receives``. Its
+    have none: launch-timed (the module's docstring), unless ``meter.time_receives``. Its
     reduce-scatter has none either, and its ``wait()`` copies the result out (an all-reduce
     underneath) each time it is called. For those a thread waits on the Work once
     (``compat.work_completion``), and the caller gets a Work that completes once it is timed."""
     work = compat.unbox_work(boxed)
     try:
-        _time_until_done(event, t0, clock, work.get_future())
+        _time_until_done(event, t0, meter.clock, work.get_future())
         return boxed
     except RuntimeError:  # "getFuture not implemented"
-        if event.op == "send" or (event.op == "recv" and not time_receives):
+        if event.op == "send" or (event.op == "recv" and not meter.time_receives):
             return boxed
-    timed = functools.partial(_stamped, event, t0, clock)
+    timed = functools.partial(_stamped, event, t0, meter.clock)
     return compat.work_from_future(compat.work_completion(work, tensors).then(timed))
 
 
@@ -479,7 +478,7 @@ class _Mode(TorchDispatchMode):
             return out
         # Eager ops return a boxed Work: timed until it completes.
         tensors = [t for t in tree_flatten(args[0])[0] if isinstance(t, torch.Tensor)]
-        return compat.tree_map_only(torch.ScriptObject, functools.partial(_timed, e, t0, clock, self.meter.time_receives, tensors), out)  # fmt: skip
+        return compat.tree_map_only(torch.ScriptObject, functools.partial(_timed, e, t0, self.meter, tensors), out)  # fmt: skip
 
     def _finish(self, tensor: torch.Tensor) -> None:
         if (pending := self.waiting.pop(_storage(tensor), None)) is not None:
