@@ -238,17 +238,29 @@ def sleep_until_interrupted() -> None:
         raise
 
 
-def test_interrupt_reaches_the_ranks(cluster):
-    before = pids_of(cluster)
-    seen = len(cluster.metrics)  # test_prestart runs this after other interrupting tests
+def spin(seconds: float) -> None:
+    """Run Python for ``seconds`` (where an interrupt can land), not sleep."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def interrupted_in(cluster: pdlab.Cluster, fn: Callable[[], None]) -> list[int]:
+    """Run ``fn`` (which logs ``started``, then runs until interrupted) with a Ctrl-C once
+    every rank has started; the ranks that logged ``interrupted`` within 10 s."""
+    seen = len(cluster.metrics)  # test_prestart runs these after other interrupting tests
     unsubscribe = interrupt_once_started(cluster)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        cluster.run(sleep_until_interrupted)
+        cluster.run(fn)
     unsubscribe()
     assert time.monotonic() - start < 10
-    interrupted = [r["rank"] for r in cluster.metrics[seen:] if r.get("interrupted")]
-    assert sorted(interrupted) == [0, 1]
+    return sorted(r["rank"] for r in cluster.metrics[seen:] if r.get("interrupted"))
+
+
+def test_interrupt_reaches_the_ranks(cluster):
+    before = pids_of(cluster)
+    assert interrupted_in(cluster, sleep_until_interrupted) == [0, 1]
     assert pids_of(cluster) == before  # they finished; nothing was killed
 
 
@@ -319,9 +331,7 @@ def test_an_interrupt_landing_in_a_finalizer_still_reaches_the_call(cluster):
     def spin_in_finalizers():
         class Slow:
             def __del__(self):
-                end = time.monotonic() + 0.05
-                while time.monotonic() < end:
-                    pass
+                spin(0.05)
 
         try:
             pdlab.log(started=True)
@@ -331,15 +341,56 @@ def test_an_interrupt_landing_in_a_finalizer_still_reaches_the_call(cluster):
             pdlab.log(interrupted=True)
             raise
 
-    seen = len(cluster.metrics)
-    unsubscribe = interrupt_once_started(cluster)
-    start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        cluster.run(spin_in_finalizers)
-    unsubscribe()
-    assert time.monotonic() - start < 10
-    records = cluster.metrics[seen:]
-    assert sorted(r["rank"] for r in records if r.get("interrupted")) == [0, 1]
+    assert interrupted_in(cluster, spin_in_finalizers) == [0, 1]
+
+
+def test_an_interrupt_landing_in_a_weakref_callback_still_reaches_the_call(cluster):
+    """Python drops what a weakref callback raises too (torch's caches use them), and no
+    ``__del__`` is on the stack to tell: the interrupt was lost and the loop ran on."""
+
+    def spin_in_weakref_callbacks():
+        import weakref
+
+        class Target:
+            pass
+
+        def spin_in_callback(_):
+            spin(0.05)
+
+        try:
+            pdlab.log(started=True)
+            for _ in range(400):  # 20 s, nearly all inside the callback
+                weakref.ref(Target(), spin_in_callback)
+        except KeyboardInterrupt:
+            pdlab.log(interrupted=True)
+            raise
+
+    assert interrupted_in(cluster, spin_in_weakref_callbacks) == [0, 1]
+
+
+def test_an_interrupt_whose_finalizer_ran_from_c_reaches_a_blocking_call_after_it(cluster):
+    """A finalizer run from C code that then blocks: the frame it interrupted resumes only
+    when the block ends, so a raise waiting for its next line came 60 s late."""
+
+    def finalizer_then_sleep():
+        import itertools
+
+        class Seconds(float):  # made and dropped by C: no Python frame but the __del__'s
+            def __del__(self):
+                if self == 1.0:
+                    pdlab.log(started=True)
+                    spin(2)
+
+        try:
+            # compress drops Seconds(1.0) (its __del__ spins, and is interrupted), then
+            # time.sleep takes Seconds(60.0), all inside this one line.
+            for _ in map(time.sleep, itertools.compress(map(Seconds, [1.0, 60.0]), [0, 1])):
+                pass
+        except KeyboardInterrupt:
+            pdlab.log(interrupted=True)
+            raise
+
+    assert interrupted_in(cluster, finalizer_then_sleep) == [0, 1]
 
 
 def test_an_interrupt_through_a_finalizer_leaves_the_users_tracer_in_place(cluster):
@@ -355,9 +406,7 @@ def test_an_interrupt_through_a_finalizer_leaves_the_users_tracer_in_place(clust
 
         class Slow:
             def __del__(self):
-                end = time.monotonic() + 0.05
-                while time.monotonic() < end:
-                    pass
+                spin(0.05)
 
         sys.settrace(users_tracer)
         pdlab.log(started=True)

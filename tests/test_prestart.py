@@ -518,6 +518,7 @@ def test_a_call_moves_sys_path_only_between_the_warm_ups_imports(monkeypatch, tm
     """A rank's first call brings the kernel's sys.path, which reorders the rank's: under an
     import in flight, that can hide a package it needs halfway (pandas, in CI)."""
     from pdlab.control import protocol, worker
+    from pdlab.control.interrupts import Interrupts
 
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(tmp_path)
@@ -526,7 +527,7 @@ def test_a_call_moves_sys_path_only_between_the_warm_ups_imports(monkeypatch, tm
     replies = []
     with warmup.IMPORTING:  # the warm-up is importing a module
         thread = threading.Thread(
-            target=lambda: replies.append(worker._call(call, {}, threading.Event()))
+            target=lambda: replies.append(worker._call(call, {}, Interrupts()))
         )
         thread.start()
         time.sleep(0.5)

@@ -9,7 +9,7 @@ anything is unpickled on either side.
 Threads here, and why:
 - main: runs calls one at a time (user code expects the main thread: signals, CUDA init).
 - reader: takes messages from the kernel; turns ``interrupt`` into a SIGINT on the main
-  thread and exits the process at once on ``abort`` or when the kernel goes away.
+  thread (``pdlab.control.interrupts``, which has a thread of its own to send it again) and exits the process at once on ``abort`` or when the kernel goes away.
 - output pump: fd 1 and 2 are pipes read here, so native output (gloo, NCCL, C extensions)
   reaches the kernel too, prefixed by rank, in order with the call's result.
 - watchdog: exits when the parent (the rank's keeper, ``pdlab.control.keeper``) dies, even
@@ -36,7 +36,6 @@ import termios
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing import AuthenticationError
 from typing import Any
@@ -44,6 +43,7 @@ from typing import Any
 import cloudpickle
 
 from pdlab.control import keeper, protocol
+from pdlab.control.interrupts import Interrupts
 
 HEARTBEAT_S = 0.5
 _FLUSH_MARK = b"\x00pdlab-flush\x00"
@@ -188,14 +188,14 @@ def _follow(workdir: tuple[str, list[str]]) -> None:
     sys.path[:] = [*path, *(p for p in sys.path if p not in path)]
 
 
-def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any:
+def _call(call: protocol.Call, namespace: dict, interrupts: Interrupts) -> Any:
     """Run one call; always returns the reply to send (a result or the error's traceback)."""
     from pdlab.control.runtime import collective_counts
     from pdlab.control.scripts import group_problem
     from pdlab.control.warmup import holding
 
     try:
-        running.set()  # from here an interrupt may raise KeyboardInterrupt in user code
+        interrupts.call_started()  # from here an interrupt may raise KeyboardInterrupt
         try:
             # Not beside the warm-up's import (pdlab.control.warmup): nor may sys.path change under
             # it (CI: pandas half-imported when a first call reordered sys.path mid-import).
@@ -208,8 +208,7 @@ def _call(call: protocol.Call, namespace: dict, running: threading.Event) -> Any
                     fn, args, kwargs = cloudpickle.loads(call.payload)
                     value = fn(*args, **kwargs)
         finally:
-            running.clear()
-            cancel_pending_interrupt()  # its call is over
+            interrupts.call_over()
         try:
             pickled = cloudpickle.dumps(value)
         except Exception as exc:
@@ -261,38 +260,23 @@ def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
     namespace: dict[str, Any] = {"__name__": "__main__", "display": rich_output.display}
     exec("import torch, torch.distributed as dist, pdlab", namespace)
     calls: queue.SimpleQueue = queue.SimpleQueue()
-    running = threading.Event()
-    main_thread = threading.main_thread().ident
+    interrupts = Interrupts()
+    interrupts.install()
     if warm_up:
         warmup.in_background(calls)
-
-    def on_interrupt(signum: int, frame: Any) -> None:
-        # Only user code is interrupted: a late interrupt must not tear a reply mid-send
-        # or kill the rank between calls.
-        if not running.is_set():
-            return
-        caller = finalizers_caller(frame)
-        if caller is not None:
-            # Python prints and drops what a __del__ raises ("Exception ignored in"): seen
-            # when autograd freed a saved tensor (pdlab.measure.memory). Raise it in the
-            # code the finalizer interrupted, as soon as that code runs again.
-            raise_when_it_resumes(caller)
-            return
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_interrupt)
 
     def read() -> None:
         try:
             while True:
                 message = channel.recv()
                 if isinstance(message, protocol.Interrupt):
-                    # To the main thread, so a blocking call in user code wakes up (EINTR).
-                    signal.pthread_kill(main_thread, signal.SIGINT)
+                    interrupts.request()
                 elif isinstance(message, protocol.Abort):
                     os._exit(1)
                 elif isinstance(message, protocol.Where):
-                    channel.send(protocol.Here(message.request_id, _locate(running.is_set())))
+                    channel.send(
+                        protocol.Here(message.request_id, _locate(interrupts.running.is_set()))
+                    )
                 else:
                     calls.put(message)
                     if isinstance(message, protocol.Shutdown):
@@ -302,7 +286,7 @@ def _serve(channel: Channel, pump: OutputPump, warm_up: bool) -> None:
 
     threading.Thread(target=read, daemon=True).start()
     while isinstance(call := warmup.next_call(calls), protocol.Call):
-        reply = _call(call, namespace, running)
+        reply = _call(call, namespace, interrupts)
         rich_output.flush()  # a widget's last change
         pump.flush()
         channel.send(reply)
@@ -317,54 +301,6 @@ def _put_back_the_users_environment() -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-
-
-def finalizers_caller(frame: Any) -> Any:
-    """The frame running when the outermost ``__del__`` on ``frame``'s stack was called,
-    or None when ``frame`` runs in no finalizer (or one called with no Python caller)."""
-    caller = None
-    while frame is not None:
-        if frame.f_code.co_name == "__del__":
-            caller = frame.f_back
-        frame = frame.f_back
-    return caller
-
-
-_pending: list[Callable[[], None]] = []  # puts back what a waiting raise_when_it_resumes replaced
-
-
-def raise_when_it_resumes(frame: Any) -> None:
-    """Raise KeyboardInterrupt in ``frame`` at its next line or return: a trace function may
-    raise into the frame it traces. Python then unsets the thread's trace function, so the
-    user's own (a debugger's, coverage's) is put back when the call ends
-    (``cancel_pending_interrupt``), and ``frame``'s at once."""
-    cancel_pending_interrupt()  # a second one: put back the user's, not the first one's
-    user_global, user_local = sys.gettrace(), (frame.f_trace, frame.f_trace_lines)
-
-    def put_back() -> None:
-        sys.settrace(user_global)
-        frame.f_trace, frame.f_trace_lines = user_local
-        _pending.clear()
-
-    def trace(traced: Any, event: str, arg: Any) -> Any:
-        if traced is not frame:
-            return None
-        if event in ("line", "return"):
-            frame.f_trace, frame.f_trace_lines = user_local
-            raise KeyboardInterrupt
-        return trace
-
-    _pending.append(put_back)
-    frame.f_trace = trace
-    frame.f_trace_lines = True
-    sys.settrace(lambda *_: None)  # local trace functions run only while a global one is set
-
-
-def cancel_pending_interrupt() -> None:
-    """At a call's end: drop an interrupt still waiting for a finalizer's caller to resume,
-    and put back the user's trace functions that one replaced."""
-    for put_back in list(_pending):
-        put_back()
 
 
 def main(argv: list[str] | None = None) -> None:
