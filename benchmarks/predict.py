@@ -10,7 +10,8 @@ Each run's step time is the median over its steps after ``WARMUP``; each cell th
 ``--repeats`` rounds (the machine's load drifts: rounds alternate all strategies). Prints
 the table, the error of each prediction (predicted / measured - 1) and the median absolute
 error of each mode, with the load average before and after. Without a link, also the top of
-the band (``pdlab.cost.calibration.under_load``: the link refitted to the run's own ops) and
+the band (``pdlab.cost.calibration.under_load``: the link refitted to the run's own ops, and
+the ranks' steps begun as far apart as they were: ``Assumptions.staggered``) and
 a verdict: "ok" within 25%, "band" between the prediction and that top, else "MISS".
 """
 
@@ -25,8 +26,10 @@ from common import batch_for, median_after, strategies
 
 import pdlab
 from pdlab.cost.calibration import calibrate, under_load
+from pdlab.cost.predictor import Assumptions
 from pdlab.training import registry
 
+TOP = Assumptions(staggered=True)
 WARMUP = 2  # steps left out: the first counts FLOPs (slower) and warms every cache
 
 
@@ -49,8 +52,9 @@ def one_round(cluster: pdlab.Cluster, args: argparse.Namespace) -> dict:
                 print(f"skipped {strategy}/{impl} at world {cluster.world_size}: {refused}")
                 break
             predicted = pdlab.predict(result, calibration=calibration)  # the run's link, or none
-            # Without a link, the band's top: this machine's transport as the run met it.
-            loaded = None if link else pdlab.predict(result, calibration=under_load(result, calibration))  # fmt: skip
+            # Without a link, the band's top: this machine's transport as the run met it, its
+            # ranks starting their steps as apart as they did (the dashboard's ``with_band``).
+            loaded = None if link else pdlab.predict(result, calibration=under_load(result, calibration), assumptions=TOP)  # fmt: skip
             cells[strategy, impl, mode] = (
                 median_after(result.steps.step_time, WARMUP),
                 median_after(predicted.step_time, WARMUP),

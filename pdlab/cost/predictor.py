@@ -106,13 +106,19 @@ class Assumptions:
       did, overlapping the compute between; reduce-scatters are waited at the end.
 
     Not modelled: the memory traffic of compute, contention between links, stragglers other
-    than the measured compute, the time to start a rank's step (every rank starts at 0).
+    than the measured compute, the time to start a rank's step: every rank starts at 0, unless
+    ``staggered``, on this machine: each rank starts its step as far after the first as it
+    did in the run (its first op's issue time less its compute before it). Ranks sharing too
+    few cores begin steps milliseconds apart, and the first waits for the last in its first
+    collective: a wait no op's transfer explains (``pdlab.cost.calibration.under_load`` and
+    the band it tops).
     """
 
     efficiency: float = 0.5  # of the device's dense peak: what the planner assumes too
     dtype: str | None = None  # None: the run's precision
     op_overhead: float = 10e-6  # s a kernel, PyTorch eager on a GPU: an assumption
     algorithm: str = "ring"
+    staggered: bool = False
 
     def __post_init__(self) -> None:
         checks.number(self.efficiency, "efficiency (a fraction of peak)", above=0, most=1)
@@ -150,6 +156,7 @@ Instruction = Compute | Issue | Wait
 class RankTime:
     """One rank's replayed step: when it finished and what its time went to."""
 
+    began: float = 0.0
     finish: float = 0.0
     compute: float = 0.0
     exposed_comm: float = 0.0
@@ -172,8 +179,10 @@ def replay(
     programs: dict[int, Sequence[Instruction]],
     seconds: Callable[[Issue], float],
     links: Callable[[Issue], list[Hashable]] = duplex,
+    starts: dict[int, float] | None = None,
 ) -> dict[int, RankTime]:
-    """Run every rank's program from time 0 (a discrete-event simulation).
+    """Run every rank's program from time 0, or from ``starts[rank]`` (a discrete-event
+    simulation); a rank's step time is its ``finish - began``.
 
     An op starts when every rank in its ``ranks`` has posted it and every link it occupies
     (``links(issue)``) is done with earlier ops, a send also when its receiver's sends that
@@ -181,9 +190,9 @@ def replay(
     ``Wait(key)`` resumes when that op has ended. RuntimeError if the ranks wait on each
     other for ever (programs that don't match).
     """
-    time = dict.fromkeys(programs, 0.0)
+    time = {rank: (starts or {}).get(rank, 0.0) for rank in programs}
     pc = dict.fromkeys(programs, 0)
-    out = {rank: RankTime() for rank in programs}
+    out = {rank: RankTime(began=time[rank]) for rank in programs}
     posted: dict[Hashable, dict[int, float]] = defaultdict(dict)
     payload: dict[Hashable, float] = defaultdict(float)  # a recv posts 0: its send the bytes
     ended: dict[Hashable, float] = {}
@@ -506,9 +515,11 @@ def predict(
             target_busy = r.busy if where.measured else _target_compute(r.flops, r.kernels, device, assume)  # fmt: skip
             events = ops.get((step, r.rank), no_ops)
             programs[r.rank] = program(events, r.busy, rule, layout, r.rank, target_busy / r.busy)
-        times = replay(programs, where.seconds, where.links)
-        critical = max(times, key=lambda rank: times[rank].finish)
+        starts = staggered_starts(ops, step) if assume.staggered and where.measured else None
+        times = replay(programs, where.seconds, where.links, starts)
+        critical = max(times, key=lambda rank: times[rank].finish - times[rank].began)
         t = times[critical]
+        step_time = t.finish - t.began
         rows.append(
             {
                 "step": step,
@@ -516,15 +527,27 @@ def predict(
                 "exposed_comm": t.exposed_comm,
                 "bubble": t.bubble,
                 "comm": t.comm,
-                "step_time": t.finish,
-                "samples_per_s": config.batch_size / t.finish,
-                "mfu": flops / (t.finish * config.world_size * peak),
+                "step_time": step_time,
+                "samples_per_s": config.batch_size / step_time,
+                "mfu": flops / (step_time * config.world_size * peak),
                 "critical_rank": critical,
             }
         )
     table = pd.DataFrame(rows)
     table.attrs.update(target=where.name, assumptions=assume)
     return table
+
+
+def staggered_starts(ops: dict[tuple[int, int], pd.DataFrame], step: int) -> dict[int, float]:
+    """Seconds after the first rank that each rank began ``step`` in its run: its first op's
+    issue time less its compute before it (ranks of one host share a clock)."""
+    began = {
+        rank: float((events.start - events.busy).min())
+        for (s, rank), events in ops.items()
+        if s == step and not events.empty
+    }
+    first = min(began.values(), default=0.0)
+    return {rank: t - first for rank, t in began.items()}
 
 
 @functools.lru_cache(maxsize=64)  # a dashboard predicts a run's new steps at every repaint
