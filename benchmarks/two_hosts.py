@@ -171,10 +171,13 @@ def attached(cluster, on: list[Host]) -> Iterator[None]:
 
 def on_hosts(a: Host, b: Host, strategies, steps: int, batch_size: int, inter: Link) -> list[dict]:
     """In host A (the kernel's): run each strategy on 2 + 2 attached ranks and predict it on
-    the matching topology, and on two wrong ones: a NIC per rank (each rank its own veth
-    rate), one host (every rank on A's loopback). One row per strategy, median step times."""
+    the matching topology, there again with each rank starting its steps where it did
+    (``Assumptions.staggered``: the hosts' 4 ranks share this machine's cores), and on two
+    wrong ones: a NIC per rank (each rank its own veth rate), one host (every rank on A's
+    loopback). One row per strategy, median step times."""
     import pdlab
-    from pdlab.cost.calibration import calibrate
+    from pdlab.cost.calibration import calibrate, under_load
+    from pdlab.cost.predictor import Assumptions
     from pdlab.cost.topology import Topology
 
     with pdlab.Cluster(2) as local:
@@ -193,6 +196,12 @@ def on_hosts(a: Host, b: Host, strategies, steps: int, batch_size: int, inter: L
             row = {"strategy": strategy, "measured_s": result.steps["step_time"]}
             for column, topology in topologies.items():
                 row[column] = pdlab.predict(result, topology)["step_time"]
+            staggered = Assumptions(staggered=True)
+            row["staggered_s"] = pdlab.predict(result, topologies["predicted_s"], assumptions=staggered)["step_time"]  # fmt: skip
+            # The band's top (as on one host): the loopback as the run's host-local ops met it.
+            loaded = under_load(result, calibration, groups=("tp",)).link
+            top = Topology(2, 2, device, loaded, inter, shared_inter=True)
+            row["top_s"] = pdlab.predict(result, top, assumptions=staggered)["step_time"]
             rows.append({k: v if k == "strategy" else statistics.median(v.iloc[WARMUP:])
                          for k, v in row.items()})  # fmt: skip
     return rows
@@ -232,13 +241,16 @@ def main() -> None:
     started = time.time()
     print(f"two hosts, 2 ranks each, joined at {args.rate}; load {os.getloadavg()[0]:.2f}")
     print(
-        "step time s, median   measured  predicted  ratio | NIC per rank  ratio | one host  ratio"
+        "step time s, median   measured  predicted  ratio | staggered  ratio | top  ratio"
+        " | NIC per rank  ratio | one host  ratio"
     )
     for _ in range(args.repeats):
         out = measure(args.rate, steps=args.steps, batch_size=args.batch_size)
         for row in out["rows"]:
             m = row["measured_s"]
             print(f"{row['strategy']:20} {m:10.3f} {row['predicted_s']:10.3f} {row['predicted_s'] / m:6.2f}"
+                  f" | {row['staggered_s']:9.3f} {row['staggered_s'] / m:6.2f}"
+                  f" | {row['top_s']:5.3f} {row['top_s'] / m:6.2f}"
                   f" | {row['nic_per_rank_s']:12.3f} {row['nic_per_rank_s'] / m:6.2f}"
                   f" | {row['one_host_s']:8.3f} {row['one_host_s'] / m:6.2f}")  # fmt: skip
         print(f"(TCP goodput across the veth: {out['goodput'] * 8 / 1e6:.1f} Mbit/s)")

@@ -179,6 +179,22 @@ def test_under_load_slows_the_link_to_the_runs_own_transfers():
     assert under_load(quick, calibration).link.bandwidth == 1e9
 
 
+def test_under_load_of_some_groups_leaves_the_others_out():
+    """Two hosts: the tp group's all-reduce stays on this machine's loopback (3x slower than
+    calibrated, as above: 24.06 ms for 8.02 ms modelled), the dp group's crosses a slow link
+    (its 1 s is that link's, not the loopback's). Only tp's: 3x; both: (1 + 0.02406) / 0.01604."""
+    calibration = calibrated(Link("here", 1e9, 10e-6))
+    run = run_of(
+        *[(step, r, "all_reduce", 8_000_000, t) for step in (0, 1) for r, t in ((0, 40e-3), (1, 24.06e-3))],
+        *[(step, r, "all_reduce", 8_000_000, 1.0) for step in (0, 1) for r in (0, 1)],
+    )  # fmt: skip
+    run.comm.loc[run.comm.seconds == 1.0, "group"] = "dp"
+    run.comm.loc[run.comm.seconds != 1.0, "group"] = "tp"
+    assert under_load(run, calibration, groups=("tp",)).link.bandwidth == pytest.approx(1e9 / 3)
+    both = under_load(run, calibration).link.bandwidth
+    assert both == pytest.approx(1e9 * 0.01604 / 1.02406)  # the wrong answer for the loopback
+
+
 def test_under_load_keeps_the_calibration_for_a_run_without_collectives():
     """A pipeline's sends say nothing of the transfer (each waits for its receiver too)."""
     calibration = calibrated(Link("here", 1e9, 0.0))

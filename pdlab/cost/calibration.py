@@ -167,7 +167,9 @@ def fit_link(
     return Link(name, 1 / per_byte, latency, f"fitted to all_reduce on {group_size} ranks")
 
 
-def under_load(result: Any, calibration: Calibration) -> Calibration:
+def under_load(
+    result: Any, calibration: Calibration, groups: tuple[str, ...] | None = None
+) -> Calibration:
     """``calibration`` with its link slowed to what the collectives of ``result`` (a run
     without an emulated link, on the calibrated cluster) met: the top of a band whose bottom
     is ``calibration`` itself.
@@ -178,10 +180,13 @@ def under_load(result: Any, calibration: Calibration) -> Calibration:
     waited for no peer to arrive) took the transfer alone; the link's latency and bandwidth
     are scaled by one factor, so that its times for the run's ops (after the first step, at
     the bytes the run's backend sends) add up to those transfers. Never faster than
-    ``calibration``, and ``calibration`` itself for a run without collectives.
+    ``calibration``, and ``calibration`` itself for a run without collectives. ``groups``:
+    only those groups' ops (the ones on this machine's link, where others cross hosts).
     """
     comm = result.comm
     comm = comm[(comm.step > comm.step.min()) & ~comm.op.isin(["send", "recv", "barrier"])]
+    if groups is not None:
+        comm = comm[comm.group.isin(groups)]
     if comm.empty:  # a pipeline's sends alone: a send's time holds its receiver's wait too
         return calibration
     keys = ["step", "op", "group", "payload_bytes"]
