@@ -9,7 +9,8 @@ anything is unpickled on either side.
 Threads here, and why:
 - main: runs calls one at a time (user code expects the main thread: signals, CUDA init).
 - reader: takes messages from the kernel; turns ``interrupt`` into a SIGINT on the main
-  thread (``pdlab.control.interrupts``, which has a thread of its own to send it again) and exits the process at once on ``abort`` or when the kernel goes away.
+  thread and exits the process at once on ``abort`` or when the kernel goes away.
+- interrupts: sends that SIGINT again until it is raised (``pdlab.control.interrupts``).
 - output pump: fd 1 and 2 are pipes read here, so native output (gloo, NCCL, C extensions)
   reaches the kernel too, prefixed by rank, in order with the call's result.
 - watchdog: exits when the parent (the rank's keeper, ``pdlab.control.keeper``) dies, even
