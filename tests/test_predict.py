@@ -117,22 +117,21 @@ def test_tensor_parallel_all_reduces_sit_on_the_critical_path():
 
 def test_a_rank_that_began_late_holds_up_the_first_in_its_first_collective():
     # Both ranks compute 3 s, all-reduce 2 KB (2 s), compute 1 s. Rank 0 began its step at
-    # wall time 100 (issued at 103), rank 1 at 102 (issued at 105): staggered, the op runs
-    # 5-7 and rank 0 finishes at 8, an 8 s step (rank 1's: 2 to 8, 6 s). Started together,
-    # both take 3 + 2 + 1 = 6 s: the wrong answer for this run.
+    # wall time 100, rank 1 at 102: staggered, the op runs 5-7 and rank 0 finishes at 8, an
+    # 8 s step (rank 1's: 2 to 8, 6 s). Started together, both take 3 + 2 + 1 = 6 s: the
+    # wrong answer for this run.
     rule = lambda op, group: wait_rule("tp", "scratch", op, group, gpu=False)  # noqa: E731
-    traces = {
-        rank: trace(("all_reduce", "tp", 2000, 3.0)).assign(start=103.0 + 2 * rank)
-        for rank in (0, 1)
-    }
-    starts = predictor.staggered_starts({(7, r): t for r, t in traces.items()}, step=7)
+    events = trace(("all_reduce", "tp", 2000, 3.0))
+    starts = predictor.staggered_starts(pd.DataFrame({"rank": [0, 1], "began": [100.0, 102.0]}))
     assert starts == {0: 0.0, 1: 2.0}
-    programs = {r: program(t, 4.0, rule, Layout(tp=2), r) for r, t in traces.items()}
+    programs = {r: program(events, 4.0, rule, Layout(tp=2), r) for r in (0, 1)}
     times = replay(programs, one_second_per_kb, starts=starts)
     assert [times[r].finish - times[r].began for r in (0, 1)] == pytest.approx([8.0, 6.0])
     assert times[0].blocked == [(3.0, 7.0)]  # 2 s for rank 1, then the op's 2 s
     together = replay(programs, one_second_per_kb)
     assert [together[r].finish for r in (0, 1)] == pytest.approx([6.0, 6.0])
+    with pytest.raises(ValueError, match="no step start times"):
+        predictor.staggered_starts(pd.DataFrame({"rank": [0, 1]}))
 
 
 def test_a_two_stage_gpipe_step_follows_its_dependencies():

@@ -108,7 +108,7 @@ class Assumptions:
     Not modelled: the memory traffic of compute, contention between links, stragglers other
     than the measured compute, the time to start a rank's step: every rank starts at 0, unless
     ``staggered``, on this machine: each rank starts its step as far after the first as it
-    did in the run (its first op's issue time less its compute before it). Ranks sharing too
+    did in the run (``TrainResult.ranks.began``). Ranks sharing too
     few cores begin steps milliseconds apart, and the first waits for the last in its first
     collective: a wait no op's transfer explains (``pdlab.cost.calibration.under_load`` and
     the band it tops).
@@ -515,7 +515,7 @@ def predict(
             target_busy = r.busy if where.measured else _target_compute(r.flops, r.kernels, device, assume)  # fmt: skip
             events = ops.get((step, r.rank), no_ops)
             programs[r.rank] = program(events, r.busy, rule, layout, r.rank, target_busy / r.busy)
-        starts = staggered_starts(ops, step) if assume.staggered and where.measured else None
+        starts = staggered_starts(ranks) if assume.staggered and where.measured else None
         times = replay(programs, where.seconds, where.links, starts)
         critical = max(times, key=lambda rank: times[rank].finish - times[rank].began)
         t = times[critical]
@@ -538,16 +538,16 @@ def predict(
     return table
 
 
-def staggered_starts(ops: dict[tuple[int, int], pd.DataFrame], step: int) -> dict[int, float]:
-    """Seconds after the first rank that each rank began ``step`` in its run: its first op's
-    issue time less its compute before it (ranks of one host share a clock)."""
-    began = {
-        rank: float((events.start - events.busy).min())
-        for (s, rank), events in ops.items()
-        if s == step and not events.empty
-    }
-    first = min(began.values(), default=0.0)
-    return {rank: t - first for rank, t in began.items()}
+def staggered_starts(ranks: pd.DataFrame) -> dict[int, float]:
+    """Seconds after the first rank that each rank of one step's ``ranks`` rows began it
+    (``began``: the wall clock, which ranks of one host share)."""
+    if "began" not in ranks:
+        raise ValueError(
+            "this run has no step start times (TrainResult.ranks.began): run it again to "
+            "predict it staggered"
+        )
+    first = ranks.began.min()
+    return {int(r.rank): float(r.began - first) for r in ranks.itertuples()}
 
 
 @functools.lru_cache(maxsize=64)  # a dashboard predicts a run's new steps at every repaint

@@ -236,7 +236,7 @@ def run_on_rank(
             )
             counter = FlopCounter() if counted is None else contextlib.nullcontext()
             before = wire_reading()
-            start = time.perf_counter()
+            began, start = time.time(), time.perf_counter()
             saved = memory.SavedTensors()
             with (
                 spans.step() as timed,
@@ -257,6 +257,7 @@ def run_on_rank(
                 "loss": out.loss,
                 "samples": out.samples,
                 "step_time": step_time,
+                "began": began,  # wall clock: ranks of one host compare (Assumptions.staggered)
                 "busy": meter.busy,  # seconds computing, not blocked on communication
                 "flops": counted[0],  # this rank's FLOPs and kernels a step (pdlab.measure.flops)
                 "kernels": counted[1],
@@ -351,7 +352,7 @@ class TrainResult:
     # over all ranks, sent by the busiest rank, each beside its formula (expected_*); on the
     # wire (wire_*: NaN where not measurable). See pdlab.measure.comm for the conventions.
     steps: pd.DataFrame
-    ranks: pd.DataFrame  # one row a step and rank
+    ranks: pd.DataFrame  # one row a step and rank (began: its wall clock at the step's start)
     comm: pd.DataFrame  # one row a communication op
     memory: pd.DataFrame  # one row a rank, after the last step
     expected_comm: list[CommEvent]
@@ -417,7 +418,10 @@ def results(
             ]
             row = {
                 **where,
-                **{k: rec[k] for k in ("loss", "samples", "step_time", "busy", "flops", "kernels")},
+                **{
+                    k: rec[k]
+                    for k in ("loss", "samples", "step_time", "began", "busy", "flops", "kernels")
+                },
             }
             row["samples_per_s"] = rec["samples"] / rec["step_time"]
             for column, key in COMM_COLUMNS.items():
