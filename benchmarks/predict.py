@@ -26,10 +26,9 @@ from common import batch_for, median_after, strategies
 
 import pdlab
 from pdlab.cost.calibration import calibrate, under_load
-from pdlab.cost.predictor import Assumptions
+from pdlab.cost.predictor import BAND_TOP
 from pdlab.training import registry
 
-TOP = Assumptions(staggered=True)
 WARMUP = 2  # steps left out: the first counts FLOPs (slower) and warms every cache
 
 
@@ -54,7 +53,7 @@ def one_round(cluster: pdlab.Cluster, args: argparse.Namespace) -> dict:
             predicted = pdlab.predict(result, calibration=calibration)  # the run's link, or none
             # Without a link, the band's top: this machine's transport as the run met it, its
             # ranks starting their steps as apart as they did (the dashboard's ``with_band``).
-            loaded = None if link else pdlab.predict(result, calibration=under_load(result, calibration), assumptions=TOP)  # fmt: skip
+            loaded = None if link else pdlab.predict(result, calibration=under_load(result, calibration), assumptions=BAND_TOP)  # fmt: skip
             cells[strategy, impl, mode] = (
                 median_after(result.steps.step_time, WARMUP),
                 median_after(predicted.step_time, WARMUP),

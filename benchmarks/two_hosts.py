@@ -172,12 +172,12 @@ def attached(cluster, on: list[Host]) -> Iterator[None]:
 def on_hosts(a: Host, b: Host, strategies, steps: int, batch_size: int, inter: Link) -> list[dict]:
     """In host A (the kernel's): run each strategy on 2 + 2 attached ranks and predict it on
     the matching topology, there again with each rank starting its steps where it did
-    (``Assumptions.staggered``: the hosts' 4 ranks share this machine's cores), and on two
+    (``BAND_TOP``'s staggered starts: the hosts' 4 ranks share this machine's cores), and on two
     wrong ones: a NIC per rank (each rank its own veth rate), one host (every rank on A's
     loopback). One row per strategy, median step times."""
     import pdlab
     from pdlab.cost.calibration import calibrate, under_load
-    from pdlab.cost.predictor import Assumptions
+    from pdlab.cost.predictor import BAND_TOP
     from pdlab.cost.topology import Topology
 
     with pdlab.Cluster(2) as local:
@@ -196,12 +196,11 @@ def on_hosts(a: Host, b: Host, strategies, steps: int, batch_size: int, inter: L
             row = {"strategy": strategy, "measured_s": result.steps["step_time"]}
             for column, topology in topologies.items():
                 row[column] = pdlab.predict(result, topology)["step_time"]
-            staggered = Assumptions(staggered=True)
-            row["staggered_s"] = pdlab.predict(result, topologies["predicted_s"], assumptions=staggered)["step_time"]  # fmt: skip
+            row["staggered_s"] = pdlab.predict(result, topologies["predicted_s"], assumptions=BAND_TOP)["step_time"]  # fmt: skip
             # The band's top (as on one host): the loopback as the run's host-local ops met it.
             loaded = under_load(result, calibration, groups=("tp",)).link
             top = Topology(2, 2, device, loaded, inter, shared_inter=True)
-            row["top_s"] = pdlab.predict(result, top, assumptions=staggered)["step_time"]
+            row["top_s"] = pdlab.predict(result, top, assumptions=BAND_TOP)["step_time"]
             rows.append({k: v if k == "strategy" else statistics.median(v.iloc[WARMUP:])
                          for k, v in row.items()})  # fmt: skip
     return rows

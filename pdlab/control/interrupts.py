@@ -93,7 +93,7 @@ class Interrupts:
 _pending: list[Callable[[], None]] = []  # puts back what a waiting raise_when_it_resumes replaced
 
 
-def raise_when_it_resumes(frame: Any, on_raise: Callable[[], None] = lambda: None) -> None:
+def raise_when_it_resumes(frame: Any, on_raise: Callable[[], None]) -> None:
     """Raise KeyboardInterrupt in ``frame`` at its next line or return (calling ``on_raise``
     first): a trace function may raise into the frame it traces. Python then unsets the
     thread's trace function, so the user's own (a debugger's, coverage's) is put back when the

@@ -125,6 +125,11 @@ class Assumptions:
         checks.number(self.op_overhead, "op_overhead", least=0, unit="seconds per kernel")
 
 
+# The top of this machine's band (with a calibration ``under_load`` gives): the ranks begin
+# their steps as far apart as they did in the run.
+BAND_TOP = Assumptions(staggered=True)
+
+
 # ---- the replay -----------------------------------------------------------------------------
 
 

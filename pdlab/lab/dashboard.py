@@ -56,7 +56,7 @@ from plotly.subplots import make_subplots
 from pdlab.control.cluster import Cluster
 from pdlab.cost import emulation
 from pdlab.cost.calibration import Calibration, calibrate, under_load
-from pdlab.cost.predictor import Assumptions, predict
+from pdlab.cost.predictor import BAND_TOP, predict
 from pdlab.cost.topology import THIS_MACHINE
 from pdlab.lab import plots
 from pdlab.measure.comm import CommEvent
@@ -847,11 +847,11 @@ def with_band(
     of its band: the steps predicted again on this machine's transport as the run's
     collectives met it (``loaded``, ``under_load``: on a busy machine a message also waits for
     its peer's thread to get a core, which an idle calibration never sees), its ranks
-    beginning each step as far apart as they did (``Assumptions.staggered``). ``*_loaded``
+    beginning each step as far apart as they did (``BAND_TOP``). ``*_loaded``
     columns; none where the run met the idle link (or has no collectives: a pipeline)."""
     if loaded is idle:
         return predicted
-    top = predict(run, None, calibration=loaded, assumptions=Assumptions(staggered=True))
+    top = predict(run, None, calibration=loaded, assumptions=BAND_TOP)
     return predicted.assign(
         step_time_loaded=top.step_time.to_numpy(), samples_per_s_loaded=top.samples_per_s.to_numpy()
     )
