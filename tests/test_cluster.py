@@ -20,6 +20,7 @@ from pdlab.control import protocol
 from pdlab.control.cluster import choose_backend
 
 from .conftest import worker_pids
+from .helpers import wait_for_warm_up
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +200,10 @@ def test_sigkilled_rank_is_reported_not_hung(cluster):
 
 
 def test_timeout_names_the_ranks_still_running(cluster):
+    # Fresh ranks (the sigkill test restarts them) warm up: a call waits for the step in
+    # flight, which took over the 1 s timeout on rank 0's no-op too when the tests before
+    # this module left clusters running (docs, predict, dashboard: the old code failed alike).
+    wait_for_warm_up(cluster)
     with pytest.raises(pdlab.CallTimeout) as info:
         cluster.run(lambda: time.sleep(20) if pdlab.rank() == 1 else None, timeout=1)
     assert info.value.ranks == [1]
