@@ -62,7 +62,7 @@ def test_a_shared_medium_carries_the_bytes_of_all_ranks():
     assert EmulatedLink(MB_PER_S).op_seconds("all_reduce", s, 2) == 1.0  # a link per rank
 
 
-def test_on_a_link_per_rank_gloos_send_first_ops_on_two_ranks_bring_each_segment_in_after_it_went_out():
+def test_gloos_send_first_ops_on_two_ranks_bring_each_segment_in_after_its_own_went_out():
     s, per_rank = 1e6, EmulatedLink(MB_PER_S)  # at 1 MB/s each byte costs a microsecond
     # S/2 each way. All-to-all: its one block out (0.5 s), then the peer's in (0.5 s).
     assert per_rank.op_seconds("all_to_all", s, 2, "gloo") == pytest.approx(1.0)
