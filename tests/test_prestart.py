@@ -20,6 +20,7 @@ import pytest
 
 import pdlab
 from pdlab.control import forkserver, launcher, warmup
+from pdlab.control.processes import Spawned
 
 from .conftest import leaked_processes, pids_running
 from .helpers import assert_parity, wait_for_warm_up
@@ -512,6 +513,31 @@ def test_a_forked_ranks_exit_is_seen_before_its_server_reports_it():
     process.kill()
     process.wait()
     assert rank.exited() and rank.returncode is None  # seen, though nobody reported it
+
+
+def test_a_rank_whose_main_thread_ended_has_exited_though_its_other_threads_have_not():
+    """After a SIGKILL a rank's main thread can end milliseconds before its other threads, and
+    the process counts as exited only with the last of them: a call sent in between met dead
+    ranks (CI, stop 30). A main thread ended with a thread left running stands in for it."""
+    code = (
+        "import ctypes, sys, threading, time; threading.Thread(target=time.sleep, args=(60,))"
+        ".start(); print(flush=True); sys.stdin.readline(); ctypes.CDLL(None).pthread_exit(None)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        process.stdout.readline()
+        forked, spawned = forkserver.ForkedRank(process.pid, server=None), Spawned(process)
+        assert not forked.exited() and not spawned.exited()
+        process.stdin.write("end your main thread\n")
+        process.stdin.flush()
+        assert not wait_until_gone([process.pid], 10)  # its main thread is a zombie
+        assert len(os.listdir(f"/proc/{process.pid}/task")) == 2  # its other thread runs on
+        assert forked.exited() and spawned.exited()
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_a_call_moves_sys_path_only_between_the_warm_ups_imports(monkeypatch, tmp_path):

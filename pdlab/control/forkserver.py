@@ -107,7 +107,9 @@ class ForkedRank:
         """Whether the process has ended, reported by the server yet or not."""
         if self.returncode is not None or self._pidfd is None:
             return True
-        return bool(select.select([self._pidfd], [], [], 0)[0])  # readable once it has exited
+        if select.select([self._pidfd], [], [], 0)[0]:  # readable once all its threads exited
+            return True
+        return processes.main_thread_ended(self.pid)  # not readable: the PID is still its own
 
     def wait(self, timeout: float | None = None) -> int:
         if not self._exit.wait(timeout):

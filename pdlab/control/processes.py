@@ -11,10 +11,24 @@ import signal
 import subprocess
 import time
 
+from pdlab.control.keeper import stat_fields
+
 
 def waitid_code(info: os.waitid_result) -> int:
     """``Popen.returncode`` for a ``waitid`` result: the exit code, or minus the signal."""
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def main_thread_ended(pid: int) -> bool:
+    """Whether process ``pid``'s main thread has exited (it is a zombie, its other threads maybe
+    not yet). The process counts as exited only once all its threads have, which can be
+    milliseconds after a SIGKILL on a busy machine; but a rank's main thread is the one that
+    runs its calls, so a rank whose main thread ended runs no more. Ask only while ``pid`` is
+    not reaped (else the PID may be another process's); False where there is no /proc."""
+    try:
+        return stat_fields(pid)[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 class Spawned:
@@ -35,9 +49,10 @@ class Spawned:
         if self.popen.returncode is not None:
             return True
         try:
-            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:  # reaped elsewhere
             return True
+        return info is not None or main_thread_ended(self.pid)
 
     def exit_code(self, wait_s: float = 0.0) -> int | None:
         """Its exit code (minus the signal that ended it), or None if it still runs after
