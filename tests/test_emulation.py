@@ -4,13 +4,15 @@ shared-medium emulation agrees with a loopback the kernel really throttles (root
 
 from __future__ import annotations
 
-import gc
+import heapq
+import itertools
 import json
+import math
 import os
 import subprocess
-import threading
 import time
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -90,11 +92,11 @@ def test_runs_on_an_emulated_link_are_labelled():
 # ---- the emulator on its own --------------------------------------------------------------
 
 
-def _event(op: str = "all_reduce", model: float = 0.0):
+def _event(op: str = "all_reduce", model: float = 0.0, peer: int = -1):
     from pdlab.measure.comm import event
 
     e = event(op, 0, "dp", 2)
-    e.model_seconds = model
+    e.model_seconds, e.peer = model, peer
     return e
 
 
@@ -125,73 +127,83 @@ def test_an_op_that_completes_after_the_run_ended_is_not_stranded():
         assert late.wait()[0].item() == 1.0  # at once, not after 30 s, and no deadlock
 
 
-def _through(
-    spec: str, ops: list[tuple[str, float]], issued_late: int | None = None
-) -> tuple[list[float], float]:
-    """Seconds until each op, all ready at once, is through the emulated link ``spec`` (as
-    the link's own thread saw it: not when this thread woke up to look), and the seconds it
-    took to hand them all to the link (a stall there delays them all). All were issued
-    before any was ready, but ``ops[issued_late]``, issued once those before it were. The
-    garbage collector waits, as in ``timeit``: a full collection late in the suite can stall
-    every thread for longer than the tolerance."""
-    through = [0.0] * len(ops)
-    gc.disable()
-    try:
-        with emulation.emulating(spec) as emulator:
-            started = time.perf_counter()  # not before: starting the link's thread takes a while
-            done = [threading.Event() for _ in ops]
-            for i, ((op, model), event) in enumerate(zip(ops, done, strict=True)):
+class _Clock:
+    """Simulated time for a link: ``at`` queues a callback (as ``emulation._Timer`` does),
+    ``run_until`` fires those due in deadline order, the clock jumping to each: the link's
+    arithmetic, exact, without a timer thread that a busy machine wakes late."""
 
-                def stamp(i: int = i, event: threading.Event = event) -> None:
-                    through[i] = time.perf_counter() - started
-                    event.set()
+    closed = False
 
-                issued = time.perf_counter() if i == issued_late else started
-                emulator._start(_event(op, model), stamp, issued)
-            handing_s = time.perf_counter() - started
-            for event in done:
-                event.wait()
-    finally:
-        gc.enable()
-    return through, handing_s
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._due: list = []
+        self._order = itertools.count()
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def at(self, deadline: float, callback) -> None:
+        heapq.heappush(self._due, (deadline, next(self._order), callback))
+
+    def run_until(self, t: float) -> None:
+        while self._due and self._due[0][0] <= t:
+            deadline, _, callback = heapq.heappop(self._due)
+            self.now = max(self.now, deadline)
+            callback()
+        self.now = max(self.now, t)
 
 
-def assert_through_at(through: tuple[list[float], float], expected: list[float]) -> None:
-    """Each op through at its expected time (``through`` as ``_through`` returns it): never
-    before it (the link holds an op until its time is up, however late its thread runs), and
-    at most 50 ms after on a quiet machine, more on a loaded one (two busy loops beside the
-    suite: load 5, a timer 0.1-0.2 s late), and later by as long as handing them over took."""
-    measured, handing_s = through
-    late_s = handing_s + 0.05 * max(1.0, 2 * os.getloadavg()[0] / (os.cpu_count() or 1))
-    for got, want in zip(measured, expected, strict=True):
-        assert want - 0.01 <= got <= want + late_s, (measured, expected, late_s)
+def _through(monkeypatch, spec: str, ops: list[tuple]) -> list[float]:
+    """When each op is through the emulated link ``spec``: ``ops`` are (op, seconds on the
+    link, when it was issued, when it was ready[, peer]), handed to the link in order as they
+    get ready (on a rank: when they really completed over loopback)."""
+    clock = _Clock()
+    monkeypatch.setattr(emulation, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    link = emulation._Medium(clock) if parse(spec).shared else emulation._Link(clock)
+    through = [math.nan] * len(ops)
+    for i, (op, model, issued, ready, *peer) in enumerate(ops):
+        clock.run_until(ready)
+        link.start(_event(op, model, *peer), lambda i=i: through.__setitem__(i, clock.now), issued)
+    clock.run_until(math.inf)
+    return through
 
 
-def test_a_link_serves_each_direction_in_turn_and_a_medium_shares_its_rate():
-    # A link per rank: the second send waits for the first; the receive comes in meanwhile;
-    # the all-reduce needs both directions, so it waits for the second send.
-    link = _through("1MB/s", [("send", 0.2), ("recv", 0.2), ("send", 0.2), ("all_reduce", 0.2)])
-    assert_through_at(link, [0.2, 0.2, 0.4, 0.6])
+def test_a_link_serves_each_direction_in_turn_and_a_medium_shares_its_rate(monkeypatch):
+    # A link per rank: the second send waits for the first; the receive comes in meanwhile
+    # (asked for 5 s before the sends found their receivers); the all-reduce needs both
+    # directions, so it waits for the second send.
+    ops = [("send", 0.2), ("recv", 0.2), ("send", 0.2), ("all_reduce", 0.2)]
+    link = _through(monkeypatch, "1MB/s", [(op, s, -5.0, 0.0) for op, s in ops])
+    assert link == pytest.approx([0.2, 0.2, 0.4, 0.6])
     # One medium: two transfers at once share it and finish together, at twice the time; the
     # longer one then has the medium to itself.
-    assert_through_at(_through("1MB/s:shared", [("send", 0.2), ("recv", 0.2)]), [0.4, 0.4])
-    assert_through_at(_through("1MB/s:shared", [("send", 0.2), ("recv", 0.6)]), [0.4, 0.8])
+    shared = [("send", 0.2, 0.0, 0.0), ("recv", 0.2, 0.0, 0.0)]
+    assert _through(monkeypatch, "1MB/s:shared", shared) == pytest.approx([0.4, 0.4])
+    shared[1] = ("recv", 0.6, 0.0, 0.0)
+    assert _through(monkeypatch, "1MB/s:shared", shared) == pytest.approx([0.4, 0.8])
 
 
-def test_a_receive_issued_after_a_send_was_on_its_way_waits_for_it():
+def test_a_receive_issued_after_a_send_was_on_its_way_waits_for_it(monkeypatch):
     # gloo's receiver says it is ready behind the bytes it already sends: issued once the
     # send was on its way, the receive's bytes start when the send is through; issued
     # before, they come in meanwhile.
-    ops = [("send", 0.2), ("recv", 0.2)]
-    assert_through_at(_through("1MB/s", ops, issued_late=1), [0.2, 0.4])
-    assert_through_at(_through("1MB/s", ops), [0.2, 0.2])
+    def through(sent: float, ready: float, asked: float, send_to: int = 1) -> list[float]:
+        ops = [("send", 0.2, sent, ready, send_to), ("recv", 0.2, asked, ready, 1)]
+        return _through(monkeypatch, "1MB/s", ops)
 
-
-def test_the_through_check_fails_an_op_served_too_soon_or_too_late():
-    with pytest.raises(AssertionError):
-        assert_through_at(([0.2, 0.2], 0.0), [0.4, 0.4])  # two at once on one medium, not shared
-    with pytest.raises(AssertionError):
-        assert_through_at(([0.2, 5.0], 0.0), [0.2, 0.4])
+    assert through(-5.0, 0.0, 0.0001) == pytest.approx([0.2, 0.4])  # sent, then asked
+    # The send waited 5 s for its receiver, the receive was asked for meanwhile: both ways.
+    assert through(-5.0, 0.0, -5.0) == pytest.approx([0.2, 0.2])
+    # The rank came late: its receiver waiting, the send went out at once, the receive was
+    # asked for just after, before loopback completed the send: it waits for it too. A
+    # send that took longer than AT_ONCE_S to complete had waited for its receiver.
+    at_once = emulation.AT_ONCE_S
+    late = at_once / 2
+    assert through(0.0, late, at_once / 4) == pytest.approx([0.2 + late, 0.4 + late])
+    waited = at_once * 2
+    assert through(0.0, waited, at_once / 4) == pytest.approx([0.2 + waited, 0.2 + waited])
+    # Sent at once to another peer than the receive's: the notice takes another connection.
+    assert through(0.0, late, at_once / 4, send_to=2) == pytest.approx([0.2 + late] * 2)
 
 
 # ---- on ranks: each kind of op, sync and async --------------------------------------------

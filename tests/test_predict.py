@@ -134,6 +134,29 @@ def test_a_rank_that_began_late_holds_up_the_first_in_its_first_collective():
         predictor.staggered_starts(pd.DataFrame({"rank": [0, 1]}))
 
 
+def test_a_staggered_step_is_never_shorter_than_one_begun_together():
+    # Rank 0 computes 1 s, all-reduces 2 KB (2 s), computes 4 s; rank 1 computes 6 s first
+    # and 3 s after. Together: the op runs 6-8, rank 0 ends at 12, a 12 s step. Rank 0 began
+    # 2 s late: the op still runs 6-8 and rank 0 ends at 12, which is 10 s of its own window
+    # and 11 of rank 1's; an 11 s step would put the band's top under its line.
+    op = Issue("ar", "all_reduce", 2000, (0, 1))
+    programs = {
+        0: [Compute(1.0), op, Wait("ar"), Compute(4.0)],
+        1: [Compute(6.0), op, Wait("ar"), Compute(3.0)],
+    }
+    late = {0: 2.0, 1: 0.0}
+    alone = replay(programs, one_second_per_kb, starts=late)
+    assert max(t.finish - t.began for t in alone.values()) == pytest.approx(11.0)  # wrong
+    times = predictor.step_replay(programs, one_second_per_kb, starts=late)
+    assert max(t.finish - t.began for t in times.values()) == pytest.approx(12.0)
+    # Where staggering makes the step longer, it stands (the test above: 8 s, not 6).
+    events = trace(("all_reduce", "tp", 2000, 3.0))
+    rule = lambda op, group: wait_rule("tp", "scratch", op, group, gpu=False)  # noqa: E731
+    tp = {r: program(events, 4.0, rule, Layout(tp=2), r) for r in (0, 1)}
+    times = predictor.step_replay(tp, one_second_per_kb, starts={0: 0.0, 1: 2.0})
+    assert max(t.finish - t.began for t in times.values()) == pytest.approx(8.0)
+
+
 def test_a_two_stage_gpipe_step_follows_its_dependencies():
     # GPipe, 2 micro-batches, 2 stages; forward 2 s, backward 4 s; every send 1 KB = 1 s.
     # Stage 0: F0, send a0, F1, send a1, recv g0, B0, recv g1, B1 (busy 12).
@@ -199,6 +222,27 @@ def test_a_send_waits_for_its_receivers_sends_that_began_before_it_asked():
 
     assert replay(programs(ask_first=False), one_second_per_kb)[0].finish == pytest.approx(2.0)
     assert replay(programs(ask_first=True), one_second_per_kb)[0].finish == pytest.approx(1.0)
+
+
+def test_a_rank_late_to_an_exchange_sends_first_and_asks_behind_its_send():
+    # Rank 0 posts y (to rank 1) and its receive of x at 0; rank 1 computes 1 s, then sends x
+    # (1 KB: 1 s) and asks for y. x goes at once, rank 0 waiting; rank 1's ready notice for y
+    # leaves behind x: y runs 2-3, not 1-2 beside x (rank 1 came late, on a real NIC: 2x).
+    x, y = Issue("x", "send", 1000, (1, 0)), Issue("y", "send", 1000, (0, 1))
+    programs = {
+        0: [y, replace(x, payload=0), Wait("y"), Wait("x")],
+        1: [Compute(1.0), x, replace(y, payload=0), Wait("x"), Wait("y")],
+    }
+    times = replay(programs, one_second_per_kb)
+    assert (times[0].finish, times[1].finish) == pytest.approx((3.0, 3.0))
+    # Rank 1's x to another rank (2): the notice for y takes another connection, y runs 1-2.
+    x = Issue("x", "send", 1000, (1, 2))
+    programs = {  # rank 2 runs before rank 1 here, so that x has begun when y is asked for
+        0: [y, Wait("y")],
+        2: [replace(x, payload=0), Wait("x")],
+        1: [Compute(1.0), x, replace(y, payload=0), Wait("x"), Wait("y")],
+    }
+    assert replay(programs, one_second_per_kb)[0].finish == pytest.approx(2.0)
 
 
 def test_torch_looped_schedules_wait_for_a_recv_where_it_completed():

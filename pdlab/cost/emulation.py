@@ -13,7 +13,7 @@ DDP's buckets through its comm hook), with ``model`` its time on the link:
     ready = when the op really completed here (every participant had joined and the bytes
             had crossed loopback)
     start = max(ready, when this rank's link is done with the ops before it,
-                a receive's: with the sends ready before it was issued)
+                a receive's: with the sends on their way out when it was issued)
     done  = start + model
 
 ``ready`` stands for "every participant is there": gloo (like NCCL) moves bytes only once both
@@ -89,6 +89,12 @@ SHARED = ":shared"
 # 0.60 and zero3's at 0.77 of the same step on a NIC per rank (benchmarks.nic_per_rank, world
 # 2). With more ranks the peers differ and the two directions overlap in part: not modelled.
 SEND_FIRST = {"all_to_all": 1, "all_gather": 2}  # op -> segments a way
+# A send whose receiver is waiting completes over loopback within this; one whose receiver
+# comes later waits for it. Ring attention's 256 KB sends (world 2, gpt, 30 Mbit/s) took
+# 0.5-1.9 ms at once, 3-6 ms in 3 of 96, and 18 ms or more when they waited; a pipeline's 64 KB
+# 0.5-1.4 ms or 18 ms and more. A send read the wrong way moves a receive by at most the
+# send's own time on the link: small on the fast links where waits are short.
+AT_ONCE_S = 0.005
 # Python hands the GIL between threads every 5 ms by default: a completion noticed by the
 # timer or a gloo thread while the main thread computes could wait that long for it.
 SWITCH_INTERVAL_S = 0.0005
@@ -192,19 +198,27 @@ class _Link:
     """A link per rank: each direction carries one op at a time, first ready first served
     (sends go out, receives come in, collectives use both).
 
-    A receive issued after a send was ready starts once that send is through. gloo moves a
-    transfer's bytes only once its receiver has said it is ready, and that notice goes out on
+    A receive issued after a send was on its way starts once that send is through. gloo moves
+    a transfer's bytes only once its receiver has said it is ready, and that notice goes out on
     the receiver's link, queued behind the bytes it is already sending: a both-ways exchange
     whose ranks each send first takes twice its bytes / rate on a real NIC
     (``benchmarks.nic_per_rank``: 64 KB both ways 34.7 ms, receives first 18.5 ms, for 17.5
-    ms of bytes). A send is ready (here, over loopback) when its receiver's notice came: from
-    then on its bytes are on the way out.
+    ms of bytes). A send is on its way (here, over loopback) from its receiver's notice on:
+    when it was ready (complete here) before the receive was issued, or, to the peer the
+    receive is from, when it was issued before the receive and went out at once (ready within
+    ``AT_ONCE_S`` of its issue: its receiver was waiting). The second is the rank that comes
+    late to an exchange: its send is out before its receive is asked for, though loopback
+    completes it just after, and the notice follows the whole send on their one connection.
+    To another peer the notice takes another connection and waits only for what is queued
+    in the NIC (a pipeline's middle stages at world 3: counting the whole send put GPipe's
+    emulated step 12-14% over the real one).
     """
 
     def __init__(self, timer: _Timer):
         self._timer = timer
         self._free: dict[str, float] = {}  # direction -> perf_counter() when it is next free
-        self._sends: list[tuple[float, float]] = []  # (ready, through) of sends not yet through
+        # (issued, ready, through, peer) of the sends not yet through
+        self._sends: list[tuple[float, float, float, int]] = []
         self._lock = threading.Lock()
 
     def start(self, event: CommEvent, done: Callable[[], None], issued: float) -> None:
@@ -213,12 +227,24 @@ class _Link:
             now = time.perf_counter()
             start = max(now, *(self._free.get(d, 0.0) for d in ways))
             if event.op == "recv":
-                start = max([start, *(end for ready, end in self._sends if ready < issued)])
+                ahead = [
+                    end
+                    for sent, ready, end, to in self._sends
+                    if ready < issued or (to == event.peer and _at_once(sent, ready, issued))
+                ]
+                start = max([start, *ahead])
             end = start + event.model_seconds
             self._free.update(dict.fromkeys(ways, end))
             if event.op == "send":
-                self._sends = [(ready, e) for ready, e in self._sends if e > now] + [(now, end)]
+                self._sends = [s for s in self._sends if s[2] > now]
+                self._sends.append((issued, now, end, event.peer))
         self._timer.at(end, done)
+
+
+def _at_once(sent: float, ready: float, asked: float) -> bool:
+    """Whether a send issued at ``sent`` and ready at ``ready`` had gone out at once, before
+    a receive was asked for at ``asked`` (``_Link``)."""
+    return sent <= asked and ready - sent <= AT_ONCE_S
 
 
 class _Board:
