@@ -399,7 +399,9 @@ def test_forked_ranks_and_the_server_die_with_a_sigkilled_kernel(tmp_path, when)
         deadline = time.monotonic() + 60
         while len(ranks := ranks_of_server(server)) < 4 and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert len(ranks) == 4
+        # 4, or 5 for a moment: a starting rank's own child (fork before exec) bears its name
+        # (seen once, in a busy CI run); all of them must go.
+        assert len(ranks) >= 4
     finally:
         kernel.kill()
         kernel.wait()
